@@ -1,0 +1,83 @@
+# Spaces: every target bootstraps what it needs from a fresh clone.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/spaces/v1/*.proto)
+GEN_DIR := services
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its test dependencies (idempotent)
+
+generate: $(STAMP) ## Regenerate the protobuf and gRPC code into services/spaces/v1
+	$(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=$(GEN_DIR) --mypy_out=$(GEN_DIR) \
+		--grpc_python_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		$(PROTOS)
+
+checkgenerate: $(STAMP) ## Fail if the committed generated code differs from the protos
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	$(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=$$tmp --mypy_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		$(PROTOS) && \
+	diff -r -x __init__.py -x __pycache__ -x py.typed $$tmp/spaces/v1 $(GEN_DIR)/spaces/v1 \
+		&& echo "generated code is up to date" \
+		|| { echo "generated code drifted from protos/: run 'make generate' and commit"; exit 1; }
+
+lint: checkgenerate ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check services media-node tests bench
+	$(BIN)/ruff format --check services media-node tests bench
+	$(BIN)/mypy services/spaces media-node/spaces bench
+
+fmt: $(STAMP) ## Format and autofix
+	$(BIN)/ruff format services media-node tests bench
+	$(BIN)/ruff check --fix services media-node tests bench
+
+redis: ## Install Debian's redis-server if the binary is missing (the tests start their own)
+	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || { \
+		echo "redis-server not found: installing Debian's redis-server package"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+
+test: $(STAMP) redis checkgenerate ## Run the test suite (starts private redis-servers; no setup needed)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-faults: $(STAMP) redis ## Only the fault-tolerance tests (also part of `make test`)
+	$(BIN)/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
+
+test-slow: $(STAMP) redis ## Long soak tests (marked slow)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+run: $(STAMP) ## Start everything in one process on the embedded in-memory store
+	$(BIN)/spaces serve
+
+cluster: $(STAMP) redis ## Start Redis, 2 replicas of each API service and 2 media nodes as local processes
+	$(BIN)/spaces cluster
+
+bench: $(STAMP) redis ## Run the full benchmark suite (minutes); writes bench/results/*.json
+	$(BIN)/python -m bench all
+
+bench-quick: $(STAMP) redis ## A tiny run of every benchmark (what the tests run)
+	$(BIN)/python -m bench all --quick
+
+clean: ## Remove the venv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,320 @@
+"""Configuration as frozen dataclasses.
+
+The environment is read in exactly one place, ``ServerConfig.from_env``, called by the CLI entry
+point. Everything else receives config objects, so tests build them directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+ALL_SERVICES = frozenset({"control", "auth", "presence", "media", "webhooks"})
+"""Services `spaces serve` can run. `media` is the embedded media node."""
+
+DEFAULT_GRPC_ADDR = "127.0.0.1:50051"
+DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """How long reservations live. All participants' lapse bounds derive from these."""
+
+    pending_ms: int = 20_000
+    """A Join's reservation (and its ticket) lapses unless a media node claims it in time."""
+    session_ms: int = 10_000
+    """A connected participant's lease: "one lease period". Renewed by its media node."""
+    renew_interval_ms: int = 3_000
+    """How often a media node renews its sessions' leases and its spaces' placement."""
+    placement_ms: int = 15_000
+    """The space -> node mapping lapses unless the hosting node renews it."""
+    reap_interval_ms: int = 1_000
+    """How often presence reaps lapsed leases (so no ghost outlives one lease period)."""
+    gone_ttl_ms: int = 120_000
+    """How long a removed connection's reason is kept for its node to read."""
+
+    def __post_init__(self) -> None:
+        if self.renew_interval_ms * 2 > self.session_ms:
+            raise ValueError("lease renew interval must be at most half the session lease")
+        if self.pending_ms <= 0 or self.placement_ms <= self.renew_interval_ms:
+            raise ValueError("pending and placement leases must outlive a renew interval")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Media node registry timing (LiveKit's: stats every 2 s, stale after 5 s)."""
+
+    heartbeat_ms: int = 2_000
+    stale_ms: int = 5_000
+    record_ttl_ms: int = 60_000
+    """A dead node's record disappears after this long."""
+    cache_ms: int = 500
+    """Presence re-reads the registry at most this often."""
+
+    def __post_init__(self) -> None:
+        if self.stale_ms <= self.heartbeat_ms:
+            raise ValueError("a node must be stale only after missing a heartbeat")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-space and per-participant limits, handed to clients at join."""
+
+    max_participants: int = 100
+    """Default participant limit of a space (a space may override it)."""
+    custom_events_per_second: int = 10
+    custom_event_max_bytes: int = 4096
+    tracks_per_source: int = 1
+    display_name_interval_seconds: int = 1
+    display_name_max_chars: int = 64
+    max_subscriptions: int = 16
+    """Default automatic-subscription size (1..20)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_subscriptions <= 20:
+            raise ValueError("max_subscriptions must be between 1 and 20")
+        if self.max_participants < 1:
+            raise ValueError("max_participants must be at least 1")
+
+
+@dataclass(frozen=True)
+class IceServerConfig:
+    urls: tuple[str, ...]
+    username: str = ""
+    credential: str = ""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One media node."""
+
+    node_id: str = ""
+    """Unique per node; defaults to the host name plus a random suffix."""
+    advertise_address: str = ""
+    """gRPC address clients dial for MediaService.Session (host:port)."""
+    max_sessions: int = 500
+    ice_bind_addresses: tuple[str, ...] = ()
+    """Local addresses ICE binds; empty means every non-loopback address (aioice's default)."""
+    ice_advertise_ip: str = ""
+    """Public IP announced instead of the bound address (NAT 1:1), e.g. the Kubernetes node IP."""
+    udp_port_min: int = 0
+    udp_port_max: int = 0
+    """Inclusive UDP port range for ICE; 0/0 means ephemeral ports."""
+    drain_grace_s: float = 30.0
+    """On SIGTERM, sessions may continue this long before being told to move."""
+    keyframe_interval_ms: int = 300
+    """Keyframe requests to one publisher are merged and sent at most this often."""
+    subscriber_buffer_bytes: int = 256 * 1024
+    """Above this much unsent data a subscriber drops media until the next keyframe."""
+
+    def __post_init__(self) -> None:
+        if (self.udp_port_min == 0) != (self.udp_port_max == 0):
+            raise ValueError("set both ends of the UDP port range")
+        if self.udp_port_min and not (0 < self.udp_port_min <= self.udp_port_max <= 65535):
+            raise ValueError("invalid UDP port range")
+        if self.drain_grace_s < 0:
+            raise ValueError("drain grace must not be negative")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    url: str = ""
+    """An endpoint from config, for the simplest deployments (receives every event)."""
+    secret: str = ""
+    max_attempts: int = 8
+    initial_backoff_ms: int = 1_000
+    max_backoff_ms: int = 300_000
+    timeout_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = ""
+    key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything one `spaces serve` or `spaces media-node` process needs."""
+
+    grpc_addr: str = DEFAULT_GRPC_ADDR
+    redis_url: str = ""
+    """Empty: the embedded in-memory store (single process)."""
+    admin_key: str = ""
+    services: frozenset[str] = ALL_SERVICES
+    metrics_addr: str = DEFAULT_METRICS_ADDR
+    """host:port of the Prometheus endpoint; empty disables it."""
+    log_format: str = "text"
+    log_level: str = "INFO"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    leases: LeaseConfig = field(default_factory=LeaseConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ice_servers: tuple[IceServerConfig, ...] = ()
+    node: NodeConfig = field(default_factory=NodeConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    event_stream_maxlen: int = 100_000
+    """Events retained for WatchEvents resumption and webhook delivery."""
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        unknown = self.services - ALL_SERVICES
+        if unknown:
+            raise ValueError(f"unknown services: {', '.join(sorted(unknown))}")
+        if not self.services:
+            raise ValueError("no services selected")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log format must be text or json")
+        if "media" in self.services and not self.redis_url and "presence" not in self.services:
+            raise ValueError("a media node without Redis must run with presence in one process")
+
+    @property
+    def embedded(self) -> bool:
+        return not self.redis_url
+
+    def with_generated_admin_key(self) -> ServerConfig:
+        return replace(self, admin_key=secrets.token_urlsafe(24))
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, services: str | None = None
+    ) -> ServerConfig:
+        """Build the config from SPACES_* variables (see README, "Configuration")."""
+        env = os.environ if env is None else env
+
+        def get(name: str, default: str = "") -> str:
+            return env.get(name, default).strip()
+
+        def seconds_ms(name: str, default_ms: int) -> int:
+            raw = get(name)
+            return int(float(raw) * 1000) if raw else default_ms
+
+        grpc_addr = get("SPACES_GRPC_ADDR", DEFAULT_GRPC_ADDR)
+        selected = services or get("SPACES_SERVICES") or ",".join(sorted(ALL_SERVICES))
+        service_set = frozenset(s.strip() for s in selected.split(",") if s.strip())
+        redis_url = get("SPACES_REDIS_URL")
+
+        leases = LeaseConfig(
+            pending_ms=seconds_ms("SPACES_PENDING_LEASE_SECONDS", LeaseConfig.pending_ms),
+            session_ms=seconds_ms("SPACES_LEASE_SECONDS", LeaseConfig.session_ms),
+            renew_interval_ms=seconds_ms(
+                "SPACES_LEASE_RENEW_SECONDS", LeaseConfig.renew_interval_ms
+            ),
+            placement_ms=seconds_ms("SPACES_PLACEMENT_LEASE_SECONDS", LeaseConfig.placement_ms),
+        )
+        registry = RegistryConfig(
+            heartbeat_ms=seconds_ms("SPACES_HEARTBEAT_SECONDS", RegistryConfig.heartbeat_ms),
+            stale_ms=seconds_ms("SPACES_NODE_STALE_SECONDS", RegistryConfig.stale_ms),
+        )
+        limits = LimitsConfig(
+            max_participants=int(get("SPACES_MAX_PARTICIPANTS", "100")),
+            custom_events_per_second=int(get("SPACES_CUSTOM_EVENTS_PER_SECOND", "10")),
+            tracks_per_source=int(get("SPACES_TRACKS_PER_SOURCE", "1")),
+            display_name_interval_seconds=int(get("SPACES_DISPLAY_NAME_INTERVAL_SECONDS", "1")),
+            max_subscriptions=int(get("SPACES_MAX_SUBSCRIPTIONS", "16")),
+        )
+        port_min, port_max = parse_port_range(get("SPACES_UDP_PORT_RANGE"))
+        bind = tuple(a.strip() for a in get("SPACES_ICE_BIND").split(",") if a.strip())
+        if not bind and is_loopback_host(host_of(grpc_addr)):
+            # A loopback-only server keeps media on loopback too.
+            bind = ("127.0.0.1",)
+        node = NodeConfig(
+            node_id=get("SPACES_NODE_ID") or default_node_id(),
+            advertise_address=get("SPACES_PUBLIC_ADDR") or default_advertise(grpc_addr),
+            max_sessions=int(get("SPACES_MAX_SESSIONS", "500")),
+            ice_bind_addresses=bind,
+            ice_advertise_ip=get("SPACES_ICE_ADVERTISE_IP"),
+            udp_port_min=port_min,
+            udp_port_max=port_max,
+            drain_grace_s=float(get("SPACES_DRAIN_GRACE_SECONDS", "30")),
+        )
+        webhooks = WebhookConfig(
+            url=get("SPACES_WEBHOOK_URL"),
+            secret=get("SPACES_WEBHOOK_SECRET"),
+            max_attempts=int(get("SPACES_WEBHOOK_MAX_ATTEMPTS", "8")),
+        )
+        return cls(
+            grpc_addr=grpc_addr,
+            redis_url=redis_url,
+            admin_key=get("SPACES_ADMIN_KEY"),
+            services=service_set,
+            metrics_addr=get("SPACES_METRICS_ADDR", DEFAULT_METRICS_ADDR),
+            log_format=get("SPACES_LOG_FORMAT", "text").lower(),
+            log_level=get("SPACES_LOG_LEVEL", "INFO").upper(),
+            tls=TlsConfig(
+                cert_file=get("SPACES_TLS_CERT_FILE"), key_file=get("SPACES_TLS_KEY_FILE")
+            ),
+            leases=leases,
+            registry=registry,
+            limits=limits,
+            ice_servers=parse_ice_servers(get("SPACES_ICE_SERVERS")),
+            node=node,
+            webhooks=webhooks,
+            shutdown_grace_s=float(get("SPACES_SHUTDOWN_GRACE_SECONDS", "5")),
+        )
+
+
+def parse_port_range(raw: str) -> tuple[int, int]:
+    """ "50000-60000" -> (50000, 60000); "" -> (0, 0)."""
+    if not raw:
+        return 0, 0
+    low, sep, high = raw.partition("-")
+    if not sep:
+        raise ValueError("SPACES_UDP_PORT_RANGE must look like 50000-60000")
+    return int(low), int(high)
+
+
+def parse_ice_servers(raw: str) -> tuple[IceServerConfig, ...]:
+    """Either JSON ``[{"urls": [...], "username": ..., "credential": ...}]`` or comma-separated
+    URLs (``stun:stun.example.com:3478,turn:...``)."""
+    if not raw:
+        return ()
+    if raw.startswith("["):
+        items = json.loads(raw)
+        return tuple(
+            IceServerConfig(
+                urls=tuple([item["urls"]] if isinstance(item["urls"], str) else item["urls"]),
+                username=item.get("username", ""),
+                credential=item.get("credential", ""),
+            )
+            for item in items
+        )
+    return (IceServerConfig(urls=tuple(u.strip() for u in raw.split(",") if u.strip())),)
+
+
+def host_of(addr: str) -> str:
+    host, _, _ = addr.rpartition(":")
+    return host.strip("[]")
+
+
+def port_of(addr: str) -> int:
+    return int(addr.rpartition(":")[2])
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_advertise(grpc_addr: str) -> str:
+    host = host_of(grpc_addr)
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    return f"{host}:{port_of(grpc_addr)}"
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"

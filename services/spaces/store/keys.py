@@ -1,0 +1,572 @@
+"""Redis key names and Lua scripts, each documented with its data shape.
+
+Every key of one space carries the hash tag ``{<space_id>}``, so all of a space's keys live in one
+slot. The scripts also touch a few global keys (the event stream, the lease index, the space
+list), so they need a standalone Redis or Sentinel, not Redis Cluster: the event of a state change
+is appended in the same atomic step as the change, which is what makes WatchEvents and webhooks
+lossless. docs/architecture.md explains the trade.
+
+Times in scripts are Redis server time (``TIME``), so replicas never disagree about a lease.
+"""
+
+from __future__ import annotations
+
+# --- per space (all tagged with {space_id}) ---------------------------------------------------
+
+
+def space_key(space_id: str) -> str:
+    """HASH: id, created_at (unix s), passthrough, status ("idle"|"active"), session
+    (active_session_id, "" while idle), max (participant limit, 0 = default), seq (creation
+    order), connected (count of connections counted as connected)."""
+    return f"sp:{{{space_id}}}"
+
+
+def leases_key(space_id: str) -> str:
+    """ZSET connection_id -> lease expiry (unix ms). Every admitted connection is here."""
+    return f"sp:{{{space_id}}}:leases"
+
+
+def conn_key(space_id: str, connection_id: str) -> str:
+    """HASH: pid, cid, role ("publisher"|"subscriber"), name, state ("pending"|"connected"),
+    node, joined (unix ms), ticket (sha256 hex, "" once used), resume (sha256 hex of the
+    resume secret), gen ("1" when the server generated pid), counted ("1" when included in the
+    space's connected count), resumed ("1" when it took over an earlier connection)."""
+    return f"sp:{{{space_id}}}:c:{connection_id}"
+
+
+def pid_key(space_id: str, participant_id: str) -> str:
+    """STRING connection_id, with PX = the holder's lease: the participant_id uniqueness guard.
+    Written only with SET NX, deleted only by compare-and-delete on connection_id."""
+    return f"sp:{{{space_id}}}:pid:{participant_id}"
+
+
+def placement_key(space_id: str) -> str:
+    """STRING node_id, with PX = placement lease: the sticky space -> media node mapping."""
+    return f"sp:{{{space_id}}}:node"
+
+
+def gone_key(space_id: str) -> str:
+    """HASH connection_id -> reason ("removed", "replaced", "lease_expired", "space_deleted",
+    "left"), expiring: tells a media node why one of its connections disappeared."""
+    return f"sp:{{{space_id}}}:gone"
+
+
+# --- global ---------------------------------------------------------------------------------
+
+SPACES = "spaces"
+"""ZSET space_id -> creation sequence number: ListSpaces in stable creation order."""
+SPACES_SEQ = "spaces:seq"
+"""STRING counter for SPACES scores."""
+LEASE_INDEX = "leases"
+"""ZSET space_id -> earliest lease expiry in that space (unix ms): what the reaper scans."""
+EVENTS = "events"
+"""STREAM of events, capped (MAXLEN ~). Fields: t (type), s (space_id), ts (unix ms),
+r (reason), k (subject kind: space|participant|node), then the subject's fields as "x.<name>"."""
+EPOCH = "epoch"
+"""STRING: Redis time (µs) when this Redis first saw Spaces data. A changed epoch tells media
+nodes that Redis lost its data, so they re-assert their live sessions."""
+SIGNING_KEYS = "keys"
+"""ZSET key_id -> creation sequence number."""
+SIGNING_KEYS_SEQ = "keys:seq"
+NODES = "nodes"
+"""ZSET node_id -> last heartbeat (Redis time, unix ms)."""
+
+
+def signing_key_key(key_id: str) -> str:
+    """HASH: id, created_at (unix s), public_key (PEM). The private key is never stored."""
+    return f"key:{key_id}"
+
+
+def node_key(node_id: str) -> str:
+    """HASH: pb (base64 of spaces.v1.Node; updated_at filled from NODES on read), state (name)."""
+    return f"node:{node_id}"
+
+
+def node_channel(node_id: str) -> str:
+    """Pub/sub channel of spaces.v1.NodeCommand bytes for one media node."""
+    return f"node:{node_id}:cmd"
+
+
+# --- Lua --------------------------------------------------------------------------------------
+# The library below is prepended to every script. {maxlen} and {gone_ttl} are filled in from
+# the store's configuration when scripts are registered.
+
+LIB = r"""
+local EVENTS = 'events'
+local LEASE_INDEX = 'leases'
+local MAXLEN = {maxlen}
+local GONE_TTL = {gone_ttl}
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function epoch()
+  local t = redis.call('TIME')
+  redis.call('SET', 'epoch', t[1] .. string.format('%06d', tonumber(t[2])), 'NX')
+  return redis.call('GET', 'epoch')
+end
+
+local function hgetall(key)
+  local flat = redis.call('HGETALL', key)
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h, flat
+end
+
+-- Append an event; `flat` is the subject's HGETALL list.
+local function emit(etype, space_id, now, reason, kind, flat)
+  local args = {'XADD', EVENTS, 'MAXLEN', '~', MAXLEN, '*',
+                't', etype, 's', space_id, 'ts', now, 'r', reason, 'k', kind}
+  for i = 1, #flat, 2 do
+    args[#args + 1] = 'x.' .. flat[i]
+    args[#args + 1] = flat[i + 1]
+  end
+  redis.call(unpack(args))
+end
+
+local function emit_space(etype, S, space_id, now, reason)
+  local _, flat = hgetall(S)
+  flat[#flat + 1] = 'count'
+  flat[#flat + 1] = tostring(redis.call('ZCARD', S .. ':leases'))
+  emit(etype, space_id, now, reason, 'space', flat)
+end
+
+-- Remove one connection. Compare-and-delete on the participant_id guard, so a late removal
+-- never frees someone else's reservation. keep_count moves the connected count to a successor.
+local function drop_conn(S, space_id, conn, reason, now, keep_count)
+  local ck = S .. ':c:' .. conn
+  local h, flat = hgetall(ck)
+  redis.call('ZREM', S .. ':leases', conn)
+  if h.pid == nil then return nil end
+  redis.call('DEL', ck)
+  local pk = S .. ':pid:' .. h.pid
+  if redis.call('GET', pk) == conn then redis.call('DEL', pk) end
+  redis.call('HSET', S .. ':gone', conn, reason)
+  redis.call('PEXPIRE', S .. ':gone', GONE_TTL)
+  if h.counted == '1' and not keep_count then
+    redis.call('HINCRBY', S, 'connected', -1)
+  end
+  if h.state == 'connected' then
+    emit('participant_left', space_id, now, reason, 'participant', flat)
+  end
+  return h
+end
+
+-- After any change: flip to idle when nobody is connected, keep the lease index current, and
+-- drop the placement once the space is empty so the next session is placed by load.
+local function settle(S, space_id, now)
+  if redis.call('EXISTS', S) == 1 then
+    local connected = tonumber(redis.call('HGET', S, 'connected') or '0')
+    if connected <= 0 and redis.call('HGET', S, 'status') == 'active' then
+      redis.call('HSET', S, 'status', 'idle', 'session', '', 'connected', 0)
+      emit_space('space_idle', S, space_id, now, '')
+    end
+  end
+  local first = redis.call('ZRANGE', S .. ':leases', 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('ZREM', LEASE_INDEX, space_id)
+    redis.call('DEL', S .. ':node')
+  else
+    redis.call('ZADD', LEASE_INDEX, first[2], space_id)
+  end
+end
+
+local function reap(S, space_id, now)
+  local expired = redis.call('ZRANGEBYSCORE', S .. ':leases', '-inf', now)
+  for _, conn in ipairs(expired) do
+    drop_conn(S, space_id, conn, 'lease_expired', now, false)
+  end
+  return #expired
+end
+
+local function activate(S, space_id, now, session_id)
+  if redis.call('HGET', S, 'status') ~= 'active' then
+    redis.call('HSET', S, 'status', 'active', 'session', session_id)
+    emit_space('space_active', S, space_id, now, '')
+  end
+end
+"""
+
+CREATE_SPACE = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 passthrough, 3 max_participants
+-- Returns the space's HGETALL list.
+local S = KEYS[1]
+local now = now_ms()
+epoch()
+local seq = redis.call('INCR', 'spaces:seq')
+redis.call('HSET', S, 'id', ARGV[1], 'created_at', math.floor(now / 1000),
+           'passthrough', ARGV[2], 'status', 'idle', 'session', '', 'max', ARGV[3],
+           'seq', seq, 'connected', 0)
+redis.call('ZADD', 'spaces', seq, ARGV[1])
+emit_space('space_created', S, ARGV[1], now, '')
+local _, flat = hgetall(S)
+return flat
+"""
+
+UPDATE_SPACE = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 set_passthrough ("1"|"0"), 3 passthrough, 4 set_max ("1"|"0"), 5 max
+-- Returns the space's HGETALL list, or {"err", "space_not_found"}.
+local S = KEYS[1]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+if ARGV[2] == '1' then redis.call('HSET', S, 'passthrough', ARGV[3]) end
+if ARGV[4] == '1' then redis.call('HSET', S, 'max', ARGV[5]) end
+emit_space('space_updated', S, ARGV[1], now_ms(), '')
+local _, flat = hgetall(S)
+return flat
+"""
+
+DELETE_SPACE = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 force ("1"|"0")
+-- Returns {"ok", node_id or "", conn_1, node_1, conn_2, node_2, ...} for the connections it
+-- removed, or {"err", "space_not_found" | "space_active"}.
+local S = KEYS[1]
+local sid = ARGV[1]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+local now = now_ms()
+reap(S, sid, now)
+if redis.call('HGET', S, 'status') == 'active' and ARGV[2] ~= '1' then
+  settle(S, sid, now)
+  return {'err', 'space_active'}
+end
+local node = redis.call('GET', S .. ':node') or ''
+local out = {'ok', node}
+for _, conn in ipairs(redis.call('ZRANGE', S .. ':leases', 0, -1)) do
+  local h = drop_conn(S, sid, conn, 'space_deleted', now, false)
+  if h then
+    out[#out + 1] = conn
+    out[#out + 1] = h.node or ''
+  end
+end
+settle(S, sid, now)
+emit_space('space_deleted', S, sid, now, '')
+redis.call('DEL', S, S .. ':leases', S .. ':node')
+redis.call('ZREM', 'spaces', sid)
+redis.call('ZREM', LEASE_INDEX, sid)
+return out
+"""
+
+JOIN = r"""
+-- Admit one connection: the atomic participant_id set-if-absent, the participant limit and the
+-- placement check, in one step.
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 connection_id, 3 participant_id, 4 role, 5 display_name,
+--       6 ticket sha256, 7 resume sha256, 8 generated pid ("1"|"0"), 9 node_id,
+--       10 expected current placement ("" = none), 11 pending lease ms, 12 placement lease ms,
+--       13 default participant limit, 14 connection to resume ("" = none),
+--       15 sha256 of the presented resume secret
+-- Returns {"ok", participant_id, joined_ms, expires_ms, replaced_conn, replaced_node}
+--      or {"moved", current_node} (placement changed since it was read: choose again)
+--      or {"err", "space_not_found" | "duplicate" | "full" | "bad_resume"}.
+local S = KEYS[1]
+local sid = ARGV[1]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+local now = now_ms()
+reap(S, sid, now)
+local current = redis.call('GET', S .. ':node') or ''
+if current ~= ARGV[10] then
+  settle(S, sid, now)
+  return {'moved', current}
+end
+local pid = ARGV[3]
+local counted = '0'
+local replaced_conn, replaced_node = '', ''
+if ARGV[14] ~= '' then
+  local old = redis.call('HMGET', S .. ':c:' .. ARGV[14], 'resume', 'pid', 'node', 'counted')
+  if old[1] then
+    if old[1] ~= ARGV[15] then return {'err', 'bad_resume'} end
+    if ARGV[8] == '0' and old[2] ~= pid then return {'err', 'bad_resume'} end
+    pid = old[2]
+    counted = old[4] or '0'
+    replaced_conn, replaced_node = ARGV[14], old[3] or ''
+    drop_conn(S, sid, ARGV[14], 'replaced', now, true)
+  end
+end
+if redis.call('EXISTS', S .. ':pid:' .. pid) == 1 then
+  settle(S, sid, now)
+  return {'err', 'duplicate'}
+end
+local limit = tonumber(redis.call('HGET', S, 'max') or '0')
+if limit == 0 then limit = tonumber(ARGV[13]) end
+if redis.call('ZCARD', S .. ':leases') >= limit then
+  settle(S, sid, now)
+  return {'err', 'full'}
+end
+local expires = now + tonumber(ARGV[11])
+redis.call('HSET', S .. ':c:' .. ARGV[2], 'pid', pid, 'cid', ARGV[2], 'role', ARGV[4],
+           'name', ARGV[5], 'state', 'pending', 'node', ARGV[9], 'joined', now,
+           'ticket', ARGV[6], 'resume', ARGV[7], 'gen', ARGV[8], 'counted', counted,
+           'resumed', replaced_conn ~= '' and '1' or '0')
+redis.call('SET', S .. ':pid:' .. pid, ARGV[2], 'PX', ARGV[11])
+redis.call('ZADD', S .. ':leases', expires, ARGV[2])
+redis.call('SET', S .. ':node', ARGV[9], 'PX', ARGV[12])
+settle(S, sid, now)
+return {'ok', pid, now, expires, replaced_conn, replaced_node}
+"""
+
+CLAIM = r"""
+-- A media node claims a connection with its single-use ticket.
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 connection_id, 3 ticket sha256, 4 node_id, 5 session lease ms,
+--       6 placement lease ms, 7 active_session_id to use if the space becomes active
+-- Returns {"ok", epoch, expires_ms, <conn HGETALL...>, "|", <space HGETALL...>}
+--      or {"err", "space_not_found" | "invalid_ticket" | "wrong_node" | "moved"}.
+local S = KEYS[1]
+local sid = ARGV[1]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+local now = now_ms()
+reap(S, sid, now)
+local ck = S .. ':c:' .. ARGV[2]
+local h = hgetall(ck)
+if h.state ~= 'pending' or h.ticket ~= ARGV[3] or h.ticket == '' then
+  settle(S, sid, now)
+  return {'err', 'invalid_ticket'}
+end
+if h.node ~= ARGV[4] then
+  settle(S, sid, now)
+  return {'err', 'wrong_node'}
+end
+if (redis.call('GET', S .. ':node') or '') ~= ARGV[4] then
+  settle(S, sid, now)
+  return {'err', 'moved'}
+end
+local expires = now + tonumber(ARGV[5])
+redis.call('HSET', ck, 'state', 'connected', 'ticket', '')
+redis.call('ZADD', S .. ':leases', expires, ARGV[2])
+local pk = S .. ':pid:' .. h.pid
+if redis.call('GET', pk) == ARGV[2] then redis.call('PEXPIRE', pk, ARGV[5]) end
+if h.counted ~= '1' then
+  redis.call('HINCRBY', S, 'connected', 1)
+  redis.call('HSET', ck, 'counted', '1')
+end
+activate(S, sid, now, ARGV[7])
+redis.call('PEXPIRE', S .. ':node', ARGV[6])
+local _, cflat = hgetall(ck)
+emit('participant_joined', sid, now, h.resumed == '1' and 'resumed' or 'joined',
+     'participant', cflat)
+settle(S, sid, now)
+local _, sflat = hgetall(S)
+local out = {'ok', epoch(), expires}
+for i = 1, #cflat do out[#out + 1] = cflat[i] end
+out[#out + 1] = '|'
+for i = 1, #sflat do out[#out + 1] = sflat[i] end
+return out
+"""
+
+RENEW = r"""
+-- A media node renews its live connections in one space and the space's placement. When the
+-- epoch changed (Redis lost its data), it re-asserts them from the snapshot instead.
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 node_id, 3 session lease ms, 4 placement lease ms,
+--       5 JSON snapshot {"epoch": e, "space": {field: value}, "conns": [{field: value}]}
+-- Returns {epoch, moved ("1"|"0"), lost_conn_1, reason_1, lost_conn_2, reason_2, ...}.
+local S = KEYS[1]
+local sid = ARGV[1]
+local node = ARGV[2]
+local snap = cjson.decode(ARGV[5])
+local now = now_ms()
+local current_epoch = epoch()
+local reassert = current_epoch ~= snap['epoch']
+local out = {current_epoch, '0'}
+if redis.call('EXISTS', S) == 0 then
+  if not reassert then
+    for _, c in ipairs(snap['conns']) do
+      out[#out + 1] = c['cid']
+      out[#out + 1] = redis.call('HGET', S .. ':gone', c['cid']) or 'space_deleted'
+    end
+    return out
+  end
+  local sp = snap['space']
+  local seq = redis.call('INCR', 'spaces:seq')
+  redis.call('HSET', S, 'id', sid, 'created_at', sp['created_at'] or math.floor(now / 1000),
+             'passthrough', sp['passthrough'] or '', 'status', 'idle', 'session', '',
+             'max', sp['max'] or '0', 'seq', seq, 'connected', 0)
+  redis.call('ZADD', 'spaces', seq, sid)
+end
+reap(S, sid, now)
+local placed = redis.call('GET', S .. ':node')
+if placed == node or not placed then
+  redis.call('SET', S .. ':node', node, 'PX', ARGV[4])
+else
+  out[2] = '1'
+end
+local expires = now + tonumber(ARGV[3])
+for _, c in ipairs(snap['conns']) do
+  local cid = c['cid']
+  local ck = S .. ':c:' .. cid
+  local h = hgetall(ck)
+  local lost = nil
+  if h.pid ~= nil then
+    if h.node ~= node or h.state ~= 'connected' then
+      lost = 'moved'
+    else
+      redis.call('ZADD', S .. ':leases', expires, cid)
+      local pk = S .. ':pid:' .. h.pid
+      local holder = redis.call('GET', pk)
+      if holder == cid then
+        redis.call('PEXPIRE', pk, ARGV[3])
+      elseif not holder then
+        redis.call('SET', pk, cid, 'PX', ARGV[3])
+      else
+        lost = 'duplicate'
+        drop_conn(S, sid, cid, 'duplicate', now, false)
+      end
+    end
+  elseif reassert and c['pid'] then
+    local pk = S .. ':pid:' .. c['pid']
+    if redis.call('SET', pk, cid, 'NX', 'PX', ARGV[3]) then
+      redis.call('HSET', ck, 'pid', c['pid'], 'cid', cid, 'role', c['role'], 'name', c['name'],
+                 'state', 'connected', 'node', node, 'joined', c['joined'], 'ticket', '',
+                 'resume', c['resume'], 'gen', c['gen'] or '0', 'counted', '1', 'resumed', '0')
+      redis.call('ZADD', S .. ':leases', expires, cid)
+      redis.call('HINCRBY', S, 'connected', 1)
+      activate(S, sid, now, snap['space']['session'] or '')
+    else
+      lost = 'duplicate'
+    end
+  else
+    lost = redis.call('HGET', S .. ':gone', cid) or 'lease_expired'
+  end
+  if lost then
+    out[#out + 1] = cid
+    out[#out + 1] = lost
+  end
+end
+settle(S, sid, now)
+return out
+"""
+
+LEAVE = r"""
+-- Compare-and-delete of one connection.
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 connection_id, 3 reason, 4 node_id that must own it ("" = any),
+--       5 sha256 of the resume secret that must match ("" = not checked)
+-- Returns {"ok", <conn HGETALL...>} or {"gone"} or {"err", "bad_resume"}.
+local S = KEYS[1]
+local sid = ARGV[1]
+local ck = S .. ':c:' .. ARGV[2]
+local h = hgetall(ck)
+if h.pid == nil then return {'gone'} end
+if ARGV[4] ~= '' and h.node ~= ARGV[4] then return {'gone'} end
+if ARGV[5] ~= '' and h.resume ~= ARGV[5] then return {'err', 'bad_resume'} end
+local now = now_ms()
+local _, flat = hgetall(ck)
+drop_conn(S, sid, ARGV[2], ARGV[3], now, false)
+settle(S, sid, now)
+local out = {'ok'}
+for i = 1, #flat do out[#out + 1] = flat[i] end
+return out
+"""
+
+REMOVE_PARTICIPANT = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 participant_id, 3 reason
+-- Returns {"ok", <conn HGETALL...>} or {"err", "space_not_found" | "participant_not_found"}.
+local S = KEYS[1]
+local sid = ARGV[1]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+local conn = redis.call('GET', S .. ':pid:' .. ARGV[2])
+if not conn then return {'err', 'participant_not_found'} end
+local now = now_ms()
+local _, flat = hgetall(S .. ':c:' .. conn)
+drop_conn(S, sid, conn, ARGV[3], now, false)
+settle(S, sid, now)
+local out = {'ok'}
+for i = 1, #flat do out[#out + 1] = flat[i] end
+return out
+"""
+
+REAP = r"""
+-- Reap lapsed leases in the spaces whose earliest lease has expired.
+-- KEYS: none. ARGV: 1 max spaces to visit
+-- Returns the number of connections removed.
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', LEASE_INDEX, '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local removed = 0
+for _, sid in ipairs(due) do
+  local S = 'sp:{' .. sid .. '}'
+  removed = removed + reap(S, sid, now)
+  settle(S, sid, now)
+end
+return removed
+"""
+
+SET_DISPLAY_NAME = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 connection_id, 2 display_name
+-- Returns 1 when the connection exists.
+local ck = KEYS[1] .. ':c:' .. ARGV[1]
+if redis.call('EXISTS', ck) == 0 then return 0 end
+redis.call('HSET', ck, 'name', ARGV[2])
+return 1
+"""
+
+HEARTBEAT = r"""
+-- KEYS[1] = node:<id>
+-- ARGV: 1 node_id, 2 base64 spaces.v1.Node, 3 state name, 4 record ttl ms
+-- Returns the heartbeat's Redis time (unix ms). Emits node_state_changed on a state change.
+local now = now_ms()
+local previous = redis.call('HGET', KEYS[1], 'state')
+redis.call('HSET', KEYS[1], 'pb', ARGV[2], 'state', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', 'nodes', now, ARGV[1])
+if previous ~= ARGV[3] then
+  emit('node_state_changed', '', now, ARGV[3], 'node', {'pb', ARGV[2], 'at', tostring(now)})
+end
+return now
+"""
+
+REMOVE_NODE = r"""
+-- KEYS[1] = node:<id>
+-- ARGV: 1 node_id, 2 final base64 spaces.v1.Node (state STOPPED)
+local now = now_ms()
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', 'nodes', ARGV[1])
+emit('node_state_changed', '', now, 'NODE_STATE_STOPPED', 'node', {'pb', ARGV[2], 'at', tostring(now)})
+return now
+"""
+
+LIST_NODES = r"""
+-- ARGV: 1 record ttl ms
+-- Prunes nodes silent for longer than the record ttl, then returns
+-- {now_ms, node_id_1, heartbeat_ms_1, pb_1, ...}.
+local now = now_ms()
+redis.call('ZREMRANGEBYSCORE', 'nodes', '-inf', now - tonumber(ARGV[1]))
+local out = {now}
+local ids = redis.call('ZRANGE', 'nodes', 0, -1, 'WITHSCORES')
+for i = 1, #ids, 2 do
+  local pb = redis.call('HGET', 'node:' .. ids[i], 'pb')
+  if pb then
+    out[#out + 1] = ids[i]
+    out[#out + 1] = ids[i + 1]
+    out[#out + 1] = pb
+  end
+end
+return out
+"""
+
+ALL_SCRIPTS = {
+    "create_space": CREATE_SPACE,
+    "update_space": UPDATE_SPACE,
+    "delete_space": DELETE_SPACE,
+    "join": JOIN,
+    "claim": CLAIM,
+    "renew": RENEW,
+    "leave": LEAVE,
+    "remove_participant": REMOVE_PARTICIPANT,
+    "reap": REAP,
+    "set_display_name": SET_DISPLAY_NAME,
+    "heartbeat": HEARTBEAT,
+    "remove_node": REMOVE_NODE,
+    "list_nodes": LIST_NODES,
+}
+
+
+def render_script(body: str, *, maxlen: int, gone_ttl_ms: int) -> str:
+    """The library with its constants filled in, followed by one script body."""
+    lib = LIB.replace("{maxlen}", str(int(maxlen))).replace("{gone_ttl}", str(int(gone_ttl_ms)))
+    return lib + body

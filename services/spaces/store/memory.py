@@ -1,0 +1,607 @@
+"""The in-memory store: the embedded single-process mode (``make run`` with no Redis URL).
+
+It is a product feature, not a test double: it keeps the same records as the Redis store
+(spaces.store.keys documents them) and mirrors each Lua script step for step, so that the shared
+contract suite (tests/test_store_contract.py) holds for both. Every method runs without awaiting
+in the middle, which makes it atomic on the event loop, as a script is on Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from spaces import errors
+from spaces.store.base import (
+    Admission,
+    Claim,
+    NodeView,
+    PlacementMoved,
+    RenewResult,
+    Reservation,
+    SigningKeyRecord,
+    SpaceDeletion,
+)
+from spaces.store.codec import (
+    event_from_entry,
+    node_from_text,
+    node_to_text,
+    participant_from_record,
+    space_from_record,
+)
+from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
+
+Hash = dict[str, str]
+
+
+@dataclass
+class _Expiring:
+    value: str
+    expires_ms: int
+
+
+@dataclass
+class _SpaceState:
+    record: Hash
+    leases: dict[str, int] = field(default_factory=dict)
+    """connection_id -> lease expiry."""
+    conns: dict[str, Hash] = field(default_factory=dict)
+    pids: dict[str, _Expiring] = field(default_factory=dict)
+    placement: _Expiring | None = None
+
+
+class MemoryStore:
+    """Single-process store with Redis-equivalent semantics."""
+
+    def __init__(
+        self,
+        *,
+        event_maxlen: int = 100_000,
+        gone_ttl_ms: int = 120_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock
+        self._maxlen = event_maxlen
+        self._gone_ttl_ms = gone_ttl_ms
+        self._spaces: dict[str, _SpaceState] = {}
+        self._space_seq: dict[str, int] = {}
+        self._next_space_seq = 0
+        self._gone: dict[str, dict[str, _Expiring]] = {}
+        self._lease_index: dict[str, int] = {}
+        self._keys: dict[str, SigningKeyRecord] = {}
+        self._key_seq: dict[str, int] = {}
+        self._next_key_seq = 0
+        self._nodes: dict[str, tuple[str, str, int, int]] = {}
+        """node_id -> (base64 record, state name, heartbeat ms, record expiry ms)."""
+        self._subscribers: dict[str, list[asyncio.Queue[node_pb2.NodeCommand]]] = {}
+        self._events: deque[tuple[tuple[int, int], event_pb2.Event]] = deque()
+        self._last_event: tuple[int, int] = (0, 0)
+        self._event_signal = asyncio.Event()
+        self._epoch = str(int(self._clock() * 1_000_000))
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._event_signal.set()
+
+    async def ping(self) -> None:
+        return None
+
+    async def now_ms(self) -> int:
+        return self._now()
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    # --- the script library, step for step ------------------------------------------------
+
+    def _emit(
+        self, etype: str, space_id: str, now: int, reason: str, kind: str, subject: Hash
+    ) -> None:
+        ms, seq = self._last_event
+        entry = (now, 0) if now > ms else (ms, seq + 1)
+        self._last_event = entry
+        fields = {"t": etype, "s": space_id, "ts": str(now), "r": reason, "k": kind}
+        fields.update({f"x.{k}": v for k, v in subject.items()})
+        entry_id = f"{entry[0]}-{entry[1]}"
+        self._events.append((entry, event_from_entry(entry_id, fields)))
+        while len(self._events) > self._maxlen:
+            self._events.popleft()
+        self._event_signal.set()
+        self._event_signal = asyncio.Event()
+
+    def _emit_space(self, etype: str, state: _SpaceState, space_id: str, now: int) -> None:
+        subject = dict(state.record)
+        subject["count"] = str(len(state.leases))
+        self._emit(etype, space_id, now, "", "space", subject)
+
+    def _pid_holder(self, state: _SpaceState, pid: str, now: int) -> str | None:
+        guard = state.pids.get(pid)
+        if guard is None:
+            return None
+        if guard.expires_ms <= now:
+            del state.pids[pid]
+            return None
+        return guard.value
+
+    def _drop_conn(
+        self,
+        state: _SpaceState,
+        space_id: str,
+        conn: str,
+        reason: str,
+        now: int,
+        keep_count: bool = False,
+    ) -> Hash | None:
+        state.leases.pop(conn, None)
+        h = state.conns.pop(conn, None)
+        if h is None:
+            return None
+        if self._pid_holder(state, h["pid"], now) == conn:
+            del state.pids[h["pid"]]
+        self._gone.setdefault(space_id, {})[conn] = _Expiring(reason, now + self._gone_ttl_ms)
+        if h.get("counted") == "1" and not keep_count:
+            state.record["connected"] = str(int(state.record.get("connected", "0")) - 1)
+        if h.get("state") == "connected":
+            self._emit("participant_left", space_id, now, reason, "participant", h)
+        return h
+
+    def _settle(self, space_id: str, now: int) -> None:
+        state = self._spaces.get(space_id)
+        if state is None:
+            self._lease_index.pop(space_id, None)
+            return
+        if int(state.record.get("connected", "0")) <= 0 and state.record["status"] == "active":
+            state.record.update(status="idle", session="", connected="0")
+            self._emit_space("space_idle", state, space_id, now)
+        if state.leases:
+            self._lease_index[space_id] = min(state.leases.values())
+        else:
+            self._lease_index.pop(space_id, None)
+            state.placement = None
+
+    def _reap_space(self, state: _SpaceState, space_id: str, now: int) -> int:
+        expired = sorted((exp, c) for c, exp in state.leases.items() if exp <= now)
+        for _, conn in expired:
+            self._drop_conn(state, space_id, conn, "lease_expired", now)
+        return len(expired)
+
+    def _activate(self, state: _SpaceState, space_id: str, now: int, session_id: str) -> None:
+        if state.record["status"] != "active":
+            state.record.update(status="active", session=session_id)
+            self._emit_space("space_active", state, space_id, now)
+
+    def _placement(self, state: _SpaceState, now: int) -> str:
+        if state.placement is None or state.placement.expires_ms <= now:
+            state.placement = None
+            return ""
+        return state.placement.value
+
+    def _gone_reason(self, space_id: str, conn: str, now: int) -> str | None:
+        entry = self._gone.get(space_id, {}).get(conn)
+        if entry is None or entry.expires_ms <= now:
+            return None
+        return entry.value
+
+    def _state(self, space_id: str) -> _SpaceState:
+        state = self._spaces.get(space_id)
+        if state is None:
+            raise errors.SpaceNotFound()
+        return state
+
+    # --- spaces ----------------------------------------------------------------------------
+
+    async def create_space(
+        self, space_id: str, passthrough: str, max_participants: int
+    ) -> space_pb2.Space:
+        now = self._now()
+        self._next_space_seq += 1
+        seq = self._next_space_seq
+        state = _SpaceState(
+            record={
+                "id": space_id,
+                "created_at": str(now // 1000),
+                "passthrough": passthrough,
+                "status": "idle",
+                "session": "",
+                "max": str(max_participants),
+                "seq": str(seq),
+                "connected": "0",
+            }
+        )
+        self._spaces[space_id] = state
+        self._space_seq[space_id] = seq
+        self._emit_space("space_created", state, space_id, now)
+        return space_from_record(state.record, 0)
+
+    async def get_space(self, space_id: str) -> space_pb2.Space:
+        state = self._state(space_id)
+        return space_from_record(state.record, len(state.leases))
+
+    async def list_spaces(
+        self, limit: int, after_seq: int
+    ) -> tuple[list[space_pb2.Space], int | None]:
+        ordered = sorted((seq, sid) for sid, seq in self._space_seq.items() if seq > after_seq)
+        page = ordered[:limit]
+        spaces = [
+            space_from_record(self._spaces[sid].record, len(self._spaces[sid].leases))
+            for _, sid in page
+        ]
+        return spaces, (page[-1][0] if len(ordered) > limit else None)
+
+    async def update_space(
+        self, space_id: str, passthrough: str | None, max_participants: int | None
+    ) -> space_pb2.Space:
+        state = self._state(space_id)
+        if passthrough is not None:
+            state.record["passthrough"] = passthrough
+        if max_participants is not None:
+            state.record["max"] = str(max_participants)
+        self._emit_space("space_updated", state, space_id, self._now())
+        return space_from_record(state.record, len(state.leases))
+
+    async def delete_space(self, space_id: str, force: bool) -> SpaceDeletion:
+        state = self._state(space_id)
+        now = self._now()
+        self._reap_space(state, space_id, now)
+        if state.record["status"] == "active" and not force:
+            self._settle(space_id, now)
+            raise errors.SpaceActive()
+        node = self._placement(state, now)
+        removed: list[tuple[str, str]] = []
+        for conn in sorted(state.leases, key=lambda c: (state.leases[c], c)):
+            h = self._drop_conn(state, space_id, conn, "space_deleted", now)
+            if h is not None:
+                removed.append((conn, h.get("node", "")))
+        self._settle(space_id, now)
+        self._emit_space("space_deleted", state, space_id, now)
+        del self._spaces[space_id]
+        self._space_seq.pop(space_id, None)
+        self._lease_index.pop(space_id, None)
+        return SpaceDeletion(node_id=node, removed=removed)
+
+    # --- signing keys ----------------------------------------------------------------------
+
+    async def create_signing_key(self, key_id: str, public_key_pem: bytes) -> SigningKeyRecord:
+        self._next_key_seq += 1
+        record = SigningKeyRecord(
+            id=key_id, created_at=self._now() // 1000, public_key_pem=public_key_pem
+        )
+        self._keys[key_id] = record
+        self._key_seq[key_id] = self._next_key_seq
+        return record
+
+    async def get_signing_key(self, key_id: str) -> SigningKeyRecord | None:
+        return self._keys.get(key_id)
+
+    async def list_signing_keys(
+        self, limit: int, after_seq: int
+    ) -> tuple[list[SigningKeyRecord], int | None]:
+        ordered = sorted((seq, kid) for kid, seq in self._key_seq.items() if seq > after_seq)
+        page = ordered[:limit]
+        return [self._keys[kid] for _, kid in page], (
+            page[-1][0] if len(ordered) > limit else None
+        )
+
+    async def delete_signing_key(self, key_id: str) -> bool:
+        self._key_seq.pop(key_id, None)
+        return self._keys.pop(key_id, None) is not None
+
+    # --- presence --------------------------------------------------------------------------
+
+    async def join_context(self, space_id: str, key_id: str) -> tuple[SigningKeyRecord | None, str]:
+        state = self._spaces.get(space_id)
+        return self._keys.get(key_id), (self._placement(state, self._now()) if state else "")
+
+    async def join(self, r: Reservation) -> Admission:
+        state = self._state(r.space_id)
+        sid = r.space_id
+        now = self._now()
+        self._reap_space(state, sid, now)
+        current = self._placement(state, now)
+        if current != r.expected_node_id:
+            self._settle(sid, now)
+            raise PlacementMoved(current)
+        pid = r.participant_id
+        counted = "0"
+        replaced_conn = replaced_node = ""
+        if r.resume_connection_id:
+            old = state.conns.get(r.resume_connection_id)
+            if old is not None:
+                if old["resume"] != r.presented_resume_hash:
+                    raise errors.BadResumeSecret()
+                if not r.generated_participant_id and old["pid"] != pid:
+                    raise errors.BadResumeSecret()
+                pid = old["pid"]
+                counted = old.get("counted", "0")
+                replaced_conn, replaced_node = r.resume_connection_id, old.get("node", "")
+                self._drop_conn(state, sid, replaced_conn, "replaced", now, keep_count=True)
+        if self._pid_holder(state, pid, now) is not None:
+            self._settle(sid, now)
+            raise errors.DuplicateParticipant()
+        limit = int(state.record.get("max", "0") or 0) or r.default_max_participants
+        if len(state.leases) >= limit:
+            self._settle(sid, now)
+            raise errors.ParticipantLimitReached()
+        expires = now + r.pending_ms
+        state.conns[r.connection_id] = {
+            "pid": pid,
+            "cid": r.connection_id,
+            "role": r.role,
+            "name": r.display_name,
+            "state": "pending",
+            "node": r.node_id,
+            "joined": str(now),
+            "ticket": r.ticket_hash,
+            "resume": r.resume_hash,
+            "gen": "1" if r.generated_participant_id else "0",
+            "counted": counted,
+            "resumed": "1" if replaced_conn else "0",
+        }
+        state.pids[pid] = _Expiring(r.connection_id, expires)
+        state.leases[r.connection_id] = expires
+        state.placement = _Expiring(r.node_id, now + r.placement_ms)
+        self._settle(sid, now)
+        return Admission(
+            participant_id=pid,
+            joined_at_ms=now,
+            expires_at_ms=expires,
+            replaced_connection_id=replaced_conn,
+            replaced_node_id=replaced_node,
+        )
+
+    async def claim(
+        self,
+        space_id: str,
+        connection_id: str,
+        ticket_hash: str,
+        node_id: str,
+        session_ms: int,
+        placement_ms: int,
+        session_id: str,
+    ) -> Claim:
+        state = self._state(space_id)
+        now = self._now()
+        self._reap_space(state, space_id, now)
+        h = state.conns.get(connection_id)
+        if h is None or h["state"] != "pending" or not h["ticket"] or h["ticket"] != ticket_hash:
+            self._settle(space_id, now)
+            raise errors.InvalidTicket()
+        if h["node"] != node_id or self._placement(state, now) != node_id:
+            self._settle(space_id, now)
+            raise errors.TicketWrongNode()
+        expires = now + session_ms
+        h.update(state="connected", ticket="")
+        state.leases[connection_id] = expires
+        if self._pid_holder(state, h["pid"], now) == connection_id:
+            state.pids[h["pid"]].expires_ms = now + session_ms
+        if h.get("counted") != "1":
+            state.record["connected"] = str(int(state.record.get("connected", "0")) + 1)
+            h["counted"] = "1"
+        self._activate(state, space_id, now, session_id)
+        assert state.placement is not None
+        state.placement.expires_ms = now + placement_ms
+        reason = "resumed" if h.get("resumed") == "1" else "joined"
+        self._emit("participant_joined", space_id, now, reason, "participant", h)
+        self._settle(space_id, now)
+        return Claim(
+            participant=participant_from_record(space_id, h, expires),
+            space=space_from_record(state.record, len(state.leases)),
+            epoch=self._epoch,
+            lease_expires_at_ms=expires,
+            connection_record=dict(h),
+            space_record=dict(state.record),
+        )
+
+    async def renew(
+        self,
+        space_id: str,
+        node_id: str,
+        session_ms: int,
+        placement_ms: int,
+        epoch: str,
+        space_record: dict[str, str],
+        connection_records: list[dict[str, str]],
+    ) -> RenewResult:
+        # The in-memory store lives and dies with its process: its epoch never changes, so
+        # there is nothing to re-assert.
+        now = self._now()
+        state = self._spaces.get(space_id)
+        if state is None:
+            lost = {
+                c["cid"]: self._gone_reason(space_id, c["cid"], now) or "space_deleted"
+                for c in connection_records
+            }
+            return RenewResult(epoch=self._epoch, moved=False, lost=lost)
+        self._reap_space(state, space_id, now)
+        placed = self._placement(state, now)
+        moved = False
+        if placed in (node_id, ""):
+            state.placement = _Expiring(node_id, now + placement_ms)
+        else:
+            moved = True
+        lost: dict[str, str] = {}
+        expires = now + session_ms
+        for c in connection_records:
+            cid = c["cid"]
+            h = state.conns.get(cid)
+            if h is None:
+                lost[cid] = self._gone_reason(space_id, cid, now) or "lease_expired"
+                continue
+            if h["node"] != node_id or h["state"] != "connected":
+                lost[cid] = "moved"
+                continue
+            state.leases[cid] = expires
+            holder = self._pid_holder(state, h["pid"], now)
+            if holder == cid:
+                state.pids[h["pid"]].expires_ms = expires
+            elif holder is None:
+                state.pids[h["pid"]] = _Expiring(cid, expires)
+            else:
+                lost[cid] = "duplicate"
+                self._drop_conn(state, space_id, cid, "duplicate", now)
+        self._settle(space_id, now)
+        return RenewResult(epoch=self._epoch, moved=moved, lost=lost)
+
+    async def leave(
+        self,
+        space_id: str,
+        connection_id: str,
+        reason: str,
+        node_id: str = "",
+        resume_hash: str = "",
+    ) -> participant_pb2.Participant | None:
+        state = self._spaces.get(space_id)
+        h = state.conns.get(connection_id) if state else None
+        if state is None or h is None:
+            return None
+        if node_id and h["node"] != node_id:
+            return None
+        if resume_hash and h["resume"] != resume_hash:
+            raise errors.BadResumeSecret()
+        now = self._now()
+        snapshot = dict(h)
+        self._drop_conn(state, space_id, connection_id, reason, now)
+        self._settle(space_id, now)
+        return participant_from_record(space_id, snapshot)
+
+    async def remove_participant(
+        self, space_id: str, participant_id: str, reason: str
+    ) -> participant_pb2.Participant:
+        state = self._state(space_id)
+        now = self._now()
+        conn = self._pid_holder(state, participant_id, now)
+        if conn is None:
+            raise errors.ParticipantNotFound()
+        snapshot = dict(state.conns.get(conn, {}))
+        self._drop_conn(state, space_id, conn, reason, now)
+        self._settle(space_id, now)
+        return participant_from_record(space_id, snapshot)
+
+    async def get_participant(
+        self, space_id: str, participant_id: str
+    ) -> participant_pb2.Participant:
+        state = self._state(space_id)
+        conn = self._pid_holder(state, participant_id, self._now())
+        h = state.conns.get(conn) if conn else None
+        if conn is None or h is None:
+            raise errors.ParticipantNotFound()
+        return participant_from_record(space_id, h, state.leases.get(conn, 0))
+
+    async def list_participants(self, space_id: str) -> list[participant_pb2.Participant]:
+        state = self._state(space_id)
+        found = [
+            participant_from_record(space_id, h, state.leases.get(cid, 0))
+            for cid, h in state.conns.items()
+        ]
+        found.sort(key=lambda p: (p.joined_at_ms, p.connection_id))
+        return found
+
+    async def set_display_name(self, space_id: str, connection_id: str, name: str) -> bool:
+        state = self._spaces.get(space_id)
+        h = state.conns.get(connection_id) if state else None
+        if h is None:
+            return False
+        h["name"] = name
+        return True
+
+    async def reap(self, max_spaces: int = 100) -> int:
+        now = self._now()
+        due = sorted((exp, sid) for sid, exp in self._lease_index.items() if exp <= now)
+        removed = 0
+        for _, sid in due[:max_spaces]:
+            state = self._spaces.get(sid)
+            if state is not None:
+                removed += self._reap_space(state, sid, now)
+            self._settle(sid, now)
+        return removed
+
+    # --- registry --------------------------------------------------------------------------
+
+    async def heartbeat(self, node: node_pb2.Node, record_ttl_ms: int) -> int:
+        now = self._now()
+        state = node_pb2.NodeState.Name(node.state)
+        text = node_to_text(node)
+        previous = self._nodes.get(node.id)
+        if previous is not None and previous[3] <= now:
+            previous = None
+        self._nodes[node.id] = (text, state, now, now + record_ttl_ms)
+        if previous is None or previous[1] != state:
+            self._emit("node_state_changed", "", now, state, "node", {"pb": text, "at": str(now)})
+        return now
+
+    async def remove_node(self, node: node_pb2.Node) -> None:
+        now = self._now()
+        self._nodes.pop(node.id, None)
+        final = node_pb2.Node()
+        final.CopyFrom(node)
+        final.state = node_pb2.NODE_STATE_STOPPED
+        self._emit(
+            "node_state_changed",
+            "",
+            now,
+            "NODE_STATE_STOPPED",
+            "node",
+            {"pb": node_to_text(final), "at": str(now)},
+        )
+
+    async def list_nodes(self, record_ttl_ms: int) -> NodeView:
+        now = self._now()
+        for node_id in [n for n, v in self._nodes.items() if v[2] <= now - record_ttl_ms]:
+            del self._nodes[node_id]
+        nodes = [node_from_text(text, at) for text, _, at, _ in self._nodes.values()]
+        return NodeView(now_ms=now, nodes=nodes)
+
+    async def publish_node_command(self, node_id: str, command: node_pb2.NodeCommand) -> None:
+        for queue in self._subscribers.get(node_id, []):
+            queue.put_nowait(command)
+
+    async def node_commands(self, node_id: str) -> AsyncIterator[node_pb2.NodeCommand]:
+        queue: asyncio.Queue[node_pb2.NodeCommand] = asyncio.Queue()
+        self._subscribers.setdefault(node_id, []).append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers[node_id].remove(queue)
+
+    # --- events ----------------------------------------------------------------------------
+
+    async def latest_event_id(self) -> str:
+        return f"{self._last_event[0]}-{self._last_event[1]}"
+
+    async def read_events(self, after_id: str, count: int, block_ms: int) -> list[event_pb2.Event]:
+        after = _parse_event_id(after_id) if after_id != "$" else self._last_event
+        found = self._after(after, count)
+        if found or block_ms <= 0:
+            return found
+        signal = self._event_signal
+        try:
+            await asyncio.wait_for(signal.wait(), block_ms / 1000)
+        except TimeoutError:
+            return []
+        return self._after(after, count)
+
+    def _after(self, after: tuple[int, int], count: int) -> list[event_pb2.Event]:
+        out: list[event_pb2.Event] = []
+        # Events are ordered: scan from the newest end for the common "tail" case.
+        for key, event in reversed(self._events):
+            if key <= after:
+                break
+            out.append(event)
+        out.reverse()
+        return out[:count]
+
+
+def _parse_event_id(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError as exc:
+        raise errors.InvalidArgument("malformed event id: pass an Event.id") from exc

@@ -1,0 +1,520 @@
+"""The Redis store: the distributed production path.
+
+Every multi-step change is one Lua script from spaces.store.keys; this module only marshals
+arguments and replies. Connection failures surface as StoreUnavailable (gRPC UNAVAILABLE) and
+the client reconnects on the next call, so a Redis restart needs no service restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from spaces import errors
+from spaces.store import keys
+from spaces.store.base import (
+    Admission,
+    Claim,
+    NodeView,
+    PlacementMoved,
+    RenewResult,
+    Reservation,
+    SigningKeyRecord,
+    SpaceDeletion,
+)
+from spaces.store.codec import (
+    command_from_text,
+    command_to_text,
+    event_from_entry,
+    flat_to_dict,
+    node_from_text,
+    node_to_text,
+    participant_from_record,
+    space_from_record,
+)
+from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_SCRIPT_ERRORS: dict[str, type[errors.SpacesError]] = {
+    "space_not_found": errors.SpaceNotFound,
+    "space_active": errors.SpaceActive,
+    "duplicate": errors.DuplicateParticipant,
+    "full": errors.ParticipantLimitReached,
+    "bad_resume": errors.BadResumeSecret,
+    "invalid_ticket": errors.InvalidTicket,
+    "wrong_node": errors.TicketWrongNode,
+    "moved": errors.TicketWrongNode,
+    "participant_not_found": errors.ParticipantNotFound,
+}
+
+
+def _raise_script_error(reply: list[Any]) -> None:
+    if reply and reply[0] == "err":
+        raise _SCRIPT_ERRORS.get(str(reply[1]), errors.Internal)()
+
+
+class RedisStore:
+    """Store on a standalone Redis or Sentinel-managed primary (``redis://``, ``rediss://``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        event_maxlen: int = 100_000,
+        gone_ttl_ms: int = 120_000,
+        socket_timeout_s: float = 10.0,
+    ) -> None:
+        self.url = url
+        self._client: aioredis.Redis = aioredis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=3.0,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        self._scripts = {
+            name: self._client.register_script(
+                keys.render_script(body, maxlen=event_maxlen, gone_ttl_ms=gone_ttl_ms)
+            )
+            for name, body in keys.ALL_SCRIPTS.items()
+        }
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            logger.warning("redis unavailable: %s", exc)
+            raise errors.StoreUnavailable() from exc
+
+    async def _script(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        script = self._scripts[name]
+        return await self._call(lambda: script(keys=keys_, args=args))
+
+    async def start(self) -> None:
+        await self.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping)
+
+    async def now_ms(self) -> int:
+        seconds, micros = await self._call(self._client.time)
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    # --- spaces ----------------------------------------------------------------------------
+
+    async def create_space(
+        self, space_id: str, passthrough: str, max_participants: int
+    ) -> space_pb2.Space:
+        flat = await self._script(
+            "create_space", [keys.space_key(space_id)], [space_id, passthrough, max_participants]
+        )
+        return space_from_record(flat_to_dict(flat), 0)
+
+    async def get_space(self, space_id: str) -> space_pb2.Space:
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.space_key(space_id))
+                pipe.zcard(keys.leases_key(space_id))
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        record, count = await self._call(run)
+        if not record:
+            raise errors.SpaceNotFound()
+        return space_from_record(record, int(count))
+
+    async def list_spaces(
+        self, limit: int, after_seq: int
+    ) -> tuple[list[space_pb2.Space], int | None]:
+        page = await self._call(
+            lambda: self._client.zrangebyscore(
+                keys.SPACES, f"({after_seq}", "+inf", start=0, num=limit + 1, withscores=True
+            )
+        )
+        more = len(page) > limit
+        page = page[:limit]
+
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for space_id, _ in page:
+                    pipe.hgetall(keys.space_key(space_id))
+                    pipe.zcard(keys.leases_key(space_id))
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        replies = await self._call(run) if page else []
+        spaces = [
+            space_from_record(replies[i], int(replies[i + 1]))
+            for i in range(0, len(replies), 2)
+            if replies[i]
+        ]
+        return spaces, (int(page[-1][1]) if more and page else None)
+
+    async def update_space(
+        self, space_id: str, passthrough: str | None, max_participants: int | None
+    ) -> space_pb2.Space:
+        reply = await self._script(
+            "update_space",
+            [keys.space_key(space_id)],
+            [
+                space_id,
+                "1" if passthrough is not None else "0",
+                passthrough or "",
+                "1" if max_participants is not None else "0",
+                max_participants or 0,
+            ],
+        )
+        _raise_script_error(reply)
+        record = flat_to_dict(reply)
+        count = await self._call(lambda: self._client.zcard(keys.leases_key(space_id)))
+        return space_from_record(record, int(count))
+
+    async def delete_space(self, space_id: str, force: bool) -> SpaceDeletion:
+        reply = await self._script(
+            "delete_space", [keys.space_key(space_id)], [space_id, "1" if force else "0"]
+        )
+        _raise_script_error(reply)
+        rest = reply[2:]
+        return SpaceDeletion(
+            node_id=reply[1], removed=[(rest[i], rest[i + 1]) for i in range(0, len(rest), 2)]
+        )
+
+    # --- signing keys ------------------------------------------------------------------------
+
+    async def create_signing_key(self, key_id: str, public_key_pem: bytes) -> SigningKeyRecord:
+        async def run() -> list[Any]:
+            seconds, _ = await self._client.time()
+            seq = await self._client.incr(keys.SIGNING_KEYS_SEQ)
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    keys.signing_key_key(key_id),
+                    mapping={
+                        "id": key_id,
+                        "created_at": int(seconds),
+                        "public_key": public_key_pem.decode(),
+                    },
+                )
+                pipe.zadd(keys.SIGNING_KEYS, {key_id: seq})
+                await pipe.execute()
+            return [int(seconds)]
+
+        (created_at,) = await self._call(run)
+        return SigningKeyRecord(id=key_id, created_at=created_at, public_key_pem=public_key_pem)
+
+    async def get_signing_key(self, key_id: str) -> SigningKeyRecord | None:
+        record = await self._call(lambda: self._client.hgetall(keys.signing_key_key(key_id)))
+        return _key_from_record(record)
+
+    async def list_signing_keys(
+        self, limit: int, after_seq: int
+    ) -> tuple[list[SigningKeyRecord], int | None]:
+        page = await self._call(
+            lambda: self._client.zrangebyscore(
+                keys.SIGNING_KEYS, f"({after_seq}", "+inf", start=0, num=limit + 1, withscores=True
+            )
+        )
+        more = len(page) > limit
+        page = page[:limit]
+
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key_id, _ in page:
+                    pipe.hgetall(keys.signing_key_key(key_id))
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        records = await self._call(run) if page else []
+        found = [k for k in (_key_from_record(r) for r in records) if k is not None]
+        return found, (int(page[-1][1]) if more and page else None)
+
+    async def delete_signing_key(self, key_id: str) -> bool:
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.signing_key_key(key_id))
+                pipe.zrem(keys.SIGNING_KEYS, key_id)
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        deleted, _ = await self._call(run)
+        return bool(deleted)
+
+    # --- presence --------------------------------------------------------------------------
+
+    async def join_context(self, space_id: str, key_id: str) -> tuple[SigningKeyRecord | None, str]:
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.signing_key_key(key_id))
+                pipe.get(keys.placement_key(space_id))
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        record, node = await self._call(run)
+        return _key_from_record(record), node or ""
+
+    async def join(self, r: Reservation) -> Admission:
+        reply = await self._script(
+            "join",
+            [keys.space_key(r.space_id)],
+            [
+                r.space_id,
+                r.connection_id,
+                r.participant_id,
+                r.role,
+                r.display_name,
+                r.ticket_hash,
+                r.resume_hash,
+                "1" if r.generated_participant_id else "0",
+                r.node_id,
+                r.expected_node_id,
+                r.pending_ms,
+                r.placement_ms,
+                r.default_max_participants,
+                r.resume_connection_id,
+                r.presented_resume_hash,
+            ],
+        )
+        if reply[0] == "moved":
+            raise PlacementMoved(reply[1])
+        _raise_script_error(reply)
+        return Admission(
+            participant_id=reply[1],
+            joined_at_ms=int(reply[2]),
+            expires_at_ms=int(reply[3]),
+            replaced_connection_id=reply[4],
+            replaced_node_id=reply[5],
+        )
+
+    async def claim(
+        self,
+        space_id: str,
+        connection_id: str,
+        ticket_hash: str,
+        node_id: str,
+        session_ms: int,
+        placement_ms: int,
+        session_id: str,
+    ) -> Claim:
+        reply = await self._script(
+            "claim",
+            [keys.space_key(space_id)],
+            [space_id, connection_id, ticket_hash, node_id, session_ms, placement_ms, session_id],
+        )
+        _raise_script_error(reply)
+        epoch, expires = reply[1], int(reply[2])
+        split = reply.index("|")
+        conn = flat_to_dict(reply[3:split])
+        space = flat_to_dict(reply[split + 1 :])
+        return Claim(
+            participant=participant_from_record(space_id, conn, expires),
+            space=space_from_record(space, 0),
+            epoch=epoch,
+            lease_expires_at_ms=expires,
+            connection_record=conn,
+            space_record=space,
+        )
+
+    async def renew(
+        self,
+        space_id: str,
+        node_id: str,
+        session_ms: int,
+        placement_ms: int,
+        epoch: str,
+        space_record: dict[str, str],
+        connection_records: list[dict[str, str]],
+    ) -> RenewResult:
+        snapshot = json.dumps({"epoch": epoch, "space": space_record, "conns": connection_records})
+        reply = await self._script(
+            "renew",
+            [keys.space_key(space_id)],
+            [space_id, node_id, session_ms, placement_ms, snapshot],
+        )
+        rest = reply[2:]
+        return RenewResult(
+            epoch=reply[0],
+            moved=reply[1] == "1",
+            lost={rest[i]: rest[i + 1] for i in range(0, len(rest), 2)},
+        )
+
+    async def leave(
+        self,
+        space_id: str,
+        connection_id: str,
+        reason: str,
+        node_id: str = "",
+        resume_hash: str = "",
+    ) -> participant_pb2.Participant | None:
+        reply = await self._script(
+            "leave",
+            [keys.space_key(space_id)],
+            [space_id, connection_id, reason, node_id, resume_hash],
+        )
+        _raise_script_error(reply)
+        if reply[0] == "gone":
+            return None
+        return participant_from_record(space_id, flat_to_dict(reply[1:]))
+
+    async def remove_participant(
+        self, space_id: str, participant_id: str, reason: str
+    ) -> participant_pb2.Participant:
+        reply = await self._script(
+            "remove_participant", [keys.space_key(space_id)], [space_id, participant_id, reason]
+        )
+        _raise_script_error(reply)
+        return participant_from_record(space_id, flat_to_dict(reply[1:]))
+
+    async def get_participant(
+        self, space_id: str, participant_id: str
+    ) -> participant_pb2.Participant:
+        async def run() -> tuple[dict[str, str], float | None]:
+            conn = await self._client.get(keys.pid_key(space_id, participant_id))
+            if not conn:
+                return {}, None
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.conn_key(space_id, conn))
+                pipe.zscore(keys.leases_key(space_id), conn)
+                record, expires = await pipe.execute()
+            return record, expires
+
+        record, expires = await self._call(run)
+        if not record:
+            if not await self._call(lambda: self._client.exists(keys.space_key(space_id))):
+                raise errors.SpaceNotFound()
+            raise errors.ParticipantNotFound()
+        return participant_from_record(space_id, record, int(expires or 0))
+
+    async def list_participants(self, space_id: str) -> list[participant_pb2.Participant]:
+        async def run() -> tuple[int, list[tuple[str, float]], list[dict[str, str]]]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.exists(keys.space_key(space_id))
+                pipe.zrange(keys.leases_key(space_id), 0, -1, withscores=True)
+                exists, leases = await pipe.execute()
+            async with self._client.pipeline(transaction=False) as pipe:
+                for conn, _ in leases:
+                    pipe.hgetall(keys.conn_key(space_id, conn))
+                records = await pipe.execute() if leases else []
+            return exists, leases, records
+
+        exists, leases, records = await self._call(run)
+        if not exists:
+            raise errors.SpaceNotFound()
+        found = [
+            participant_from_record(space_id, record, int(score))
+            for (_, score), record in zip(leases, records, strict=True)
+            if record
+        ]
+        found.sort(key=lambda p: (p.joined_at_ms, p.connection_id))
+        return found
+
+    async def set_display_name(self, space_id: str, connection_id: str, name: str) -> bool:
+        reply = await self._script(
+            "set_display_name", [keys.space_key(space_id)], [connection_id, name]
+        )
+        return bool(reply)
+
+    async def reap(self, max_spaces: int = 100) -> int:
+        return int(await self._script("reap", [], [max_spaces]))
+
+    # --- registry --------------------------------------------------------------------------
+
+    async def heartbeat(self, node: node_pb2.Node, record_ttl_ms: int) -> int:
+        return int(
+            await self._script(
+                "heartbeat",
+                [keys.node_key(node.id)],
+                [node.id, node_to_text(node), node_pb2.NodeState.Name(node.state), record_ttl_ms],
+            )
+        )
+
+    async def remove_node(self, node: node_pb2.Node) -> None:
+        final = node_pb2.Node()
+        final.CopyFrom(node)
+        final.state = node_pb2.NODE_STATE_STOPPED
+        await self._script("remove_node", [keys.node_key(node.id)], [node.id, node_to_text(final)])
+
+    async def list_nodes(self, record_ttl_ms: int) -> NodeView:
+        reply = await self._script("list_nodes", [], [record_ttl_ms])
+        rest = reply[1:]
+        nodes = [node_from_text(rest[i + 2], int(rest[i + 1])) for i in range(0, len(rest), 3)]
+        return NodeView(now_ms=int(reply[0]), nodes=nodes)
+
+    async def publish_node_command(self, node_id: str, command: node_pb2.NodeCommand) -> None:
+        payload = command_to_text(command)
+        await self._call(lambda: self._client.publish(keys.node_channel(node_id), payload))
+
+    async def node_commands(self, node_id: str) -> AsyncIterator[node_pb2.NodeCommand]:
+        channel = keys.node_channel(node_id)
+        backoff = 0.1
+        while True:
+            try:
+                async with self._subscribed(channel) as pubsub:
+                    backoff = 0.1
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=5.0
+                        )
+                        if message and message.get("type") == "message":
+                            yield command_from_text(message["data"])
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("node %s: command channel lost (%s); resubscribing", node_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    @asynccontextmanager
+    async def _subscribed(self, channel: str) -> AsyncIterator[aioredis.client.PubSub]:
+        pubsub = self._client.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            yield pubsub
+        finally:
+            try:
+                await pubsub.aclose()
+            except Exception:
+                pass
+
+    # --- events ----------------------------------------------------------------------------
+
+    async def latest_event_id(self) -> str:
+        last = await self._call(lambda: self._client.xrevrange(keys.EVENTS, count=1))
+        return str(last[0][0]) if last else "0-0"
+
+    async def read_events(self, after_id: str, count: int, block_ms: int) -> list[event_pb2.Event]:
+        if block_ms > 0:
+            reply = await self._call(
+                lambda: self._client.xread({keys.EVENTS: after_id}, count=count, block=block_ms)
+            )
+            entries = reply[0][1] if reply else []
+        else:
+            entries = await self._call(
+                lambda: self._client.xrange(keys.EVENTS, min=f"({after_id}", count=count)
+            )
+        return [event_from_entry(entry_id, fields) for entry_id, fields in entries]
+
+
+def _key_from_record(record: dict[str, str]) -> SigningKeyRecord | None:
+    if not record:
+        return None
+    return SigningKeyRecord(
+        id=record["id"],
+        created_at=int(record["created_at"]),
+        public_key_pem=record["public_key"].encode(),
+    )

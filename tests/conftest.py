@@ -1,0 +1,56 @@
+"""Shared fixtures: real redis-server processes, both stores, real gRPC servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from spaces.store.base import Store
+from spaces.store.memory import MemoryStore
+from spaces.store.redis import RedisStore
+from tests.support.redis_server import RedisServer
+
+# aioice must never gather anything but loopback in tests (see REFERENCE.md, "Loopback").
+os.environ.setdefault("SPACES_ICE_BIND", "127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
+    """A clean database on the shared test Redis."""
+    client = aioredis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_server.url
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for killing and restarting."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Store]:
+    """Each contract test runs once per store."""
+    if request.param == "memory":
+        s: Store = MemoryStore()
+    else:
+        client = aioredis.from_url(redis_server.url)
+        await client.flushall()
+        await client.aclose()
+        s = RedisStore(redis_server.url)
+    await s.start()
+    yield s
+    await s.close()

@@ -1,0 +1,582 @@
+"""One contract, two stores: every test here runs on the memory store and on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+
+import pytest
+
+from spaces import errors
+from spaces.store.base import PlacementMoved, Reservation, Store
+from spaces.store.memory import MemoryStore
+from spaces.store.redis import RedisStore
+from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
+
+
+def reservation(
+    space_id: str,
+    pid: str = "",
+    *,
+    node: str = "n1",
+    expected: str = "",
+    pending_ms: int = 20_000,
+    limit: int = 100,
+    role: str = "publisher",
+    resume_conn: str = "",
+    presented: str = "",
+    conn: str | None = None,
+) -> Reservation:
+    return Reservation(
+        space_id=space_id,
+        connection_id=conn or "c" + secrets.token_hex(6),
+        participant_id=pid or "gen-" + secrets.token_hex(4),
+        generated_participant_id=not pid,
+        role=role,
+        display_name="Ada",
+        ticket_hash="t-" + secrets.token_hex(4),
+        resume_hash="r-" + secrets.token_hex(4),
+        node_id=node,
+        expected_node_id=expected,
+        pending_ms=pending_ms,
+        placement_ms=15_000,
+        default_max_participants=limit,
+        resume_connection_id=resume_conn,
+        presented_resume_hash=presented,
+    )
+
+
+async def new_space(store: Store, passthrough: str = "", max_participants: int = 0) -> str:
+    space_id = "s" + secrets.token_hex(6)
+    await store.create_space(space_id, passthrough, max_participants)
+    return space_id
+
+
+EPOCHS: dict[str, str] = {}
+"""connection_id -> the store epoch its claim returned (what a media node remembers)."""
+
+
+async def connect(store: Store, space_id: str, pid: str = "", **kw: object) -> Reservation:
+    """Join and claim, as Join plus a media node do."""
+    placement = (await store.join_context(space_id, "none"))[1]
+    r = reservation(space_id, pid, expected=placement, **kw)  # type: ignore[arg-type]
+    await store.join(r)
+    claim = await store.claim(
+        space_id, r.connection_id, r.ticket_hash, r.node_id, 10_000, 15_000, "sess"
+    )
+    EPOCHS[r.connection_id] = claim.epoch
+    return r
+
+
+async def events_after(store: Store, after: str) -> list[event_pb2.Event]:
+    return await store.read_events(after, 1000, 0)
+
+
+# --- spaces ---------------------------------------------------------------------------------
+
+
+async def test_created_space_reads_back_idle_with_its_passthrough(store: Store) -> None:
+    space_id = await new_space(store, "order-42", 7)
+    space = await store.get_space(space_id)
+    assert space.id == space_id
+    assert space.passthrough == "order-42"
+    assert space.max_participants == 7
+    assert space.status == space_pb2.SPACE_STATUS_IDLE
+    assert space.active_session_id == ""
+    assert space.created_at > 1_600_000_000
+
+
+async def test_unknown_space_is_not_found(store: Store) -> None:
+    with pytest.raises(errors.SpaceNotFound):
+        await store.get_space("nope")
+
+
+async def test_list_spaces_pages_in_creation_order(store: Store) -> None:
+    ids = [await new_space(store) for _ in range(7)]
+    seen: list[str] = []
+    cursor = 0
+    pages = 0
+    while True:
+        page, nxt = await store.list_spaces(3, cursor)
+        seen += [s.id for s in page]
+        pages += 1
+        if nxt is None:
+            break
+        cursor = nxt
+    assert seen == ids
+    assert pages == 3
+
+
+async def test_list_spaces_is_stable_when_a_space_is_deleted_between_pages(store: Store) -> None:
+    ids = [await new_space(store) for _ in range(6)]
+    page, cursor = await store.list_spaces(3, 0)
+    assert cursor is not None
+    await store.delete_space(ids[1], force=False)
+    rest, _ = await store.list_spaces(10, cursor)
+    assert [s.id for s in page] + [s.id for s in rest] == ids
+
+
+async def test_update_space_changes_only_given_fields(store: Store) -> None:
+    space_id = await new_space(store, "a", 5)
+    updated = await store.update_space(space_id, None, 9)
+    assert updated.passthrough == "a"
+    assert updated.max_participants == 9
+    updated = await store.update_space(space_id, "b", None)
+    assert (updated.passthrough, updated.max_participants) == ("b", 9)
+    with pytest.raises(errors.SpaceNotFound):
+        await store.update_space("nope", "x", None)
+
+
+async def test_delete_idle_space_removes_it(store: Store) -> None:
+    space_id = await new_space(store)
+    deletion = await store.delete_space(space_id, force=False)
+    assert deletion.removed == []
+    with pytest.raises(errors.SpaceNotFound):
+        await store.get_space(space_id)
+    with pytest.raises(errors.SpaceNotFound):
+        await store.delete_space(space_id, force=False)
+
+
+async def test_delete_active_space_needs_force_and_then_removes_everyone(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    b = await connect(store, space_id, "bob")
+    with pytest.raises(errors.SpaceActive):
+        await store.delete_space(space_id, force=False)
+    assert (await store.get_space(space_id)).participant_count == 2
+    deletion = await store.delete_space(space_id, force=True)
+    assert sorted(c for c, _ in deletion.removed) == sorted([a.connection_id, b.connection_id])
+    assert {n for _, n in deletion.removed} == {"n1"}
+    assert deletion.node_id == "n1"
+    with pytest.raises(errors.SpaceNotFound):
+        await store.get_space(space_id)
+    # The node learns why its connections vanished.
+    result = await store.renew(
+        space_id, "n1", 10_000, 15_000, EPOCHS[a.connection_id], {}, [{"cid": a.connection_id}]
+    )
+    assert result.lost == {a.connection_id: "space_deleted"}
+
+
+# --- signing keys ---------------------------------------------------------------------------
+
+
+async def test_signing_keys_store_only_what_they_are_given_and_delete(store: Store) -> None:
+    pem = b"-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----\n"
+    created = await store.create_signing_key("k1", pem)
+    await store.create_signing_key("k2", pem)
+    got = await store.get_signing_key("k1")
+    assert got is not None
+    assert got.public_key_pem == pem
+    assert got.created_at == created.created_at
+    page, cursor = await store.list_signing_keys(1, 0)
+    assert [k.id for k in page] == ["k1"]
+    assert cursor is not None
+    page, cursor = await store.list_signing_keys(5, cursor)
+    assert [k.id for k in page] == ["k2"]
+    assert cursor is None
+    assert await store.delete_signing_key("k1") is True
+    assert await store.get_signing_key("k1") is None
+    assert await store.delete_signing_key("k1") is False
+
+
+# --- presence -------------------------------------------------------------------------------
+
+
+async def test_join_reserves_participant_id_and_a_second_join_is_refused(store: Store) -> None:
+    space_id = await new_space(store)
+    first = reservation(space_id, "alice")
+    admission = await store.join(first)
+    assert admission.participant_id == "alice"
+    with pytest.raises(errors.DuplicateParticipant):
+        await store.join(reservation(space_id, "alice", expected="n1"))
+    participant = await store.get_participant(space_id, "alice")
+    assert participant.connection_id == first.connection_id
+    assert participant.state == participant_pb2.PARTICIPANT_STATE_PENDING
+
+
+async def test_join_without_participant_id_can_repeat(store: Store) -> None:
+    space_id = await new_space(store)
+    pids = set()
+    for i in range(5):
+        admission = await store.join(reservation(space_id, expected="n1" if i else ""))
+        pids.add(admission.participant_id)
+    assert len(pids) == 5
+    assert (await store.get_space(space_id)).participant_count == 5
+
+
+async def test_join_unknown_space_is_not_found(store: Store) -> None:
+    with pytest.raises(errors.SpaceNotFound):
+        await store.join(reservation("missing", "alice"))
+
+
+async def test_participant_limit_uses_space_override_then_default(store: Store) -> None:
+    space_id = await new_space(store, max_participants=2)
+    await store.join(reservation(space_id, "a"))
+    await store.join(reservation(space_id, "b", expected="n1"))
+    with pytest.raises(errors.ParticipantLimitReached):
+        await store.join(reservation(space_id, "c", expected="n1"))
+    other = await new_space(store)
+    await store.join(reservation(other, "a", limit=1))
+    with pytest.raises(errors.ParticipantLimitReached):
+        await store.join(reservation(other, "b", expected="n1", limit=1))
+
+
+async def test_join_detects_a_placement_changed_since_it_was_read(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.join(reservation(space_id, "a", node="n1"))
+    with pytest.raises(PlacementMoved) as moved:
+        await store.join(reservation(space_id, "b", node="n2", expected=""))
+    assert moved.value.current_node_id == "n1"
+    _, placement = await store.join_context(space_id, "k")
+    assert placement == "n1"
+
+
+async def test_claim_connects_and_flips_space_active_with_a_new_session(store: Store) -> None:
+    space_id = await new_space(store)
+    r = reservation(space_id, "alice")
+    await store.join(r)
+    assert (await store.get_space(space_id)).status == space_pb2.SPACE_STATUS_IDLE
+    claim = await store.claim(space_id, r.connection_id, r.ticket_hash, "n1", 10_000, 15_000, "S1")
+    assert claim.participant.participant_id == "alice"
+    assert claim.participant.state == participant_pb2.PARTICIPANT_STATE_CONNECTED
+    assert claim.space.status == space_pb2.SPACE_STATUS_ACTIVE
+    space = await store.get_space(space_id)
+    assert space.status == space_pb2.SPACE_STATUS_ACTIVE
+    assert space.active_session_id == "S1"
+    # A ticket is single use.
+    with pytest.raises(errors.InvalidTicket):
+        await store.claim(space_id, r.connection_id, r.ticket_hash, "n1", 10_000, 15_000, "S2")
+
+
+async def test_claim_refuses_wrong_ticket_and_wrong_node(store: Store) -> None:
+    space_id = await new_space(store)
+    r = reservation(space_id, "alice")
+    await store.join(r)
+    with pytest.raises(errors.InvalidTicket):
+        await store.claim(space_id, r.connection_id, "bad", "n1", 10_000, 15_000, "S")
+    with pytest.raises(errors.TicketWrongNode):
+        await store.claim(space_id, r.connection_id, r.ticket_hash, "n2", 10_000, 15_000, "S")
+    with pytest.raises(errors.InvalidTicket):
+        await store.claim(space_id, "unknown", r.ticket_hash, "n1", 10_000, 15_000, "S")
+
+
+async def test_last_leave_flips_idle_and_next_activation_gets_a_new_session(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    first_session = (await store.get_space(space_id)).active_session_id
+    left = await store.leave(space_id, a.connection_id, "left")
+    assert left is not None
+    assert left.participant_id == "alice"
+    space = await store.get_space(space_id)
+    assert space.status == space_pb2.SPACE_STATUS_IDLE
+    assert space.active_session_id == ""
+    # The id is free at once, and the placement is released with the last connection.
+    assert (await store.join_context(space_id, "k"))[1] == ""
+    r = reservation(space_id, "alice")
+    await store.join(r)
+    await store.claim(space_id, r.connection_id, r.ticket_hash, "n1", 10_000, 15_000, "S-next")
+    space = await store.get_space(space_id)
+    assert space.active_session_id == "S-next" != first_session
+
+
+async def test_late_release_never_frees_someone_elses_reservation(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    assert await store.leave(space_id, a.connection_id, "left") is not None
+    b = await connect(store, space_id, "alice")
+    # The first connection's node releases again, late: compare-and-delete must not free bob's.
+    assert await store.leave(space_id, a.connection_id, "left") is None
+    participant = await store.get_participant(space_id, "alice")
+    assert participant.connection_id == b.connection_id
+    with pytest.raises(errors.DuplicateParticipant):
+        await store.join(reservation(space_id, "alice", expected="n1"))
+
+
+async def test_leave_checks_owning_node_and_resume_secret(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    assert await store.leave(space_id, a.connection_id, "left", node_id="n2") is None
+    with pytest.raises(errors.BadResumeSecret):
+        await store.leave(space_id, a.connection_id, "left", resume_hash="wrong")
+    assert await store.leave(space_id, a.connection_id, "left", resume_hash=a.resume_hash)
+
+
+async def test_pending_lease_lapses_and_the_id_can_join_again(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.join(reservation(space_id, "alice", pending_ms=200))
+    with pytest.raises(errors.DuplicateParticipant):
+        await store.join(reservation(space_id, "alice", expected="n1"))
+    await asyncio.sleep(0.3)
+    # Join reaps lapsed leases of its space itself...
+    placement = (await store.join_context(space_id, "k"))[1]
+    await store.join(reservation(space_id, "alice", expected=placement))
+    # ...and the reaper does it for spaces nobody touches.
+    other = await new_space(store)
+    await store.join(reservation(other, "bob", pending_ms=200))
+    await asyncio.sleep(0.3)
+    assert await store.reap() >= 1
+    assert (await store.get_space(other)).participant_count == 0
+    with pytest.raises(errors.ParticipantNotFound):
+        await store.get_participant(other, "bob")
+
+
+async def test_unrenewed_session_is_reaped_with_left_event_and_idle(store: Store) -> None:
+    space_id = await new_space(store)
+    r = reservation(space_id, "alice")
+    await store.join(r)
+    mark = await store.latest_event_id()
+    await store.claim(space_id, r.connection_id, r.ticket_hash, "n1", 200, 15_000, "S")
+    await asyncio.sleep(0.3)
+    assert await store.reap() == 1
+    space = await store.get_space(space_id)
+    assert space.status == space_pb2.SPACE_STATUS_IDLE
+    assert space.participant_count == 0
+    types = [(e.type, e.reason) for e in await events_after(store, mark)]
+    assert types == [
+        (event_pb2.EVENT_TYPE_SPACE_ACTIVE, ""),
+        (event_pb2.EVENT_TYPE_PARTICIPANT_JOINED, "joined"),
+        (event_pb2.EVENT_TYPE_PARTICIPANT_LEFT, "lease_expired"),
+        (event_pb2.EVENT_TYPE_SPACE_IDLE, ""),
+    ]
+
+
+async def test_renew_keeps_a_session_alive_past_its_lease(store: Store) -> None:
+    space_id = await new_space(store)
+    r = reservation(space_id, "alice")
+    await store.join(r)
+    claim = await store.claim(space_id, r.connection_id, r.ticket_hash, "n1", 300, 15_000, "S")
+    for _ in range(4):
+        await asyncio.sleep(0.15)
+        result = await store.renew(
+            space_id, "n1", 300, 15_000, claim.epoch, claim.space_record,
+            [claim.connection_record],
+        )
+        assert result.lost == {}
+        assert not result.moved
+        await store.reap()
+    assert (await store.get_participant(space_id, "alice")).state == (
+        participant_pb2.PARTICIPANT_STATE_CONNECTED
+    )
+
+
+async def test_renew_reports_removed_connections_and_moved_spaces(store: Store) -> None:
+    space_id = await new_space(store)
+    a = reservation(space_id, "alice")
+    await store.join(a)
+    claim = await store.claim(space_id, a.connection_id, a.ticket_hash, "n1", 10_000, 15_000, "S")
+    b = await connect(store, space_id, "bob")
+    removed = await store.remove_participant(space_id, "bob", "removed")
+    assert removed.connection_id == b.connection_id
+    result = await store.renew(
+        space_id, "n1", 10_000, 15_000, claim.epoch, claim.space_record,
+        [claim.connection_record, {"cid": b.connection_id}],
+    )
+    assert result.lost == {b.connection_id: "removed"}
+    assert result.moved is False
+    with pytest.raises(errors.ParticipantNotFound):
+        await store.remove_participant(space_id, "bob", "removed")
+    # Another node took the space over: this node's sessions must move.
+    other = await store.renew(space_id, "n2", 10_000, 15_000, claim.epoch, claim.space_record, [])
+    assert other.moved is True
+
+
+async def test_resume_takes_over_the_connection_without_going_idle(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    session = (await store.get_space(space_id)).active_session_id
+    mark = await store.latest_event_id()
+    resumed = reservation(
+        space_id, "alice", expected="n1", resume_conn=a.connection_id, presented=a.resume_hash
+    )
+    admission = await store.join(resumed)
+    assert admission.replaced_connection_id == a.connection_id
+    assert admission.replaced_node_id == "n1"
+    space = await store.get_space(space_id)
+    assert space.status == space_pb2.SPACE_STATUS_ACTIVE
+    assert space.active_session_id == session
+    await store.claim(
+        space_id, resumed.connection_id, resumed.ticket_hash, "n1", 10_000, 15_000, "other"
+    )
+    assert (await store.get_space(space_id)).active_session_id == session
+    events = [(e.type, e.reason) for e in await events_after(store, mark)]
+    assert events == [
+        (event_pb2.EVENT_TYPE_PARTICIPANT_LEFT, "replaced"),
+        (event_pb2.EVENT_TYPE_PARTICIPANT_JOINED, "resumed"),
+    ]
+    # The replaced connection is told why.
+    result = await store.renew(
+        space_id, "n1", 10_000, 15_000, EPOCHS[a.connection_id], {}, [{"cid": a.connection_id}]
+    )
+    assert result.lost == {a.connection_id: "replaced"}
+
+
+async def test_resume_with_a_wrong_secret_is_refused(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    with pytest.raises(errors.BadResumeSecret):
+        await store.join(
+            reservation(space_id, "alice", expected="n1", resume_conn=a.connection_id,
+                        presented="wrong")
+        )
+    # A token for another participant cannot resume alice's connection.
+    with pytest.raises(errors.BadResumeSecret):
+        await store.join(
+            reservation(space_id, "mallory", expected="n1", resume_conn=a.connection_id,
+                        presented=a.resume_hash)
+        )
+    assert (await store.get_participant(space_id, "alice")).connection_id == a.connection_id
+
+
+async def test_resume_keeps_a_generated_participant_id(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id)
+    pid = (await store.list_participants(space_id))[0].participant_id
+    admission = await store.join(
+        reservation(space_id, expected="n1", resume_conn=a.connection_id, presented=a.resume_hash)
+    )
+    assert admission.participant_id == pid
+
+
+async def test_list_participants_in_join_order(store: Store) -> None:
+    space_id = await new_space(store)
+    for pid in ("a", "b", "c"):
+        await connect(store, space_id, pid)
+        await asyncio.sleep(0.002)
+    assert [p.participant_id for p in await store.list_participants(space_id)] == ["a", "b", "c"]
+    with pytest.raises(errors.SpaceNotFound):
+        await store.list_participants("missing")
+
+
+async def test_display_name_updates_the_participant(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    assert await store.set_display_name(space_id, a.connection_id, "Alice B.")
+    assert (await store.get_participant(space_id, "alice")).display_name == "Alice B."
+    assert not await store.set_display_name(space_id, "gone", "x")
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+async def test_space_lifecycle_events_in_order(store: Store) -> None:
+    mark = await store.latest_event_id()
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    await store.leave(space_id, a.connection_id, "left")
+    await store.delete_space(space_id, force=False)
+    events = await events_after(store, mark)
+    assert [e.type for e in events] == [
+        event_pb2.EVENT_TYPE_SPACE_CREATED,
+        event_pb2.EVENT_TYPE_SPACE_ACTIVE,
+        event_pb2.EVENT_TYPE_PARTICIPANT_JOINED,
+        event_pb2.EVENT_TYPE_PARTICIPANT_LEFT,
+        event_pb2.EVENT_TYPE_SPACE_IDLE,
+        event_pb2.EVENT_TYPE_SPACE_DELETED,
+    ]
+    assert all(e.space_id == space_id for e in events)
+    assert events[1].space.status == space_pb2.SPACE_STATUS_ACTIVE
+    assert events[2].participant.participant_id == "alice"
+    assert events[3].reason == "left"
+    ids = [e.id for e in events]
+    assert ids == sorted(ids, key=lambda i: tuple(int(x) for x in i.split("-")))
+    # Reading after any id resumes exactly after it.
+    assert [e.id for e in await events_after(store, ids[2])] == ids[3:]
+
+
+async def test_read_events_blocks_until_an_event_arrives(store: Store) -> None:
+    mark = await store.latest_event_id()
+
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        await new_space(store)
+
+    task = asyncio.create_task(later())
+    got = await store.read_events(mark, 10, 2000)
+    await task
+    assert [e.type for e in got] == [event_pb2.EVENT_TYPE_SPACE_CREATED]
+
+
+# --- registry -------------------------------------------------------------------------------
+
+
+async def test_node_heartbeats_are_listed_with_store_time_and_state_changes_are_events(
+    store: Store,
+) -> None:
+    mark = await store.latest_event_id()
+    node = node_pb2.Node(id="n1", address="127.0.0.1:1", state=node_pb2.NODE_STATE_SERVING)
+    at = await store.heartbeat(node, 60_000)
+    await store.heartbeat(node, 60_000)
+    view = await store.list_nodes(60_000)
+    assert [n.id for n in view.nodes] == ["n1"]
+    assert view.nodes[0].updated_at_ms >= at
+    assert view.now_ms >= view.nodes[0].updated_at_ms
+    node.state = node_pb2.NODE_STATE_DRAINING
+    await store.heartbeat(node, 60_000)
+    await store.remove_node(node)
+    assert (await store.list_nodes(60_000)).nodes == []
+    states = [e.node.state for e in await events_after(store, mark)]
+    assert states == [
+        node_pb2.NODE_STATE_SERVING,
+        node_pb2.NODE_STATE_DRAINING,
+        node_pb2.NODE_STATE_STOPPED,
+    ]
+
+
+async def test_node_commands_reach_the_subscribed_node_only(store: Store) -> None:
+    received: list[node_pb2.NodeCommand] = []
+
+    async def listen() -> None:
+        async for command in store.node_commands("n1"):
+            received.append(command)
+
+    task = asyncio.create_task(listen())
+    await asyncio.sleep(0.2)
+    command = node_pb2.NodeCommand(
+        kick=node_pb2.KickConnection(space_id="s", connection_id="c", reason="removed")
+    )
+    await store.publish_node_command("n2", command)
+    await store.publish_node_command("n1", command)
+    for _ in range(50):
+        if received:
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert received == [command]
+
+
+# --- the Redis store only: recovering from a Redis that lost its data ----------------------
+
+
+async def test_renew_reasserts_live_sessions_after_redis_lost_its_data(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    space_id = await new_space(store, "keep-me", 5)
+    a = reservation(space_id, "alice")
+    await store.join(a)
+    claim = await store.claim(space_id, a.connection_id, a.ticket_hash, "n1", 10_000, 15_000, "S")
+    await store.client.flushall()
+    result = await store.renew(
+        space_id, "n1", 10_000, 15_000, claim.epoch, claim.space_record,
+        [claim.connection_record],
+    )
+    assert result.lost == {}
+    assert result.epoch != claim.epoch
+    space = await store.get_space(space_id)
+    assert (space.passthrough, space.max_participants) == ("keep-me", 5)
+    assert space.status == space_pb2.SPACE_STATUS_ACTIVE
+    # Uniqueness holds again.
+    with pytest.raises(errors.DuplicateParticipant):
+        await store.join(reservation(space_id, "alice", expected="n1"))
+    await store.close()
+
+
+async def test_memory_store_epoch_is_stable() -> None:
+    store = MemoryStore()
+    space_id = await new_space(store)
+    r = reservation(space_id, "a")
+    await store.join(r)
+    claim = await store.claim(space_id, r.connection_id, r.ticket_hash, "n1", 10_000, 15_000, "S")
+    result = await store.renew(space_id, "n1", 10_000, 15_000, claim.epoch, {}, [])
+    assert result.epoch == claim.epoch
