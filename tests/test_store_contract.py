@@ -59,7 +59,7 @@ EPOCHS: dict[str, str] = {}
 
 async def connect(store: Store, space_id: str, pid: str = "", **kw: object) -> Reservation:
     """Join and claim, as Join plus a media node do."""
-    placement = (await store.join_context(space_id, "none"))[1]
+    placement = (await store.join_context(space_id, "none")).placement
     r = reservation(space_id, pid, expected=placement, **kw)  # type: ignore[arg-type]
     await store.join(r)
     claim = await store.claim(
@@ -228,8 +228,10 @@ async def test_join_detects_a_placement_changed_since_it_was_read(store: Store) 
     with pytest.raises(PlacementMoved) as moved:
         await store.join(reservation(space_id, "b", node="n2", expected=""))
     assert moved.value.current_node_id == "n1"
-    _, placement = await store.join_context(space_id, "k")
-    assert placement == "n1"
+    context = await store.join_context(space_id, "k")
+    assert context.placement == "n1"
+    assert context.space_exists
+    assert not (await store.join_context("missing", "k")).space_exists
 
 
 async def test_claim_connects_and_flips_space_active_with_a_new_session(store: Store) -> None:
@@ -272,7 +274,7 @@ async def test_last_leave_flips_idle_and_next_activation_gets_a_new_session(stor
     assert space.status == space_pb2.SPACE_STATUS_IDLE
     assert space.active_session_id == ""
     # The id is free at once, and the placement is released with the last connection.
-    assert (await store.join_context(space_id, "k"))[1] == ""
+    assert (await store.join_context(space_id, "k")).placement == ""
     r = reservation(space_id, "alice")
     await store.join(r)
     await store.claim(space_id, r.connection_id, r.ticket_hash, "n1", 10_000, 15_000, "S-next")
@@ -309,7 +311,7 @@ async def test_pending_lease_lapses_and_the_id_can_join_again(store: Store) -> N
         await store.join(reservation(space_id, "alice", expected="n1"))
     await asyncio.sleep(0.3)
     # Join reaps lapsed leases of its space itself...
-    placement = (await store.join_context(space_id, "k"))[1]
+    placement = (await store.join_context(space_id, "k")).placement
     await store.join(reservation(space_id, "alice", expected=placement))
     # ...and the reaper does it for spaces nobody touches.
     other = await new_space(store)
@@ -349,7 +351,12 @@ async def test_renew_keeps_a_session_alive_past_its_lease(store: Store) -> None:
     for _ in range(4):
         await asyncio.sleep(0.15)
         result = await store.renew(
-            space_id, "n1", 300, 15_000, claim.epoch, claim.space_record,
+            space_id,
+            "n1",
+            300,
+            15_000,
+            claim.epoch,
+            claim.space_record,
             [claim.connection_record],
         )
         assert result.lost == {}
@@ -369,7 +376,12 @@ async def test_renew_reports_removed_connections_and_moved_spaces(store: Store) 
     removed = await store.remove_participant(space_id, "bob", "removed")
     assert removed.connection_id == b.connection_id
     result = await store.renew(
-        space_id, "n1", 10_000, 15_000, claim.epoch, claim.space_record,
+        space_id,
+        "n1",
+        10_000,
+        15_000,
+        claim.epoch,
+        claim.space_record,
         [claim.connection_record, {"cid": b.connection_id}],
     )
     assert result.lost == {b.connection_id: "removed"}
@@ -416,14 +428,20 @@ async def test_resume_with_a_wrong_secret_is_refused(store: Store) -> None:
     a = await connect(store, space_id, "alice")
     with pytest.raises(errors.BadResumeSecret):
         await store.join(
-            reservation(space_id, "alice", expected="n1", resume_conn=a.connection_id,
-                        presented="wrong")
+            reservation(
+                space_id, "alice", expected="n1", resume_conn=a.connection_id, presented="wrong"
+            )
         )
     # A token for another participant cannot resume alice's connection.
     with pytest.raises(errors.BadResumeSecret):
         await store.join(
-            reservation(space_id, "mallory", expected="n1", resume_conn=a.connection_id,
-                        presented=a.resume_hash)
+            reservation(
+                space_id,
+                "mallory",
+                expected="n1",
+                resume_conn=a.connection_id,
+                presented=a.resume_hash,
+            )
         )
     assert (await store.get_participant(space_id, "alice")).connection_id == a.connection_id
 
@@ -436,6 +454,44 @@ async def test_resume_keeps_a_generated_participant_id(store: Store) -> None:
         reservation(space_id, expected="n1", resume_conn=a.connection_id, presented=a.resume_hash)
     )
     assert admission.participant_id == pid
+
+
+async def test_a_released_connection_resumes_its_generated_participant_id(
+    store: Store,
+) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id)
+    pid = (await store.list_participants(space_id))[0].participant_id
+    await store.leave(space_id, a.connection_id, "disconnected")
+    admission = await store.join(
+        reservation(space_id, resume_conn=a.connection_id, presented=a.resume_hash)
+    )
+    assert admission.participant_id == pid
+    assert admission.replaced_connection_id == ""
+
+
+async def test_removed_or_deliberately_left_connections_cannot_be_resumed(store: Store) -> None:
+    space_id = await new_space(store)
+    for reason in ("removed", "left"):
+        a = await connect(store, space_id)
+        pid = (await store.list_participants(space_id))[0].participant_id
+        await store.leave(space_id, a.connection_id, reason)
+        admission = await store.join(
+            reservation(space_id, resume_conn=a.connection_id, presented=a.resume_hash)
+        )
+        assert admission.participant_id != pid
+        left = await store.list_participants(space_id)
+        await store.leave(space_id, left[0].connection_id, "left")
+
+
+async def test_resuming_a_released_connection_checks_the_secret(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice")
+    await store.leave(space_id, a.connection_id, "disconnected")
+    with pytest.raises(errors.BadResumeSecret):
+        await store.join(
+            reservation(space_id, "alice", resume_conn=a.connection_id, presented="wrong")
+        )
 
 
 async def test_list_participants_in_join_order(store: Store) -> None:
@@ -558,7 +614,12 @@ async def test_renew_reasserts_live_sessions_after_redis_lost_its_data(redis_url
     claim = await store.claim(space_id, a.connection_id, a.ticket_hash, "n1", 10_000, 15_000, "S")
     await store.client.flushall()
     result = await store.renew(
-        space_id, "n1", 10_000, 15_000, claim.epoch, claim.space_record,
+        space_id,
+        "n1",
+        10_000,
+        15_000,
+        claim.epoch,
+        claim.space_record,
         [claim.connection_record],
     )
     assert result.lost == {}

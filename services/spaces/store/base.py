@@ -22,6 +22,16 @@ class SigningKeyRecord:
 
 
 @dataclass(frozen=True)
+class JoinContext:
+    """What Join reads before verifying the token, in one round trip."""
+
+    signing_key: SigningKeyRecord | None
+    placement: str
+    """The space's current node ("" = none)."""
+    space_exists: bool
+
+
+@dataclass(frozen=True)
 class Reservation:
     """What Join asks the store to admit, atomically."""
 
@@ -128,8 +138,8 @@ class Store(Protocol):
     async def delete_signing_key(self, key_id: str) -> bool: ...
 
     # --- presence
-    async def join_context(self, space_id: str, key_id: str) -> tuple[SigningKeyRecord | None, str]:
-        """The signing key and the current placement ("" = none), in one round trip."""
+    async def join_context(self, space_id: str, key_id: str) -> JoinContext:
+        """The signing key, the current placement and whether the space exists."""
         ...
 
     async def join(self, reservation: Reservation) -> Admission: ...

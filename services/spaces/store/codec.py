@@ -1,5 +1,6 @@
-"""Conversions between stored records (flat string maps, as Redis hashes hold them) and the API's
-protobuf messages. Both stores keep records in this one shape (text only), so both convert the same way."""
+"""Conversions between stored records (flat string maps, as Redis hashes hold them) and the
+API's protobuf messages. Both stores keep records in this one shape (text only), so both convert
+the same way."""
 
 from __future__ import annotations
 

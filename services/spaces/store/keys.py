@@ -45,9 +45,16 @@ def placement_key(space_id: str) -> str:
     return f"sp:{{{space_id}}}:node"
 
 
+def resumable_key(space_id: str) -> str:
+    """HASH connection_id -> "<participant_id> <resume sha256>", expiring like gone_key: lets a
+    client that lost its connection (not one that was removed) resume it after its release,
+    keeping a server-generated participant_id."""
+    return f"sp:{{{space_id}}}:resumable"
+
+
 def gone_key(space_id: str) -> str:
     """HASH connection_id -> reason ("removed", "replaced", "lease_expired", "space_deleted",
-    "left"), expiring: tells a media node why one of its connections disappeared."""
+    "left", "disconnected", ...), expiring: tells a media node why a connection disappeared."""
     return f"sp:{{{space_id}}}:gone"
 
 
@@ -96,6 +103,9 @@ local EVENTS = 'events'
 local LEASE_INDEX = 'leases'
 local MAXLEN = {maxlen}
 local GONE_TTL = {gone_ttl}
+-- Removed, replaced, deleted or deliberately left connections cannot be resumed.
+local NOT_RESUMABLE = {removed = true, replaced = true, space_deleted = true, left = true,
+                       duplicate = true}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -145,6 +155,10 @@ local function drop_conn(S, space_id, conn, reason, now, keep_count)
   if redis.call('GET', pk) == conn then redis.call('DEL', pk) end
   redis.call('HSET', S .. ':gone', conn, reason)
   redis.call('PEXPIRE', S .. ':gone', GONE_TTL)
+  if NOT_RESUMABLE[reason] == nil and h.resume then
+    redis.call('HSET', S .. ':resumable', conn, h.pid .. ' ' .. h.resume)
+    redis.call('PEXPIRE', S .. ':resumable', GONE_TTL)
+  end
   if h.counted == '1' and not keep_count then
     redis.call('HINCRBY', S, 'connected', -1)
   end
@@ -244,7 +258,7 @@ for _, conn in ipairs(redis.call('ZRANGE', S .. ':leases', 0, -1)) do
 end
 settle(S, sid, now)
 emit_space('space_deleted', S, sid, now, '')
-redis.call('DEL', S, S .. ':leases', S .. ':node')
+redis.call('DEL', S, S .. ':leases', S .. ':node', S .. ':resumable')
 redis.call('ZREM', 'spaces', sid)
 redis.call('ZREM', LEASE_INDEX, sid)
 return out
@@ -284,6 +298,17 @@ if ARGV[14] ~= '' then
     counted = old[4] or '0'
     replaced_conn, replaced_node = ARGV[14], old[3] or ''
     drop_conn(S, sid, ARGV[14], 'replaced', now, true)
+  else
+    -- Already released (disconnect, lapse): resume its participant_id if the secret matches.
+    local gone = redis.call('HGET', S .. ':resumable', ARGV[14])
+    if gone then
+      local sep = string.find(gone, ' ', 1, true)
+      local gone_pid, gone_hash = string.sub(gone, 1, sep - 1), string.sub(gone, sep + 1)
+      if gone_hash ~= ARGV[15] then return {'err', 'bad_resume'} end
+      if ARGV[8] == '0' and gone_pid ~= pid then return {'err', 'bad_resume'} end
+      pid = gone_pid
+      redis.call('HDEL', S .. ':resumable', ARGV[14])
+    end
   end
 end
 if redis.call('EXISTS', S .. ':pid:' .. pid) == 1 then
@@ -526,7 +551,8 @@ REMOVE_NODE = r"""
 local now = now_ms()
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', 'nodes', ARGV[1])
-emit('node_state_changed', '', now, 'NODE_STATE_STOPPED', 'node', {'pb', ARGV[2], 'at', tostring(now)})
+emit('node_state_changed', '', now, 'NODE_STATE_STOPPED', 'node',
+     {'pb', ARGV[2], 'at', tostring(now)})
 return now
 """
 

@@ -18,6 +18,7 @@ from spaces import errors
 from spaces.store.base import (
     Admission,
     Claim,
+    JoinContext,
     NodeView,
     PlacementMoved,
     RenewResult,
@@ -35,6 +36,8 @@ from spaces.store.codec import (
 from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
 
 Hash = dict[str, str]
+NOT_RESUMABLE = frozenset({"removed", "replaced", "space_deleted", "left", "duplicate"})
+"""Reasons after which a connection cannot be resumed (see keys.resumable_key)."""
 
 
 @dataclass
@@ -70,6 +73,7 @@ class MemoryStore:
         self._space_seq: dict[str, int] = {}
         self._next_space_seq = 0
         self._gone: dict[str, dict[str, _Expiring]] = {}
+        self._resumable: dict[str, dict[str, _Expiring]] = {}
         self._lease_index: dict[str, int] = {}
         self._keys: dict[str, SigningKeyRecord] = {}
         self._key_seq: dict[str, int] = {}
@@ -146,6 +150,10 @@ class MemoryStore:
         if self._pid_holder(state, h["pid"], now) == conn:
             del state.pids[h["pid"]]
         self._gone.setdefault(space_id, {})[conn] = _Expiring(reason, now + self._gone_ttl_ms)
+        if reason not in NOT_RESUMABLE and h.get("resume"):
+            self._resumable.setdefault(space_id, {})[conn] = _Expiring(
+                f"{h['pid']} {h['resume']}", now + self._gone_ttl_ms
+            )
         if h.get("counted") == "1" and not keep_count:
             state.record["connected"] = str(int(state.record.get("connected", "0")) - 1)
         if h.get("state") == "connected":
@@ -262,6 +270,7 @@ class MemoryStore:
         self._settle(space_id, now)
         self._emit_space("space_deleted", state, space_id, now)
         del self._spaces[space_id]
+        self._resumable.pop(space_id, None)
         self._space_seq.pop(space_id, None)
         self._lease_index.pop(space_id, None)
         return SpaceDeletion(node_id=node, removed=removed)
@@ -285,9 +294,7 @@ class MemoryStore:
     ) -> tuple[list[SigningKeyRecord], int | None]:
         ordered = sorted((seq, kid) for kid, seq in self._key_seq.items() if seq > after_seq)
         page = ordered[:limit]
-        return [self._keys[kid] for _, kid in page], (
-            page[-1][0] if len(ordered) > limit else None
-        )
+        return [self._keys[kid] for _, kid in page], (page[-1][0] if len(ordered) > limit else None)
 
     async def delete_signing_key(self, key_id: str) -> bool:
         self._key_seq.pop(key_id, None)
@@ -295,9 +302,13 @@ class MemoryStore:
 
     # --- presence --------------------------------------------------------------------------
 
-    async def join_context(self, space_id: str, key_id: str) -> tuple[SigningKeyRecord | None, str]:
+    async def join_context(self, space_id: str, key_id: str) -> JoinContext:
         state = self._spaces.get(space_id)
-        return self._keys.get(key_id), (self._placement(state, self._now()) if state else "")
+        return JoinContext(
+            self._keys.get(key_id),
+            self._placement(state, self._now()) if state else "",
+            state is not None,
+        )
 
     async def join(self, r: Reservation) -> Admission:
         state = self._state(r.space_id)
@@ -322,6 +333,16 @@ class MemoryStore:
                 counted = old.get("counted", "0")
                 replaced_conn, replaced_node = r.resume_connection_id, old.get("node", "")
                 self._drop_conn(state, sid, replaced_conn, "replaced", now, keep_count=True)
+            else:
+                gone = self._resumable.get(sid, {}).get(r.resume_connection_id)
+                if gone is not None and gone.expires_ms > now:
+                    gone_pid, _, gone_hash = gone.value.partition(" ")
+                    if gone_hash != r.presented_resume_hash:
+                        raise errors.BadResumeSecret()
+                    if not r.generated_participant_id and gone_pid != pid:
+                        raise errors.BadResumeSecret()
+                    pid = gone_pid
+                    del self._resumable[sid][r.resume_connection_id]
         if self._pid_holder(state, pid, now) is not None:
             self._settle(sid, now)
             raise errors.DuplicateParticipant()

@@ -25,6 +25,7 @@ from spaces.store import keys
 from spaces.store.base import (
     Admission,
     Claim,
+    JoinContext,
     NodeView,
     PlacementMoved,
     RenewResult,
@@ -260,15 +261,16 @@ class RedisStore:
 
     # --- presence --------------------------------------------------------------------------
 
-    async def join_context(self, space_id: str, key_id: str) -> tuple[SigningKeyRecord | None, str]:
+    async def join_context(self, space_id: str, key_id: str) -> JoinContext:
         async def run() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.signing_key_key(key_id))
                 pipe.get(keys.placement_key(space_id))
+                pipe.exists(keys.space_key(space_id))
                 return await pipe.execute()  # type: ignore[no-any-return]
 
-        record, node = await self._call(run)
-        return _key_from_record(record), node or ""
+        record, node, exists = await self._call(run)
+        return JoinContext(_key_from_record(record), node or "", bool(exists))
 
     async def join(self, r: Reservation) -> Admission:
         reply = await self._script(

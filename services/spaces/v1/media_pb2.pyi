@@ -264,7 +264,7 @@ class ClientMessage(_message.Message):
         """A (re)offer for the publishing peer connection, with every track it carries."""
 
     @_builtins.property
-    def subscriber_answer(self) -> Global___SessionDescription:
+    def subscriber_answer(self) -> Global___SubscriberAnswer:
         """The answer to a SubscriberOffer."""
 
     @_builtins.property
@@ -285,7 +285,7 @@ class ClientMessage(_message.Message):
         request_id: _builtins.int = ...,
         hello: Global___Hello | None = ...,
         publish_offer: Global___PublishOffer | None = ...,
-        subscriber_answer: Global___SessionDescription | None = ...,
+        subscriber_answer: Global___SubscriberAnswer | None = ...,
         set_muted: Global___SetMuted | None = ...,
         set_subscription: Global___SetSubscription | None = ...,
         custom_event: Global___CustomEventRequest | None = ...,
@@ -347,6 +347,30 @@ class SessionDescription(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionDescription: _TypeAlias = SessionDescription  # noqa: Y015
+
+@_typing.final
+class SubscriberAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWER_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The SubscriberOffer.version this answers."""
+    @_builtins.property
+    def answer(self) -> Global___SessionDescription: ...
+    def __init__(
+        self,
+        *,
+        answer: Global___SessionDescription | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscriberAnswer: _TypeAlias = SubscriberAnswer  # noqa: Y015
 
 @_typing.final
 class PublishOffer(_message.Message):

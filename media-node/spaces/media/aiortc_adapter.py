@@ -1,0 +1,464 @@
+"""Every use of aiortc's and aioice's private API, in one module. aiortc is pinned to 1.16.*.
+
+aiortc decodes everything it receives and encodes for every sender. A forwarding SFU needs
+four hooks into it (REFERENCE.md §3):
+
+* **receive**: the receiver's jitter buffer is replaced by a tap that hands each RTP packet
+  (already decrypted, RTX-unwrapped, with NACK/RR/REMB bookkeeping done by aiortc) to the
+  forwarder, and the decoder thread is stopped, so nothing is decoded or buffered;
+* **send**: ``RtpSink`` writes rewritten RTP straight to the sender's SRTP session and the
+  nominated ICE pair, and keeps the sender's counters current so its RTCP sender reports stay
+  true; the sender's own encode loop idles on a track that never yields;
+* **feedback**: a subscriber's PLI/FIR (``_send_keyframe``) and NACK (``_retransmit``) reach
+  the forwarder instead of an encoder that does not exist;
+* **ICE**: candidate gathering binds configured addresses, a UDP port range, and can announce
+  an advertised IP (NAT 1:1); aioice alone binds ephemeral ports on every non-loopback address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiortc
+import aiortc.rtcrtpreceiver
+import aiortc.rtcrtpsender
+from aioice import ice as aioice_ice
+from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+from aiortc import (
+    MediaStreamTrack,
+    RTCPeerConnection,
+    RTCRtpCodecCapability,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+)
+from aiortc.clock import current_ntp_time
+from aiortc.codecs import is_rtx
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket
+
+from spaces.tasks import spawn
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_AIORTC = "1.16."
+if not aiortc.__version__.startswith(SUPPORTED_AIORTC):  # pragma: no cover
+    raise ImportError(
+        f"spaces.media needs aiortc {SUPPORTED_AIORTC}* (found {aiortc.__version__}): "
+        "its private hooks are version-specific"
+    )
+
+AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+UDP_BUFFER_BYTES = 1 << 20
+
+__all__ = [
+    "ABS_SEND_TIME_URI",
+    "AUDIO_LEVEL_URI",
+    "Codec",
+    "IcePolicy",
+    "OfferedMedia",
+    "PlaceholderTrack",
+    "RtpPacket",
+    "RtpSink",
+    "apply_ice_policy",
+    "hook_sender",
+    "install_codec_counters",
+    "negotiated_codec",
+    "parse_sdp",
+    "pin_encoder_bitrate",
+    "prefer_codec",
+    "request_keyframe",
+    "restrict_codecs",
+    "tap_receiver",
+]
+
+
+# --- codecs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Codec:
+    mime_type: str
+    """e.g. "video/VP8", "audio/opus"."""
+    clock_rate: int
+    payload_type: int
+    parameters: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.mime_type.split("/", 1)[1].upper()
+
+
+def _codec(params: RTCRtpCodecParameters) -> Codec:
+    return Codec(params.mimeType, params.clockRate, params.payloadType, dict(params.parameters))
+
+
+def negotiated_codec(transceiver: RTCRtpTransceiver) -> Codec | None:
+    """The codec a transceiver sends or receives with: the first negotiated one."""
+    for params in transceiver._codecs:
+        if not is_rtx(params):
+            return _codec(params)
+    return None
+
+
+def restrict_codecs(
+    transceiver: RTCRtpTransceiver, allowed: Callable[[Codec], bool]
+) -> Codec | None:
+    """Keep only the offerer's first allowed codec (and its RTX) in the answer, so a publisher
+    can send exactly one codec per track. Call between setRemoteDescription and createAnswer."""
+    chosen = next((c for c in transceiver._codecs if not is_rtx(c) and allowed(_codec(c))), None)
+    if chosen is None:
+        return None
+    transceiver._codecs = [chosen] + [
+        c
+        for c in transceiver._codecs
+        if is_rtx(c) and c.parameters.get("apt") == chosen.payloadType
+    ]
+    return _codec(chosen)
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver, codec: Codec) -> None:
+    """Offer only ``codec`` (no RTX) on a sending transceiver. Public API, kept here with the
+    other codec plumbing."""
+    kind = codec.mime_type.split("/", 1)[0]
+    capabilities = RTCRtpSender.getCapabilities(kind).codecs
+    matches = [c for c in capabilities if c.mimeType.lower() == codec.mime_type.lower()]
+    if codec.name == "H264":
+        wanted = str(codec.parameters.get("profile-level-id", "")).lower()
+        exact = [c for c in matches if str(c.parameters.get("profile-level-id", "")) == wanted]
+        matches = exact or matches
+    if not matches:
+        raise ValueError(f"codec {codec.mime_type} is not supported by aiortc")
+    chosen: RTCRtpCodecCapability = matches[0]
+    transceiver.setCodecPreferences([chosen])
+
+
+@dataclass(frozen=True)
+class OfferedMedia:
+    """One m-section of a remote description, as far as admission checks need it."""
+
+    mid: str
+    kind: str
+    direction: str
+    codecs: tuple[Codec, ...]
+
+
+def parse_sdp(sdp: str) -> list[OfferedMedia]:
+    """Parse a session description without touching any peer connection. Raises ValueError
+    for anything aiortc could not apply."""
+    from aiortc import sdp as aiortc_sdp
+
+    try:
+        description = aiortc_sdp.SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc raises assorted errors on malformed input
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+    media: list[OfferedMedia] = []
+    for m in description.media:
+        if m.kind not in ("audio", "video"):
+            continue
+        if not m.rtp.muxId:
+            raise ValueError("m-section without a=mid")
+        if not m.ice.usernameFragment or not m.dtls or not m.dtls.fingerprints:
+            raise ValueError("m-section without ICE credentials or DTLS fingerprint")
+        media.append(
+            OfferedMedia(
+                mid=m.rtp.muxId,
+                kind=m.kind,
+                direction=m.direction or "sendrecv",
+                codecs=tuple(_codec(c) for c in m.rtp.codecs if not is_rtx(c)),
+            )
+        )
+    if not media:
+        raise ValueError("no audio or video m-section")
+    return media
+
+
+# --- receive side --------------------------------------------------------------------------
+
+
+class _Tap:
+    """Stands in for RTCRtpReceiver's jitter buffer: passes each packet on, assembles nothing."""
+
+    __slots__ = ("on_packet",)
+
+    def __init__(self, on_packet: Callable[[RtpPacket], None]) -> None:
+        self.on_packet = on_packet
+
+    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        self.on_packet(packet)
+        return False, None
+
+
+def tap_receiver(receiver: RTCRtpReceiver, on_packet: Callable[[RtpPacket], None]) -> None:
+    """Route every RTP packet the receiver accepts to ``on_packet`` and never decode.
+
+    aiortc still runs its NACK generator, receiver reports and REMB estimator for the publisher
+    (they come before the jitter buffer in ``_handle_rtp_packet``). Calling it again rebinds
+    the callback (a transceiver reused for a new track)."""
+    existing = receiver._RTCRtpReceiver__jitter_buffer
+    if isinstance(existing, _Tap):
+        existing.on_packet = on_packet
+        return
+    receiver._RTCRtpReceiver__jitter_buffer = _Tap(on_packet)
+    original_receive = receiver.receive
+
+    async def receive(parameters: Any) -> None:
+        await original_receive(parameters)
+        # The decoder thread is started by receive(); with the tap it would only idle.
+        receiver._RTCRtpReceiver__stop_decoder()
+
+    receiver.receive = receive  # type: ignore[method-assign]
+
+
+def request_keyframe(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
+    """Send a PLI to the publisher of ``media_ssrc``."""
+    spawn(receiver._send_rtcp_pli(media_ssrc))
+
+
+# --- send side ------------------------------------------------------------------------------
+
+
+class PlaceholderTrack(MediaStreamTrack):
+    """What a forwarding sender is created with: it never yields, so aiortc's encode loop waits
+    forever instead of polling or encoding."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._never: asyncio.Future[Any] = asyncio.get_event_loop().create_future()
+
+    async def recv(self) -> Any:
+        return await self._never
+
+    def stop(self) -> None:
+        if not self._never.done():
+            self._never.cancel()
+        super().stop()
+
+
+def hook_sender(
+    sender: RTCRtpSender,
+    on_keyframe_request: Callable[[], None],
+    on_nack: Callable[[int], None],
+) -> None:
+    """A subscriber's PLI/FIR and NACKs reach the forwarder instead of a (missing) encoder."""
+    sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+
+    async def retransmit(sequence_number: int) -> None:
+        on_nack(sequence_number)
+
+    sender._retransmit = retransmit  # type: ignore[method-assign]
+
+
+class RtpSink:
+    """Writes finished RTP packets for one sender: SRTP-protect, send on the nominated ICE pair,
+    and count them in the sender's RTCP sender-report statistics. Synchronous: no task, no
+    queue; UDP sends never block, and ``buffered_bytes`` shows a backlog if the socket does."""
+
+    __slots__ = (
+        "_addr",
+        "_pair",
+        "_udp",
+        "abs_send_time_id",
+        "audio_level_id",
+        "payload_type",
+        "sender",
+        "ssrc",
+    )
+
+    def __init__(self, transceiver: RTCRtpTransceiver) -> None:
+        self.sender = transceiver.sender
+        self.ssrc: int = transceiver.sender._ssrc
+        codec = negotiated_codec(transceiver)
+        self.payload_type = codec.payload_type if codec else 0
+        ids = {ext.uri: ext.id for ext in transceiver._headerExtensions}
+        self.audio_level_id: int = ids.get(AUDIO_LEVEL_URI, 0)
+        self.abs_send_time_id: int = ids.get(ABS_SEND_TIME_URI, 0)
+        self._pair: Any = None
+        self._addr: tuple[str, int] = ("", 0)
+        self._udp: Any = None
+
+    @property
+    def connected(self) -> bool:
+        dtls = self.sender.transport
+        return dtls._state is DtlsState.CONNECTED and bool(dtls.transport._connection._nominated)
+
+    def buffered_bytes(self) -> int:
+        udp = self._udp
+        return int(udp.get_write_buffer_size()) if udp is not None else 0
+
+    def write(self, data: bytes, rtp_timestamp: int, ntp: int, payload_len: int) -> bool:
+        dtls = self.sender.transport
+        if dtls._state is not DtlsState.CONNECTED:
+            return False
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None:
+            return False
+        protected = dtls._tx_srtp.protect(data)
+        if pair is not self._pair:
+            self._pair = pair
+            self._addr = pair.remote_addr
+            self._udp = getattr(pair.protocol, "transport", None)
+        udp = self._udp
+        if udp is not None and not udp.is_closing():
+            udp.sendto(protected, self._addr)
+        else:  # a TURN-relayed local candidate: let aioice route it
+            spawn(pair.protocol.send_data(protected, self._addr))
+        sender = self.sender
+        sender._RTCRtpSender__ntp_timestamp = ntp
+        sender._RTCRtpSender__rtp_timestamp = rtp_timestamp
+        sender._RTCRtpSender__octet_count += payload_len
+        sender._RTCRtpSender__packet_count += 1
+        return True
+
+
+def ntp_now() -> int:
+    return current_ntp_time()
+
+
+# --- process-wide instrumentation ---------------------------------------------------------
+
+_counters_installed = False
+
+
+def install_codec_counters(on_decoder: Callable[[], None], on_encoder: Callable[[], None]) -> None:
+    """Count every decoder and encoder aiortc creates in this process (a forwarding media node
+    must create none; tests and metrics check it)."""
+    global _counters_installed
+    if _counters_installed:
+        return
+    _counters_installed = True
+    real_decoder = aiortc.rtcrtpreceiver.get_decoder
+    real_encoder = aiortc.rtcrtpsender.get_encoder
+
+    def counting_decoder(codec: Any) -> Any:
+        on_decoder()
+        return real_decoder(codec)
+
+    def counting_encoder(codec: Any) -> Any:
+        on_encoder()
+        return real_encoder(codec)
+
+    aiortc.rtcrtpreceiver.get_decoder = counting_decoder
+    aiortc.rtcrtpsender.get_encoder = counting_encoder
+
+
+def pin_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> None:
+    """Make an aiortc publisher send at a fixed bitrate, like a browser with a steady link:
+    REMB is ignored, because aiortc re-creates its encoder (and emits a surprise keyframe) when
+    REMB moves the bitrate by more than 10%. Used by tests and benchmarks, which must not
+    mistake those keyframes for working PLI forwarding."""
+    original_rtcp = sender._handle_rtcp_packet
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            return
+        await original_rtcp(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+    original_next = sender._next_encoded_frame
+
+    async def next_encoded_frame(codec: Any) -> Any:
+        encoder = sender._RTCRtpSender__encoder
+        if encoder is not None and getattr(encoder, "target_bitrate", bitrate) != bitrate:
+            encoder.target_bitrate = bitrate
+        return await original_next(codec)
+
+    sender._next_encoded_frame = next_encoded_frame  # type: ignore[method-assign]
+
+
+# --- ICE ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IcePolicy:
+    bind_addresses: tuple[str, ...] = ()
+    """Addresses to gather on; empty means aioice's default (every non-loopback address)."""
+    advertise_ip: str = ""
+    """Announced instead of the bound address (NAT 1:1)."""
+    port_min: int = 0
+    port_max: int = 0
+
+    @property
+    def is_default(self) -> bool:
+        return not (self.bind_addresses or self.advertise_ip or self.port_min)
+
+
+async def _bind_udp(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], Any],
+    address: str,
+    policy: IcePolicy,
+) -> tuple[Any, Any]:
+    if not policy.port_min:
+        return await loop.create_datagram_endpoint(factory, local_addr=(address, 0))
+    ports = list(range(policy.port_min, policy.port_max + 1))
+    start = random.randrange(len(ports))
+    last_error: OSError | None = None
+    for port in ports[start:] + ports[:start]:
+        try:
+            return await loop.create_datagram_endpoint(factory, local_addr=(address, port))
+        except OSError as exc:
+            last_error = exc
+    raise OSError(f"no free UDP port in {policy.port_min}-{policy.port_max}") from last_error
+
+
+def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
+    async def get_component_candidates(
+        component: int,
+        addresses: Sequence[str],
+        timeout: int = 5,  # noqa: ASYNC109
+    ) -> list[Candidate]:
+        loop = asyncio.get_running_loop()
+        candidates: list[Candidate] = []
+        for address in policy.bind_addresses or addresses:
+            try:
+                transport, protocol = await _bind_udp(
+                    loop, lambda: aioice_ice.StunProtocol(connection), address, policy
+                )
+            except OSError as exc:
+                logger.warning("ice: cannot bind %s: %s", address, exc)
+                continue
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
+                    except OSError:
+                        pass
+            bound = transport.get_extra_info("sockname")
+            host = policy.advertise_ip or bound[0]
+            protocol.local_candidate = Candidate(
+                foundation=candidate_foundation("host", "udp", host),
+                component=component,
+                transport="udp",
+                priority=candidate_priority(component, "host"),
+                host=host,
+                port=bound[1],
+                type="host",
+            )
+            candidates.append(protocol.local_candidate)
+            connection._protocols.append(protocol)
+        return candidates
+
+    return get_component_candidates
+
+
+def apply_ice_policy(pc: RTCPeerConnection, policy: IcePolicy) -> None:
+    """Apply ``policy`` to every ICE transport of ``pc`` that has not gathered yet. Call after
+    transceivers exist and before setLocalDescription (which gathers)."""
+    if policy.is_default:
+        return
+    for transport in pc._RTCPeerConnection__iceTransports:
+        connection = transport.iceGatherer._connection
+        if not getattr(connection, "_spaces_policy", False):
+            connection.get_component_candidates = _gatherer(connection, policy)
+            connection._spaces_policy = True

@@ -1,0 +1,375 @@
+"""Fan-out of encoded RTP: one publisher track to many subscribers, never decoding.
+
+Per incoming packet the forwarder does the shared work once (keyframe detection, the header
+extension block, the abs-send-time stamp) and each subscriber's ``DownTrack`` only rewrites
+sequence number, timestamp, SSRC and payload type before its ``RtpSink`` protects and sends.
+
+A DownTrack starts at a keyframe. If its socket backs up past a bound (a slow subscriber) it
+drops media until the next keyframe and asks for one: it never holds packets, so it never stalls
+the others. Keyframe requests from subscribers are merged and rate-limited per publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Callable
+
+from spaces import metrics
+from spaces.media.aiortc_adapter import RtpPacket, RtpSink, ntp_now
+
+logger = logging.getLogger(__name__)
+
+HISTORY = 1024
+"""Packets kept per publisher track for answering subscribers' NACKs (about 9 s of 1 Mbps)."""
+RTX_MAX_AGE_S = 1.0
+"""Retransmissions older than this are useless to a real-time receiver."""
+
+_HEADER = struct.Struct("!BBHII")
+_EXT_PROFILE = 0xBEDE
+
+
+# --- keyframe detection ---------------------------------------------------------------------
+
+
+def vp8_keyframe_start(payload: bytes) -> bool:
+    """True for the first packet of a VP8 keyframe (RFC 7741 payload descriptor + header)."""
+    if not payload:
+        return False
+    first = payload[0]
+    if not first & 0x10 or first & 0x0F:  # S bit unset, or not partition 0
+        return False
+    pos = 1
+    if first & 0x80:  # X: extension bits follow
+        if len(payload) < 2:
+            return False
+        ext = payload[1]
+        pos = 2
+        if ext & 0x80:  # I: picture id
+            if len(payload) <= pos:
+                return False
+            pos += 2 if payload[pos] & 0x80 else 1
+        if ext & 0x40:  # L: TL0PICIDX
+            pos += 1
+        if ext & 0x30:  # T or K
+            pos += 1
+    return len(payload) > pos and not payload[pos] & 0x01  # P bit 0 = key frame
+
+
+def h264_keyframe_start(payload: bytes) -> bool:
+    """True for a packet starting an IDR or carrying SPS (RFC 6184: single NAL, STAP-A, FU-A)."""
+    if not payload:
+        return False
+    nal_type = payload[0] & 0x1F
+    if nal_type in (5, 7):
+        return True
+    if nal_type == 24:  # STAP-A: 16-bit size, then NAL
+        pos = 1
+        while pos + 2 < len(payload):
+            size = (payload[pos] << 8) | payload[pos + 1]
+            if size == 0 or pos + 2 >= len(payload):
+                break
+            if payload[pos + 2] & 0x1F in (5, 7):
+                return True
+            pos += 2 + size
+        return False
+    if nal_type == 28 and len(payload) > 1:  # FU-A: start bit and original type
+        return bool(payload[1] & 0x80) and payload[1] & 0x1F in (5, 7)
+    return False
+
+
+def keyframe_detector(codec_name: str) -> Callable[[bytes], bool] | None:
+    if codec_name == "VP8":
+        return vp8_keyframe_start
+    if codec_name == "H264":
+        return h264_keyframe_start
+    return None
+
+
+def extension_block(elements: list[tuple[int, bytes]]) -> bytes:
+    """RFC 8285 one-byte header extensions, padded to 32 bits."""
+    body = b"".join(bytes([(ext_id << 4) | (len(value) - 1)]) + value for ext_id, value in elements)
+    body += b"\x00" * (-len(body) % 4)
+    return struct.pack("!HH", _EXT_PROFILE, len(body) // 4) + body
+
+
+# --- keyframe requests ----------------------------------------------------------------------
+
+
+class KeyframeRequester:
+    """Merges subscribers' keyframe requests into PLIs to one publisher: at most one every
+    ``min_interval``, none while a requested keyframe is still on its way."""
+
+    def __init__(self, send_pli: Callable[[], None], min_interval_s: float) -> None:
+        self._send_pli = send_pli
+        self._min_interval = min_interval_s
+        self._last_sent = -1e9
+        self._awaiting = False
+        self._scheduled: asyncio.TimerHandle | None = None
+        self.sent = 0
+
+    def request(self) -> None:
+        now = time.monotonic()
+        elapsed = now - self._last_sent
+        if self._awaiting and elapsed < self._min_interval * 3:
+            return  # the keyframe already asked for will serve this subscriber too
+        if elapsed >= self._min_interval:
+            self._fire()
+        elif self._scheduled is None:
+            delay = self._min_interval - elapsed
+            self._scheduled = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._scheduled = None
+        self._last_sent = time.monotonic()
+        self._awaiting = True
+        self.sent += 1
+        metrics.KEYFRAME_REQUESTS.inc()
+        self._send_pli()
+
+    def keyframe_seen(self) -> None:
+        self._awaiting = False
+
+    def close(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+
+
+# --- per subscriber -------------------------------------------------------------------------
+
+
+class SenderState:
+    """Continuity of one outgoing RTP stream across the tracks it carries over time."""
+
+    __slots__ = ("last_out_seq", "last_out_ts", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.last_out_seq = 0
+        self.last_out_ts = 0
+
+
+class DownTrack:
+    """One publisher track as one subscriber receives it."""
+
+    __slots__ = (
+        "_forwarder",
+        "_seq_offset",
+        "_start_seq",
+        "_ts_offset",
+        "bytes",
+        "dropped",
+        "is_video",
+        "limit",
+        "packets",
+        "sink",
+        "state",
+        "subscriber_id",
+        "waiting_keyframe",
+    )
+
+    def __init__(
+        self,
+        forwarder: TrackForwarder,
+        sink: RtpSink,
+        state: SenderState,
+        subscriber_id: str,
+        buffer_limit: int,
+    ) -> None:
+        self._forwarder = forwarder
+        self.sink = sink
+        self.state = state
+        self.subscriber_id = subscriber_id
+        self.limit = buffer_limit
+        self.is_video = forwarder.is_video
+        self.waiting_keyframe = forwarder.is_video
+        self._seq_offset = 0
+        self._ts_offset = 0
+        self._start_seq = -1
+        self.packets = 0
+        self.bytes = 0
+        self.dropped = 0
+
+    # The hot path: called once per packet per subscriber.
+    def forward(
+        self, packet: RtpPacket, tail: bytes, first: int, second: int, keyframe: bool, ntp: int
+    ) -> None:
+        if self.waiting_keyframe:
+            if not keyframe or not self.sink.connected:
+                self.dropped += 1
+                return
+            self._rebase(packet)
+        elif self.limit and self.sink.buffered_bytes() > self.limit:
+            self._fall_behind()
+            return
+        seq = (packet.sequence_number + self._seq_offset) & 0xFFFF
+        ts = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
+        data = _HEADER.pack(first, second, seq, ts, self.sink.ssrc) + tail
+        if self.sink.write(data, ts, ntp, len(packet.payload)):
+            self.packets += 1
+            self.bytes += len(packet.payload)
+            state = self.state
+            state.last_out_seq = seq
+            state.last_out_ts = ts
+        else:
+            self.dropped += 1
+
+    def _rebase(self, packet: RtpPacket) -> None:
+        """Start (or restart) at this keyframe, continuing the outgoing stream without gaps."""
+        state = self.state
+        if state.started:
+            next_seq = (state.last_out_seq + 1) & 0xFFFF
+            # Keep timestamps increasing across a switch; 1/30 s is a plausible frame gap.
+            next_ts = (state.last_out_ts + self._forwarder.clock_rate // 30) & 0xFFFFFFFF
+        else:
+            next_seq = packet.sequence_number
+            next_ts = packet.timestamp
+            state.started = True
+        self._seq_offset = (next_seq - packet.sequence_number) & 0xFFFF
+        self._ts_offset = (next_ts - packet.timestamp) & 0xFFFFFFFF
+        self._start_seq = packet.sequence_number
+        self.waiting_keyframe = False
+
+    def _fall_behind(self) -> None:
+        self.dropped += 1
+        metrics.DROPPED_PACKETS.labels(reason="slow_subscriber").inc()
+        if self.is_video:
+            self.waiting_keyframe = True
+            self._forwarder.request_keyframe()
+
+    def retransmit(self, out_seq: int) -> None:
+        """Answer a NACK from the publisher's history, if the packet is still worth sending."""
+        if self.waiting_keyframe:
+            return
+        in_seq = (out_seq - self._seq_offset) & 0xFFFF
+        if self._start_seq >= 0 and ((in_seq - self._start_seq) & 0xFFFF) >= 0x8000:
+            return  # from before this subscriber's starting keyframe
+        entry = self._forwarder.history[in_seq % HISTORY]
+        if entry is None:
+            return
+        packet, received_at = entry
+        if packet.sequence_number != in_seq or time.monotonic() - received_at > RTX_MAX_AGE_S:
+            return
+        sink = self.sink
+        ntp = ntp_now()
+        tail, first, second = TrackForwarder.tail(
+            packet, (sink.payload_type, sink.abs_send_time_id, sink.audio_level_id), ntp
+        )
+        ts = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
+        data = _HEADER.pack(first, second, out_seq, ts, sink.ssrc) + tail
+        sink.write(data, ts, ntp, len(packet.payload))
+
+    def request_keyframe(self) -> None:
+        if self.is_video:
+            self._forwarder.request_keyframe()
+
+
+# --- per publisher track --------------------------------------------------------------------
+
+
+class TrackForwarder:
+    """Receives one publisher track's packets (from the receiver tap) and fans them out."""
+
+    def __init__(
+        self,
+        track_id: str,
+        kind: str,
+        codec_name: str,
+        clock_rate: int,
+        send_pli: Callable[[], None],
+        keyframe_interval_s: float,
+        on_audio_level: Callable[[int], None] | None = None,
+    ) -> None:
+        self.track_id = track_id
+        self.kind = kind
+        self.is_video = kind == "video"
+        self.codec_name = codec_name
+        self.clock_rate = clock_rate
+        self._is_keyframe = keyframe_detector(codec_name)
+        self._keyframes = KeyframeRequester(send_pli, keyframe_interval_s)
+        self._on_audio_level = on_audio_level
+        self.downtracks: tuple[DownTrack, ...] = ()
+        self.history: list[tuple[RtpPacket, float] | None] = [None] * HISTORY
+        self.paused = False
+        self.packets_in = 0
+        self.keyframes_in = 0
+        self.ssrc = 0
+        """The publisher's SSRC, learned from its packets (keyframe requests name it)."""
+        self._metric_packets = metrics.FORWARDED_PACKETS.labels(kind=kind)
+        self._metric_bytes = metrics.FORWARDED_BYTES.labels(kind=kind)
+
+    def add(self, downtrack: DownTrack) -> None:
+        self.downtracks = (*self.downtracks, downtrack)
+
+    def remove(self, downtrack: DownTrack) -> None:
+        self.downtracks = tuple(d for d in self.downtracks if d is not downtrack)
+
+    def request_keyframe(self) -> None:
+        if self.is_video:
+            self._keyframes.request()
+
+    def set_paused(self, paused: bool) -> None:
+        """A muted track is not forwarded; on unmute, video restarts at a keyframe."""
+        if self.paused and not paused and self.is_video:
+            for downtrack in self.downtracks:
+                downtrack.waiting_keyframe = True
+            self._keyframes.request()
+        self.paused = paused
+
+    def close(self) -> None:
+        self._keyframes.close()
+        self.downtracks = ()
+
+    @property
+    def keyframe_requests_sent(self) -> int:
+        return self._keyframes.sent
+
+    def on_packet(self, packet: RtpPacket) -> None:
+        self.packets_in += 1
+        self.ssrc = packet.ssrc
+        keyframe = False
+        if self._is_keyframe is not None and self._is_keyframe(packet.payload):
+            keyframe = True
+            self.keyframes_in += 1
+            self._keyframes.keyframe_seen()
+        level = packet.extensions.audio_level
+        if level is not None and self._on_audio_level is not None:
+            self._on_audio_level(level[1])
+        if self.paused or not packet.payload:
+            return
+        self.history[packet.sequence_number % HISTORY] = (packet, time.monotonic())
+        downtracks = self.downtracks
+        if not downtracks:
+            return
+        ntp = ntp_now()
+        # The shared part of every outgoing packet: extension block and payload. Subscribers
+        # negotiated by this node share extension ids, so this is built once per packet.
+        tails: dict[tuple[int, int, int], tuple[bytes, int, int]] = {}
+        for downtrack in downtracks:
+            sink = downtrack.sink
+            key = (sink.payload_type, sink.abs_send_time_id, sink.audio_level_id)
+            cached = tails.get(key)
+            if cached is None:
+                cached = tails[key] = self.tail(packet, key, ntp)
+            downtrack.forward(packet, cached[0], cached[1], cached[2], keyframe, ntp)
+        self._metric_packets.inc(len(downtracks))
+        self._metric_bytes.inc(len(downtracks) * len(packet.payload))
+
+    @staticmethod
+    def tail(packet: RtpPacket, key: tuple[int, int, int], ntp: int) -> tuple[bytes, int, int]:
+        """(extension block + payload, first header byte, second header byte) for a sink
+        negotiated with ``key`` = (payload type, abs-send-time id, audio-level id)."""
+        payload_type, abs_id, level_id = key
+        elements: list[tuple[int, bytes]] = []
+        if abs_id:
+            elements.append((abs_id, ((ntp >> 14) & 0x00FFFFFF).to_bytes(3, "big")))
+        level = packet.extensions.audio_level
+        if level_id and level is not None:
+            elements.append((level_id, bytes([(0x80 if level[0] else 0) | (level[1] & 0x7F)])))
+        head = extension_block(elements) if elements else b""
+        first = 0x90 if head else 0x80
+        second = (packet.marker << 7) | payload_type
+        return head + packet.payload, first, second

@@ -1,0 +1,319 @@
+"""The media node: one asyncio process hosting rooms, registered in the registry.
+
+It heartbeats its record (address, state, load) every ``heartbeat_ms``; renews its sessions'
+leases and its spaces' placements every ``renew_interval_ms`` (re-asserting them if Redis lost
+its data); obeys kick and close commands; and drains on shutdown: DRAINING first so no new
+spaces come, sessions continue up to the grace period, then they are told to join again
+elsewhere. Its health goes NOT_SERVING only when it is ready to exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from aiortc import RTCPeerConnection
+from grpc_health.v1 import health_pb2
+
+from spaces import errors, logs, metrics
+from spaces.config import ServerConfig
+from spaces.media.aiortc_adapter import IcePolicy, apply_ice_policy, install_codec_counters
+from spaces.media.room import Room
+from spaces.media import session as media_session
+from spaces.media.session import close_reason_for
+from spaces.presence import credentials
+from spaces.routing.registry import NodeHeartbeat
+from spaces.store.base import Claim, Store
+from spaces.v1 import media_pb2, media_pb2_grpc, node_pb2
+
+logger = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0
+VERSION = "0.1.0"
+
+
+class MediaNode:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        *,
+        health: Any = None,
+        public_address: Callable[[], str] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.node_id = config.node.node_id or f"node-{os.getpid()}"
+        self._health = health
+        self._public_address = public_address or (lambda: config.node.advertise_address)
+        self.state = node_pb2.NODE_STATE_STARTING
+        self.rooms: dict[str, Room] = {}
+        self.sessions: dict[str, media_session.Session] = {}
+        self.ice_policy = IcePolicy(
+            bind_addresses=config.node.ice_bind_addresses,
+            advertise_ip=config.node.ice_advertise_ip,
+            port_min=config.node.udp_port_min,
+            port_max=config.node.udp_port_max,
+        )
+        self._heartbeat = NodeHeartbeat(store, config.registry, self.record)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_at_ms = int(time.time() * 1000)
+        self._cpu = (time.process_time(), time.monotonic())
+        self.load = 0.0
+        self._drained = asyncio.Event()
+        install_codec_counters(metrics.DECODERS_CREATED.inc, metrics.ENCODERS_CREATED.inc)
+
+    # --- wiring ----------------------------------------------------------------------------
+
+    def register(self, server: grpc.aio.Server) -> None:
+        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(self), server)
+
+    def apply_ice_policy(self, pc: RTCPeerConnection) -> None:
+        apply_ice_policy(pc, self.ice_policy)
+
+    def record(self) -> node_pb2.Node:
+        self._sample_load()
+        return node_pb2.Node(
+            id=self.node_id,
+            address=self._public_address(),
+            state=self.state,
+            load=self.load,
+            sessions=len(self.sessions),
+            max_sessions=self.config.node.max_sessions,
+            spaces=len(self.rooms),
+            started_at_ms=self._started_at_ms,
+            version=VERSION,
+        )
+
+    def _sample_load(self) -> None:
+        cpu, wall = time.process_time(), time.monotonic()
+        last_cpu, last_wall = self._cpu
+        if wall - last_wall >= 0.5:
+            busy = (cpu - last_cpu) / (wall - last_wall)
+            self._cpu = (cpu, wall)
+            capacity = len(self.sessions) / max(1, self.config.node.max_sessions)
+            self.load = round(min(1.0, max(busy, capacity)), 3)
+            metrics.NODE_LOAD.set(self.load)
+
+    async def start(self) -> None:
+        logs.bind(node_id=self.node_id)
+        self.state = node_pb2.NODE_STATE_SERVING
+        self._heartbeat.start()
+        self._tasks = [
+            asyncio.create_task(self._renew_forever(), name="lease-renewal"),
+            asyncio.create_task(self._commands_forever(), name="node-commands"),
+        ]
+        logger.info("media node %s serving at %s", self.node_id, self._public_address())
+
+    # --- sessions --------------------------------------------------------------------------
+
+    async def admit(self, ticket: str) -> media_session.Session:
+        """Claim the reservation named by a Join ticket and seat the session in its room."""
+        if self.state != node_pb2.NODE_STATE_SERVING:
+            raise errors.NodeDraining()
+        credential = credentials.parse(ticket)
+        if credential is None:
+            raise errors.InvalidTicket()
+        leases = self.config.leases
+        from spaces import ids
+
+        claim: Claim = await self.store.claim(
+            credential.space_id,
+            credential.connection_id,
+            credential.hash,
+            self.node_id,
+            leases.session_ms,
+            leases.placement_ms,
+            ids.new_session_id(),
+        )
+        room = self.rooms.get(claim.participant.space_id)
+        if room is None:
+            room = self.rooms[claim.participant.space_id] = Room(
+                claim.participant.space_id, self._room_empty
+            )
+        room.epoch = claim.epoch
+        room.space_record = claim.space_record
+        room.active_session_id = claim.space.active_session_id
+        session = media_session.Session(self, room, claim)
+        self.sessions[session.connection_id] = session
+        self._update_gauges()
+        return session
+
+    def session_closed(self, session: media_session.Session) -> None:
+        self.sessions.pop(session.connection_id, None)
+        self._update_gauges()
+        if not self.sessions and self.state == node_pb2.NODE_STATE_DRAINING:
+            self._drained.set()
+
+    def _room_empty(self, room: Room) -> None:
+        if self.rooms.get(room.space_id) is room:
+            del self.rooms[room.space_id]
+            room.close()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        metrics.SESSIONS.set(len(self.sessions))
+        metrics.ROOMS.set(len(self.rooms))
+        metrics.PARTICIPANTS.set(sum(len(r.sessions) for r in self.rooms.values()))
+
+    # --- leases ----------------------------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        interval = self.config.leases.renew_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            for room in list(self.rooms.values()):
+                try:
+                    await self.renew_room(room)
+                except errors.StoreUnavailable:
+                    logger.warning("space %s: lease renewal failed; retrying", room.space_id)
+                except Exception:
+                    logger.exception("space %s: lease renewal failed", room.space_id)
+
+    async def renew_room(self, room: Room) -> None:
+        sessions = [s for s in room.sessions.values() if not s.closed]
+        if not sessions:
+            return
+        leases = self.config.leases
+        result = await self.store.renew(
+            room.space_id,
+            self.node_id,
+            leases.session_ms,
+            leases.placement_ms,
+            room.epoch,
+            room.space_record,
+            [s.record for s in sessions],
+        )
+        if result.epoch != room.epoch and room.epoch:
+            logger.warning("space %s: store lost its data; sessions re-asserted", room.space_id)
+        room.epoch = result.epoch
+        metrics.LEASE_RENEWALS.inc(len(sessions) - len(result.lost))
+        for connection_id, reason in result.lost.items():
+            session = room.sessions.get(connection_id)
+            if session is not None:
+                await session.close(close_reason_for(reason), f"connection {reason}")
+        if result.moved:
+            for session in list(room.sessions.values()):
+                await session.close(
+                    media_pb2.CLOSE_REASON_MIGRATE, "space moved to another media node"
+                )
+
+    # --- commands --------------------------------------------------------------------------
+
+    async def _commands_forever(self) -> None:
+        async for command in self.store.node_commands(self.node_id):
+            try:
+                await self.apply_command(command)
+            except Exception:
+                logger.exception("node command failed")
+
+    async def apply_command(self, command: node_pb2.NodeCommand) -> None:
+        which = command.WhichOneof("command")
+        if which == "kick":
+            session = self.sessions.get(command.kick.connection_id)
+            if session is not None and session.space_id == command.kick.space_id:
+                await session.close(close_reason_for(command.kick.reason), command.kick.reason)
+        elif which == "close_space":
+            room = self.rooms.get(command.close_space.space_id)
+            if room is not None:
+                for session in list(room.sessions.values()):
+                    await session.close(media_pb2.CLOSE_REASON_SPACE_DELETED, "space deleted")
+
+    # --- drain -----------------------------------------------------------------------------
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """DRAINING: no new spaces; sessions may finish for up to the grace period; then the
+        rest are told to join again (they land on another node)."""
+        grace_s = self.config.node.drain_grace_s if grace_s is None else grace_s
+        if self.state != node_pb2.NODE_STATE_DRAINING:
+            self.state = node_pb2.NODE_STATE_DRAINING
+            try:
+                await self._heartbeat.beat_once()
+            except errors.StoreUnavailable:
+                pass
+            logger.info(
+                "media node %s draining: %d session(s), grace %.0fs",
+                self.node_id,
+                len(self.sessions),
+                grace_s,
+            )
+        if self.sessions:
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace_s)
+            except TimeoutError:
+                pass
+        for session in list(self.sessions.values()):
+            await session.close(
+                media_pb2.CLOSE_REASON_MIGRATE, "media node is shutting down: join again"
+            )
+
+    async def stop(self) -> None:
+        await self.drain()
+        await self._heartbeat.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.store.remove_node(self.record())
+        except errors.StoreUnavailable:
+            pass
+        if self._health is not None:
+            for name in ("", media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name):
+                await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        logger.info("media node %s stopped", self.node_id)
+
+
+class MediaServicer(media_pb2_grpc.MediaServiceServicer):
+    def __init__(self, node: MediaNode) -> None:
+        self._node = node
+
+    async def Session(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[media_pb2.ClientMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[media_pb2.ServerMessage]:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_S)
+        except (TimeoutError, StopAsyncIteration) as exc:
+            raise errors.InvalidTicket("send hello with the ticket from Join first") from exc
+        if first.WhichOneof("message") != "hello":
+            raise errors.InvalidTicket("send hello with the ticket from Join first")
+        session = await self._node.admit(first.hello.ticket)
+        logs.bind(space_id=session.space_id, connection_id=session.connection_id)
+        session.start()
+        yield session.joined_message()
+        session.room.add(session)
+        reader = asyncio.create_task(self._read(session, request_iterator), name="session-reader")
+        try:
+            while True:
+                message = await session.outgoing()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            # A stream that ends without LeaveSession frees the participant_id at once; the
+            # client may still resume it with its secret.
+            await session.close(media_pb2.CLOSE_REASON_LEFT, "session stream ended", "disconnected")
+
+    async def _read(
+        self,
+        session: media_session.Session,
+        request_iterator: AsyncIterator[media_pb2.ClientMessage],
+    ) -> None:
+        try:
+            async for message in request_iterator:
+                await session.handle(message)
+                if session.closed:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.debug("session %s: stream read ended: %s", session.connection_id, exc)
+        if not session.closed:
+            await session.close(media_pb2.CLOSE_REASON_LEFT, "session stream ended", "disconnected")

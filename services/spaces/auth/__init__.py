@@ -1,0 +1,1 @@
+"""Signing keys, JWT verification and the admin credential."""

@@ -1,0 +1,183 @@
+"""The `spaces` command: serve, media-node, token, join, cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from spaces.config import ServerConfig
+from spaces.logs import setup_logging
+
+logger = logging.getLogger("spaces")
+
+
+def _run_server(config: ServerConfig) -> int:
+    from spaces.server import serve
+
+    setup_logging(config.log_format, config.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(main())
+    except (OSError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = ServerConfig.from_env(services=args.services)
+    except ValueError as exc:
+        print(f"spaces: {exc}", file=sys.stderr)
+        return 2
+    return _run_server(config)
+
+
+def cmd_media_node(args: argparse.Namespace) -> int:
+    try:
+        config = ServerConfig.from_env(services="media")
+    except ValueError as exc:
+        print(f"spaces: {exc}", file=sys.stderr)
+        return 2
+    if not config.redis_url:
+        print("spaces: media-node needs SPACES_REDIS_URL (or use `spaces serve`)", file=sys.stderr)
+        return 2
+    return _run_server(config)
+
+
+def _read_json_or_value(value: str, *fields: str) -> str:
+    """``value`` itself, or the first of ``fields`` in a JSON file (e.g. grpcurl's output)."""
+    path = Path(value)
+    if value.endswith(".json") or (len(value) < 4096 and path.is_file()):
+        data = json.loads(path.read_text())
+        for name in fields:
+            if name in data:
+                return str(data[name])
+        raise ValueError(f"{value} has no {fields[0]!r}")
+    return value
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from spaces.sdk.tokens import sign_token
+
+    try:
+        if args.key:
+            key_id = _read_json_or_value(args.key, "id")
+            private_key = _read_json_or_value(args.key, "private_key", "privateKey")
+        else:
+            key_id = args.key_id or os.environ.get("SPACES_SIGNING_KEY_ID", "")
+            private_key = args.private_key or os.environ.get("SPACES_SIGNING_KEY_PRIVATE", "")
+            if args.private_key_file:
+                private_key = Path(args.private_key_file).read_text()
+        if not key_id or not private_key:
+            print(
+                "spaces token: give --key key.json, or --key-id and --private-key", file=sys.stderr
+            )
+            return 2
+        space_id = _read_json_or_value(args.space, "id")
+        token = sign_token(
+            key_id,
+            private_key,
+            space_id,
+            role=args.role,
+            participant_id=args.participant_id,
+            ttl=args.ttl,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"spaces token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from spaces.sdk.join_cli import run_join
+
+    setup_logging("text", "WARNING")
+    return asyncio.run(run_join(args))
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from spaces.cluster import run_cluster
+
+    setup_logging("text", "INFO")
+    return run_cluster(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spaces", description="Self-hosted real-time video spaces."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the services (all of them, with an embedded media node, by default)",
+        description="Configuration comes from SPACES_* variables; see the README.",
+    )
+    serve.add_argument(
+        "--services",
+        help="comma-separated subset of control,auth,presence,media,webhooks (default: all)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    node = sub.add_parser("media-node", help="run a media node (needs SPACES_REDIS_URL)")
+    node.set_defaults(func=cmd_media_node)
+
+    token = sub.add_parser("token", help="sign a join token (JWT) with a signing key")
+    token.add_argument("--key", help="JSON file from CreateSigningKey (id and privateKey)")
+    token.add_argument("--key-id", help="signing key id (or SPACES_SIGNING_KEY_ID)")
+    token.add_argument(
+        "--private-key", help="base64 PEM from CreateSigningKey (or SPACES_SIGNING_KEY_PRIVATE)"
+    )
+    token.add_argument("--private-key-file", help="file holding the private key")
+    token.add_argument(
+        "--space", "--space-id", dest="space", required=True, help="space id, or its JSON file"
+    )
+    token.add_argument("--role", choices=["publisher", "subscriber"], default="publisher")
+    token.add_argument("--participant-id", help="fixed participant id (default: server-generated)")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.set_defaults(func=cmd_token)
+
+    join = sub.add_parser("join", help="join a space, publish a test pattern, print events")
+    join.add_argument("--token", required=True, help="join token (JWT)")
+    join.add_argument("--server", default="127.0.0.1:50051", help="presence address host:port")
+    media = join.add_mutually_exclusive_group()
+    media.add_argument("--test-pattern", action="store_true", help="publish video + audio")
+    media.add_argument("--file", help="publish a media file (e.g. media.mp4)")
+    join.add_argument("--duration", type=float, default=10.0, help="seconds to stay (0: forever)")
+    join.add_argument("--display-name", default="", help="display name")
+    join.add_argument("--tls", action="store_true", help="use TLS to reach the servers")
+    join.add_argument("--ca-file", help="CA bundle for --tls")
+    join.set_defaults(func=cmd_join)
+
+    cluster = sub.add_parser(
+        "cluster", help="local cluster: Redis, 2x each API service, 2 media nodes"
+    )
+    cluster.add_argument("--base-port", type=int, default=50100)
+    cluster.add_argument("--nodes", type=int, default=2)
+    cluster.add_argument("--replicas", type=int, default=2)
+    cluster.set_defaults(func=cmd_cluster)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SpaceService: create, get, list, update and delete spaces."""

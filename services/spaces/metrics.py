@@ -1,0 +1,57 @@
+"""Prometheus metrics. Each process serves them on SPACES_METRICS_ADDR (/metrics)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+JOINS = Counter("spaces_joins_total", "Join calls by result", ["result"])
+JOIN_LATENCY = Histogram(
+    "spaces_join_latency_seconds",
+    "Join latency, from request to admission",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+PLACEMENTS = Counter("spaces_placements_total", "Spaces placed on a media node", ["reason"])
+LEASE_RENEWALS = Counter("spaces_lease_renewals_total", "Connection leases renewed by nodes")
+LEASE_EXPIRIES = Counter("spaces_lease_expiries_total", "Connections reaped after their lease")
+SPACES_CREATED = Counter("spaces_spaces_created_total", "Spaces created")
+SPACES_DELETED = Counter("spaces_spaces_deleted_total", "Spaces deleted")
+SESSIONS = Gauge("spaces_media_sessions", "Live media sessions on this node")
+ROOMS = Gauge("spaces_media_spaces", "Spaces hosted on this node")
+PARTICIPANTS = Gauge("spaces_participants", "Participants in sessions on this node")
+NODE_LOAD = Gauge("spaces_node_load", "This media node's reported load (0..1)")
+FORWARDED_PACKETS = Counter(
+    "spaces_forwarded_packets_total", "RTP packets forwarded to subscribers", ["kind"]
+)
+FORWARDED_BYTES = Counter(
+    "spaces_forwarded_bytes_total", "RTP payload bytes forwarded to subscribers", ["kind"]
+)
+DROPPED_PACKETS = Counter(
+    "spaces_dropped_packets_total", "RTP packets not forwarded to a subscriber", ["reason"]
+)
+KEYFRAME_REQUESTS = Counter(
+    "spaces_keyframe_requests_total", "Keyframe requests sent upstream to publishers"
+)
+DECODERS_CREATED = Counter(
+    "spaces_media_decoders_created_total",
+    "aiortc decoders instantiated in this process (a forwarding node must create none)",
+)
+ENCODERS_CREATED = Counter(
+    "spaces_media_encoders_created_total",
+    "aiortc encoders instantiated in this process (a forwarding node must create none)",
+)
+WEBHOOK_DELIVERIES = Counter(
+    "spaces_webhook_deliveries_total", "Webhook delivery attempts by result", ["result"]
+)
+
+
+def start_metrics_server(addr: str) -> int:
+    """Serve /metrics on host:port; returns the bound port (0 picks a free one)."""
+    host, _, port = addr.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
+    bound = int(server.server_address[1])
+    logger.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
+    return bound

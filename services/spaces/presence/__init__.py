@@ -1,0 +1,1 @@
+"""PresenceService: admission with a JWT, leases, participants and events."""

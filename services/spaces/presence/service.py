@@ -1,0 +1,57 @@
+"""The presence component: the servicer plus the lease reaper that keeps ghosts out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from spaces import errors, metrics
+from spaces.config import ServerConfig
+from spaces.presence.servicer import PresenceServicer
+from spaces.routing.placement import Placer
+from spaces.routing.registry import NodeDirectory
+from spaces.store.base import Store
+from spaces.v1 import presence_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class PresenceComponent:
+    def __init__(self, config: ServerConfig, store: Store) -> None:
+        self._config = config
+        self._store = store
+        self.directory = NodeDirectory(store, config.registry)
+        self._closing = asyncio.Event()
+        self.servicer = PresenceServicer(config, store, Placer(self.directory), self._closing)
+        self._reaper: asyncio.Task[None] | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        presence_pb2_grpc.add_PresenceServiceServicer_to_server(self.servicer, server)
+
+    async def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_forever(), name="lease-reaper")
+
+    async def _reap_forever(self) -> None:
+        interval = self._config.leases.reap_interval_ms / 1000
+        while True:
+            try:
+                removed = await self._store.reap()
+                if removed:
+                    metrics.LEASE_EXPIRIES.inc(removed)
+                    logger.info("reaped %d lapsed connections", removed)
+            except errors.StoreUnavailable:
+                pass
+            except Exception:
+                logger.exception("lease reaper failed")
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        self._closing.set()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except asyncio.CancelledError:
+                pass

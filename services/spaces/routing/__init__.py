@@ -1,0 +1,1 @@
+"""The media node registry and space placement (LiveKit's "routing")."""

@@ -1,0 +1,1 @@
+"""The Python SDK: server-side token signing and the client (Space)."""

@@ -1,0 +1,27 @@
+"""Fire-and-forget tasks that are not garbage-collected mid-flight (asyncio keeps only weak
+references to tasks)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+logger = logging.getLogger(__name__)
+_running: set[asyncio.Future[Any]] = set()
+
+
+def spawn(coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Future[Any]:
+    task = asyncio.ensure_future(coro)
+    if name and isinstance(task, asyncio.Task):
+        task.set_name(name)
+    _running.add(task)
+    task.add_done_callback(_done)
+    return task
+
+
+def _done(task: asyncio.Future[Any]) -> None:
+    _running.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("background task failed: %r", task.exception())

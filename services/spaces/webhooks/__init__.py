@@ -1,0 +1,1 @@
+"""Signed, at-least-once webhook delivery in Mux's format."""
