@@ -24,10 +24,12 @@ def _run_server(config: ServerConfig) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
+        drain = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+        loop.add_signal_handler(signal.SIGUSR1, drain.set)
+        await serve(config, stop, drain)
 
     try:
         asyncio.run(main())
@@ -103,6 +105,38 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Start draining a local media node (SIGUSR1) and wait until it is ready to exit: the
+    Kubernetes preStop hook. Exits 0 once drained, 1 on timeout."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        os.kill(args.pid, signal.SIGUSR1)
+    except OSError as exc:
+        print(f"spaces drain: cannot signal pid {args.pid}: {exc}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.timeout
+    with grpc.insecure_channel(args.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service="spaces.v1.MediaService"), timeout=2
+                )
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    print("drained")
+                    return 0
+            except grpc.RpcError:
+                print("drained (node is gone)")
+                return 0
+            time.sleep(1)
+    print("spaces drain: timed out; the node will be stopped anyway", file=sys.stderr)
+    return 1
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from spaces.sdk.join_cli import run_join
 
@@ -151,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--participant-id", help="fixed participant id (default: server-generated)")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     token.set_defaults(func=cmd_token)
+
+    drain = sub.add_parser(
+        "drain", help="drain a local media node and wait until it is ready to exit (preStop)"
+    )
+    drain.add_argument("--pid", type=int, default=1, help="the media node's process id")
+    drain.add_argument("--address", default="127.0.0.1:50051", help="its gRPC address")
+    drain.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
+    drain.set_defaults(func=cmd_drain)
 
     join = sub.add_parser("join", help="join a space, publish a test pattern, print events")
     join.add_argument("--token", required=True, help="join token (JWT)")

@@ -236,13 +236,28 @@ class SpacesServer:
             await self._server.wait_for_termination()
 
 
-async def serve(config: ServerConfig, stop_event: asyncio.Event) -> None:
-    """Run until ``stop_event`` is set (SIGTERM/SIGINT in the CLI)."""
+async def serve(
+    config: ServerConfig, stop_event: asyncio.Event, drain_event: asyncio.Event | None = None
+) -> None:
+    """Run until ``stop_event`` is set (SIGTERM/SIGINT in the CLI). ``drain_event`` (SIGUSR1,
+    sent by `spaces drain`) starts draining the embedded media node without stopping."""
     server = SpacesServer(config)
     await server.start()
+    drainer: asyncio.Task[None] | None = None
+
+    async def drain_on_signal() -> None:
+        assert drain_event is not None
+        await drain_event.wait()
+        if server.media_node is not None:
+            await server.media_node.drain()
+
+    if drain_event is not None:
+        drainer = asyncio.create_task(drain_on_signal(), name="drain-signal")
     try:
         await stop_event.wait()
     finally:
+        if drainer is not None:
+            drainer.cancel()
         await server.stop()
 
 

@@ -22,9 +22,9 @@ from grpc_health.v1 import health_pb2
 
 from spaces import errors, logs, metrics
 from spaces.config import ServerConfig
+from spaces.media import session as media_session
 from spaces.media.aiortc_adapter import IcePolicy, apply_ice_policy, install_codec_counters
 from spaces.media.room import Room
-from spaces.media import session as media_session
 from spaces.media.session import close_reason_for
 from spaces.presence import credentials
 from spaces.routing.registry import NodeHeartbeat
@@ -34,6 +34,7 @@ from spaces.v1 import media_pb2, media_pb2_grpc, node_pb2
 logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
+MEDIA_SERVICE = media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name
 VERSION = "0.1.0"
 
 
@@ -251,6 +252,17 @@ class MediaNode:
             await session.close(
                 media_pb2.CLOSE_REASON_MIGRATE, "media node is shutting down: join again"
             )
+        # Ready to exit: `spaces drain` (the Kubernetes preStop hook) waits for this.
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _set_health(self, status: int) -> None:
+        if self._health is None:
+            return
+        names = [MEDIA_SERVICE]
+        if self.config.services == {"media"}:
+            names.append("")
+        for name in names:
+            await self._health.set(name, status)
 
     async def stop(self) -> None:
         await self.drain()
@@ -262,9 +274,6 @@ class MediaNode:
             await self.store.remove_node(self.record())
         except errors.StoreUnavailable:
             pass
-        if self._health is not None:
-            for name in ("", media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name):
-                await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         logger.info("media node %s stopped", self.node_id)
 
 

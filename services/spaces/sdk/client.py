@@ -35,7 +35,12 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
 from spaces.config import host_of, is_loopback_host
-from spaces.media.aiortc_adapter import IcePolicy, apply_ice_policy, pin_encoder_bitrate
+from spaces.media.aiortc_adapter import (
+    IcePolicy,
+    apply_ice_policy,
+    pin_encoder_bitrate,
+    tap_receiver,
+)
 from spaces.v1 import media_pb2, media_pb2_grpc, presence_pb2, presence_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -189,6 +194,10 @@ class RemoteTrack:
         self.subscribed = False
         self.frames_received = 0
         self.last_frame: Any = None
+        self.packets_received = 0
+        """RTP packets received; counted when the Space was made with decode=False."""
+        self.packet_listeners: list[Any] = []
+        """Callables given each RtpPacket, when the Space was made with decode=False."""
         self._consumers: list[asyncio.Queue[Any]] = []
 
     @property
@@ -206,6 +215,11 @@ class RemoteTrack:
     @property
     def muted(self) -> bool:
         return self.info.muted
+
+    def _on_packet(self, packet: Any) -> None:
+        self.packets_received += 1
+        for listener in self.packet_listeners:
+            listener(packet)
 
     def _deliver(self, frame: Any) -> None:
         self.frames_received += 1
@@ -355,10 +369,13 @@ class Space:
         reconnect_backoff: Sequence[float] = DEFAULT_BACKOFF,
         publish_bitrate: int = 0,
         max_subscriptions: int = 0,
+        decode: bool = True,
     ) -> None:
         """``ice_addresses``: local addresses ICE may use (default: every non-loopback
         address, or loopback when the server is on loopback). ``publish_bitrate``: pin video
-        encoders to this bitrate instead of following the server's estimate."""
+        encoders to this bitrate instead of following the server's estimate. ``decode=False``:
+        receive RTP packets only (``RemoteTrack.packet_listeners``), never decoding; for load
+        generators and recorders."""
         self.token = token
         self.address = address
         self.display_name = display_name
@@ -396,6 +413,7 @@ class Space:
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._reconnecting: asyncio.Task[None] | None = None
         self._left = False
+        self._decode = decode
         self.reconnects = 0
 
     # --- public --------------------------------------------------------------------------
@@ -786,6 +804,12 @@ class Space:
                 continue
             now_owned[sub.mid] = track
             if sub.mid not in self._drains:
+                if not self._decode:
+                    mid = sub.mid
+                    tap_receiver(
+                        transceiver.receiver,
+                        lambda packet, mid=mid: self._route_packet(mid, packet),
+                    )
                 self._drains[sub.mid] = asyncio.create_task(
                     self._drain(sub.mid, transceiver.receiver.track), name=f"drain-{sub.mid}"
                 )
@@ -803,6 +827,11 @@ class Space:
                 participant = self.participants.get(track.participant_id)
                 if participant is not None:
                     self._emit(TrackSubscribed(participant, track))
+
+    def _route_packet(self, mid: str, packet: Any) -> None:
+        owner = self._mid_owner.get(mid)
+        if owner is not None:
+            owner._on_packet(packet)
 
     async def _drain(self, mid: str, media: MediaStreamTrack) -> None:
         """Read every frame of one receiving m-section, for whichever track it carries now."""
