@@ -1,1 +1,28 @@
-"""The Python SDK: server-side token signing and the client (Space)."""
+"""The Python SDK.
+
+Server side: ``sign_token`` (also the ``spaces token`` command) and ``verify_webhook``.
+Client side: ``Space(token, address).join()`` returns the local participant; publish aiortc
+tracks, receive remote ones, iterate ``space.events()``; reconnects on its own.
+"""
+
+from spaces.sdk.client import (
+    LocalParticipant,
+    LocalTrack,
+    RemoteParticipant,
+    RemoteTrack,
+    Space,
+    SpaceEvent,
+    SpacesClientError,
+)
+from spaces.sdk.tokens import sign_token
+
+__all__ = [
+    "LocalParticipant",
+    "LocalTrack",
+    "RemoteParticipant",
+    "RemoteTrack",
+    "Space",
+    "SpaceEvent",
+    "SpacesClientError",
+    "sign_token",
+]

@@ -356,6 +356,28 @@ class LocalParticipant:
 # --- the space ------------------------------------------------------------------------------
 
 
+class EventStream:
+    """An async iterator of SpaceEvents that starts collecting when it is created."""
+
+    def __init__(self, listeners: list[asyncio.Queue[SpaceEvent]]) -> None:
+        self._listeners = listeners
+        self._queue: asyncio.Queue[SpaceEvent] = asyncio.Queue(maxsize=10_000)
+        listeners.append(self._queue)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> SpaceEvent:
+        return await self._queue.get()
+
+    def get_nowait(self) -> SpaceEvent | None:
+        return None if self._queue.empty() else self._queue.get_nowait()
+
+    def close(self) -> None:
+        if self._queue in self._listeners:
+            self._listeners.remove(self._queue)
+
+
 class Space:
     def __init__(
         self,
@@ -442,14 +464,9 @@ class Space:
             if channel is not None:
                 await channel.close()
 
-    async def events(self) -> AsyncIterator[SpaceEvent]:
-        queue: asyncio.Queue[SpaceEvent] = asyncio.Queue(maxsize=10_000)
-        self._listeners.append(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._listeners.remove(queue)
+    def events(self) -> EventStream:
+        """Events from now on (subscribe before join() to see everyone already there)."""
+        return EventStream(self._listeners)
 
     def remote_track(self, participant_id: str, source: str) -> RemoteTrack | None:
         participant = self.participants.get(participant_id)

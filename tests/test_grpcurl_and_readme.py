@@ -1,0 +1,233 @@
+"""What a newcomer does: grpcurl against a running server, the README quickstart verbatim against
+`make run`, and two `spaces join` processes that see each other."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from spaces.server import SpacesServer
+from tests.support.system import ADMIN_KEY, free_port, make_config, start_server, wait_serving
+
+ROOT = Path(__file__).resolve().parent.parent
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+SPACES = str(Path(sys.executable).parent / "spaces")
+
+
+async def run(
+    *args: str, stdin: str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(
+        proc.communicate(stdin.encode() if stdin is not None else None), 120
+    )
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[SpacesServer]:
+    srv = await start_server(make_config())
+    yield srv
+    await srv.stop()
+
+
+async def test_grpcurl_lists_services_and_creates_a_key_and_a_space(server: SpacesServer) -> None:
+    code, out, err = await run(GRPCURL, "-plaintext", server.address, "list")
+    assert code == 0, err
+    for name in (
+        "spaces.v1.SpaceService",
+        "spaces.v1.SigningKeyService",
+        "spaces.v1.PresenceService",
+        "grpc.health.v1.Health",
+    ):
+        assert name in out.split()
+    auth = f"authorization: Bearer {ADMIN_KEY}"
+    code, out, err = await run(
+        GRPCURL,
+        "-plaintext",
+        "-H",
+        auth,
+        server.address,
+        "spaces.v1.SigningKeyService/CreateSigningKey",
+    )
+    assert code == 0, err
+    key = json.loads(out)
+    assert key["id"] and key["private_key"]
+    code, out, err = await run(
+        GRPCURL,
+        "-plaintext",
+        "-H",
+        auth,
+        "-d",
+        '{"passthrough": "from grpcurl"}',
+        server.address,
+        "spaces.v1.SpaceService/CreateSpace",
+    )
+    assert code == 0, err
+    space = json.loads(out)
+    assert space["passthrough"] == "from grpcurl"
+    assert space["status"] == "SPACE_STATUS_IDLE"
+    # Describe works through reflection, as a debugging user would use it.
+    code, out, err = await run(
+        GRPCURL, "-plaintext", server.address, "describe", "spaces.v1.PresenceService"
+    )
+    assert code == 0 and "rpc Join ( .spaces.v1.JoinRequest )" in out, err
+    code, out, err = await run(
+        GRPCURL, "-plaintext", server.address, "describe", "spaces.v1.JoinRequest"
+    )
+    assert code == 0 and "resume_secret" in out, err
+    # Without the admin header: a clear status, not a crash.
+    code, out, err = await run(
+        GRPCURL, "-plaintext", server.address, "spaces.v1.SpaceService/ListSpaces"
+    )
+    assert code != 0
+    assert "Unauthenticated" in err and "authorization: Bearer" in err
+
+
+def quickstart_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(
+        r"<!-- quickstart:begin -->\s*```sh\n(.*?)```\s*<!-- quickstart:end -->", text, re.S
+    )
+    assert match, "README.md lost its quickstart block"
+    return match.group(1)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`SPACES_ADMIN_KEY=dev-admin-key make run`, as the README says, in a fresh working dir
+    (with the repo's .venv linked in). On 127.0.0.1:50051 when that port is free, otherwise on
+    another port substituted into the commands."""
+    port = 50051 if port_is_free(50051) else free_port()
+    env = {
+        **os.environ,
+        "SPACES_ADMIN_KEY": "dev-admin-key",
+        "SPACES_GRPC_ADDR": f"127.0.0.1:{port}",
+        "SPACES_METRICS_ADDR": "",
+    }
+    if port == 50051:
+        env.pop("SPACES_GRPC_ADDR")
+    log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ["make", "-s", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    work = tmp_path / "user"
+    work.mkdir()
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    try:
+        asyncio.run(wait_serving(f"127.0.0.1:{port}", timeout=60))
+        yield f"127.0.0.1:{port}", work
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
+        log.close()
+
+
+async def test_readme_quickstart_works_verbatim_against_make_run(
+    make_run: tuple[str, Path],
+) -> None:
+    address, work = make_run
+    script = quickstart_block().replace("127.0.0.1:50051", address)
+    code, out, err = await run("bash", "-euo", "pipefail", "-c", script, cwd=work)
+    assert code == 0, f"quickstart failed:\n{out}\n{err}"
+    key = json.loads((work / "key.json").read_text())
+    space = json.loads((work / "space.json").read_text())
+    assert key["private_key"] and space["passthrough"] == "my first space"
+    token = (work / "alice.jwt").read_text().strip()
+    assert token.count(".") == 2
+    assert '"status": "SPACE_STATUS_IDLE"' in out
+    assert space["id"] in out
+
+
+async def test_spaces_join_prints_frames_from_a_test_pattern_publisher(
+    make_run: tuple[str, Path],
+) -> None:
+    address, work = make_run
+    code, out, err = await run(
+        "bash",
+        "-euo",
+        "pipefail",
+        "-c",
+        quickstart_block().replace("127.0.0.1:50051", address),
+        cwd=work,
+    )
+    assert code == 0, err
+    publisher_token = (
+        await run(
+            SPACES,
+            "token",
+            "--key",
+            "key.json",
+            "--space",
+            "space.json",
+            "--participant-id",
+            "bob",
+            cwd=work,
+        )
+    )[1].strip()
+    publisher = await asyncio.create_subprocess_exec(
+        SPACES,
+        "join",
+        "--server",
+        address,
+        "--token",
+        publisher_token,
+        "--test-pattern",
+        "--duration",
+        "12",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=work,
+    )
+    await asyncio.sleep(1.5)
+    code, out, err = await run(
+        SPACES,
+        "join",
+        "--server",
+        address,
+        "--token",
+        (work / "alice.jwt").read_text().strip(),
+        "--duration",
+        "6",
+        cwd=work,
+    )
+    await publisher.communicate()
+    assert code == 0, err
+    assert "TrackSubscribed bob camera" in out
+    frames = dict(
+        (m.group(1), int(m.group(2)))
+        for m in re.finditer(r"bob (camera|microphone)\s+\w+\s+frames=(\d+)", out)
+    )
+    # About 30 fps of video and 50 audio frames per second for ~5 s: far more than zero.
+    assert frames.get("camera", 0) > 30, out
+    assert frames.get("microphone", 0) > 50, out
