@@ -77,10 +77,15 @@ class RedisStore:
         event_maxlen: int = 100_000,
         gone_ttl_ms: int = 120_000,
         socket_timeout_s: float = 10.0,
+        max_connections: int = 64,
     ) -> None:
         self.url = url
-        self._client: aioredis.Redis = aioredis.from_url(
+        # A bounded pool that queues callers: under a burst of joins, requests wait for a
+        # connection instead of failing or opening thousands of sockets.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=socket_timeout_s,
             decode_responses=True,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=3.0,
@@ -88,6 +93,7 @@ class RedisStore:
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._scripts = {
             name: self._client.register_script(
                 keys.render_script(body, maxlen=event_maxlen, gone_ttl_ms=gone_ttl_ms)
@@ -116,7 +122,7 @@ class RedisStore:
         await self.ping()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
         await self._call(self._client.ping)

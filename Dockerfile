@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# The one Spaces image: `spaces serve --services ...` for the API services, `spaces media-node`
+# for media nodes, `spaces drain` as their preStop hook. See docs/operations.md.
+#
+#   docker build -t ghcr.io/spaces-oss/spaces:0.1.0 .
+#
+# Both stages use the same base, so the virtualenv built in the first runs unchanged in the
+# second. Every dependency ships manylinux wheels (PyAV bundles FFmpeg), so neither stage needs
+# a compiler. Pin by digest (python:3.11.13-slim-bookworm@sha256:...) for reproducible builds.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN python -m venv /opt/spaces
+COPY pyproject.toml README.md ./
+COPY services ./services
+COPY media-node ./media-node
+# Byte-compiled here, because the runtime root filesystem is read-only. The import check fails
+# the build if the wheel left a package out.
+RUN /opt/spaces/bin/pip install . \
+    && /opt/spaces/bin/python -c "import spaces.cli, spaces.server, spaces.media.node" \
+    && /opt/spaces/bin/spaces --help > /dev/null \
+    && /opt/spaces/bin/pip uninstall --yes pip setuptools wheel
+
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.source="https://github.com/spaces-oss/spaces" \
+      org.opencontainers.image.description="Spaces: self-hosted real-time video (gRPC API and media nodes)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 spaces \
+    && useradd --system --uid 10001 --gid spaces --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin spaces
+COPY --from=builder /opt/spaces /opt/spaces
+ENV PATH=/opt/spaces/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SPACES_GRPC_ADDR=0.0.0.0:50051 \
+    SPACES_METRICS_ADDR=0.0.0.0:9464
+# Numeric, so Kubernetes can verify runAsNonRoot without looking the name up.
+USER 10001:10001
+WORKDIR /tmp
+# 50051: gRPC (every service, health, reflection). 9464: Prometheus /metrics.
+# Media nodes also use a UDP range (SPACES_UDP_PORT_RANGE) on the host network.
+EXPOSE 50051 9464
+ENTRYPOINT ["spaces"]
+CMD ["serve"]
