@@ -610,7 +610,9 @@ def test_only_presence_grpc_is_open_to_clients(rendered: list[dict[str, Any]]) -
     assert any(open_to_everyone(r) for r in ingress_rules_for(rendered, presence))
 
 
-def test_every_pod_network_pod_is_isolated(rendered: list[dict[str, Any]]) -> None:
+def test_every_pod_on_the_pod_network_is_isolated_by_network_policy(
+    rendered: list[dict[str, Any]],
+) -> None:
     for workload in workloads(rendered):
         if pod_spec(workload).get("hostNetwork"):
             continue  # NetworkPolicy does not apply; docs/operations.md says to firewall the host

@@ -51,6 +51,7 @@ class TestPatternTrack(MediaStreamTrack):
     frame number in 16 black/white blocks."""
 
     kind = "video"
+    __test__ = False  # not a pytest test class, despite the name
 
     def __init__(
         self, color: tuple[int, int, int], width: int = 640, height: int = 480, fps: int = 30

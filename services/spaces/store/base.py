@@ -7,7 +7,7 @@ suite against both. Only the store talks to Redis.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -195,3 +195,152 @@ class Store(Protocol):
     async def read_events(
         self, after_id: str, count: int, block_ms: int
     ) -> list[event_pb2.Event]: ...
+
+    # --- webhooks (see keys.py, "webhooks", for the delivery design) ----------------------------
+    async def webhook_put_endpoint(self, endpoint: WebhookEndpointRecord) -> None:
+        """Create or replace an endpoint."""
+        ...
+
+    async def webhook_endpoints(self) -> list[WebhookEndpointRecord]:
+        """Every endpoint, oldest first."""
+        ...
+
+    async def webhook_delete_endpoint(self, endpoint_id: str) -> bool:
+        """Delete an endpoint with its queued deliveries and dead letters; False if unknown."""
+        ...
+
+    async def webhook_group_ensure(self) -> None:
+        """Create the consumer group on the event stream (at its current end) if missing."""
+        ...
+
+    async def webhook_read(self, consumer: str, count: int, block_ms: int) -> list[event_pb2.Event]:
+        """New events for this consumer of the group; they stay pending until fanned out."""
+        ...
+
+    async def webhook_claim_stale(
+        self, consumer: str, min_idle_ms: int, count: int
+    ) -> list[event_pb2.Event]:
+        """Take over events another consumer read but has not fanned out for min_idle_ms."""
+        ...
+
+    async def webhook_fan_out(self, jobs: Sequence[WebhookJob]) -> int:
+        """Acknowledge events and enqueue them for every endpoint that wants them, atomically.
+        Events already acknowledged (by a consumer that reclaimed them) enqueue nothing.
+        Returns the number of deliveries enqueued."""
+        ...
+
+    async def webhook_take(
+        self,
+        owner: str,
+        lease_ms: int,
+        limit: int,
+        default_slots: int,
+        slots: Mapping[str, int],
+        rotation: int = 0,
+    ) -> tuple[list[WebhookDelivery], int]:
+        """Lease up to ``limit`` due (endpoint, space) queues and return their heads, at most
+        ``slots.get(endpoint, default_slots)`` per endpoint. Lapsed leases are returned to the
+        ready queues first; the second value counts them. ``owner`` must be unique per call."""
+        ...
+
+    async def webhook_renew(self, deliveries: Sequence[WebhookDelivery], lease_ms: int) -> set[str]:
+        """Extend leases; returns the tokens of those no longer held."""
+        ...
+
+    async def webhook_delivered(self, delivery: WebhookDelivery) -> bool:
+        """Remove the delivered job and release its queue; False if the lease had lapsed."""
+        ...
+
+    async def webhook_failed(
+        self,
+        delivery: WebhookDelivery,
+        attempt: str,
+        error: str,
+        retry_in_ms: int | None,
+        dead_letter_limit: int,
+    ) -> str:
+        """Record a failed attempt (``attempt`` is a JSON object). With ``retry_in_ms`` the
+        queue is due again after it; with None the job becomes a dead letter (the oldest beyond
+        ``dead_letter_limit`` are dropped). Returns "retry", "dead" or "lost"."""
+        ...
+
+    async def webhook_release(self, deliveries: Sequence[WebhookDelivery]) -> int:
+        """Give leased queues back, due at once (graceful shutdown)."""
+        ...
+
+    async def webhook_dead_letters(self, limit: int) -> list[DeadLetterRecord]:
+        """Dead letters, newest first."""
+        ...
+
+    async def webhook_replay(self, ids: Sequence[str]) -> int:
+        """Queue dead letters again (all when ``ids`` is empty); returns how many."""
+        ...
+
+    async def webhook_prune_consumers(self, idle_ms: int, keep: str) -> int:
+        """Forget group consumers idle for idle_ms with nothing pending (dead replicas)."""
+        ...
+
+
+# --- webhooks: records ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebhookEndpointRecord:
+    id: str
+    url: str
+    secret: str
+    event_types: tuple[str, ...] = ()
+    """Mux event names it receives; empty for all."""
+    created_at: int = 0
+    """Unix seconds."""
+    from_config: bool = False
+
+
+@dataclass(frozen=True)
+class WebhookJob:
+    """One event as the fan-out enqueues it. ``event_type`` is empty for events that are not
+    webhooks (they are only acknowledged)."""
+
+    stream_id: str
+    envelope_id: str = ""
+    space_id: str = ""
+    event_type: str = ""
+    body: str = ""
+    """The envelope JSON without ``attempts`` (added per attempt)."""
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """The head of one leased (endpoint, space) queue."""
+
+    endpoint_id: str
+    space_id: str
+    token: str
+    """The lease token: proves this replica still holds the queue."""
+    url: str
+    secret: str
+    sort_key: str
+    stream_id: str
+    envelope_id: str
+    event_type: str
+    body: str
+    attempts: int
+    """Failed attempts so far."""
+    history: str
+    """JSON list of the earlier attempts' records (the envelope's ``attempts``)."""
+
+    @property
+    def queue(self) -> str:
+        return f"{self.endpoint_id} {self.space_id}"
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    id: str
+    endpoint_id: str
+    envelope_id: str
+    event_type: str
+    space_id: str
+    attempts: int
+    last_error: str
+    failed_at_ms: int

@@ -596,3 +596,386 @@ def render_script(body: str, *, maxlen: int, gone_ttl_ms: int) -> str:
     """The library with its constants filled in, followed by one script body."""
     lib = LIB.replace("{maxlen}", str(int(maxlen))).replace("{gone_ttl}", str(int(gone_ttl_ms)))
     return lib + body
+
+
+# --- webhooks ---------------------------------------------------------------------------------
+# Delivery runs in two stages. (1) Fan-out: replicas read EVENTS through the consumer group
+# WEBHOOK_GROUP, and one script per batch enqueues a job per matching endpoint into that
+# (endpoint, space) queue and XACKs the entries in the same step. (2) Delivery: a replica leases a
+# whole (endpoint, space) queue, posts its head, and only then moves on to the next job, so
+# events of one space reach one endpoint in stream order while other queues proceed in parallel.
+# A job is deliverable only when it is older than every entry still pending in the group (the
+# "fan-out watermark"): an older event of the same space, read by a slower replica, might not be
+# in its queue yet. docs/webhooks.md walks through the design.
+
+WEBHOOK_GROUP = "webhooks"
+"""Consumer group on EVENTS. Created at "$" the first time a webhooks service starts."""
+WEBHOOK_ENDPOINTS = "wh:endpoints"
+"""HASH endpoint_id -> JSON {"id", "url", "secret", "event_types": [...], "created_at" (unix s),
+"from_config": bool}."""
+WEBHOOK_LEASES = "wh:leases"
+"""ZSET "<endpoint_id> <space_id>" -> lease expiry (unix ms): queues a replica is delivering."""
+WEBHOOK_OWNERS = "wh:owners"
+"""HASH "<endpoint_id> <space_id>" -> lease token of the replica holding that queue."""
+WEBHOOK_DEAD = "wh:dead"
+"""ZSET dead_letter_id -> failed_at (unix ms). dead_letter_id is "<endpoint_id>:<stream id>"."""
+
+
+def webhook_queue_key(endpoint_id: str, space_id: str) -> str:
+    """ZSET of job sort keys (all scores 0, so ordered by the key): one endpoint's undelivered
+    events of one space. The head is the next to deliver."""
+    return f"wh:q:{endpoint_id}:{space_id}"
+
+
+def webhook_job_key(endpoint_id: str, sort_key: str) -> str:
+    """HASH: event (stream id), evid (envelope id), space, type (Mux event name), body (envelope
+    JSON without attempts), n (failed attempts), history (JSON list of attempt records), err."""
+    return f"wh:job:{endpoint_id}:{sort_key}"
+
+
+def webhook_ready_key(endpoint_id: str) -> str:
+    """ZSET space_id -> when that queue's head is due (unix ms): the endpoint's non-empty queues
+    that no replica holds. A failed delivery puts its queue back with its backoff as the score."""
+    return f"wh:ready:{endpoint_id}"
+
+
+def webhook_dead_key(dead_letter_id: str) -> str:
+    """HASH: the job's fields (event, evid, space, type, body, n, history, err) plus id, ep
+    (endpoint id), key (sort key) and at (failed at, unix ms)."""
+    return f"wh:dead:{dead_letter_id}"
+
+
+def webhook_sort_key(stream_id: str) -> str:
+    """ "<ms>-<seq>" -> fixed-width text that sorts like the stream id (seq may exceed 9)."""
+    ms, _, seq = stream_id.partition("-")
+    return f"{int(ms):020d}-{int(seq or 0):020d}"
+
+
+WEBHOOK_LIB = r"""
+local EVENTS = 'events'
+local GROUP = 'webhooks'
+local ENDPOINTS = 'wh:endpoints'
+local LEASES = 'wh:leases'
+local OWNERS = 'wh:owners'
+local DEAD = 'wh:dead'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function hgetall(key)
+  local flat = redis.call('HGETALL', key)
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h
+end
+
+local function queue_key(ep, space) return 'wh:q:' .. ep .. ':' .. space end
+local function job_key(ep, key) return 'wh:job:' .. ep .. ':' .. key end
+local function ready_key(ep) return 'wh:ready:' .. ep end
+
+-- "<ms>-<seq>" -> the fixed-width form of keys.webhook_sort_key.
+local function pad(id)
+  local sep = string.find(id, '-', 1, true)
+  local ms, seq = string.sub(id, 1, sep - 1), string.sub(id, sep + 1)
+  return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #seq) .. seq
+end
+
+local function drop_queue(ep, space)
+  local q = queue_key(ep, space)
+  for _, key in ipairs(redis.call('ZRANGE', q, 0, -1)) do
+    redis.call('DEL', job_key(ep, key))
+  end
+  redis.call('DEL', q)
+  redis.call('ZREM', ready_key(ep), space)
+end
+
+-- After a queue's lease ends (or lapses): due again at `due` if it still has jobs, dropped if
+-- its endpoint was deleted meanwhile.
+local function settle(ep, space, due)
+  if redis.call('HEXISTS', ENDPOINTS, ep) == 0 then
+    drop_queue(ep, space)
+  elseif redis.call('ZCARD', queue_key(ep, space)) > 0 then
+    redis.call('ZADD', ready_key(ep), due, space)
+  end
+end
+
+local function release(lq)
+  redis.call('ZREM', LEASES, lq)
+  redis.call('HDEL', OWNERS, lq)
+end
+"""
+
+WEBHOOK_FAN_OUT = r"""
+-- Enqueue one batch of stream entries this consumer read, acknowledging each in the same step.
+-- An entry that another consumer already acknowledged (it reclaimed the entry with XAUTOCLAIM
+-- while this one was slow) enqueues nothing, so each entry is fanned out exactly once.
+-- KEYS: none
+-- ARGV: groups of 6: stream id, sort key, envelope id, space id, event type ("" = not a webhook
+--       event: only acknowledge it), envelope JSON without attempts
+-- Returns the number of jobs enqueued.
+local now = now_ms()
+local endpoints = {}
+local flat = redis.call('HGETALL', ENDPOINTS)
+for i = 1, #flat, 2 do endpoints[#endpoints + 1] = cjson.decode(flat[i + 1]) end
+local enqueued = 0
+for i = 1, #ARGV, 6 do
+  local sid, key, evid, space, etype, body =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  if redis.call('XACK', EVENTS, GROUP, sid) == 1 and etype ~= '' then
+    for _, e in ipairs(endpoints) do
+      local wanted = #e.event_types == 0
+      for _, t in ipairs(e.event_types) do
+        if t == etype then wanted = true end
+      end
+      if wanted then
+        redis.call('HSET', job_key(e.id, key), 'event', sid, 'evid', evid, 'space', space,
+                   'type', etype, 'body', body, 'n', 0, 'history', '[]', 'err', '')
+        redis.call('ZADD', queue_key(e.id, space), 0, key)
+        -- A held queue is made due again by its holder; a queue in backoff keeps its time.
+        if not redis.call('ZSCORE', LEASES, e.id .. ' ' .. space) then
+          redis.call('ZADD', ready_key(e.id), 'NX', now, space)
+        end
+        enqueued = enqueued + 1
+      end
+    end
+  end
+end
+return enqueued
+"""
+
+WEBHOOK_TAKE = r"""
+-- Lease due queues for one replica: first return lapsed leases (their holder died) to the ready
+-- sets, then take up to ARGV[3] queue heads, at most a given number per endpoint, visiting
+-- endpoints from a rotating start so that none is starved.
+-- KEYS: none
+-- ARGV: 1 token prefix (unique per call), 2 lease ms, 3 max deliveries, 4 default free slots
+--       per endpoint, 5 rotation, then pairs: endpoint id, free slots on this replica
+-- Returns {reclaimed, then per delivery 12 fields: endpoint id, space id, token, url, secret,
+--          sort key, stream id, envelope id, type, body, failed attempts, history}.
+local now = now_ms()
+local lapsed = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now)
+for _, lq in ipairs(lapsed) do
+  release(lq)
+  local sep = string.find(lq, ' ', 1, true)
+  settle(string.sub(lq, 1, sep - 1), string.sub(lq, sep + 1), now)
+end
+-- The fan-out watermark: only jobs older than every entry still pending in the group are
+-- deliverable, since an older event of the same space may not be in its queue yet.
+local watermark = nil
+local summary = redis.pcall('XPENDING', EVENTS, GROUP)
+if type(summary) == 'table' and not summary.err and tonumber(summary[1]) > 0 then
+  watermark = pad(summary[2])
+end
+local slots = {}
+for i = 6, #ARGV, 2 do slots[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local budget = tonumber(ARGV[3])
+local lease = tonumber(ARGV[2])
+local ids = redis.call('HKEYS', ENDPOINTS)
+table.sort(ids)
+local out = {#lapsed}
+local taken = 0
+for n = 0, #ids - 1 do
+  if taken >= budget then break end
+  local ep = ids[(n + tonumber(ARGV[5])) % #ids + 1]
+  local free = slots[ep] or tonumber(ARGV[4])
+  if free > 0 then
+    local e = nil
+    local due = redis.call('ZRANGEBYSCORE', ready_key(ep), '-inf', now, 'LIMIT', 0, free * 4)
+    for _, space in ipairs(due) do
+      if free <= 0 or taken >= budget then break end
+      local q = queue_key(ep, space)
+      local head = redis.call('ZRANGE', q, 0, 0)[1]
+      if not head then
+        redis.call('ZREM', ready_key(ep), space)
+      elseif watermark == nil or head < watermark then
+        local job = hgetall(job_key(ep, head))
+        if job.event == nil then
+          redis.call('ZREM', q, head)
+        else
+          e = e or cjson.decode(redis.call('HGET', ENDPOINTS, ep))
+          taken = taken + 1
+          free = free - 1
+          local token = ARGV[1] .. ':' .. taken
+          local lq = ep .. ' ' .. space
+          redis.call('ZREM', ready_key(ep), space)
+          redis.call('ZADD', LEASES, now + lease, lq)
+          redis.call('HSET', OWNERS, lq, token)
+          for _, v in ipairs({ep, space, token, e.url, e.secret, head, job.event, job.evid,
+                              job.type, job.body, job.n, job.history}) do
+            out[#out + 1] = v
+          end
+        end
+      end
+    end
+  end
+end
+return out
+"""
+
+WEBHOOK_RENEW = r"""
+-- Extend the leases a replica still holds.
+-- KEYS: none
+-- ARGV: 1 lease ms, then pairs: "<endpoint_id> <space_id>", token
+-- Returns the tokens whose lease is no longer held (it lapsed and another replica took it).
+local expires = now_ms() + tonumber(ARGV[1])
+local lost = {}
+for i = 2, #ARGV, 2 do
+  if redis.call('HGET', OWNERS, ARGV[i]) == ARGV[i + 1] then
+    redis.call('ZADD', LEASES, expires, ARGV[i])
+  else
+    lost[#lost + 1] = ARGV[i + 1]
+  end
+end
+return lost
+"""
+
+WEBHOOK_DELIVERED = r"""
+-- A job was delivered. Removed even if the lease lapsed meanwhile (it needs no more tries);
+-- the lease is released only by its holder.
+-- KEYS: none
+-- ARGV: 1 endpoint id, 2 space id, 3 sort key, 4 token
+-- Returns 1 when the lease was still held, else 0.
+local ep, space, key = ARGV[1], ARGV[2], ARGV[3]
+redis.call('ZREM', queue_key(ep, space), key)
+redis.call('DEL', job_key(ep, key))
+local lq = ep .. ' ' .. space
+if redis.call('HGET', OWNERS, lq) ~= ARGV[4] then return 0 end
+release(lq)
+settle(ep, space, now_ms())
+return 1
+"""
+
+WEBHOOK_FAILED = r"""
+-- A delivery attempt failed: record it, then either make the queue due again after a backoff
+-- (its head stays the same job, so later events wait) or move the job to the dead letters and
+-- go on with the next one.
+-- KEYS: none
+-- ARGV: 1 endpoint id, 2 space id, 3 sort key, 4 token, 5 attempt record (JSON object),
+--       6 error text, 7 retry delay ms ("-1" = dead-letter it), 8 dead-letter cap
+-- Returns "retry", "dead" or "lost" (the lease was no longer held: nothing recorded).
+local ep, space, key = ARGV[1], ARGV[2], ARGV[3]
+local lq = ep .. ' ' .. space
+if redis.call('HGET', OWNERS, lq) ~= ARGV[4] then return 'lost' end
+local now = now_ms()
+local jk = job_key(ep, key)
+local job = hgetall(jk)
+if job.event == nil then
+  release(lq)
+  settle(ep, space, now)
+  return 'lost'
+end
+local history = job.history
+if history == '[]' then
+  history = '[' .. ARGV[5] .. ']'
+else
+  history = string.sub(history, 1, -2) .. ',' .. ARGV[5] .. ']'
+end
+local n = tonumber(job.n) + 1
+release(lq)
+if ARGV[7] ~= '-1' then
+  redis.call('HSET', jk, 'n', n, 'history', history, 'err', ARGV[6])
+  settle(ep, space, now + tonumber(ARGV[7]))
+  return 'retry'
+end
+local id = ep .. ':' .. job.event
+redis.call('HSET', 'wh:dead:' .. id, 'id', id, 'ep', ep, 'key', key, 'event', job.event,
+           'evid', job.evid, 'space', space, 'type', job.type, 'body', job.body, 'n', n,
+           'history', history, 'err', ARGV[6], 'at', now)
+redis.call('ZADD', DEAD, now, id)
+local excess = redis.call('ZCARD', DEAD) - tonumber(ARGV[8])
+if excess > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', DEAD, 0, excess - 1)) do
+    redis.call('DEL', 'wh:dead:' .. old)
+    redis.call('ZREM', DEAD, old)
+  end
+end
+redis.call('DEL', jk)
+redis.call('ZREM', queue_key(ep, space), key)
+settle(ep, space, now)
+return 'dead'
+"""
+
+WEBHOOK_RELEASE = r"""
+-- A replica shutting down hands its queues back, due at once, instead of letting leases lapse.
+-- KEYS: none
+-- ARGV: pairs: "<endpoint_id> <space_id>", token
+-- Returns the number released.
+local now = now_ms()
+local released = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', OWNERS, ARGV[i]) == ARGV[i + 1] then
+    release(ARGV[i])
+    local sep = string.find(ARGV[i], ' ', 1, true)
+    settle(string.sub(ARGV[i], 1, sep - 1), string.sub(ARGV[i], sep + 1), now)
+    released = released + 1
+  end
+end
+return released
+"""
+
+WEBHOOK_REPLAY = r"""
+-- Put dead letters back in their queues (in stream order, so an old event goes first), with the
+-- attempt count reset and the attempt history kept. Dead letters of deleted endpoints stay.
+-- KEYS: none
+-- ARGV: dead-letter ids; none = all
+-- Returns the number replayed.
+local ids = ARGV
+if #ids == 0 then ids = redis.call('ZRANGE', DEAD, 0, -1) end
+local now = now_ms()
+local replayed = 0
+for _, id in ipairs(ids) do
+  local d = hgetall('wh:dead:' .. id)
+  if d.ep ~= nil and redis.call('HEXISTS', ENDPOINTS, d.ep) == 1 then
+    redis.call('HSET', job_key(d.ep, d.key), 'event', d.event, 'evid', d.evid, 'space', d.space,
+               'type', d.type, 'body', d.body, 'n', 0, 'history', d.history, 'err', '')
+    redis.call('ZADD', queue_key(d.ep, d.space), 0, d.key)
+    if not redis.call('ZSCORE', LEASES, d.ep .. ' ' .. d.space) then
+      redis.call('ZADD', ready_key(d.ep), now, d.space)
+    end
+    redis.call('DEL', 'wh:dead:' .. id)
+    redis.call('ZREM', DEAD, id)
+    replayed = replayed + 1
+  end
+end
+return replayed
+"""
+
+WEBHOOK_DELETE_ENDPOINT = r"""
+-- Delete an endpoint with its queued jobs and dead letters. Queues a replica holds right now
+-- are dropped when that replica finishes with them (settle sees the endpoint gone).
+-- KEYS: none
+-- ARGV: 1 endpoint id
+-- Returns 1 when it existed.
+local ep = ARGV[1]
+if redis.call('HDEL', ENDPOINTS, ep) == 0 then return 0 end
+for _, space in ipairs(redis.call('ZRANGE', ready_key(ep), 0, -1)) do
+  drop_queue(ep, space)
+end
+redis.call('DEL', ready_key(ep))
+local prefix = ep .. ':'
+for _, id in ipairs(redis.call('ZRANGE', DEAD, 0, -1)) do
+  if string.sub(id, 1, #prefix) == prefix then
+    redis.call('DEL', 'wh:dead:' .. id)
+    redis.call('ZREM', DEAD, id)
+  end
+end
+return 1
+"""
+
+WEBHOOK_SCRIPTS = {
+    "webhook_fan_out": WEBHOOK_FAN_OUT,
+    "webhook_take": WEBHOOK_TAKE,
+    "webhook_renew": WEBHOOK_RENEW,
+    "webhook_delivered": WEBHOOK_DELIVERED,
+    "webhook_failed": WEBHOOK_FAILED,
+    "webhook_release": WEBHOOK_RELEASE,
+    "webhook_replay": WEBHOOK_REPLAY,
+    "webhook_delete_endpoint": WEBHOOK_DELETE_ENDPOINT,
+}
+
+
+def render_webhook_script(body: str) -> str:
+    """The webhook library followed by one script body."""
+    return WEBHOOK_LIB + body

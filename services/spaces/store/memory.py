@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from spaces import errors
+from spaces.store import keys
 from spaces.store.base import (
     Admission,
     Claim,
+    DeadLetterRecord,
     JoinContext,
     NodeView,
     PlacementMoved,
@@ -25,6 +27,9 @@ from spaces.store.base import (
     Reservation,
     SigningKeyRecord,
     SpaceDeletion,
+    WebhookDelivery,
+    WebhookEndpointRecord,
+    WebhookJob,
 )
 from spaces.store.codec import (
     event_from_entry,
@@ -619,6 +624,293 @@ class MemoryStore:
         out.reverse()
         return out[:count]
 
+    # --- webhooks ----------------------------------------------------------------------------
+    # Mirrors the webhook scripts of keys.py step for step (see there for the design): a
+    # consumer group over the event log, per-(endpoint, space) queues, leases and dead letters.
+
+    _wh_state: _WebhookState | None = None
+
+    @property
+    def _wh(self) -> _WebhookState:
+        if self._wh_state is None:
+            self._wh_state = _WebhookState()
+        return self._wh_state
+
+    def _wh_drop_queue(self, endpoint_id: str, space_id: str) -> None:
+        self._wh.queues.pop((endpoint_id, space_id), None)
+        self._wh.ready.get(endpoint_id, {}).pop(space_id, None)
+
+    def _wh_settle(self, endpoint_id: str, space_id: str, due: int) -> None:
+        wh = self._wh
+        if endpoint_id not in wh.endpoints:
+            self._wh_drop_queue(endpoint_id, space_id)
+        elif wh.queues.get((endpoint_id, space_id)):
+            wh.ready.setdefault(endpoint_id, {})[space_id] = due
+
+    def _wh_held(self, queue: str, token: str) -> bool:
+        lease = self._wh.leases.get(queue)
+        return lease is not None and lease[1] == token
+
+    async def webhook_put_endpoint(self, endpoint: WebhookEndpointRecord) -> None:
+        self._wh.endpoints[endpoint.id] = endpoint
+
+    async def webhook_endpoints(self) -> list[WebhookEndpointRecord]:
+        return sorted(self._wh.endpoints.values(), key=lambda e: (e.created_at, e.id))
+
+    async def webhook_delete_endpoint(self, endpoint_id: str) -> bool:
+        wh = self._wh
+        if wh.endpoints.pop(endpoint_id, None) is None:
+            return False
+        for space_id in list(wh.ready.pop(endpoint_id, {})):
+            self._wh_drop_queue(endpoint_id, space_id)
+        for dead_id in [d for d in wh.dead if d.startswith(endpoint_id + ":")]:
+            del wh.dead[dead_id]
+        return True
+
+    async def webhook_group_ensure(self) -> None:
+        if self._wh.group_last is None:
+            self._wh.group_last = self._last_event
+
+    async def webhook_read(self, consumer: str, count: int, block_ms: int) -> list[event_pb2.Event]:
+        wh = self._wh
+        if wh.group_last is None:
+            await self.webhook_group_ensure()
+            return []
+        signal = self._event_signal
+        found = self._wh_deliver_new(consumer, count)
+        if found or block_ms <= 0:
+            return found
+        try:
+            await asyncio.wait_for(signal.wait(), block_ms / 1000)
+        except TimeoutError:
+            return []
+        return self._wh_deliver_new(consumer, count)
+
+    def _wh_deliver_new(self, consumer: str, count: int) -> list[event_pb2.Event]:
+        wh = self._wh
+        assert wh.group_last is not None
+        now = self._now()
+        wh.consumers[consumer] = now
+        found = self._after(wh.group_last, count)
+        for event in found:
+            wh.pending[event.id] = _Pending(consumer, now, event)
+        if found:
+            wh.group_last = _parse_event_id(found[-1].id)
+        return found
+
+    async def webhook_claim_stale(
+        self, consumer: str, min_idle_ms: int, count: int
+    ) -> list[event_pb2.Event]:
+        wh = self._wh
+        now = self._now()
+        wh.consumers[consumer] = now
+        stale = sorted(
+            (p for p in wh.pending.items() if now - p[1].delivered_ms >= min_idle_ms),
+            key=lambda p: _parse_event_id(p[0]),
+        )[:count]
+        for stream_id, pending in stale:
+            wh.pending[stream_id] = _Pending(consumer, now, pending.event)
+        return [pending.event for _, pending in stale]
+
+    async def webhook_fan_out(self, jobs: Sequence[WebhookJob]) -> int:
+        wh = self._wh
+        now = self._now()
+        enqueued = 0
+        endpoints = list(wh.endpoints.values())
+        for job in jobs:
+            if wh.pending.pop(job.stream_id, None) is None or not job.event_type:
+                continue
+            key = keys.webhook_sort_key(job.stream_id)
+            for e in endpoints:
+                if e.event_types and job.event_type not in e.event_types:
+                    continue
+                wh.queues.setdefault((e.id, job.space_id), {})[key] = {
+                    "event": job.stream_id,
+                    "evid": job.envelope_id,
+                    "space": job.space_id,
+                    "type": job.event_type,
+                    "body": job.body,
+                    "n": "0",
+                    "history": "[]",
+                    "err": "",
+                }
+                if f"{e.id} {job.space_id}" not in wh.leases:
+                    wh.ready.setdefault(e.id, {}).setdefault(job.space_id, now)
+                enqueued += 1
+        return enqueued
+
+    async def webhook_take(
+        self,
+        owner: str,
+        lease_ms: int,
+        limit: int,
+        default_slots: int,
+        slots: Mapping[str, int],
+        rotation: int = 0,
+    ) -> tuple[list[WebhookDelivery], int]:
+        wh = self._wh
+        now = self._now()
+        lapsed = sorted(q for q, (expires, _) in wh.leases.items() if expires <= now)
+        for queue in lapsed:
+            del wh.leases[queue]
+            endpoint_id, _, space_id = queue.partition(" ")
+            self._wh_settle(endpoint_id, space_id, now)
+        watermark = (
+            keys.webhook_sort_key(min(wh.pending, key=_parse_event_id)) if wh.pending else None
+        )
+        ids = sorted(wh.endpoints)
+        out: list[WebhookDelivery] = []
+        for n in range(len(ids)):
+            if len(out) >= limit:
+                break
+            endpoint = wh.endpoints[ids[(n + rotation) % len(ids)]]
+            free = slots.get(endpoint.id, default_slots)
+            ready = wh.ready.get(endpoint.id, {})
+            due = sorted((at, s) for s, at in ready.items() if at <= now)[: max(free, 0) * 4]
+            for _, space_id in due:
+                if free <= 0 or len(out) >= limit:
+                    break
+                queue = wh.queues.get((endpoint.id, space_id))
+                if not queue:
+                    ready.pop(space_id, None)
+                    continue
+                head = min(queue)
+                if watermark is not None and head >= watermark:
+                    continue
+                job = queue[head]
+                free -= 1
+                token = f"{owner}:{len(out) + 1}"
+                del ready[space_id]
+                wh.leases[f"{endpoint.id} {space_id}"] = (now + lease_ms, token)
+                out.append(
+                    WebhookDelivery(
+                        endpoint_id=endpoint.id,
+                        space_id=space_id,
+                        token=token,
+                        url=endpoint.url,
+                        secret=endpoint.secret,
+                        sort_key=head,
+                        stream_id=job["event"],
+                        envelope_id=job["evid"],
+                        event_type=job["type"],
+                        body=job["body"],
+                        attempts=int(job["n"]),
+                        history=job["history"],
+                    )
+                )
+        return out, len(lapsed)
+
+    async def webhook_renew(self, deliveries: Sequence[WebhookDelivery], lease_ms: int) -> set[str]:
+        expires = self._now() + lease_ms
+        lost: set[str] = set()
+        for d in deliveries:
+            if self._wh_held(d.queue, d.token):
+                self._wh.leases[d.queue] = (expires, d.token)
+            else:
+                lost.add(d.token)
+        return lost
+
+    async def webhook_delivered(self, delivery: WebhookDelivery) -> bool:
+        d = delivery
+        wh = self._wh
+        queue = wh.queues.get((d.endpoint_id, d.space_id))
+        if queue is not None:
+            queue.pop(d.sort_key, None)
+            if not queue:
+                del wh.queues[(d.endpoint_id, d.space_id)]
+        if not self._wh_held(d.queue, d.token):
+            return False
+        del wh.leases[d.queue]
+        self._wh_settle(d.endpoint_id, d.space_id, self._now())
+        return True
+
+    async def webhook_failed(
+        self,
+        delivery: WebhookDelivery,
+        attempt: str,
+        error: str,
+        retry_in_ms: int | None,
+        dead_letter_limit: int,
+    ) -> str:
+        d = delivery
+        wh = self._wh
+        if not self._wh_held(d.queue, d.token):
+            return "lost"
+        now = self._now()
+        del wh.leases[d.queue]
+        queue = wh.queues.get((d.endpoint_id, d.space_id), {})
+        job = queue.get(d.sort_key)
+        if job is None:
+            self._wh_settle(d.endpoint_id, d.space_id, now)
+            return "lost"
+        history = job["history"]
+        history = f"[{attempt}]" if history == "[]" else f"{history[:-1]},{attempt}]"
+        attempts = int(job["n"]) + 1
+        if retry_in_ms is not None:
+            job.update(n=str(attempts), history=history, err=error)
+            self._wh_settle(d.endpoint_id, d.space_id, now + max(0, retry_in_ms))
+            return "retry"
+        dead_id = f"{d.endpoint_id}:{job['event']}"
+        record = dict(job, id=dead_id, ep=d.endpoint_id, key=d.sort_key, at=str(now))
+        record.update(n=str(attempts), history=history, err=error)
+        wh.dead.pop(dead_id, None)
+        wh.dead[dead_id] = (now, record)
+        while len(wh.dead) > dead_letter_limit:
+            oldest = min(wh.dead, key=lambda i: (wh.dead[i][0], i))
+            del wh.dead[oldest]
+        del queue[d.sort_key]
+        if not queue:
+            wh.queues.pop((d.endpoint_id, d.space_id), None)
+        self._wh_settle(d.endpoint_id, d.space_id, now)
+        return "dead"
+
+    async def webhook_release(self, deliveries: Sequence[WebhookDelivery]) -> int:
+        now = self._now()
+        released = 0
+        for d in deliveries:
+            if self._wh_held(d.queue, d.token):
+                del self._wh.leases[d.queue]
+                self._wh_settle(d.endpoint_id, d.space_id, now)
+                released += 1
+        return released
+
+    async def webhook_dead_letters(self, limit: int) -> list[DeadLetterRecord]:
+        newest = sorted(self._wh.dead.items(), key=lambda item: (item[1][0], item[0]))
+        return [_dead_letter(record) for _, (_, record) in reversed(newest)][:limit]
+
+    async def webhook_replay(self, ids: Sequence[str]) -> int:
+        wh = self._wh
+        now = self._now()
+        chosen = list(ids) or [i for i, _ in sorted(wh.dead.items(), key=lambda x: (x[1][0], x[0]))]
+        replayed = 0
+        for dead_id in chosen:
+            entry = wh.dead.get(dead_id)
+            if entry is None or entry[1]["ep"] not in wh.endpoints:
+                continue
+            record = entry[1]
+            endpoint_id, space_id = record["ep"], record["space"]
+            job = {k: record[k] for k in ("event", "evid", "space", "type", "body", "history")}
+            job.update(n="0", err="")
+            wh.queues.setdefault((endpoint_id, space_id), {})[record["key"]] = job
+            if f"{endpoint_id} {space_id}" not in wh.leases:
+                wh.ready.setdefault(endpoint_id, {})[space_id] = now
+            del wh.dead[dead_id]
+            replayed += 1
+        return replayed
+
+    async def webhook_prune_consumers(self, idle_ms: int, keep: str) -> int:
+        wh = self._wh
+        now = self._now()
+        busy = {p.consumer for p in wh.pending.values()}
+        idle = [
+            c
+            for c, seen in wh.consumers.items()
+            if c != keep and c not in busy and now - seen >= idle_ms
+        ]
+        for consumer in idle:
+            del wh.consumers[consumer]
+        return len(idle)
+
 
 def _parse_event_id(event_id: str) -> tuple[int, int]:
     ms, _, seq = event_id.partition("-")
@@ -626,3 +918,46 @@ def _parse_event_id(event_id: str) -> tuple[int, int]:
         return int(ms), int(seq or 0)
     except ValueError as exc:
         raise errors.InvalidArgument("malformed event id: pass an Event.id") from exc
+
+
+# --- webhooks: state -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """An event a consumer of the group read but has not fanned out (Redis: the PEL)."""
+
+    consumer: str
+    delivered_ms: int
+    event: event_pb2.Event
+
+
+@dataclass
+class _WebhookState:
+    group_last: tuple[int, int] | None = None
+    """The group's last delivered event; None until the group exists."""
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    consumers: dict[str, int] = field(default_factory=dict)
+    """consumer -> when it last read or claimed (ms)."""
+    endpoints: dict[str, WebhookEndpointRecord] = field(default_factory=dict)
+    queues: dict[tuple[str, str], dict[str, Hash]] = field(default_factory=dict)
+    """(endpoint_id, space_id) -> sort key -> job record (keys.webhook_job_key's fields)."""
+    ready: dict[str, dict[str, int]] = field(default_factory=dict)
+    """endpoint_id -> space_id -> due (ms)."""
+    leases: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """"<endpoint_id> <space_id>" -> (expiry ms, token)."""
+    dead: dict[str, tuple[int, Hash]] = field(default_factory=dict)
+    """dead_letter_id -> (failed at ms, record as in keys.webhook_dead_key)."""
+
+
+def _dead_letter(record: Hash) -> DeadLetterRecord:
+    return DeadLetterRecord(
+        id=record["id"],
+        endpoint_id=record["ep"],
+        envelope_id=record["evid"],
+        event_type=record["type"],
+        space_id=record["space"],
+        attempts=int(record["n"]),
+        last_error=record["err"],
+        failed_at_ms=int(record["at"]),
+    )

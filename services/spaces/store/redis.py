@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from spaces import errors
@@ -25,6 +26,7 @@ from spaces.store import keys
 from spaces.store.base import (
     Admission,
     Claim,
+    DeadLetterRecord,
     JoinContext,
     NodeView,
     PlacementMoved,
@@ -32,6 +34,9 @@ from spaces.store.base import (
     Reservation,
     SigningKeyRecord,
     SpaceDeletion,
+    WebhookDelivery,
+    WebhookEndpointRecord,
+    WebhookJob,
 )
 from spaces.store.codec import (
     command_from_text,
@@ -517,6 +522,214 @@ class RedisStore:
             )
         return [event_from_entry(entry_id, fields) for entry_id, fields in entries]
 
+    # --- webhooks ----------------------------------------------------------------------------
+    # Delivery state and its scripts: keys.py, "webhooks". The scripts are registered on first
+    # use so that this section needs nothing from __init__.
+
+    _wh_scripts: dict[str, Any] | None = None
+
+    async def _wh_script(self, name: str, args: list[Any]) -> Any:
+        if self._wh_scripts is None:
+            self._wh_scripts = {
+                n: self._client.register_script(keys.render_webhook_script(body))
+                for n, body in keys.WEBHOOK_SCRIPTS.items()
+            }
+        script = self._wh_scripts[name]
+        return await self._call(lambda: script(keys=[], args=args))
+
+    async def webhook_put_endpoint(self, endpoint: WebhookEndpointRecord) -> None:
+        text = _endpoint_to_text(endpoint)
+        await self._call(lambda: self._client.hset(keys.WEBHOOK_ENDPOINTS, endpoint.id, text))
+
+    async def webhook_endpoints(self) -> list[WebhookEndpointRecord]:
+        found: dict[str, str] = await self._call(
+            lambda: self._client.hgetall(keys.WEBHOOK_ENDPOINTS)  # type: ignore[arg-type,return-value]
+        )
+        records = [_endpoint_from_text(text) for text in found.values()]
+        return sorted(records, key=lambda e: (e.created_at, e.id))
+
+    async def webhook_delete_endpoint(self, endpoint_id: str) -> bool:
+        return bool(await self._wh_script("webhook_delete_endpoint", [endpoint_id]))
+
+    async def webhook_group_ensure(self) -> None:
+        async def run() -> None:
+            try:
+                await self._client.xgroup_create(
+                    keys.EVENTS, keys.WEBHOOK_GROUP, id="$", mkstream=True
+                )
+                logger.info("created consumer group %s on %s", keys.WEBHOOK_GROUP, keys.EVENTS)
+            except RedisResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+        await self._call(run)
+
+    async def webhook_read(self, consumer: str, count: int, block_ms: int) -> list[event_pb2.Event]:
+        try:
+            reply: Any = await self._call(
+                lambda: self._client.xreadgroup(
+                    keys.WEBHOOK_GROUP,
+                    consumer,
+                    {keys.EVENTS: ">"},
+                    count=count,
+                    block=block_ms or None,
+                )
+            )
+        except RedisResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis lost its data (or someone deleted the group): start again from the end.
+            logger.warning("webhook consumer group vanished; recreating it at the stream's end")
+            await self.webhook_group_ensure()
+            return []
+        entries = reply[0][1] if reply else []
+        return [event_from_entry(entry_id, fields) for entry_id, fields in entries if fields]
+
+    async def webhook_claim_stale(
+        self, consumer: str, min_idle_ms: int, count: int
+    ) -> list[event_pb2.Event]:
+        try:
+            reply: Any = await self._call(
+                lambda: self._client.xautoclaim(
+                    keys.EVENTS, keys.WEBHOOK_GROUP, consumer, min_idle_ms, "0-0", count=count
+                )
+            )
+        except RedisResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return []
+        # reply[2] lists entries trimmed from the stream: XAUTOCLAIM already dropped them from
+        # the pending list, and there is nothing left to deliver.
+        return [event_from_entry(entry_id, fields) for entry_id, fields in reply[1] if fields]
+
+    async def webhook_fan_out(self, jobs: Sequence[WebhookJob]) -> int:
+        if not jobs:
+            return 0
+        args: list[Any] = []
+        for job in jobs:
+            args += [
+                job.stream_id,
+                keys.webhook_sort_key(job.stream_id),
+                job.envelope_id,
+                job.space_id,
+                job.event_type,
+                job.body,
+            ]
+        return int(await self._wh_script("webhook_fan_out", args))
+
+    async def webhook_take(
+        self,
+        owner: str,
+        lease_ms: int,
+        limit: int,
+        default_slots: int,
+        slots: Mapping[str, int],
+        rotation: int = 0,
+    ) -> tuple[list[WebhookDelivery], int]:
+        args: list[Any] = [owner, lease_ms, limit, default_slots, rotation]
+        for endpoint_id, free in slots.items():
+            args += [endpoint_id, free]
+        reply = await self._wh_script("webhook_take", args)
+        rest = reply[1:]
+        deliveries = [
+            WebhookDelivery(
+                endpoint_id=rest[i],
+                space_id=rest[i + 1],
+                token=rest[i + 2],
+                url=rest[i + 3],
+                secret=rest[i + 4],
+                sort_key=rest[i + 5],
+                stream_id=rest[i + 6],
+                envelope_id=rest[i + 7],
+                event_type=rest[i + 8],
+                body=rest[i + 9],
+                attempts=int(rest[i + 10]),
+                history=rest[i + 11],
+            )
+            for i in range(0, len(rest), 12)
+        ]
+        return deliveries, int(reply[0])
+
+    async def webhook_renew(self, deliveries: Sequence[WebhookDelivery], lease_ms: int) -> set[str]:
+        if not deliveries:
+            return set()
+        args: list[Any] = [lease_ms]
+        for d in deliveries:
+            args += [d.queue, d.token]
+        return set(await self._wh_script("webhook_renew", args))
+
+    async def webhook_delivered(self, delivery: WebhookDelivery) -> bool:
+        d = delivery
+        return bool(
+            await self._wh_script(
+                "webhook_delivered", [d.endpoint_id, d.space_id, d.sort_key, d.token]
+            )
+        )
+
+    async def webhook_failed(
+        self,
+        delivery: WebhookDelivery,
+        attempt: str,
+        error: str,
+        retry_in_ms: int | None,
+        dead_letter_limit: int,
+    ) -> str:
+        d = delivery
+        return str(
+            await self._wh_script(
+                "webhook_failed",
+                [
+                    d.endpoint_id,
+                    d.space_id,
+                    d.sort_key,
+                    d.token,
+                    attempt,
+                    error,
+                    -1 if retry_in_ms is None else max(0, retry_in_ms),
+                    dead_letter_limit,
+                ],
+            )
+        )
+
+    async def webhook_release(self, deliveries: Sequence[WebhookDelivery]) -> int:
+        if not deliveries:
+            return 0
+        args: list[Any] = []
+        for d in deliveries:
+            args += [d.queue, d.token]
+        return int(await self._wh_script("webhook_release", args))
+
+    async def webhook_dead_letters(self, limit: int) -> list[DeadLetterRecord]:
+        async def run() -> list[dict[str, str]]:
+            ids: list[str] = await self._client.zrevrange(keys.WEBHOOK_DEAD, 0, limit - 1)  # type: ignore[assignment]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for dead_id in ids:
+                    pipe.hgetall(keys.webhook_dead_key(dead_id))
+                records: list[dict[str, str]] = await pipe.execute() if ids else []
+                return records
+
+        return [_dead_letter_from_record(r) for r in await self._call(run) if r]
+
+    async def webhook_replay(self, ids: Sequence[str]) -> int:
+        return int(await self._wh_script("webhook_replay", list(ids)))
+
+    async def webhook_prune_consumers(self, idle_ms: int, keep: str) -> int:
+        async def run() -> int:
+            pruned = 0
+            consumers = await self._client.xinfo_consumers(keys.EVENTS, keys.WEBHOOK_GROUP)
+            for c in consumers:
+                if c["name"] != keep and c["pending"] == 0 and c["idle"] >= idle_ms:
+                    await self._client.xgroup_delconsumer(
+                        keys.EVENTS, keys.WEBHOOK_GROUP, c["name"]
+                    )
+                    pruned += 1
+            return pruned
+
+        try:
+            return await self._call(run)
+        except RedisResponseError:
+            return 0  # no group yet
+
 
 def _key_from_record(record: dict[str, str]) -> SigningKeyRecord | None:
     if not record:
@@ -525,4 +738,45 @@ def _key_from_record(record: dict[str, str]) -> SigningKeyRecord | None:
         id=record["id"],
         created_at=int(record["created_at"]),
         public_key_pem=record["public_key"].encode(),
+    )
+
+
+# --- webhooks: record conversions ---------------------------------------------------------------
+
+
+def _endpoint_to_text(endpoint: WebhookEndpointRecord) -> str:
+    return json.dumps(
+        {
+            "id": endpoint.id,
+            "url": endpoint.url,
+            "secret": endpoint.secret,
+            "event_types": list(endpoint.event_types),
+            "created_at": endpoint.created_at,
+            "from_config": endpoint.from_config,
+        }
+    )
+
+
+def _endpoint_from_text(text: str) -> WebhookEndpointRecord:
+    data = json.loads(text)
+    return WebhookEndpointRecord(
+        id=data["id"],
+        url=data["url"],
+        secret=data["secret"],
+        event_types=tuple(data.get("event_types") or ()),
+        created_at=int(data.get("created_at", 0)),
+        from_config=bool(data.get("from_config", False)),
+    )
+
+
+def _dead_letter_from_record(record: dict[str, str]) -> DeadLetterRecord:
+    return DeadLetterRecord(
+        id=record["id"],
+        endpoint_id=record["ep"],
+        envelope_id=record.get("evid", ""),
+        event_type=record.get("type", ""),
+        space_id=record.get("space", ""),
+        attempts=int(record.get("n", "0") or 0),
+        last_error=record.get("err", ""),
+        failed_at_ms=int(record.get("at", "0") or 0),
     )
