@@ -105,6 +105,16 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     """Start draining a local media node (SIGUSR1) and wait until it is ready to exit: the
     Kubernetes preStop hook. Exits 0 once drained, 1 on timeout."""
@@ -129,9 +139,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
                 if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
                     print("drained")
                     return 0
-            except grpc.RpcError:
-                print("drained (node is gone)")
-                return 0
+            except grpc.RpcError as exc:
+                # Only a node that stopped listening counts as gone; anything else (a TLS port,
+                # a wrong address) must not end the preStop hook early.
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and not _process_alive(args.pid):
+                    print("drained (node is gone)")
+                    return 0
             time.sleep(1)
     print("spaces drain: timed out; the node will be stopped anyway", file=sys.stderr)
     return 1
@@ -190,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         "drain", help="drain a local media node and wait until it is ready to exit (preStop)"
     )
     drain.add_argument("--pid", type=int, default=1, help="the media node's process id")
-    drain.add_argument("--address", default="127.0.0.1:50051", help="its gRPC address")
+    drain.add_argument(
+        "--address",
+        default="127.0.0.1:50051",
+        help="its plaintext gRPC health address (SPACES_HEALTH_ADDR when TLS is on)",
+    )
     drain.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
     drain.set_defaults(func=cmd_drain)
 

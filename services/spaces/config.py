@@ -123,13 +123,49 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class WebhookConfig:
+    """Webhook delivery policy, and one endpoint from config for the simplest deployments."""
+
     url: str = ""
-    """An endpoint from config, for the simplest deployments (receives every event)."""
+    """An endpoint from config (id "config"); WebhookService manages any others."""
     secret: str = ""
+    """The config endpoint's signing secret; required with ``url``."""
+    event_types: tuple[str, ...] = ()
+    """Mux event names the config endpoint receives; empty for all."""
     max_attempts: int = 8
+    """Attempts per event and endpoint before it becomes a dead letter."""
     initial_backoff_ms: int = 1_000
+    """Delay before the second attempt; it doubles per attempt, with jitter."""
     max_backoff_ms: int = 300_000
-    timeout_ms: int = 10_000
+    timeout_ms: int = 5_000
+    """One attempt's deadline (Mux's was 5 s); a slower endpoint counts as failed."""
+    lease_ms: int = 10_000
+    """How long a silent replica keeps an endpoint's queue of a space before another takes it
+    over (renewed every third of it while delivering): the crash-recovery delay."""
+    claim_idle_ms: int = 10_000
+    """How long events a replica read but did not fan out stay with it before another takes
+    them over. Deliveries wait for them, to keep each space's order."""
+    poll_interval_ms: int = 500
+    """How often a replica looks for queues that became due (retries, other replicas' events)."""
+    concurrency: int = 64
+    """Deliveries in flight per replica."""
+    endpoint_concurrency: int = 8
+    """Deliveries in flight per replica to one endpoint, so a slow one cannot take them all."""
+    dead_letter_limit: int = 10_000
+    """Dead letters kept; the oldest are dropped beyond it."""
+
+    def __post_init__(self) -> None:
+        if self.url and not self.secret:
+            raise ValueError("SPACES_WEBHOOK_SECRET is required with SPACES_WEBHOOK_URL")
+        if self.max_attempts < 1:
+            raise ValueError("webhook max attempts must be at least 1")
+        if not 0 < self.initial_backoff_ms <= self.max_backoff_ms:
+            raise ValueError("webhook backoff must be positive and at most the maximum backoff")
+        if self.timeout_ms <= 0 or self.lease_ms < 30 or self.claim_idle_ms <= 0:
+            raise ValueError("webhook timeout, lease and claim idle time must be positive")
+        if self.poll_interval_ms <= 0 or self.concurrency < 1 or self.endpoint_concurrency < 1:
+            raise ValueError("webhook poll interval and concurrency must be positive")
+        if self.dead_letter_limit < 1:
+            raise ValueError("webhook dead letter limit must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -153,6 +189,9 @@ class ServerConfig:
     services: frozenset[str] = ALL_SERVICES
     metrics_addr: str = DEFAULT_METRICS_ADDR
     """host:port of the Prometheus endpoint; empty disables it."""
+    health_addr: str = ""
+    """A second, plaintext gRPC listener serving only grpc.health.v1.Health, for Kubernetes
+    probes and `spaces drain` when the main port uses TLS; empty: health on the main port."""
     log_format: str = "text"
     log_level: str = "INFO"
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -237,10 +276,23 @@ class ServerConfig:
             udp_port_max=port_max,
             drain_grace_s=float(get("SPACES_DRAIN_GRACE_SECONDS", "30")),
         )
+        webhook_lease_ms = seconds_ms("SPACES_WEBHOOK_LEASE_SECONDS", WebhookConfig.lease_ms)
         webhooks = WebhookConfig(
             url=get("SPACES_WEBHOOK_URL"),
             secret=get("SPACES_WEBHOOK_SECRET"),
+            event_types=tuple(
+                t.strip() for t in get("SPACES_WEBHOOK_EVENTS").split(",") if t.strip()
+            ),
             max_attempts=int(get("SPACES_WEBHOOK_MAX_ATTEMPTS", "8")),
+            initial_backoff_ms=seconds_ms(
+                "SPACES_WEBHOOK_BACKOFF_SECONDS", WebhookConfig.initial_backoff_ms
+            ),
+            max_backoff_ms=seconds_ms(
+                "SPACES_WEBHOOK_MAX_BACKOFF_SECONDS", WebhookConfig.max_backoff_ms
+            ),
+            timeout_ms=seconds_ms("SPACES_WEBHOOK_TIMEOUT_SECONDS", WebhookConfig.timeout_ms),
+            lease_ms=webhook_lease_ms,
+            claim_idle_ms=webhook_lease_ms,
         )
         return cls(
             grpc_addr=grpc_addr,
@@ -248,6 +300,7 @@ class ServerConfig:
             admin_key=get("SPACES_ADMIN_KEY"),
             services=service_set,
             metrics_addr=get("SPACES_METRICS_ADDR", DEFAULT_METRICS_ADDR),
+            health_addr=get("SPACES_HEALTH_ADDR"),
             log_format=get("SPACES_LOG_FORMAT", "text").lower(),
             log_level=get("SPACES_LOG_LEVEL", "INFO").upper(),
             tls=TlsConfig(

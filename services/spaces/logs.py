@@ -14,6 +14,13 @@ _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar
     "spaces_log_context", default=None
 )
 _FIELDS = ("space_id", "connection_id", "participant_id", "node_id")
+_process: dict[str, str] = {}
+"""Ids true for the whole process (a media node's node_id)."""
+
+
+def bind_process(**ids: str) -> None:
+    """Attach ids to every log line of this process."""
+    _process.update({k: v for k, v in ids.items() if v})
 
 
 def bind(**ids: str) -> None:
@@ -25,7 +32,7 @@ def bind(**ids: str) -> None:
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in (_context.get() or {}).items():
+        for key, value in (*(_context.get() or {}).items(), *_process.items()):
             if not hasattr(record, key):
                 setattr(record, key, value)
         return True

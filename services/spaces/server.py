@@ -64,6 +64,8 @@ class SpacesServer:
         self._components: list[Any] = []
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
         self.presence: Any = None
         self.media_node: Any = None
         self.webhooks: Any = None
@@ -129,8 +131,14 @@ class SpacesServer:
         reflection.enable_server_reflection(names, server)
 
         self.port = self._bind(server)
-        # The embedded media node advertises the address it was actually bound to.
         await server.start()
+        if config.health_addr:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(config.health_addr)
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {config.health_addr}")
+            await self._health_server.start()
         for name in [*names, "", LIVENESS_SERVICE]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for component in self._components:
@@ -227,6 +235,8 @@ class SpacesServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self._owns_store:
             await self.store.close()
         logger.info("spaces stopped")

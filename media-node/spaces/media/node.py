@@ -102,7 +102,7 @@ class MediaNode:
             metrics.NODE_LOAD.set(self.load)
 
     async def start(self) -> None:
-        logs.bind(node_id=self.node_id)
+        logs.bind_process(node_id=self.node_id)
         self.state = node_pb2.NODE_STATE_SERVING
         self._heartbeat.start()
         self._tasks = [

@@ -123,6 +123,9 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
         if admission is None or node is None:
             raise errors.Unavailable("space placement is contended: retry the join")
 
+        logs.bind(
+            connection_id=connection_id, participant_id=admission.participant_id, node_id=node.id
+        )
         if admission.replaced_connection_id and admission.replaced_node_id:
             await self._kick(
                 admission.replaced_node_id,

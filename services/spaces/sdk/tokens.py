@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import time
 from typing import Literal
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 Role = Literal["publisher", "subscriber"]
 DEFAULT_TTL_SECONDS = 3600
@@ -32,6 +35,15 @@ def load_private_key(private_key: str | bytes) -> bytes:
     if not decoded.startswith(b"-----BEGIN"):
         raise ValueError("private_key must be a PEM or the base64 PEM from CreateSigningKey")
     return decoded
+
+
+@functools.lru_cache(maxsize=64)
+def _signing_key(private_key: str | bytes) -> RSAPrivateKey:
+    """Parsing and checking an RSA key costs ~50 ms; a backend signs many tokens per key."""
+    key = load_pem_private_key(load_private_key(private_key), password=None)
+    if not isinstance(key, RSAPrivateKey):
+        raise ValueError("private_key must be an RSA key")
+    return key
 
 
 def sign_token(
@@ -61,6 +73,4 @@ def sign_token(
     }
     if participant_id is not None:
         claims["participant_id"] = participant_id
-    return jwt.encode(
-        claims, load_private_key(private_key), algorithm="RS256", headers={"kid": key_id}
-    )
+    return jwt.encode(claims, _signing_key(private_key), algorithm="RS256", headers={"kid": key_id})
