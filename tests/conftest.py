@@ -54,3 +54,26 @@ async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> As
     await s.start()
     yield s
     await s.close()
+
+
+@pytest.fixture(autouse=True)
+async def _dump_tasks_when_stuck() -> AsyncIterator[None]:
+    """Debug aid: if a test's event loop is still busy after 60 s, print every task's stack."""
+    import asyncio
+    import sys
+
+    def dump() -> None:
+        print("\n=== asyncio tasks after 60 s ===", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            chain = []
+            coro = task.get_coro()
+            while coro is not None:
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+                if frame is not None:
+                    chain.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+            print(task.get_name(), " -> ".join(chain), file=sys.stderr)
+
+    handle = asyncio.get_running_loop().call_later(60, dump)
+    yield
+    handle.cancel()

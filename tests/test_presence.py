@@ -59,6 +59,13 @@ class FakeNode:
         self.heartbeat.start()
         return self
 
+    async def started(self) -> FakeNode:
+        """Started, and visible in the registry (the first heartbeat has landed)."""
+        self.start()
+        await eventually(lambda: self.heartbeat.beats > 0, timeout=10, interval=0.02)
+        await asyncio.sleep(REGISTRY.cache_ms / 1000 * 2)  # presence's cached view catches up
+        return self
+
     async def stop(self) -> None:
         await self.heartbeat.stop()
 
@@ -114,7 +121,7 @@ async def join(admin: Admin, token: str, **kw: str) -> presence_pb2.JoinResponse
 async def test_join_reply_carries_everything_a_client_needs(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, space_id = await setup(server)
-    node = FakeNode(store, "n1").start()
+    node = await FakeNode(store, "n1").started()
     try:
         reply = await join(
             admin, tenant.token(space_id, "alice", role="subscriber"), display_name="Alice"
@@ -144,7 +151,7 @@ async def test_join_reply_carries_everything_a_client_needs(presence_only: tuple
 async def test_duplicate_participant_id_is_already_exists(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, space_id = await setup(server)
-    node = FakeNode(store, "n1").start()
+    node = await FakeNode(store, "n1").started()
     try:
         await join(admin, tenant.token(space_id, "alice"))
         error = await rpc_error(join(admin, tenant.token(space_id, "alice")))
@@ -162,7 +169,7 @@ async def test_duplicate_participant_id_is_already_exists(presence_only: tuple) 
 async def test_pending_lease_lapses_and_the_id_can_join_again(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, space_id = await setup(server)
-    node = FakeNode(store, "n1").start()
+    node = await FakeNode(store, "n1").started()
     try:
         await join(admin, tenant.token(space_id, "alice"))
         error = await rpc_error(join(admin, tenant.token(space_id, "alice")))
@@ -178,7 +185,7 @@ async def test_pending_lease_lapses_and_the_id_can_join_again(presence_only: tup
 async def test_resume_takes_over_and_a_wrong_secret_is_refused(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, space_id = await setup(server)
-    node = FakeNode(store, "n1").start()
+    node = await FakeNode(store, "n1").started()
     try:
         first = await join(admin, tenant.token(space_id, "alice"))
         resumed = await join(
@@ -216,7 +223,7 @@ async def test_resume_takes_over_and_a_wrong_secret_is_refused(presence_only: tu
 async def test_every_bad_token_is_unauthenticated_through_join(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, space_id = await setup(server)
-    node = FakeNode(store, "n1").start()
+    node = await FakeNode(store, "n1").started()
     pem = load_private_key(tenant.key.private_key)
     now = int(time.time())
     base = {"sub": space_id, "aud": "rt", "kid": tenant.key.id, "exp": now + 60}
@@ -279,7 +286,7 @@ async def test_participant_limit_is_resource_exhausted(presence_only: tuple) -> 
     admin = Admin(server.address)
     tenant = Tenant(await admin.create_key())
     space_id = await admin.create_space(max_participants=2)
-    node = FakeNode(store, "n1").start()
+    node = await FakeNode(store, "n1").started()
     try:
         await join(admin, tenant.token(space_id))
         await join(admin, tenant.token(space_id))
@@ -294,7 +301,7 @@ async def test_participant_limit_is_resource_exhausted(presence_only: tuple) -> 
 async def test_oversized_display_name_is_invalid_argument(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, space_id = await setup(server)
-    node = FakeNode(store, "n1").start()
+    node = await FakeNode(store, "n1").started()
     try:
         error = await rpc_error(join(admin, tenant.token(space_id), display_name="x" * 65))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -319,7 +326,7 @@ async def test_no_media_node_is_unavailable_with_a_message(presence_only: tuple)
 async def test_a_spaces_participants_land_on_one_node(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, space_id = await setup(server)
-    nodes = [FakeNode(store, f"n{i}").start() for i in range(3)]
+    nodes = [await FakeNode(store, f"n{i}").started() for i in range(3)]
     try:
         await asyncio.sleep(0.3)
         placed = {(await join(admin, tenant.token(space_id))).node_id for _ in range(12)}
@@ -339,8 +346,8 @@ async def test_a_spaces_participants_land_on_one_node(presence_only: tuple) -> N
 async def test_less_loaded_node_is_chosen(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, _ = await setup(server)
-    busy = FakeNode(store, "busy", load=0.9).start()
-    idle = FakeNode(store, "idle", load=0.1).start()
+    busy = await FakeNode(store, "busy", load=0.9).started()
+    idle = await FakeNode(store, "idle", load=0.1).started()
     try:
         await asyncio.sleep(0.3)
         for _ in range(5):
@@ -355,11 +362,11 @@ async def test_less_loaded_node_is_chosen(presence_only: tuple) -> None:
 async def test_a_node_that_stops_heartbeating_is_not_chosen(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, space_id = await setup(server)
-    first = FakeNode(store, "first").start()
+    first = await FakeNode(store, "first").started()
     try:
         await asyncio.sleep(0.3)
         assert (await join(admin, tenant.token(space_id))).node_id == "first"
-        second = FakeNode(store, "second").start()
+        second = await FakeNode(store, "second").started()
         await first.stop()  # silent from now on, like a crashed node
         await asyncio.sleep(1.0)  # stale after 0.8 s
         # The space's sticky mapping is re-checked and replaced; new spaces avoid it too.
@@ -375,13 +382,15 @@ async def test_a_node_that_stops_heartbeating_is_not_chosen(presence_only: tuple
 async def test_a_draining_node_receives_no_new_spaces(presence_only: tuple) -> None:
     server, store = presence_only
     admin, tenant, _ = await setup(server)
-    draining = FakeNode(store, "draining").start()
-    serving = FakeNode(store, "serving").start()
+    draining = await FakeNode(store, "draining").started()
+    serving = await FakeNode(store, "serving").started()
     try:
         await asyncio.sleep(0.3)
         draining.record.state = node_pb2.NODE_STATE_DRAINING
+        beats = draining.heartbeat.beats
         draining.heartbeat.beat_now()
-        await asyncio.sleep(0.3)
+        await eventually(lambda: draining.heartbeat.beats > beats, interval=0.02)
+        await asyncio.sleep(REGISTRY.cache_ms / 1000 * 2)
         for _ in range(6):
             space_id = await admin.create_space()
             assert (await join(admin, tenant.token(space_id))).node_id == "serving"
@@ -556,7 +565,7 @@ async def test_contested_joins_across_three_replicas_admit_exactly_one(
             id="contestkey", private_key=generated.private_key_b64
         )
     )
-    node = FakeNode(store, "contest-node").start()
+    node = await FakeNode(store, "contest-node").started()
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
     stubs = [presence_pb2_grpc.PresenceServiceStub(c) for c in channels]
     try:

@@ -251,3 +251,26 @@ class TrackNotFound(NotFound):
 
 class NodeDraining(Unavailable):
     message = "media node is draining: join again to be placed on another node"
+
+
+# --- webhooks --------------------------------------------------------------------------------
+
+
+class WebhookEndpointNotFound(NotFound):
+    message = "webhook endpoint not found"
+
+
+class InvalidWebhookUrl(InvalidArgument):
+    message = "url must be an absolute http:// or https:// url"
+
+
+class UnknownWebhookEventType(InvalidArgument):
+    message = "unknown event type: use Mux names such as video.space.idle"
+
+
+class WebhookSecretTooLong(InvalidArgument):
+    message = "secret is longer than 256 characters"
+
+
+class ConfigWebhookEndpoint(FailedPrecondition):
+    message = "this endpoint comes from SPACES_WEBHOOK_URL: change the configuration to remove it"

@@ -67,3 +67,7 @@ def validate_participant_id(value: str) -> str:
     if not value or len(value) > MAX_PARTICIPANT_ID_CHARS or not value.isprintable():
         raise errors.TokenInvalidClaim("token participant_id must be 1 to 255 printable characters")
     return value
+
+
+def new_webhook_endpoint_id() -> str:
+    return _random_id(32)

@@ -25,3 +25,15 @@ def _done(task: asyncio.Future[Any]) -> None:
     _running.discard(task)
     if not task.cancelled() and task.exception() is not None:
         logger.warning("background task failed: %r", task.exception())
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float = 3.0) -> None:
+    """Cancel a background loop and wait for it, but never forever: a library that swallows
+    one cancellation must not hang shutdown."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        logger.warning("task %s ignored cancellation", task.get_name())

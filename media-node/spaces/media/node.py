@@ -29,6 +29,7 @@ from spaces.media.session import close_reason_for
 from spaces.presence import credentials
 from spaces.routing.registry import NodeHeartbeat
 from spaces.store.base import Claim, Store
+from spaces.tasks import cancel_and_wait
 from spaces.v1 import media_pb2, media_pb2_grpc, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -268,8 +269,7 @@ class MediaNode:
         await self.drain()
         await self._heartbeat.stop()
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(task)
         try:
             await self.store.remove_node(self.record())
         except errors.StoreUnavailable:

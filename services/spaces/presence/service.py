@@ -13,6 +13,7 @@ from spaces.presence.servicer import PresenceServicer
 from spaces.routing.placement import Placer
 from spaces.routing.registry import NodeDirectory
 from spaces.store.base import Store
+from spaces.tasks import cancel_and_wait
 from spaces.v1 import presence_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class PresenceComponent:
 
     async def _reap_forever(self) -> None:
         interval = self._config.leases.reap_interval_ms / 1000
-        while True:
+        while not self._closing.is_set():
             try:
                 removed = await self._store.reap()
                 if removed:
@@ -49,9 +50,4 @@ class PresenceComponent:
 
     async def stop(self) -> None:
         self._closing.set()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            try:
-                await self._reaper
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._reaper)

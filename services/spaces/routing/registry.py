@@ -14,6 +14,7 @@ from collections.abc import Callable
 from spaces import errors
 from spaces.config import RegistryConfig
 from spaces.store.base import NodeView, Store
+from spaces.tasks import cancel_and_wait
 from spaces.v1 import node_pb2
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class NodeHeartbeat:
         self._wake = asyncio.Event()
         self.beats = 0
         self.last_ok_ms = 0
+        self._stopped = False
 
     def start(self) -> None:
         if self._task is None:
@@ -92,7 +94,7 @@ class NodeHeartbeat:
         self.beats += 1
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 await self.beat_once()
             except errors.StoreUnavailable:
@@ -106,10 +108,6 @@ class NodeHeartbeat:
                 pass
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        self._stopped = True
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -15,6 +15,7 @@ from spaces.sdk.client import (
     SpacesClientError,
 )
 from spaces.sdk.tokens import sign_token
+from spaces.sdk.webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "LocalParticipant",
@@ -24,5 +25,7 @@ __all__ = [
     "Space",
     "SpaceEvent",
     "SpacesClientError",
+    "WebhookVerificationError",
     "sign_token",
+    "verify_webhook",
 ]

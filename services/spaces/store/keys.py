@@ -802,8 +802,10 @@ for n = 0, #ids - 1 do
           redis.call('ZREM', ready_key(ep), space)
           redis.call('ZADD', LEASES, now + lease, lq)
           redis.call('HSET', OWNERS, lq, token)
-          for _, v in ipairs({ep, space, token, e.url, e.secret, head, job.event, job.evid,
-                              job.type, job.body, job.n, job.history}) do
+          -- Fixed positions: a nil would end ipairs early and shift every later field.
+          for _, v in ipairs({ep, space, token, e.url, e.secret, head, job.event,
+                              job.evid or '', job.type or '', job.body or '{}', job.n or '0',
+                              job.history or '[]'}) do
             out[#out + 1] = v
           end
         end

@@ -751,9 +751,9 @@ class MemoryStore:
         wh = self._wh
         now = self._now()
         lapsed = sorted(q for q, (expires, _) in wh.leases.items() if expires <= now)
-        for queue in lapsed:
-            del wh.leases[queue]
-            endpoint_id, _, space_id = queue.partition(" ")
+        for held in lapsed:
+            del wh.leases[held]
+            endpoint_id, _, space_id = held.partition(" ")
             self._wh_settle(endpoint_id, space_id, now)
         watermark = (
             keys.webhook_sort_key(min(wh.pending, key=_parse_event_id)) if wh.pending else None

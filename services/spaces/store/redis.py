@@ -85,15 +85,20 @@ class RedisStore:
         max_connections: int = 64,
     ) -> None:
         self.url = url
-        # A bounded pool that queues callers: under a burst of joins, requests wait for a
-        # connection instead of failing or opening thousands of sockets.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        # Commands wait on a semaphore for one of ``max_connections`` slots: under a burst of
+        # joins, requests queue instead of failing with "too many connections" or opening
+        # thousands of sockets. The pool has headroom for pub/sub and blocking reads.
+        self._slots = asyncio.Semaphore(max_connections)
+        self._timeout_s = socket_timeout_s
+        # No socket_timeout: redis-py's read timeout swallows task cancellation (the shutdown
+        # and disconnect path); _call enforces the deadline instead, and keepalive finds dead
+        # peers.
+        pool = aioredis.ConnectionPool.from_url(
             url,
-            max_connections=max_connections,
-            timeout=socket_timeout_s,
+            max_connections=max_connections + 32,
             decode_responses=True,
-            socket_timeout=socket_timeout_s,
             socket_connect_timeout=3.0,
+            socket_keepalive=True,
             health_check_interval=15,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -112,12 +117,26 @@ class RedisStore:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await fn()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            logger.warning("redis unavailable: %s", exc)
-            raise errors.StoreUnavailable() from exc
+    async def _call(self, fn: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
+        """Run one Redis operation with a deadline. It runs as its own task so that cancelling
+        the caller always takes effect at once, whatever the client library does with it."""
+        async with self._slots:
+            task: asyncio.Future[T] = asyncio.ensure_future(fn())
+            task.add_done_callback(_retrieve)
+            try:
+                done, _ = await asyncio.wait({task}, timeout=timeout_s or self._timeout_s)
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+            if not done:
+                task.cancel()
+                logger.warning("redis unavailable: no reply in %.1fs", timeout_s or self._timeout_s)
+                raise errors.StoreUnavailable()
+            try:
+                return task.result()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("redis unavailable: %s", exc)
+                raise errors.StoreUnavailable() from exc
 
     async def _script(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         script = self._scripts[name]
@@ -482,8 +501,10 @@ class RedisStore:
                 async with self._subscribed(channel) as pubsub:
                     backoff = 0.1
                     while True:
+                        # No timeout: redis-py's timed read swallows cancellation. A dropped
+                        # connection ends the read with an error, and we resubscribe.
                         message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=5.0
+                            ignore_subscribe_messages=True, timeout=None
                         )
                         if message and message.get("type") == "message":
                             yield command_from_text(message["data"])
@@ -513,7 +534,8 @@ class RedisStore:
     async def read_events(self, after_id: str, count: int, block_ms: int) -> list[event_pb2.Event]:
         if block_ms > 0:
             reply = await self._call(
-                lambda: self._client.xread({keys.EVENTS: after_id}, count=count, block=block_ms)
+                lambda: self._client.xread({keys.EVENTS: after_id}, count=count, block=block_ms),
+                timeout_s=self._timeout_s + block_ms / 1000,
             )
             entries = reply[0][1] if reply else []
         else:
@@ -573,7 +595,8 @@ class RedisStore:
                     {keys.EVENTS: ">"},
                     count=count,
                     block=block_ms or None,
-                )
+                ),
+                timeout_s=self._timeout_s + block_ms / 1000,
             )
         except RedisResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -729,6 +752,12 @@ class RedisStore:
             return await self._call(run)
         except RedisResponseError:
             return 0  # no group yet
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned operation's outcome as seen (no "exception never retrieved")."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _key_from_record(record: dict[str, str]) -> SigningKeyRecord | None:

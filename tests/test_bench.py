@@ -1,0 +1,80 @@
+"""The benchmarks stay runnable: each one runs in its smallest configuration (``--quick``) and
+must produce its figures. Their values are not checked here (STYLE.md §14: benchmarks are not
+tests); docs/benchmarks.md records a full run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def is_figure(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_help_lists_every_benchmark() -> None:
+    result = run_bench("--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for name in ("join", "fanout", "latency", "meetings", "all"):
+        assert name in result.stdout
+
+
+# name -> paths (dotted, into the JSON result) that must hold numbers
+FIGURES = {
+    "join": [
+        "summary.joins_per_s_one_presence",
+        "summary.latency_ms_at_rate.p50",
+        "summary.latency_ms_at_rate.p99",
+        "summary.contested_duplicates",
+    ],
+    "fanout": [
+        "summary.node_cores_at_max",
+        "summary.forwarded_pps_at_max",
+        "summary.pps_per_core_at_max",
+        "summary.late_first_frame_ms.p95",
+        "summary.relay_vs_spaces_ratio",
+    ],
+    "latency": ["summary.added_p50_ms", "summary.added_p99_ms", "direct.p50", "direct.p99"],
+    "meetings": ["summary.participants_per_core", "summary.node_cores_per_participant"],
+}
+
+
+def lookup(document: dict[str, Any], path: str) -> Any:
+    value: Any = document
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_quick_run_produces_figures(name: str, tmp_path: Path) -> None:
+    result = run_bench(name, "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
+    document = json.loads((tmp_path / f"{name}.quick.json").read_text())
+    assert document["benchmark"] == name
+    assert document["machine"]["cores"] >= 1 and document["machine"]["cpu_model"]
+    for path in FIGURES[name]:
+        assert is_figure(lookup(document, path)), f"{name}: {path} = {lookup(document, path)!r}"
+    assert document["targets"], "each benchmark reports its targets"
+    # The table was printed.
+    assert f"## {name} (quick)" in result.stdout
+    assert "| ---" in result.stdout
