@@ -100,15 +100,13 @@ async def test_three_participants_exchange_audio_and_video_from_the_right_publis
                         assert not same_color(color, color_for(other))
                 # The frame counter advances: a live stream, not one frozen frame.
                 _, later = read_pattern(
-                    (
-                        await eventually(
-                            lambda t=video, n=number: (
-                                t.frames_received > 0
-                                and read_pattern(t.last_frame)[1] > n
-                                and t.last_frame
-                            ),
-                            timeout=5,
-                        )
+                    await eventually(
+                        lambda t=video, n=number: (
+                            t.frames_received > 0
+                            and read_pattern(t.last_frame)[1] > n
+                            and t.last_frame
+                        ),
+                        timeout=5,
                     )
                 )
                 assert later > number
@@ -536,3 +534,63 @@ async def test_the_node_forwards_without_creating_any_decoder_or_encoder(
         await admin.close()
     finally:
         node.stop()
+
+
+async def test_a_stalled_subscriber_never_stalls_the_others_and_recovers(
+    world: tuple, tmp_path: Path
+) -> None:
+    """One subscriber's process is frozen (SIGSTOP): it stops reading, its socket fills, and it
+    loses packets. The other subscriber keeps receiving at full rate, and when the frozen one
+    resumes it gets a keyframe (via its own PLI, forwarded) and decodes again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    server, _, tenant, space_id = world
+    publisher, _ = await connect(server, tenant, space_id, "source", publish_bitrate=800_000)
+    await publisher.local.publish(TestPatternTrack((120, 40, 160)), "camera")
+    healthy, _ = await connect(server, tenant, space_id, "healthy")
+    frozen = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.viewer",
+            server.address,
+            tenant.token(space_id, "frozen"),
+            "source",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    lines: list[int] = []
+
+    async def read_lines() -> None:
+        assert frozen.stdout is not None
+        while True:
+            line = await asyncio.to_thread(frozen.stdout.readline)
+            if not line:
+                return
+            lines.append(int(line.split()[1]))
+
+    reader = asyncio.create_task(read_lines())
+    try:
+        await eventually(lambda: lines and lines[-1] > 30, timeout=20)
+        track = await eventually(lambda: healthy.remote_track("source", "camera"))
+        os.kill(frozen.pid, signal.SIGSTOP)
+        stopped_at = lines[-1]
+        before = track.frames_received
+        await asyncio.sleep(3)
+        # The healthy subscriber kept ~30 fps while the other was frozen.
+        assert track.frames_received - before > 60
+        os.kill(frozen.pid, signal.SIGCONT)
+        await eventually(lambda: lines[-1] > stopped_at + 30, timeout=10)
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+        frozen.kill()
+        frozen.wait()
+        reader.cancel()
+        await healthy.leave()
+        await publisher.leave()

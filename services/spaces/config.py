@@ -131,11 +131,11 @@ class WebhookConfig:
     """The config endpoint's signing secret; required with ``url``."""
     event_types: tuple[str, ...] = ()
     """Mux event names the config endpoint receives; empty for all."""
-    max_attempts: int = 8
+    max_attempts: int = 28
     """Attempts per event and endpoint before it becomes a dead letter."""
     initial_backoff_ms: int = 1_000
     """Delay before the second attempt; it doubles per attempt, with jitter."""
-    max_backoff_ms: int = 300_000
+    max_backoff_ms: int = 3_600_000
     timeout_ms: int = 5_000
     """One attempt's deadline (Mux's was 5 s); a slower endpoint counts as failed."""
     lease_ms: int = 10_000
@@ -283,7 +283,7 @@ class ServerConfig:
             event_types=tuple(
                 t.strip() for t in get("SPACES_WEBHOOK_EVENTS").split(",") if t.strip()
             ),
-            max_attempts=int(get("SPACES_WEBHOOK_MAX_ATTEMPTS", "8")),
+            max_attempts=int(get("SPACES_WEBHOOK_MAX_ATTEMPTS", str(WebhookConfig.max_attempts))),
             initial_backoff_ms=seconds_ms(
                 "SPACES_WEBHOOK_BACKOFF_SECONDS", WebhookConfig.initial_backoff_ms
             ),

@@ -215,7 +215,7 @@ def tap_receiver(receiver: RTCRtpReceiver, on_packet: Callable[[RtpPacket], None
         # The decoder thread is started by receive(); with the tap it would only idle.
         receiver._RTCRtpReceiver__stop_decoder()
 
-    receiver.receive = receive  # type: ignore[method-assign]
+    receiver.receive = receive
 
 
 def request_keyframe(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
@@ -250,12 +250,12 @@ def hook_sender(
     on_nack: Callable[[int], None],
 ) -> None:
     """A subscriber's PLI/FIR and NACKs reach the forwarder instead of a (missing) encoder."""
-    sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+    sender._send_keyframe = on_keyframe_request
 
     async def retransmit(sequence_number: int) -> None:
         on_nack(sequence_number)
 
-    sender._retransmit = retransmit  # type: ignore[method-assign]
+    sender._retransmit = retransmit
 
 
 class RtpSink:
@@ -363,7 +363,7 @@ def pin_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> None:
             return
         await original_rtcp(packet)
 
-    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+    sender._handle_rtcp_packet = handle_rtcp
     original_next = sender._next_encoded_frame
 
     async def next_encoded_frame(codec: Any) -> Any:
@@ -372,7 +372,7 @@ def pin_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> None:
             encoder.target_bitrate = bitrate
         return await original_next(codec)
 
-    sender._next_encoded_frame = next_encoded_frame  # type: ignore[method-assign]
+    sender._next_encoded_frame = next_encoded_frame
 
 
 # --- ICE ------------------------------------------------------------------------------------
@@ -415,7 +415,7 @@ def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
     async def get_component_candidates(
         component: int,
         addresses: Sequence[str],
-        timeout: int = 5,  # noqa: ASYNC109
+        timeout: int = 5,
     ) -> list[Candidate]:
         loop = asyncio.get_running_loop()
         candidates: list[Candidate] = []

@@ -144,12 +144,13 @@ class KeyframeRequester:
 class SenderState:
     """Continuity of one outgoing RTP stream across the tracks it carries over time."""
 
-    __slots__ = ("last_out_seq", "last_out_ts", "started")
+    __slots__ = ("last_out_at", "last_out_seq", "last_out_ts", "started")
 
     def __init__(self) -> None:
         self.started = False
         self.last_out_seq = 0
         self.last_out_ts = 0
+        self.last_out_at = 0.0
 
 
 class DownTrack:
@@ -214,22 +215,28 @@ class DownTrack:
             state = self.state
             state.last_out_seq = seq
             state.last_out_ts = ts
+            state.last_out_at = time.monotonic()
         else:
             self.dropped += 1
 
     def _rebase(self, packet: RtpPacket) -> None:
-        """Start (or restart) at this keyframe, continuing the outgoing stream without gaps."""
+        """Start (or restart) at this keyframe. Sequence numbers continue without a gap, so
+        the subscriber does not NACK what was skipped. Timestamps keep their offset when this
+        DownTrack resumes its own source (time did pass); a sender switching to another
+        source continues from its last timestamp plus the wall-clock time since."""
         state = self.state
-        if state.started:
-            next_seq = (state.last_out_seq + 1) & 0xFFFF
-            # Keep timestamps increasing across a switch; 1/30 s is a plausible frame gap.
-            next_ts = (state.last_out_ts + self._forwarder.clock_rate // 30) & 0xFFFFFFFF
-        else:
-            next_seq = packet.sequence_number
-            next_ts = packet.timestamp
+        if not state.started:
+            self._seq_offset = 0
+            self._ts_offset = 0
             state.started = True
-        self._seq_offset = (next_seq - packet.sequence_number) & 0xFFFF
-        self._ts_offset = (next_ts - packet.timestamp) & 0xFFFFFFFF
+        else:
+            next_seq = (state.last_out_seq + 1) & 0xFFFF
+            self._seq_offset = (next_seq - packet.sequence_number) & 0xFFFF
+            if self._start_seq < 0:  # a new source on this sender
+                elapsed = max(time.monotonic() - state.last_out_at, 0.001)
+                gap = int(elapsed * self._forwarder.clock_rate)
+                next_ts = (state.last_out_ts + gap) & 0xFFFFFFFF
+                self._ts_offset = (next_ts - packet.timestamp) & 0xFFFFFFFF
         self._start_seq = packet.sequence_number
         self.waiting_keyframe = False
 

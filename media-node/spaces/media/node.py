@@ -281,7 +281,7 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
     def __init__(self, node: MediaNode) -> None:
         self._node = node
 
-    async def Session(  # type: ignore[override]
+    async def Session(
         self,
         request_iterator: AsyncIterator[media_pb2.ClientMessage],
         context: grpc.aio.ServicerContext,

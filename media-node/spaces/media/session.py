@@ -56,14 +56,14 @@ MAX_SUBSCRIPTIONS_CEILING = 20
 VIDEO_SOURCES = {media_pb2.TRACK_SOURCE_CAMERA, media_pb2.TRACK_SOURCE_SCREENSHARE}
 AUDIO_SOURCES = {media_pb2.TRACK_SOURCE_MICROPHONE, media_pb2.TRACK_SOURCE_SCREENSHAREAUDIO}
 
-CLOSE_REJOIN = {
+CLOSE_REJOIN: dict[int, bool] = {
     media_pb2.CLOSE_REASON_MIGRATE: True,
     media_pb2.CLOSE_REASON_LEASE_LOST: True,
     media_pb2.CLOSE_REASON_TRANSPORT_FAILED: True,
     media_pb2.CLOSE_REASON_ERROR: True,
 }
 
-STORE_REASONS = {
+STORE_REASONS: dict[str, int] = {
     "removed": media_pb2.CLOSE_REASON_REMOVED,
     "replaced": media_pb2.CLOSE_REASON_REPLACED,
     "duplicate": media_pb2.CLOSE_REASON_REPLACED,
@@ -144,7 +144,7 @@ class Session:
         self.manual_subscriptions: set[str] | None = None
         self._outbox: asyncio.Queue[media_pb2.ServerMessage | None] = asyncio.Queue()
         self._closed = False
-        self.close_reason = media_pb2.CLOSE_REASON_UNSPECIFIED
+        self.close_reason: int = media_pb2.CLOSE_REASON_UNSPECIFIED
         self._events = RateLimiter(limits.custom_events_per_second)
         self._last_name_change = 0.0
         self._publisher_pc: RTCPeerConnection | None = None

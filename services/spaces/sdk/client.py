@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -649,6 +650,7 @@ class Space:
             elif kind == "error":
                 logger.warning("space: %s", message.error.message)
             return
+        participant: RemoteParticipant | None
         if kind == "subscriber_offer":
             await self._on_subscriber_offer(message.subscriber_offer)
         elif kind == "participant_joined":
@@ -822,11 +824,8 @@ class Space:
             now_owned[sub.mid] = track
             if sub.mid not in self._drains:
                 if not self._decode:
-                    mid = sub.mid
-                    tap_receiver(
-                        transceiver.receiver,
-                        lambda packet, mid=mid: self._route_packet(mid, packet),
-                    )
+                    route = functools.partial(self._route_packet, sub.mid)
+                    tap_receiver(transceiver.receiver, route)
                 self._drains[sub.mid] = asyncio.create_task(
                     self._drain(sub.mid, transceiver.receiver.track), name=f"drain-{sub.mid}"
                 )

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -50,7 +51,7 @@ def _report(space: sdk.Space) -> None:
 async def run_join(args: argparse.Namespace) -> int:
     credentials = None
     if args.tls:
-        root = open(args.ca_file, "rb").read() if args.ca_file else None  # noqa: SIM115
+        root = Path(args.ca_file).read_bytes() if args.ca_file else None  # noqa: ASYNC240
         credentials = grpc.ssl_channel_credentials(root_certificates=root)
     space = sdk.Space(
         args.token, args.server, display_name=args.display_name, credentials=credentials

@@ -440,11 +440,11 @@ class MemoryStore:
         now = self._now()
         state = self._spaces.get(space_id)
         if state is None:
-            lost = {
+            gone = {
                 c["cid"]: self._gone_reason(space_id, c["cid"], now) or "space_deleted"
                 for c in connection_records
             }
-            return RenewResult(epoch=self._epoch, moved=False, lost=lost)
+            return RenewResult(epoch=self._epoch, moved=False, lost=gone)
         self._reap_space(state, space_id, now)
         placed = self._placement(state, now)
         moved = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -117,11 +117,11 @@ class RedisStore:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
+    async def _call(self, fn: Callable[[], Any], timeout_s: float | None = None) -> Any:
         """Run one Redis operation with a deadline. It runs as its own task so that cancelling
         the caller always takes effect at once, whatever the client library does with it."""
         async with self._slots:
-            task: asyncio.Future[T] = asyncio.ensure_future(fn())
+            task: asyncio.Future[Any] = asyncio.ensure_future(fn())
             task.add_done_callback(_retrieve)
             try:
                 done, _ = await asyncio.wait({task}, timeout=timeout_s or self._timeout_s)
@@ -170,7 +170,7 @@ class RedisStore:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.space_key(space_id))
                 pipe.zcard(keys.leases_key(space_id))
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         record, count = await self._call(run)
         if not record:
@@ -193,7 +193,7 @@ class RedisStore:
                 for space_id, _ in page:
                     pipe.hgetall(keys.space_key(space_id))
                     pipe.zcard(keys.leases_key(space_id))
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         replies = await self._call(run) if page else []
         spaces = [
@@ -273,7 +273,7 @@ class RedisStore:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key_id, _ in page:
                     pipe.hgetall(keys.signing_key_key(key_id))
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         records = await self._call(run) if page else []
         found = [k for k in (_key_from_record(r) for r in records) if k is not None]
@@ -284,7 +284,7 @@ class RedisStore:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(keys.signing_key_key(key_id))
                 pipe.zrem(keys.SIGNING_KEYS, key_id)
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         deleted, _ = await self._call(run)
         return bool(deleted)
@@ -297,7 +297,7 @@ class RedisStore:
                 pipe.hgetall(keys.signing_key_key(key_id))
                 pipe.get(keys.placement_key(space_id))
                 pipe.exists(keys.space_key(space_id))
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         record, node, exists = await self._call(run)
         return JoinContext(_key_from_record(record), node or "", bool(exists))
@@ -565,7 +565,7 @@ class RedisStore:
 
     async def webhook_endpoints(self) -> list[WebhookEndpointRecord]:
         found: dict[str, str] = await self._call(
-            lambda: self._client.hgetall(keys.WEBHOOK_ENDPOINTS)  # type: ignore[arg-type,return-value]
+            lambda: self._client.hgetall(keys.WEBHOOK_ENDPOINTS)
         )
         records = [_endpoint_from_text(text) for text in found.values()]
         return sorted(records, key=lambda e: (e.created_at, e.id))
@@ -724,7 +724,7 @@ class RedisStore:
 
     async def webhook_dead_letters(self, limit: int) -> list[DeadLetterRecord]:
         async def run() -> list[dict[str, str]]:
-            ids: list[str] = await self._client.zrevrange(keys.WEBHOOK_DEAD, 0, limit - 1)  # type: ignore[assignment]
+            ids: list[str] = await self._client.zrevrange(keys.WEBHOOK_DEAD, 0, limit - 1)
             async with self._client.pipeline(transaction=False) as pipe:
                 for dead_id in ids:
                     pipe.hgetall(keys.webhook_dead_key(dead_id))
