@@ -28,6 +28,9 @@ from tests.support.system import (
 )
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[SpacesServer]:
     srv = await start_server(make_config())
@@ -551,7 +554,7 @@ async def test_a_stalled_subscriber_never_stalls_the_others_and_recovers(
     publisher, _ = await connect(server, tenant, space_id, "source", publish_bitrate=800_000)
     await publisher.local.publish(TestPatternTrack((120, 40, 160)), "camera")
     healthy, _ = await connect(server, tenant, space_id, "healthy")
-    frozen = subprocess.Popen(
+    frozen = subprocess.Popen(  # noqa: ASYNC220 - a child we signal and read line by line
         [
             sys.executable,
             "-m",
@@ -563,7 +566,7 @@ async def test_a_stalled_subscriber_never_stalls_the_others_and_recovers(
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
     )
     lines: list[int] = []
 
