@@ -27,7 +27,6 @@ from tests.support.system import (
     wait_serving,
 )
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
