@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 
 from spaces.media.forwarding import TrackForwarder
 from spaces.sdk import client as sdk
 from spaces.sdk.media import TestPatternTrack, ToneTrack, color_for, read_pattern, same_color
 from spaces.server import SpacesServer
-from spaces.v1 import media_pb2
+from spaces.v1 import media_pb2, media_pb2_grpc, presence_pb2
 from tests.support.system import (
     ADMIN_KEY,
     Admin,
@@ -596,3 +597,87 @@ async def test_a_stalled_subscriber_never_stalls_the_others_and_recovers(
         reader.cancel()
         await healthy.leave()
         await publisher.leave()
+
+
+# --- admission ------------------------------------------------------------------------------
+
+
+async def session_error(address: str, first: media_pb2.ClientMessage) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = media_pb2_grpc.MediaServiceStub(channel).Session()
+        await call.write(first)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        return info.value
+
+
+def hello(ticket: str) -> media_pb2.ClientMessage:
+    return media_pb2.ClientMessage(hello=media_pb2.Hello(ticket=ticket))
+
+
+async def test_a_session_is_admitted_only_with_a_fresh_ticket_for_this_node(
+    redis_url: str,
+) -> None:
+    main = await start_server(make_config(redis_url=redis_url, node_id="node-a"))
+    other = await start_server(
+        make_config(redis_url=redis_url, services=("media",), node_id="node-b")
+    )
+    admin = Admin(main.address)
+    try:
+        tenant = Tenant(await admin.create_key())
+        space_id = await admin.create_space()
+        for first in (
+            hello("garbage"),
+            hello("a.b.c"),
+            media_pb2.ClientMessage(leave=media_pb2.LeaveSession()),
+        ):
+            error = await session_error(main.address, first)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "ticket" in (error.details() or "")
+        reply = await admin.presence.Join(
+            presence_pb2.JoinRequest(token=tenant.token(space_id, "alice"))
+        )
+        wrong_node = other if reply.node_id == "node-a" else main
+        error = await session_error(wrong_node.address, hello(reply.ticket))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        right_node = main if wrong_node is other else other
+        async with grpc.aio.insecure_channel(right_node.address) as channel:
+            call = media_pb2_grpc.MediaServiceStub(channel).Session()
+            await call.write(hello(reply.ticket))
+            joined = await call.read()
+            assert joined.joined.participant_id == "alice"
+            # A ticket is single use.
+            error = await session_error(right_node.address, hello(reply.ticket))
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            call.cancel()
+    finally:
+        await admin.close()
+        await other.stop()
+        await main.stop()
+
+
+async def test_reconnect_gives_up_after_its_tries_and_says_so(world: tuple) -> None:
+    server, _, tenant, space_id = world
+    space = sdk.Space(
+        tenant.token(space_id, "stranded"),
+        server.address,
+        reconnect_backoff=(0.1, 0.1, 0.1),
+        reconnect_attempts=3,
+    )
+    events = space.events()
+    await space.join()
+    await server.stop()  # the whole deployment disappears
+
+    async def failed() -> sdk.ReconnectFailed | None:
+        while (event := events.get_nowait()) is not None:
+            if isinstance(event, sdk.ReconnectFailed):
+                return event
+            failed.tries += isinstance(event, sdk.Reconnecting)  # type: ignore[attr-defined]
+        return None
+
+    failed.tries = 0  # type: ignore[attr-defined]
+    event = await eventually(failed, timeout=20)
+    assert failed.tries == 3  # type: ignore[attr-defined]
+    assert event.reason
+    assert space.state == "failed"
+    await space.leave()

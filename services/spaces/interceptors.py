@@ -38,14 +38,15 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], method: str
-) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Any], method: str
+) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
+    if not inspect.isasyncgenfunction(behavior):
+        # A handler that writes with context.write (e.g. grpc.health's Watch).
+        return _wrap_unary(behavior, method)
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            stream = behavior(request, context)
-            if not inspect.isasyncgen(stream):
-                raise TypeError(f"{method}: streaming handlers must be async generators")
-            async for item in stream:
+            async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
             raise

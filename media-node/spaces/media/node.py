@@ -124,15 +124,19 @@ class MediaNode:
         leases = self.config.leases
         from spaces import ids
 
-        claim: Claim = await self.store.claim(
-            credential.space_id,
-            credential.connection_id,
-            credential.hash,
-            self.node_id,
-            leases.session_ms,
-            leases.placement_ms,
-            ids.new_session_id(),
-        )
+        try:
+            claim: Claim = await self.store.claim(
+                credential.space_id,
+                credential.connection_id,
+                credential.hash,
+                self.node_id,
+                leases.session_ms,
+                leases.placement_ms,
+                ids.new_session_id(),
+            )
+        except errors.SpaceNotFound as exc:
+            # A ticket for a space that does not exist (any more) is just an invalid ticket.
+            raise errors.InvalidTicket() from exc
         room = self.rooms.get(claim.participant.space_id)
         if room is None:
             room = self.rooms[claim.participant.space_id] = Room(
