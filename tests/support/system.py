@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from spaces.cluster import ServiceProcess
 from spaces.config import LeaseConfig, NodeConfig, RegistryConfig, ServerConfig
 from spaces.sdk.tokens import sign_token
 from spaces.server import SpacesServer
@@ -148,24 +148,17 @@ async def start_server(config: ServerConfig) -> SpacesServer:
     return server
 
 
-class Process:
-    """A `spaces` subprocess with its own environment, for kill and restart tests."""
+class Process(ServiceProcess):
+    """A `spaces` subprocess with its own environment, for kill and restart tests (the same
+    process handling `spaces cluster` uses)."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str], log: Path) -> None:
-        self.args = list(args)
-        self.env = env
-        self.log_path = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Process:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [SPACES, *self.args],
-            env={**os.environ, **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        super().__init__(
+            name=args[0], args=list(args), env={**os.environ, **env}, port=0, log_path=log
         )
+
+    def start(self) -> Process:  # type: ignore[override]
+        super().start()
         return self
 
     @property
@@ -173,31 +166,12 @@ class Process:
         assert self.proc is not None
         return self.proc.pid
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            assert self.proc is not None
-            os.kill(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(10)
-
     def wait(self, timeout: float) -> int | None:
         assert self.proc is not None
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
-
-    def stop(self) -> None:
-        if self.alive():
-            self.signal(signal.SIGTERM)
-            if self.wait(15) is None:
-                self.kill()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
