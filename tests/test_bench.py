@@ -53,7 +53,12 @@ FIGURES = {
         "summary.late_first_frame_ms.p95",
         "summary.relay_vs_spaces_ratio",
     ],
-    "latency": ["summary.added_p50_ms", "summary.added_p99_ms", "direct.p50", "direct.p99"],
+    "latency": [
+        "summary.added_p50_ms",
+        "summary.added_p99_ms",
+        "summary.direct_p50_ms",
+        "summary.spaces_p99_ms",
+    ],
     "meetings": ["summary.participants_per_core", "summary.node_cores_per_participant"],
 }
 

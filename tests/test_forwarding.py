@@ -57,14 +57,15 @@ def test_h264_keyframes_are_detected_on_real_encoder_output() -> None:
 
 
 class RecordingSink:
-    """Stands in for RtpSink (which needs a live DTLS transport): records what it is given and
-    reports a configurable socket backlog."""
+    """Stands in for RtpSink (which needs a live DTLS transport): records the packets it is given
+    and reports a configurable socket backlog."""
 
     def __init__(self) -> None:
         self.ssrc = 0x1234
         self.payload_type = 101
         self.abs_send_time_id = 0
         self.audio_level_id = 0
+        self.key = (101, 0, 0)
         self.connected = True
         self.backlog = 0
         self.sent: list[bytes] = []
@@ -72,9 +73,18 @@ class RecordingSink:
     def buffered_bytes(self) -> int:
         return self.backlog
 
-    def write(self, data: bytes, rtp_timestamp: int, ntp: int, payload_len: int) -> bool:
-        self.sent.append(data)
-        return True
+    def send(
+        self,
+        first: int,
+        second: int,
+        seq: int,
+        timestamp: int,
+        tail: bytes,
+        payload_len: int,
+        ntp: int,
+    ) -> int:
+        self.sent.append(struct.pack("!BBHII", first, second, seq, timestamp, self.ssrc) + tail)
+        return self.backlog
 
 
 def packets(count_frames: int, keyframes: set[int], start_seq: int = 100) -> list[RtpPacket]:
@@ -139,7 +149,10 @@ async def test_a_backed_up_subscriber_drops_to_the_next_keyframe_and_asks_for_on
     # The slow one skipped from its backlog to the next keyframe (frame 8), with no gap in
     # its sequence numbers, and a keyframe was requested on its behalf.
     slow_frames = sorted({header(d)[2] for d in slow.sent})
-    assert slow_frames == [0, 3000, 6000, *(i * 3000 for i in range(8, 12))]
+    # The packet that revealed the backlog was queued; everything after it until frame 8 was
+    # dropped.
+    assert slow_frames == [0, 3000, 6000, 9000, *(i * 3000 for i in range(8, 12))]
+    assert [header(d)[2] for d in slow.sent].count(9000) == 1
     seqs = [header(d)[1] for d in slow.sent]
     assert seqs == [(seqs[0] + i) & 0xFFFF for i in range(len(seqs))]
     assert requests, "no keyframe requested for the slow subscriber"

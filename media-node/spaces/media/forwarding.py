@@ -27,7 +27,6 @@ HISTORY = 1024
 RTX_MAX_AGE_S = 1.0
 """Retransmissions older than this are useless to a real-time receiver."""
 
-_HEADER = struct.Struct("!BBHII")
 _EXT_PROFILE = 0xBEDE
 
 
@@ -196,30 +195,37 @@ class DownTrack:
 
     # The hot path: called once per packet per subscriber.
     def forward(
-        self, packet: RtpPacket, tail: bytes, first: int, second: int, keyframe: bool, ntp: int
+        self,
+        packet: RtpPacket,
+        tail: bytes,
+        first: int,
+        second: int,
+        keyframe: bool,
+        payload_len: int,
+        ntp: int,
+        now: float,
     ) -> None:
         if self.waiting_keyframe:
             if not keyframe or not self.sink.connected:
                 self.dropped += 1
                 return
-            self._rebase(packet)
-        elif self.limit and self.sink.buffered_bytes() > self.limit:
-            self._fall_behind()
-            return
+            self._rebase(packet, now)
         seq = (packet.sequence_number + self._seq_offset) & 0xFFFF
         ts = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
-        data = _HEADER.pack(first, second, seq, ts, self.sink.ssrc) + tail
-        if self.sink.write(data, ts, ntp, len(packet.payload)):
-            self.packets += 1
-            self.bytes += len(packet.payload)
-            state = self.state
-            state.last_out_seq = seq
-            state.last_out_ts = ts
-            state.last_out_at = time.monotonic()
-        else:
+        backlog = self.sink.send(first, second, seq, ts, tail, payload_len, ntp)
+        if backlog < 0:
             self.dropped += 1
+            return
+        self.packets += 1
+        self.bytes += payload_len
+        state = self.state
+        state.last_out_seq = seq
+        state.last_out_ts = ts
+        state.last_out_at = now
+        if backlog > self.limit:
+            self._fall_behind()
 
-    def _rebase(self, packet: RtpPacket) -> None:
+    def _rebase(self, packet: RtpPacket, now: float) -> None:
         """Start (or restart) at this keyframe. Sequence numbers continue without a gap, so
         the subscriber does not NACK what was skipped. Timestamps keep their offset when this
         DownTrack resumes its own source (time did pass); a sender switching to another
@@ -233,7 +239,7 @@ class DownTrack:
             next_seq = (state.last_out_seq + 1) & 0xFFFF
             self._seq_offset = (next_seq - packet.sequence_number) & 0xFFFF
             if self._start_seq < 0:  # a new source on this sender
-                elapsed = max(time.monotonic() - state.last_out_at, 0.001)
+                elapsed = max(now - state.last_out_at, 0.001)
                 gap = int(elapsed * self._forwarder.clock_rate)
                 next_ts = (state.last_out_ts + gap) & 0xFFFFFFFF
                 self._ts_offset = (next_ts - packet.timestamp) & 0xFFFFFFFF
@@ -262,12 +268,9 @@ class DownTrack:
             return
         sink = self.sink
         ntp = ntp_now()
-        tail, first, second = TrackForwarder.tail(
-            packet, (sink.payload_type, sink.abs_send_time_id, sink.audio_level_id), ntp
-        )
+        tail, first, second = TrackForwarder.tail(packet, sink.key, ntp)
         ts = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
-        data = _HEADER.pack(first, second, out_seq, ts, sink.ssrc) + tail
-        sink.write(data, ts, ntp, len(packet.payload))
+        sink.send(first, second, out_seq, ts, tail, len(packet.payload), ntp)
 
     def request_keyframe(self) -> None:
         if self.is_video:
@@ -352,18 +355,21 @@ class TrackForwarder:
         if not downtracks:
             return
         ntp = ntp_now()
+        now = time.monotonic()
+        payload_len = len(packet.payload)
         # The shared part of every outgoing packet: extension block and payload. Subscribers
         # negotiated by this node share extension ids, so this is built once per packet.
-        tails: dict[tuple[int, int, int], tuple[bytes, int, int]] = {}
+        key = None
+        tail = b""
+        first = second = 0
         for downtrack in downtracks:
-            sink = downtrack.sink
-            key = (sink.payload_type, sink.abs_send_time_id, sink.audio_level_id)
-            cached = tails.get(key)
-            if cached is None:
-                cached = tails[key] = self.tail(packet, key, ntp)
-            downtrack.forward(packet, cached[0], cached[1], cached[2], keyframe, ntp)
+            sink_key = downtrack.sink.key
+            if sink_key != key:
+                key = sink_key
+                tail, first, second = self.tail(packet, key, ntp)
+            downtrack.forward(packet, tail, first, second, keyframe, payload_len, ntp, now)
         self._metric_packets.inc(len(downtracks))
-        self._metric_bytes.inc(len(downtracks) * len(packet.payload))
+        self._metric_bytes.inc(len(downtracks) * payload_len)
 
     @staticmethod
     def tail(packet: RtpPacket, key: tuple[int, int, int], ntp: int) -> tuple[bytes, int, int]:
