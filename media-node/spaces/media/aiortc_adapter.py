@@ -63,12 +63,12 @@ UDP_BUFFER_BYTES = 1 << 20
 __all__ = [
     "ABS_SEND_TIME_URI",
     "AUDIO_LEVEL_URI",
+    "SEND_FAILED",
     "Codec",
     "IcePolicy",
     "OfferedMedia",
     "PlaceholderTrack",
     "RtpPacket",
-    "SEND_FAILED",
     "RtpSink",
     "apply_ice_policy",
     "hook_sender",
