@@ -213,6 +213,17 @@ async def test_join_without_participant_id_can_repeat(store: Store) -> None:
     assert (await store.get_space(space_id)).participant_count == 5
 
 
+async def test_join_can_require_the_signing_key_to_still_exist(store: Store) -> None:
+    from dataclasses import replace
+
+    space_id = await new_space(store)
+    await store.create_signing_key("k1", b"pem")
+    await store.join(replace(reservation(space_id, "a"), signing_key_id="k1"))
+    await store.delete_signing_key("k1")
+    with pytest.raises(errors.TokenUnknownKey):
+        await store.join(replace(reservation(space_id, "b", expected="n1"), signing_key_id="k1"))
+
+
 async def test_join_unknown_space_is_not_found(store: Store) -> None:
     with pytest.raises(errors.SpaceNotFound):
         await store.join(reservation("missing", "alice"))

@@ -14,7 +14,11 @@ MAX_PARTICIPANT_ID_CHARS = 255
 
 
 def _random_id(length: int) -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    # 62 symbols from the OS's CSPRNG; rejecting bytes >= 248 keeps every symbol equally likely.
+    out: list[str] = []
+    while len(out) < length:
+        out.extend(_ALPHABET[b % 62] for b in secrets.token_bytes(length * 2) if b < 248)
+    return "".join(out[:length])
 
 
 def new_space_id() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from spaces import errors, ids
+from spaces.lru import Lru
 from spaces.store.base import SigningKeyRecord, Store
 
 ALLOWED_ALGORITHMS = ("RS256",)
@@ -91,8 +91,7 @@ class PublicKeyCache:
     content: revocation is decided by the store lookup, never by this cache."""
 
     def __init__(self, size: int = 1024) -> None:
-        self._size = size
-        self._keys: OrderedDict[bytes, RSAPublicKey] = OrderedDict()
+        self._keys: Lru[bytes, RSAPublicKey] = Lru(size)
 
     def get(self, pem: bytes) -> RSAPublicKey:
         key = self._keys.get(pem)
@@ -101,11 +100,7 @@ class PublicKeyCache:
             if not isinstance(loaded, RSAPublicKey):
                 raise errors.TokenUnknownKey()
             key = loaded
-            self._keys[pem] = key
-            if len(self._keys) > self._size:
-                self._keys.popitem(last=False)
-        else:
-            self._keys.move_to_end(pem)
+            self._keys.put(pem, key)
         return key
 
 

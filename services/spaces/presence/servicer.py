@@ -12,9 +12,10 @@ import grpc
 from spaces import errors, ids, logs, metrics
 from spaces.auth import tokens
 from spaces.config import ServerConfig
+from spaces.lru import Lru
 from spaces.presence import credentials
 from spaces.routing.placement import Placer
-from spaces.store.base import Admission, PlacementMoved, Reservation, Store
+from spaces.store.base import Admission, PlacementMoved, Reservation, SigningKeyRecord, Store
 from spaces.store.codec import ROLES_BY_NAME
 from spaces.v1 import event_pb2, node_pb2, presence_pb2, presence_pb2_grpc
 
@@ -42,6 +43,11 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
         self._store = store
         self._placer = placer
         self._keys = tokens.PublicKeyCache()
+        self._signing_keys: Lru[str, SigningKeyRecord] = Lru(4096)
+        """Signing keys already fetched: a key's public half never changes; revocation is
+        checked by the join script."""
+        self._placements: Lru[str, str] = Lru(100_000)
+        """space_id -> node of its last join here: a hint the join script verifies."""
         self._closing = closing
         limits = config.limits
         self._limits = presence_pb2.ClientLimits(
@@ -80,10 +86,21 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
             resume = credentials.parse(request.resume_secret)
             if resume is None or resume.space_id != peeked.space_id:
                 raise errors.BadResumeSecret()
-        context = await self._store.join_context(peeked.space_id, peeked.key_id)
-        claims = tokens.verify(peeked, context.signing_key, self._keys)
-        if not context.space_exists:
-            raise errors.SpaceNotFound()
+        # The common case costs one Redis round trip: a signing key seen before is verified
+        # from memory (the join script still checks it was not revoked) and the placement is
+        # taken from the last join of the space (the script checks it, too).
+        known = self._signing_keys.get(peeked.key_id)
+        if known is not None:
+            claims = tokens.verify(peeked, known, self._keys)
+            current = self._placements.get_or(claims.space_id, "")
+        else:
+            context = await self._store.join_context(peeked.space_id, peeked.key_id)
+            claims = tokens.verify(peeked, context.signing_key, self._keys)
+            if not context.space_exists:
+                raise errors.SpaceNotFound()
+            assert context.signing_key is not None  # verify() refused a missing key
+            self._signing_keys.put(peeked.key_id, context.signing_key)
+            current = context.placement
         logs.bind(space_id=claims.space_id)
 
         connection_id = ids.new_connection_id()
@@ -91,7 +108,6 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
         resume_secret = credentials.issue(claims.space_id, connection_id)
         participant_id = claims.participant_id or ids.new_participant_id()
         leases = self._config.leases
-        current = context.placement
         admission: Admission | None = None
         node = None
         for _ in range(PLACEMENT_ATTEMPTS):
@@ -115,11 +131,16 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
                         default_max_participants=self._config.limits.max_participants,
                         resume_connection_id=resume.connection_id if resume else "",
                         presented_resume_hash=resume.hash if resume else "",
+                        signing_key_id=peeked.key_id if known is not None else "",
                     )
                 )
                 break
             except PlacementMoved as moved:
                 current = moved.current_node_id
+            except errors.TokenUnknownKey:
+                self._signing_keys.pop(peeked.key_id)
+                raise
+        self._placements.put(claims.space_id, node.id if node else "")
         if admission is None or node is None:
             raise errors.Unavailable("space placement is contended: retry the join")
 
@@ -133,7 +154,7 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
                 admission.replaced_connection_id,
                 "replaced",
             )
-        logger.info(
+        logger.debug(
             "admitted %s as %s on node %s%s",
             admission.participant_id,
             connection_id,

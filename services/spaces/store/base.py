@@ -52,6 +52,9 @@ class Reservation:
     default_max_participants: int
     resume_connection_id: str = ""
     presented_resume_hash: str = ""
+    signing_key_id: str = ""
+    """When set, the join fails (TokenUnknownKey) unless this signing key still exists: lets
+    presence verify signatures with a cached public key and still honour revocation at once."""
 
 
 @dataclass(frozen=True)

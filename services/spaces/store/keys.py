@@ -272,13 +272,17 @@ JOIN = r"""
 --       6 ticket sha256, 7 resume sha256, 8 generated pid ("1"|"0"), 9 node_id,
 --       10 expected current placement ("" = none), 11 pending lease ms, 12 placement lease ms,
 --       13 default participant limit, 14 connection to resume ("" = none),
---       15 sha256 of the presented resume secret
+--       15 sha256 of the presented resume secret, 16 signing key id that must still exist
+--       ("" = not checked)
 -- Returns {"ok", participant_id, joined_ms, expires_ms, replaced_conn, replaced_node}
 --      or {"moved", current_node} (placement changed since it was read: choose again)
---      or {"err", "space_not_found" | "duplicate" | "full" | "bad_resume"}.
+--      or {"err", "space_not_found" | "unknown_key" | "duplicate" | "full" | "bad_resume"}.
 local S = KEYS[1]
 local sid = ARGV[1]
 if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+if ARGV[16] ~= '' and redis.call('EXISTS', 'key:' .. ARGV[16]) == 0 then
+  return {'err', 'unknown_key'}
+end
 local now = now_ms()
 reap(S, sid, now)
 local current = redis.call('GET', S .. ':node') or ''

@@ -317,6 +317,8 @@ class MemoryStore:
 
     async def join(self, r: Reservation) -> Admission:
         state = self._state(r.space_id)
+        if r.signing_key_id and r.signing_key_id not in self._keys:
+            raise errors.TokenUnknownKey()
         sid = r.space_id
         now = self._now()
         self._reap_space(state, sid, now)

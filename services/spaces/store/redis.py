@@ -64,6 +64,7 @@ _SCRIPT_ERRORS: dict[str, type[errors.SpacesError]] = {
     "wrong_node": errors.TicketWrongNode,
     "moved": errors.TicketWrongNode,
     "participant_not_found": errors.ParticipantNotFound,
+    "unknown_key": errors.TokenUnknownKey,
 }
 
 
@@ -322,6 +323,7 @@ class RedisStore:
                 r.default_max_participants,
                 r.resume_connection_id,
                 r.presented_resume_hash,
+                r.signing_key_id,
             ],
         )
         if reply[0] == "moved":
