@@ -211,3 +211,41 @@ def test_generated_key_is_rsa_2048_and_base64_pem_like_mux() -> None:
     assert b"PRIVATE" not in generated.public_key_pem
     record = SigningKeyRecord(id="k", created_at=0, public_key_pem=generated.public_key_pem)
     assert record.public_key_pem.startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+async def test_a_tampered_payload_fails_the_signature(keyed_store: tuple) -> None:
+    store, kid, private, _ = keyed_store
+    token = sign_token(kid, private, SPACE, participant_id="alice")
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["participant_id"] = "admin"
+    forged = f"{header}.{b64url(claims)}.{signature}"
+    await rejects(store, forged, errors.TokenBadSignature)
+    # A signature bit flipped.
+    raw = bytearray(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)))
+    raw[10] ^= 1
+    await rejects(store, f"{header}.{payload}.{b64url(bytes(raw))}", errors.TokenBadSignature)
+
+
+async def test_not_yet_valid_tokens_are_refused_and_audience_lists_are_accepted(
+    keyed_store: tuple,
+) -> None:
+    store, kid, private, _ = keyed_store
+    pem = load_private_key(private)
+    now = int(time.time())
+    base = {"sub": SPACE, "kid": kid, "exp": now + 600}
+    await rejects(
+        store,
+        jwt.encode({**base, "aud": "rt", "nbf": now + 300}, pem, "RS256"),
+        errors.TokenInvalidClaim,
+    )
+    await rejects(
+        store, jwt.encode({**base, "aud": ["video"]}, pem, "RS256"), errors.TokenWrongAudience
+    )
+    listed = jwt.encode({**base, "aud": ["rt", "other"]}, pem, "RS256")
+    assert (await tokens.TokenVerifier(store).verify(listed)).space_id == SPACE
+    await rejects(
+        store,
+        jwt.encode({**base, "aud": "rt", "exp": "soon"}, pem, "RS256"),
+        errors.TokenInvalidClaim,
+    )
