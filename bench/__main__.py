@@ -9,19 +9,26 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, describe_machine, machine, say, write_result
+from bench.common import (
+    RESULTS_DIR,
+    describe_machine,
+    machine,
+    say,
+    source_version,
+    write_result,
+)
 
 
 @dataclass(frozen=True)
 class Benchmark:
     name: str
     summary: str
-    run: Callable[[bool], Awaitable[dict[str, Any]]]
+    run: Callable[[bool], Coroutine[Any, Any, dict[str, Any]]]
     render: Callable[[dict[str, Any]], str]
 
 
@@ -45,9 +52,10 @@ def render_targets(result: dict[str, Any]) -> str:
 
 def run_one(bench: Benchmark, quick: bool, out_dir: Path) -> dict[str, Any]:
     started = time.time()
+    source = source_version()  # what the processes about to start will load
     say(f"{bench.name}: {bench.summary}{' (quick)' if quick else ''}")
     result = asyncio.run(bench.run(quick))
-    path = write_result(out_dir, bench.name, quick, result, started)
+    path = write_result(out_dir, bench.name, quick, result, started, source)
     print(f"\n## {bench.name}{' (quick)' if quick else ''}\n")
     print(bench.render(result))
     targets = render_targets(result)
@@ -58,6 +66,11 @@ def run_one(bench: Benchmark, quick: bool, out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "profile":
+        from bench import profile
+
+        return profile.main(argv[1:])
     known = benchmarks()
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -66,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="benchmarks:\n"
         + "\n".join(f"  {b.name:<10} {b.summary}" for b in known.values())
-        + "\n  all        every benchmark above, in this order",
+        + "\n  all        every benchmark above, in this order"
+        + "\n\nwhere the time goes: python -m bench profile {node,generator,presence}",
     )
     parser.add_argument("name", choices=[*known, "all"], help="which benchmark to run")
     parser.add_argument(

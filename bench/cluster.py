@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,23 +24,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import ROOT, say
+from spaces.cluster import RedisProcess, free_port
 from spaces.sdk.tokens import Role, sign_token
 from spaces.v1 import signing_key_pb2, signing_key_pb2_grpc, space_pb2, space_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def find_redis_server() -> str:
-    path = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(path):
-        raise RuntimeError("redis-server is not installed: run `make redis` (Debian's package)")
-    return path
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -89,51 +76,20 @@ class Cluster:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="spaces-bench-")))
     procs: list[Proc] = field(default_factory=list)
     redis_url: str = ""
-    log_level: str = "WARNING"
+    _redis: RedisProcess | None = None
+    log_level: str = "INFO"
 
     # --- redis ---------------------------------------------------------------------------
 
-    def start_redis(self) -> Proc:
-        port = free_port()
-        data = self.workdir / "redis"
-        data.mkdir(exist_ok=True)
-        proc = self._spawn(
-            "redis",
-            [
-                find_redis_server(),
-                "--port",
-                str(port),
-                "--bind",
-                LOOPBACK,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(data),
-                "--protected-mode",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
-            env=None,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"redis-server exited:\n{proc.tail()}")
-            try:
-                with socket.create_connection((LOOPBACK, port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                time.sleep(0.02)
-        else:
-            raise RuntimeError("redis-server did not start")
-        self.redis_url = f"redis://{LOOPBACK}:{port}/0"
-        proc.address = f"{LOOPBACK}:{port}"
-        return proc
+    def start_redis(self) -> int:
+        """A private redis-server (the launcher `spaces cluster` uses); returns its pid."""
+        directory = self.workdir / "redis"
+        directory.mkdir(exist_ok=True)
+        redis = RedisProcess(directory=directory).start()
+        self._redis = redis
+        self.redis_url = redis.url
+        assert redis.proc is not None
+        return int(redis.proc.pid)
 
     # --- spaces processes ------------------------------------------------------------------
 
@@ -180,8 +136,8 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    async def wait_serving(self, proc: Proc, service: str = "", timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_serving(self, proc: Proc, service: str = "", limit_s: float = 30.0) -> None:
+        deadline = time.monotonic() + limit_s
         async with grpc.aio.insecure_channel(proc.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
@@ -202,6 +158,9 @@ class Cluster:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
         if os.environ.get("SPACES_BENCH_KEEP_LOGS"):
             say(f"logs kept in {self.workdir}")
         else:
@@ -219,7 +178,9 @@ class SigningKey:
     def token(
         self, space_id: str, role: Role = "publisher", participant_id: str | None = None
     ) -> str:
-        return sign_token(self.id, self.private_key, space_id, role=role, participant_id=participant_id)
+        return sign_token(
+            self.id, self.private_key, space_id, role=role, participant_id=participant_id
+        )
 
 
 class Admin:
@@ -246,7 +207,7 @@ class Admin:
         return str(reply.id)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 # --- metrics --------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def hypervisor() -> str:
     if " hypervisor" not in flags:
         return ""
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(
+            ["lscpu"], check=False, capture_output=True, text=True, timeout=5
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "yes"
     for line in out.splitlines():
@@ -100,13 +102,14 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def machine_cpu_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [int(v) for v in first[:8]]
+def machine_cpu_seconds() -> tuple[float, float, float]:
+    """(busy, steal, total) CPU seconds of the whole machine since boot, from /proc/stat.
+    Busy excludes idle, iowait and steal (time the hypervisor gave to someone else)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
     idle = values[3] + values[4]
+    steal = values[7]
     total = sum(values)
-    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
+    return (total - idle - steal) / CLOCK_TICKS, steal / CLOCK_TICKS, total / CLOCK_TICKS
 
 
 @dataclass
@@ -116,12 +119,14 @@ class CpuWindow:
     pids: dict[str, int]
     started: float = 0.0
     _start: dict[str, float] = field(default_factory=dict)
-    _machine: tuple[float, float] = (0.0, 0.0)
+    _machine: tuple[float, float, float] = (0.0, 0.0, 0.0)
     result: dict[str, float] = field(default_factory=dict)
     """name -> cores used on average (CPU seconds per wall second)."""
     wall: float = 0.0
     machine_busy: float = 0.0
-    """Busy fraction of all cores together (0..1)."""
+    """Busy fraction of all cores together (0..1), by every process on the machine."""
+    steal: float = 0.0
+    """Fraction of all cores' time the hypervisor gave to other guests."""
 
     def start(self) -> CpuWindow:
         self.started = time.monotonic()
@@ -134,16 +139,52 @@ class CpuWindow:
         for name, pid in self.pids.items():
             used = _cpu_or_zero(pid) - self._start[name]
             self.result[name] = used / self.wall if self.wall > 0 else 0.0
-        busy, total = machine_cpu_seconds()
-        spent_total = total - self._machine[1]
-        self.machine_busy = (busy - self._machine[0]) / spent_total if spent_total > 0 else 0.0
+        busy, steal, total = machine_cpu_seconds()
+        spent_total = total - self._machine[2]
+        if spent_total > 0:
+            self.machine_busy = (busy - self._machine[0]) / spent_total
+            self.steal = (steal - self._machine[1]) / spent_total
         return self
+
+    def foreign_cores(self) -> float:
+        """Cores busy with processes other than the measured ones (other work on the
+        machine competing with the benchmark)."""
+        cores = os.cpu_count() or 1
+        return max(0.0, self.machine_busy * cores - sum(self.result.values()))
 
     def cores(self, *names: str) -> float:
         return sum(self.result.get(n, 0.0) for n in names)
 
     def group(self, prefix: str) -> float:
         return sum(v for k, v in self.result.items() if k.startswith(prefix))
+
+
+QUIET_FOREIGN_CORES = 0.15
+"""Before a measurement window, wait until other work on the machine uses less than this."""
+QUIET_WAIT_S = 30.0
+
+
+async def wait_quiet(
+    pids: dict[str, int], quick: bool, threshold: float = QUIET_FOREIGN_CORES
+) -> float:
+    """The machine may be shared (other test runs, builds): before measuring, wait up to
+    ``QUIET_WAIT_S`` for processes other than ``pids`` to use less than ``threshold`` cores,
+    sampled over one second. Returns the last sample; results record it either way."""
+    import asyncio
+
+    deadline = time.monotonic() + (0 if quick else QUIET_WAIT_S)
+    waited = False
+    while True:
+        window = CpuWindow(pids).start()
+        await asyncio.sleep(0.1 if quick else 1.0)
+        foreign = window.stop().foreign_cores()
+        if foreign < threshold or time.monotonic() > deadline:
+            if waited:
+                say(f"  other work on the machine now {foreign:.2f} cores: measuring")
+            return foreign
+        if not waited:
+            say(f"  other work on the machine uses {foreign:.2f} cores: waiting for it to settle")
+            waited = True
 
 
 def _cpu_or_zero(pid: int) -> float:
@@ -178,12 +219,37 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 # --- results --------------------------------------------------------------------------------
 
 
+def source_version() -> dict[str, Any]:
+    """The commit measured, and whether the work tree differed from it (read-only git)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, check=False, capture_output=True, text=True, timeout=10
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if len(line) > 3]
+    return {
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "uncommitted_product_files": sorted(
+            f for f in changed if not f.startswith(("bench/", "docs/", "tests/"))
+        ),
+    }
+
+
 def command_line(name: str, quick: bool) -> str:
     return f"python -m bench {name}" + (" --quick" if quick else "")
 
 
 def write_result(
-    out_dir: Path, name: str, quick: bool, data: dict[str, Any], started: float
+    out_dir: Path,
+    name: str,
+    quick: bool,
+    data: dict[str, Any],
+    started: float,
+    source: dict[str, Any] | None = None,
 ) -> Path:
     """bench/results/<name>.json (<name>.quick.json for --quick, so that a quick run never
     overwrites the recorded full run)."""
@@ -196,6 +262,7 @@ def write_result(
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
         "machine": machine(),
+        "source": source or source_version(),
         **data,
     }
     tmp = path.with_suffix(".tmp")
@@ -236,7 +303,9 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A Markdown table (readable in a terminal and pasteable into docs)."""
-    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [
+        [c if isinstance(c, str) else fmt(c) for c in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):

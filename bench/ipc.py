@@ -39,7 +39,7 @@ class Worker:
 
     @classmethod
     async def start(
-        cls, name: str, role: str, config: dict[str, Any], logdir: Path, timeout: float = 60.0
+        cls, name: str, role: str, config: dict[str, Any], logdir: Path, limit_s: float = 60.0
     ) -> Worker:
         log = logdir / f"{name}.log"
         handle = log.open("wb")
@@ -61,15 +61,15 @@ class Worker:
         )
         handle.close()
         worker = cls(name, proc, log)
-        worker.ready = await worker._read(timeout)
+        worker.ready = await worker._read(limit_s)
         return worker
 
-    async def _read(self, timeout: float) -> dict[str, Any]:
+    async def _read(self, limit_s: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
         try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            line = await asyncio.wait_for(self.proc.stdout.readline(), limit_s)
         except TimeoutError as exc:
-            raise WorkerError(f"{self.name}: no reply in {timeout:.0f}s\n{self.tail()}") from exc
+            raise WorkerError(f"{self.name}: no reply in {limit_s:.0f}s\n{self.tail()}") from exc
         if not line:
             await self.proc.wait()
             raise WorkerError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
@@ -78,19 +78,17 @@ class Worker:
             raise WorkerError(f"{self.name}: {reply['error']}\n{self.tail()}")
         return reply
 
-    async def call(
-        self, cmd: str, timeout: float = REPLY_TIMEOUT_S, **args: Any
-    ) -> dict[str, Any]:
+    async def call(self, cmd: str, limit_s: float = REPLY_TIMEOUT_S, **args: Any) -> dict[str, Any]:
         async with self._lock:
             assert self.proc.stdin is not None
             self.proc.stdin.write((json.dumps({"cmd": cmd, **args}) + "\n").encode())
             await self.proc.stdin.drain()
-            return await self._read(timeout)
+            return await self._read(limit_s)
 
-    async def stop(self, timeout: float = 20.0) -> None:
+    async def stop(self, limit_s: float = 20.0) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(Exception):
-                await self.call("stop", timeout=timeout)
+                await self.call("stop", limit_s=limit_s)
         with contextlib.suppress(ProcessLookupError):
             if self.proc.returncode is None:
                 try:

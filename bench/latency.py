@@ -6,31 +6,42 @@ DTLS transport's ``_send_rtp``); the subscriber process stamps it when aiortc ha
 CLOCK_MONOTONIC, one clock for all processes on the machine, and packets are matched by a
 hash of their payload, which the node forwards unchanged.
 
-That one-way time includes the end points' own aiortc work, so the same pair of processes is
-also measured connected directly, without the SFU. The added delay is the difference: SFU path
-minus direct path, at p50 and at p99. A second SFU run measures one subscriber while the node
-also forwards to N others, since each packet is sent to subscribers one after another."""
+That one-way time includes the end points' own aiortc work. So the same two processes also
+keep a direct peer connection, publisher to subscriber without the SFU (a second encoder of the
+same pattern at the same bitrate), and both paths are measured in the same window. The added
+delay is the difference, SFU path minus direct path, at p50 and at p99. A second window
+measures again while the node also forwards to N other subscribers (each packet is sent to the
+subscribers one after another)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from bench.cluster import Admin, Cluster
-from bench.common import fmt, percentile, say, table
+from bench.common import CpuWindow, fmt, percentile, say, table, wait_quiet
 from bench.ipc import Worker, stop_all
 
 NAME = "latency"
 SUMMARY = "added forwarding delay of the media node (SFU path minus direct path)"
 
-FULL = {"window_s": 20.0, "loaded": (20,)}
-QUICK = {"window_s": 2.0, "loaded": ()}
+
+@dataclass(frozen=True)
+class Plan:
+    window_s: float
+    loads: tuple[int, ...]
+    quick: bool = False
+
+
+FULL = Plan(window_s=20.0, loads=(20,))
+QUICK = Plan(window_s=2.0, loads=(), quick=True)
 
 
 def deltas(sent: list[list[int]], received: list[list[int]]) -> tuple[list[float], int]:
     """Per-packet one-way times in ms, and how many sent packets were never matched."""
-    got = dict((k, t) for k, t in received)
+    got = {k: t for k, t in received}
     out = []
     unmatched = 0
     for key, t_sent in sent:
@@ -52,44 +63,39 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-async def record(publisher: Worker, subscriber: Worker, window_s: float) -> dict[str, Any]:
+async def record(
+    publisher: Worker, subscriber: Worker, plan: Plan, pids: dict[str, int]
+) -> dict[str, Any]:
+    """Both paths, one window: {"direct": stats, "spaces": stats, ...}."""
+    quiet = await wait_quiet(pids, plan.quick)
     await subscriber.call("times")  # forget packets from before the window
     await publisher.call("record", on=True)
-    await asyncio.sleep(window_s)
+    cpu = CpuWindow(pids).start()
+    await asyncio.sleep(plan.window_s)
+    cpu.stop()
     sent = (await publisher.call("record", on=False))["times"]
     await asyncio.sleep(0.5)  # the last packets in flight
     received = (await subscriber.call("times"))["times"]
-    values, unmatched = deltas(sent, received)
-    return {**stats(values), "sent": len(sent), "unmatched": unmatched}
+    out: dict[str, Any] = {}
+    for path in ("direct", "spaces"):
+        values, unmatched = deltas(sent[path], received.get(path, []))
+        out[path] = {**stats(values), "sent": len(sent[path]), "unmatched": unmatched}
+    out["added_p50_ms"] = out["spaces"]["p50"] - out["direct"]["p50"]
+    out["added_p90_ms"] = out["spaces"]["p90"] - out["direct"]["p90"]
+    out["added_p99_ms"] = out["spaces"]["p99"] - out["direct"]["p99"]
+    out["cpu"] = dict(cpu.result)
+    out["foreign_cores"] = cpu.foreign_cores()
+    out["foreign_cores_before"] = quiet
+    return out
 
 
-async def run_direct(window_s: float) -> dict[str, Any]:
+async def run(quick: bool) -> dict[str, Any]:
+    plan = QUICK if quick else FULL
     cluster = Cluster()
     workers: list[Worker] = []
+    windows: list[dict[str, Any]] = []
     try:
-        publisher = await Worker.start("publisher", "publisher", {"mode": "direct"}, cluster.workdir)
-        workers.append(publisher)
-        subscriber = await Worker.start(
-            "subscriber", "subscribers", {"mode": "direct", "record_times": True}, cluster.workdir
-        )
-        workers.append(subscriber)
-        offer = await subscriber.call("direct_offer")
-        answer = await publisher.call("answer", sdp=offer["sdp"])
-        await subscriber.call("direct_finish", sdp=answer["sdp"])
-        await asyncio.sleep(1.0)
-        say("latency: direct publisher -> subscriber")
-        return await record(publisher, subscriber, window_s)
-    finally:
-        await stop_all(workers)
-        cluster.close()
-
-
-async def run_sfu(window_s: float, loads: tuple[int, ...]) -> list[dict[str, Any]]:
-    cluster = Cluster()
-    workers: list[Worker] = []
-    results = []
-    try:
-        cluster.start_redis()
+        redis_pid = cluster.start_redis()
         api = cluster.start_spaces("api", "serve", "--services", "control,auth,presence")
         node = cluster.start_spaces("node", "media-node")
         await asyncio.gather(cluster.wait_serving(api), cluster.wait_serving(node))
@@ -98,52 +104,49 @@ async def run_sfu(window_s: float, loads: tuple[int, ...]) -> list[dict[str, Any
         space_id = await admin.space(max_participants=1000)
         await admin.close()
         await asyncio.sleep(0.5)
+        logdir = cluster.workdir
+        config = {"mode": "spaces", "address": api.address}
         publisher = await Worker.start(
-            "publisher",
-            "publisher",
-            {"mode": "spaces", "token": key.token(space_id), "address": api.address},
-            cluster.workdir,
+            "publisher", "publisher", {**config, "token": key.token(space_id)}, logdir
         )
         workers.append(publisher)
-        config = {"mode": "spaces", "address": api.address}
         measured = await Worker.start(
-            "subscriber", "subscribers", {**config, "record_times": True}, cluster.workdir
+            "subscriber", "subscribers", {**config, "record_times": True}, logdir
         )
         workers.append(measured)
         pid = publisher.ready["participant_id"]
         await measured.call(
             "add", count=1, tokens=[key.token(space_id, "subscriber")], publisher_id=pid
         )
+        offer = await measured.call("direct_offer")
+        answer = await publisher.call("answer", sdp=offer["sdp"])
+        await measured.call("direct_finish", sdp=answer["sdp"])
+        pids = {
+            "node": node.pid,
+            "api": api.pid,
+            "redis": redis_pid,
+            "publisher": publisher.pid,
+            "subscriber": measured.pid,
+        }
         await asyncio.sleep(1.0)
-        say("latency: publisher -> media node -> subscriber")
-        results.append({"others": 0, **(await record(publisher, measured, window_s))})
-        if loads:
-            others = await Worker.start("others", "subscribers", config, cluster.workdir)
+        say("latency: publisher -> subscriber, direct and through the media node")
+        windows.append({"others": 0, **(await record(publisher, measured, plan, pids))})
+        if plan.loads:
+            others = await Worker.start("others", "subscribers", config, logdir)
             workers.append(others)
+            pids["others"] = others.pid
             count = 0
-            for n in loads:
+            for n in plan.loads:
                 tokens = [key.token(space_id, "subscriber") for _ in range(n - count)]
-                await others.call("add", timeout=180, tokens=tokens, publisher_id=pid)
+                await others.call("add", limit_s=180, tokens=tokens, publisher_id=pid)
                 count = n
                 await asyncio.sleep(2.0)
-                say(f"latency: publisher -> media node -> subscriber, with {n} other subscribers")
-                results.append({"others": n, **(await record(publisher, measured, window_s))})
+                say(f"latency: the same, while the node also forwards to {n} other subscribers")
+                windows.append({"others": n, **(await record(publisher, measured, plan, pids))})
     finally:
         await stop_all(workers)
         cluster.close()
-    return results
-
-
-async def run(quick: bool) -> dict[str, Any]:
-    plan = QUICK if quick else FULL
-    window_s = float(plan["window_s"])  # type: ignore[arg-type]
-    loads: tuple[int, ...] = plan["loaded"]  # type: ignore[assignment]
-    direct = await run_direct(window_s)
-    sfu = await run_sfu(window_s, loads)
-    for row in sfu:
-        row["added_p50_ms"] = row["p50"] - direct["p50"]
-        row["added_p99_ms"] = row["p99"] - direct["p99"]
-    base = sfu[0]
+    base = windows[0]
     targets = [
         {
             "target": "added forwarding latency p50 <=1 ms",
@@ -158,43 +161,50 @@ async def run(quick: bool) -> dict[str, Any]:
     ]
     return {
         "config": {
-            "window_s": window_s,
-            "loaded_with": list(loads),
+            "window_s": plan.window_s,
+            "loaded_with": list(plan.loads),
             "stamps": "publisher: before SRTP protect + sendto; subscriber: at the receiver tap",
             "clock": "CLOCK_MONOTONIC (time.monotonic_ns), shared by all processes",
+            "baseline": "a direct publisher-to-subscriber connection in the same processes, "
+            "measured in the same window",
         },
-        "direct": direct,
-        "sfu": sfu,
-        "summary": {"added_p50_ms": base["added_p50_ms"], "added_p99_ms": base["added_p99_ms"]},
+        "windows": windows,
+        "summary": {
+            "added_p50_ms": base["added_p50_ms"],
+            "added_p99_ms": base["added_p99_ms"],
+            "direct_p50_ms": base["direct"]["p50"],
+            "direct_p99_ms": base["direct"]["p99"],
+            "spaces_p50_ms": base["spaces"]["p50"],
+            "spaces_p99_ms": base["spaces"]["p99"],
+        },
         "targets": targets,
     }
 
 
 def render(result: dict[str, Any]) -> str:
-    d = result["direct"]
-    rows = [
-        ["direct (no SFU)", "-", d["n"], fmt(d["p50"], 3), fmt(d["p90"], 3), fmt(d["p99"], 3),
-         fmt(d["max"], 2), "-", "-", d["unmatched"]],
-    ]
-    for r in result["sfu"]:
-        rows.append(
-            [
-                "via media node",
-                r["others"],
-                r["n"],
-                fmt(r["p50"], 3),
-                fmt(r["p90"], 3),
-                fmt(r["p99"], 3),
-                fmt(r["max"], 2),
-                fmt(r["added_p50_ms"], 3),
-                fmt(r["added_p99_ms"], 3),
-                r["unmatched"],
-            ]
-        )
+    rows = []
+    for w in result["windows"]:
+        for path, label in (("direct", "direct (no SFU)"), ("spaces", "via media node")):
+            r = w[path]
+            added = path == "spaces"
+            rows.append(
+                [
+                    w["others"],
+                    label,
+                    r["n"],
+                    fmt(r["p50"], 3),
+                    fmt(r["p90"], 3),
+                    fmt(r["p99"], 3),
+                    fmt(r["max"], 2),
+                    fmt(w["added_p50_ms"], 3) if added else "-",
+                    fmt(w["added_p99_ms"], 3) if added else "-",
+                    r["unmatched"],
+                ]
+            )
     return table(
         [
-            "path",
             "other subscribers",
+            "path",
             "packets",
             "p50 ms",
             "p90 ms",

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -19,6 +20,7 @@ from bench.ipc import Channel
 from bench.peers import (
     VIDEO_BITRATE,
     PacketStats,
+    RtcpCounter,
     SendRecorder,
     http_exchange,
     live_video,
@@ -43,6 +45,8 @@ FIRST_PACKET_TIMEOUT_S = 20.0
 async def run_publisher(config: dict[str, Any], channel: Channel) -> None:
     mode = config["mode"]
     recorder = SendRecorder()
+    direct = SendRecorder()
+    feedback = RtcpCounter()
     space: Space | None = None
     pcs: list[RTCPeerConnection] = []
     track = live_video()
@@ -52,11 +56,16 @@ async def run_publisher(config: dict[str, Any], channel: Channel) -> None:
         await me.publish(track, "camera", width=640, height=480)
         assert space._publisher_pc is not None
         recorder.install(space._publisher_pc)
+        for transceiver in space._publisher_pc.getTransceivers():
+            feedback.incoming(transceiver.sender)
         await wait_connected(space._publisher_pc)
         channel.send({"ready": True, "participant_id": space.participant_id})
     elif mode == "relay":
         pc = await raw_publisher_offer(track)
         pcs.append(pc)
+        recorder.install(pc)
+        for transceiver in pc.getTransceivers():
+            feedback.incoming(transceiver.sender)
         answer = await http_exchange(config["url"] + "/publish")(pc.localDescription.sdp)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         await wait_connected(pc)
@@ -64,22 +73,35 @@ async def run_publisher(config: dict[str, Any], channel: Channel) -> None:
     else:
         channel.send({"ready": True})
 
-    async def answer(request: dict[str, Any]) -> dict[str, Any]:
-        """direct mode: answer one subscriber's offer."""
-        pc = await raw_publisher_answer(request["sdp"], track)
-        recorder.install(pc)
+    async def answer_offer(request: dict[str, Any]) -> dict[str, Any]:
+        """The direct path: answer one subscriber's offer, sending it a stream of its own (a
+        second encoder of the same pattern, at the same bitrate)."""
+        pc = await raw_publisher_answer(request["sdp"], live_video())
+        direct.install(pc)
         pcs.append(pc)
         return {"sdp": pc.localDescription.sdp}
 
     async def record(request: dict[str, Any]) -> dict[str, Any]:
-        recorder.enabled = bool(request["on"])
-        if recorder.enabled:
-            recorder.times.clear()
+        """Start or stop stamping sent packets; on stop, the stamps by path."""
+        on = bool(request["on"])
+        for r in (recorder, direct):
+            r.enabled = on
+            if on:
+                r.times.clear()
+        if on:
             return {}
-        return {"times": list(recorder.times.items())}
+        return {
+            "times": {"spaces": list(recorder.times.items()), "direct": list(direct.times.items())}
+        }
 
     async def stats(_: dict[str, Any]) -> dict[str, Any]:
-        return {"frames_sent": track.frames_sent}
+        return {
+            "frames_sent": track.frames_sent,
+            "frames_sent_rtp": recorder.frames,
+            "packets_sent": recorder.packets,
+            "retransmissions": recorder.retransmissions,
+            "feedback_received": feedback.take(),
+        }
 
     async def stop(_: dict[str, Any]) -> dict[str, Any]:
         if space is not None:
@@ -87,7 +109,7 @@ async def run_publisher(config: dict[str, Any], channel: Channel) -> None:
         await asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True)
         return {}
 
-    await channel.serve({"answer": answer, "record": record, "stats": stats, "stop": stop})
+    await channel.serve({"answer": answer_offer, "record": record, "stats": stats, "stop": stop})
 
 
 # --- subscribers ----------------------------------------------------------------------------
@@ -96,6 +118,8 @@ async def run_publisher(config: dict[str, Any], channel: Channel) -> None:
 @dataclass
 class Subscriber:
     stats: PacketStats
+    path: str = "spaces"
+    """How the media reaches it: "spaces", "relay" or "direct"."""
     space: Space | None = None
     pc: RTCPeerConnection | None = None
     joined_ms: float = 0.0
@@ -115,26 +139,36 @@ def _camera(space: Space, publisher_id: str) -> RemoteTrack:
     return track
 
 
-async def _wait_first_packet(stats: PacketStats, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not stats.first_packet_ns:
+async def until(done: Callable[[], object], limit_s: float, interval: float = 0.005) -> bool:
+    """Poll ``done`` until it is true or ``limit_s`` passes; whether it became true."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if done():
+            return True
         if time.monotonic() > deadline:
-            raise RuntimeError("no media within %.0fs" % timeout)
-        await asyncio.sleep(0.01)
+            return False
+        await asyncio.sleep(interval)
+
+
+async def _wait_first_packet(stats: PacketStats, limit_s: float) -> None:
+    if not await until(lambda: stats.first_packet_ns, limit_s):
+        raise RuntimeError(f"no media within {limit_s:.0f}s")
 
 
 async def run_subscribers(config: dict[str, Any], channel: Channel) -> None:
     mode = config["mode"]
     record_times = bool(config.get("record_times"))
     subscribers: list[Subscriber] = []
+    feedback = RtcpCounter()
     gate = asyncio.Semaphore(JOIN_CONCURRENCY)
     direct_answer: asyncio.Future[str] | None = None
     direct_task: asyncio.Task[RTCPeerConnection] | None = None
+    pending_direct: list[Subscriber] = []
     channel.send({"ready": True})
 
     async def join_one(token: str, publisher_id: str) -> Subscriber:
         stats = PacketStats(now_ns(), record_times)
-        sub = Subscriber(stats)
+        sub = Subscriber(stats, mode)
         if mode == "spaces":
             sub.space = Space(token, config["address"], decode=False)
             await sub.space.join()
@@ -160,31 +194,44 @@ async def run_subscribers(config: dict[str, Any], channel: Channel) -> None:
 
     async def mark(_: dict[str, Any]) -> dict[str, Any]:
         for sub in subscribers:
+            pc = sub.pc or (sub.space._subscriber_pc if sub.space else None)
+            for transceiver in pc.getTransceivers() if pc else ():
+                feedback.outgoing(transceiver.receiver)
             sub.stats.start_window()
+        feedback.take()
         return {"t_ns": now_ns()}
 
     async def report(_: dict[str, Any]) -> dict[str, Any]:
-        t = now_ns()
-        windows = [sub.stats.end_window() for sub in subscribers]
         return {
-            "t_ns": t,
-            "expected": [w[0] for w in windows],
-            "received": [w[1] for w in windows],
+            "t_ns": now_ns(),
+            "windows": [asdict(sub.stats.end_window()) for sub in subscribers],
+            "feedback_sent": feedback.take(),
         }
 
     async def late(request: dict[str, Any]) -> dict[str, Any]:
         """Late joiners, one after another: join, wait for the first complete keyframe, leave.
-        Returns each one's time from starting to join to that keyframe's last packet."""
+        For each, from the start of its join: the join returned (presence, then the media
+        session), its media transport connected (ICE + DTLS), its first keyframe was complete."""
         results: list[float | None] = []
+        joined: list[float] = []
+        connected: list[float | None] = []
         for token in request.get("tokens") or [""] * int(request["count"]):
             sub = await join_one(token, request.get("publisher_id", ""))
-            deadline = time.monotonic() + float(request.get("timeout", 10))
-            while not sub.stats.first_key_done_ns and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
+            joined.append(sub.joined_ms)
+            stamp: list[float] = []
+
+            def progress(sub: Subscriber = sub, stamp: list[float] = stamp) -> bool:
+                pc = sub.pc or (sub.space._subscriber_pc if sub.space else None)
+                if not stamp and pc is not None and pc.connectionState == "connected":
+                    stamp.append((now_ns() - sub.stats.started_ns) / 1e6)
+                return sub.stats.has_first_frame()
+
+            await until(progress, float(request.get("timeout", 10)), 0.002)
             results.append(sub.stats.first_frame_ms())
+            connected.append(stamp[0] if stamp else None)
             await sub.close()
             await asyncio.sleep(float(request.get("gap", 0.3)))
-        return {"first_frame_ms": results}
+        return {"first_frame_ms": results, "joined_ms": joined, "connected_ms": connected}
 
     async def decoded(request: dict[str, Any]) -> dict[str, Any]:
         """One late joiner that decodes: time to its first decoded frame, and whether the
@@ -196,10 +243,7 @@ async def run_subscribers(config: dict[str, Any], channel: Channel) -> None:
         try:
             await space.join()
             track = _camera(space, request["publisher_id"])
-            deadline = time.monotonic() + float(request.get("timeout", 10))
-            while not track.frames_received and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
-            if not track.frames_received:
+            if not await until(lambda: track.frames_received, float(request.get("timeout", 10))):
                 return {"first_decoded_ms": None, "pattern_ok": False}
             first_ms = (now_ns() - started) / 1e6
             color, _ = read_pattern(track.last_frame)
@@ -222,23 +266,26 @@ async def run_subscribers(config: dict[str, Any], channel: Channel) -> None:
             return await answer
 
         direct_task = asyncio.create_task(raw_subscriber(exchange, stats))
-        subscribers.append(Subscriber(stats))
+        direct_sub = Subscriber(stats, "direct")
+        subscribers.append(direct_sub)
+        pending_direct.append(direct_sub)
         return {"sdp": await offered}
 
     async def direct_finish(request: dict[str, Any]) -> dict[str, Any]:
         assert direct_answer is not None and direct_task is not None
         direct_answer.set_result(request["sdp"])
-        pc = await direct_task
-        subscribers[-1].pc = pc
-        await _wait_first_packet(subscribers[-1].stats, FIRST_PACKET_TIMEOUT_S)
+        sub = pending_direct.pop()
+        sub.pc = await direct_task
+        await _wait_first_packet(sub.stats, FIRST_PACKET_TIMEOUT_S)
         return {}
 
     async def times(_: dict[str, Any]) -> dict[str, Any]:
-        merged: dict[int, int] = {}
+        """Receive stamps by path, forgetting them."""
+        by_path: dict[str, list[tuple[int, int]]] = {}
         for sub in subscribers:
-            merged.update(sub.stats.recv_times)
+            by_path.setdefault(sub.path, []).extend(sub.stats.recv_times.items())
             sub.stats.recv_times.clear()
-        return {"times": list(merged.items())}
+        return {"times": by_path}
 
     async def leave_all(_: dict[str, Any]) -> dict[str, Any]:
         await asyncio.gather(*(s.close() for s in subscribers), return_exceptions=True)

@@ -14,9 +14,11 @@ import json
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import av
+import numpy as np
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -25,7 +27,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.rtcconfiguration import RTCBundlePolicy
-from aiortc.rtp import is_rtcp
+from aiortc.rtp import is_rtcp, unpack_remb_fci
 
 from spaces.media.aiortc_adapter import (
     IcePolicy,
@@ -65,80 +67,165 @@ def rtp_payload(data: bytes) -> bytes:
 # --- receiving ------------------------------------------------------------------------------
 
 
+def vp8_picture_id(payload: bytes) -> int:
+    """The picture id of a VP8 payload descriptor (RFC 7741), or -1. The publisher numbers its
+    frames with it and the node forwards payloads untouched, so a gap is a lost frame even where
+    the node re-numbered the RTP sequence."""
+    if len(payload) < 3 or not payload[0] & 0x80 or not payload[1] & 0x80:
+        return -1
+    first = payload[2]
+    if first & 0x80:
+        return ((first & 0x7F) << 8) | payload[3] if len(payload) > 3 else -1
+    return first & 0x7F
+
+
+class Unwrapper:
+    """Extends a wrapping counter (RTP sequence numbers, picture ids) and counts the distinct
+    values inside a measurement window."""
+
+    __slots__ = ("_cycles", "_last", "_modulus", "highest", "seen", "start")
+
+    def __init__(self, modulus: int) -> None:
+        self._modulus = modulus
+        self._last = -1
+        self._cycles = 0
+        self.highest = -1
+        self.start = -1
+        self.seen: set[int] | None = None
+
+    def add(self, value: int) -> None:
+        half = self._modulus // 2
+        last = self._last
+        if last >= 0 and value < last and last - value > half:
+            self._cycles += self._modulus
+        extended = self._cycles + value
+        if last >= 0 and value > last and value - last > half:
+            extended -= self._modulus  # a late one from before the last wrap
+        else:
+            self._last = value
+        self.highest = max(self.highest, extended)
+        if self.seen is not None:
+            self.seen.add(extended)
+
+    def start_window(self) -> None:
+        self.start = self.highest
+        self.seen = set()
+
+    def end_window(self) -> tuple[int, int]:
+        """(expected, received) distinct values after the window's start."""
+        seen, self.seen = self.seen or set(), None
+        if self.start < 0 or self.highest <= self.start:
+            return 0, 0
+        return self.highest - self.start, sum(1 for v in seen if v > self.start)
+
+
+@dataclass
+class Window:
+    """One track at one subscriber over a measurement window."""
+
+    packets_expected: int = 0
+    packets_received: int = 0
+    frames_expected: int = 0
+    """Video: by picture id. Audio: every packet is a frame."""
+    frames_received: int = 0
+    frames_completed: int = 0
+    """Distinct frames whose last (marker) packet arrived: comparable with what the publisher
+    sent even through MediaRelay, which re-encodes and re-numbers everything."""
+
+    def add(self, other: Window) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def ratio_lost(expected: int, received: int) -> float:
+    return 1 - received / expected if expected else 0.0
+
+
+def window_loss(w: Window) -> float:
+    """The worse of packet loss (by sequence number) and frame loss (by picture id)."""
+    return max(
+        ratio_lost(w.packets_expected, w.packets_received),
+        ratio_lost(w.frames_expected, w.frames_received),
+    )
+
+
 class PacketStats:
-    """What one subscriber measures about one incoming track: packets (unique, by extended
-    sequence number) inside a measurement window, the first complete keyframe after joining,
-    and, when asked, a receive timestamp per payload for latency matching."""
+    """What one subscriber measures about one incoming track: packets by sequence number and
+    frames by VP8 picture id inside a measurement window, the first complete keyframe after
+    joining, and, when asked, a receive timestamp per payload for latency matching."""
 
     __slots__ = (
-        "_cycles",
-        "_last_seq",
         "first_key_done_ns",
         "first_key_ts",
         "first_packet_ns",
-        "highest",
+        "pictures",
         "received",
-        "recv_times",
         "record_times",
+        "recv_times",
+        "sequence",
         "started_ns",
-        "window_start_highest",
-        "window_seen",
+        "video",
+        "window_frames",
         "windowing",
     )
 
-    def __init__(self, started_ns: int, record_times: bool = False) -> None:
+    def __init__(self, started_ns: int, record_times: bool = False, video: bool = True) -> None:
         self.started_ns = started_ns
+        self.video = video
         self.received = 0
-        self.highest = -1
-        self._last_seq = -1
-        self._cycles = 0
+        self.sequence = Unwrapper(1 << 16)
+        self.pictures = Unwrapper(1 << 15)
         self.first_packet_ns = 0
         self.first_key_ts = -1
         self.first_key_done_ns = 0
         self.windowing = False
-        self.window_start_highest = -1
-        self.window_seen: set[int] = set()
+        self.window_frames: set[int] = set()
         self.record_times = record_times
         self.recv_times: dict[int, int] = {}
 
     def on_packet(self, packet: RtpPacket) -> None:
         t = now_ns()
-        self.received += 1
-        seq = packet.sequence_number
-        if self._last_seq < 0:
+        if not self.received:
             self.first_packet_ns = t
-        elif seq < self._last_seq and self._last_seq - seq > 0x8000:
-            self._cycles += 0x10000
-        ext = self._cycles + seq
-        if self._last_seq >= 0 and seq > self._last_seq and seq - self._last_seq > 0x8000:
-            ext -= 0x10000  # a late packet from before the last wrap
-        else:
-            self._last_seq = seq
-        if ext > self.highest:
-            self.highest = ext
-        if self.windowing:
-            self.window_seen.add(ext)
-        if not self.first_key_done_ns:
-            if self.first_key_ts < 0 and vp8_keyframe_start(packet.payload):
-                self.first_key_ts = packet.timestamp
-            if packet.marker and packet.timestamp == self.first_key_ts:
-                self.first_key_done_ns = t
+        self.received += 1
+        self.sequence.add(packet.sequence_number)
+        payload = packet.payload
+        if self.video:
+            picture = vp8_picture_id(payload)
+            if picture >= 0:
+                self.pictures.add(picture)
+            if not self.first_key_done_ns:
+                if self.first_key_ts < 0 and vp8_keyframe_start(payload):
+                    self.first_key_ts = packet.timestamp
+                if packet.marker and packet.timestamp == self.first_key_ts:
+                    self.first_key_done_ns = t
+        if self.windowing and packet.marker:
+            self.window_frames.add(packet.timestamp)
         if self.record_times:
-            self.recv_times[payload_key(packet.payload)] = t
+            self.recv_times[payload_key(payload)] = t
 
     def start_window(self) -> None:
-        self.window_seen = set()
-        self.window_start_highest = self.highest
+        self.sequence.start_window()
+        self.pictures.start_window()
+        self.window_frames = set()
         self.windowing = True
 
-    def end_window(self) -> tuple[int, int]:
-        """(expected, received) packets in the window, by sequence number."""
+    def end_window(self) -> Window:
         self.windowing = False
-        if self.window_start_highest < 0:
-            return 0, 0
-        expected = self.highest - self.window_start_highest
-        got = sum(1 for s in self.window_seen if s > self.window_start_highest)
-        return max(expected, 0), got
+        packets_expected, packets_received = self.sequence.end_window()
+        frames_expected, frames_received = self.pictures.end_window()
+        if not self.video:
+            frames_expected, frames_received = packets_expected, packets_received
+        return Window(
+            packets_expected,
+            packets_received,
+            frames_expected,
+            frames_received,
+            len(self.window_frames),
+        )
+
+    def has_first_frame(self) -> bool:
+        return bool(self.first_key_done_ns)
 
     def first_frame_ms(self) -> float | None:
         if not self.first_key_done_ns:
@@ -152,8 +239,8 @@ def new_pc() -> RTCPeerConnection:
     )
 
 
-async def wait_connected(pc: RTCPeerConnection, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_connected(pc: RTCPeerConnection, limit_s: float = 20.0) -> None:
+    deadline = time.monotonic() + limit_s
     while pc.connectionState != "connected":
         if pc.connectionState in ("failed", "closed") or time.monotonic() > deadline:
             raise RuntimeError(f"peer connection {pc.connectionState}")
@@ -161,15 +248,11 @@ async def wait_connected(pc: RTCPeerConnection, timeout: float = 20.0) -> None:
 
 
 def prefer_vp8(transceiver: Any) -> None:
-    caps = [
-        c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/VP8"
-    ]
+    caps = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/VP8"]
     transceiver.setCodecPreferences(caps)
 
 
-async def raw_subscriber(
-    exchange: Callable[[str], Any], stats: PacketStats
-) -> RTCPeerConnection:
+async def raw_subscriber(exchange: Callable[[str], Any], stats: PacketStats) -> RTCPeerConnection:
     """A receive-only aiortc peer that offers one video m-section; ``exchange(offer_sdp)``
     returns the answer sdp (from the MediaRelay server or the direct publisher)."""
     pc = new_pc()
@@ -226,6 +309,62 @@ def http_exchange(url: str) -> Callable[[str], Any]:
     return exchange
 
 
+class RtcpCounter:
+    """Counts RTCP feedback by kind (remb, nack, pli, rr, ...): what a subscriber sends to the
+    node, or what the node sends back to a publisher."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.remb_min_bps = 0
+        """The lowest bitrate a REMB asked for since the last ``take()`` (0: none)."""
+        self._wrapped: set[int] = set()
+
+    def _count(self, packet: Any) -> None:
+        kind = type(packet).__name__.removeprefix("Rtcp").removesuffix("Packet").lower()
+        fmt = getattr(packet, "fmt", None)
+        if kind == "psfb":
+            kind = {1: "pli", 4: "fir", 15: "remb"}.get(fmt or 0, kind)
+            if kind == "remb":
+                try:
+                    bitrate, _ = unpack_remb_fci(packet.fci)
+                except ValueError:
+                    bitrate = 0
+                if bitrate and (not self.remb_min_bps or bitrate < self.remb_min_bps):
+                    self.remb_min_bps = bitrate
+        elif kind == "rtpfb":
+            kind = "nack" if fmt == 1 else kind
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def outgoing(self, receiver: Any) -> None:
+        """Count what ``receiver`` sends (its feedback to the sender)."""
+        if id(receiver) in self._wrapped:
+            return
+        self._wrapped.add(id(receiver))
+        original = receiver._send_rtcp
+
+        async def send_rtcp(packet: Any) -> None:
+            self._count(packet)
+            await original(packet)
+
+        receiver._send_rtcp = send_rtcp
+
+    def incoming(self, sender: Any) -> None:
+        """Count what ``sender`` receives (feedback about what it sends)."""
+        original = sender._handle_rtcp_packet
+
+        async def handle(packet: Any) -> None:
+            self._count(packet)
+            await original(packet)
+
+        sender._handle_rtcp_packet = handle
+
+    def take(self) -> dict[str, int]:
+        """Counts by kind since the last call, and ``remb_min_bps``."""
+        counts, self.counts = self.counts, {}
+        counts["remb_min_bps"], self.remb_min_bps = self.remb_min_bps, 0
+        return counts
+
+
 # --- sending --------------------------------------------------------------------------------
 
 
@@ -236,33 +375,80 @@ class SendRecorder:
     def __init__(self) -> None:
         self.times: dict[int, int] = {}
         self.enabled = False
+        self.packets = 0
+        """Media packets sent once (retransmissions are counted apart)."""
+        self.frames = 0
+        """Of those, packets with the marker bit: the last packet of each video frame, every
+        audio packet."""
+        self.retransmissions = 0
+        self._media_ssrcs: set[int] = set()
 
     def install(self, pc: RTCPeerConnection) -> None:
-        transports = {id(t.sender.transport): t.sender.transport for t in pc.getTransceivers()}
+        """Call once per peer connection, after its senders exist."""
+        transceivers = pc.getTransceivers()
+        # RTX retransmissions go out on another SSRC than the media they repeat.
+        self._media_ssrcs.update(t.sender._ssrc for t in transceivers)
+        transports: dict[int, Any] = {
+            id(t.sender.transport): t.sender.transport for t in transceivers
+        }
         for dtls in transports.values():
             original = dtls._send_rtp
 
             async def send_rtp(data: bytes, original: Any = original) -> None:
-                if self.enabled and not is_rtcp(data):
-                    self.times[payload_key(rtp_payload(data))] = now_ns()
+                if not is_rtcp(data):
+                    if int.from_bytes(data[8:12], "big") in self._media_ssrcs:
+                        self.packets += 1
+                        if data[1] & 0x80:
+                            self.frames += 1
+                        if self.enabled:
+                            self.times[payload_key(rtp_payload(data))] = now_ns()
+                    else:
+                        self.retransmissions += 1
                 await original(data)
 
             dtls._send_rtp = send_rtp
 
 
-def live_video() -> TestPatternTrack:
+class BusyPatternTrack(TestPatternTrack):
+    """The SDK's test pattern with a band of changing noise across the middle. The plain
+    pattern is so easy to compress that VP8 undershoots a 1 Mbps target (about 0.5-0.75 Mbps,
+    varying with how much CPU the encoder gets); with the band the encoder spends its whole
+    budget: about 1 Mbps and 112 packets/s, like a camera. The top half (the sender's colour)
+    and the frame counter stay readable by ``read_pattern``."""
+
+    NOISE_ROWS = 32
+    NOISE_TILES = 8
+
+    def __init__(self, color: tuple[int, int, int], fps: int = 30) -> None:
+        super().__init__(color, fps=fps)
+        rng = np.random.default_rng(7)
+        shape = (self.NOISE_ROWS, self.width, 3)
+        self._noise = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(self.NOISE_TILES)]
+        self._band = slice(self.height // 2, self.height // 2 + self.NOISE_ROWS)
+
+    async def recv(self) -> av.VideoFrame:
+        self._base[self._band] = self._noise[self.frames_sent % self.NOISE_TILES]
+        return await super().recv()
+
+
+PUBLISHER_COLOR = (200, 60, 60)
+
+
+def live_video() -> BusyPatternTrack:
     """640x480 at 30 fps, encoded live by aiortc's VP8 encoder (pinned to 1 Mbps by the
     caller): the fixed-bitrate publisher of REFERENCE.md §3."""
-    return TestPatternTrack((200, 60, 60))
+    return BusyPatternTrack(PUBLISHER_COLOR)
 
 
 # --- pre-encoded media (cheap publishers for many-participant runs) -------------------------
 
 
-def encode_vp8_loop(seconds: float, fps: int = 30, bitrate: int = VIDEO_BITRATE) -> list[bytes]:
+async def encode_vp8_loop(
+    seconds: float, fps: int = 30, bitrate: int = VIDEO_BITRATE
+) -> list[bytes]:
     """Encode ``seconds`` of the test pattern once, with the settings aiortc's own VP8 encoder
     uses for a fixed bitrate (CBR): the first frame is the only keyframe."""
-    source = TestPatternTrack((60, 160, 200), fps=fps)
+    source = BusyPatternTrack((60, 160, 200), fps=fps)
     codec = av.CodecContext.create("libvpx", "w")
     codec.width, codec.height = source.width, source.height
     codec.bit_rate = bitrate
@@ -284,15 +470,11 @@ def encode_vp8_loop(seconds: float, fps: int = 30, bitrate: int = VIDEO_BITRATE)
         "undershoot-pct": "100",
     }
     frames: list[bytes] = []
-    loop = asyncio.new_event_loop()
-    source._pace.wait = _no_wait  # type: ignore[method-assign]
-    try:
-        for _ in range(int(seconds * fps)):
-            frame = loop.run_until_complete(source.recv()).reformat(format="yuv420p")
-            frames.append(b"".join(bytes(p) for p in codec.encode(frame)))
-        frames[-1] += b"".join(bytes(p) for p in codec.encode(None))
-    finally:
-        loop.close()
+    pace: Any = source._pace
+    pace.wait = _no_wait
+    for _ in range(int(seconds * fps)):
+        frame = (await source.recv()).reformat(format="yuv420p")
+        frames.append(b"".join(bytes(p) for p in codec.encode(frame)))
     return frames
 
 
@@ -303,8 +485,6 @@ async def _no_wait() -> None:
 def encode_opus_loop(seconds: float) -> list[bytes]:
     """20 ms Opus packets of a 440 Hz tone (aiortc's settings: 48 kHz stereo, voip)."""
     import math
-
-    import numpy as np
 
     codec = av.CodecContext.create("libopus", "w")
     codec.bit_rate = 32_000
@@ -345,6 +525,11 @@ class PacketLoopTrack(MediaStreamTrack):
         self._count = 0
         self._next = 0.0
 
+    @property
+    def count(self) -> int:
+        """Frames (packets of pre-encoded media) yielded so far."""
+        return self._count
+
     def restart(self) -> None:
         self._index = 0
 
@@ -364,12 +549,12 @@ class PacketLoopTrack(MediaStreamTrack):
         return packet
 
 
-def wire_keyframe_requests(sender: RTCRtpSender, track: PacketLoopTrack) -> None:
+def wire_keyframe_requests(sender: Any, track: PacketLoopTrack) -> None:
     """aiortc drops PLI/FIR for packet input (REFERENCE.md §3); restart the loop instead."""
-    sender._send_keyframe = track.restart  # type: ignore[method-assign]
+    sender._send_keyframe = track.restart
 
 
-def wire_audio_level(sender: RTCRtpSender, dbov: int = -30) -> None:
+def wire_audio_level(sender: Any, dbov: int = -30) -> None:
     """Packet input carries no audio level; browsers send one, and the node reads it for active
     speakers, so add a constant level to every outgoing audio packet."""
     original = sender._next_encoded_frame
@@ -380,4 +565,4 @@ def wire_audio_level(sender: RTCRtpSender, dbov: int = -30) -> None:
             frame.audio_level = dbov
         return frame
 
-    sender._next_encoded_frame = next_frame  # type: ignore[method-assign]
+    sender._next_encoded_frame = next_frame
