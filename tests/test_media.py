@@ -681,3 +681,32 @@ async def test_reconnect_gives_up_after_its_tries_and_says_so(world: tuple) -> N
     assert event.reason
     assert space.state == "failed"
     await space.leave()
+
+
+async def test_publishers_are_told_the_configured_bitrate_cap(world: tuple) -> None:
+    """The node announces SPACES_MAX_PUBLISH_BITRATE by REMB, never a figure derived from its
+    own scheduling delay (which would throttle publishers whenever the node is busy)."""
+    from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
+
+    server, _, tenant, space_id = world
+    publisher, _ = await connect(server, tenant, space_id, "capped")
+    viewer, _ = await connect(server, tenant, space_id, "watching")
+    try:
+        local = await publisher.local.publish(TestPatternTrack((1, 100, 1)), "camera")
+        sender = local._transceiver.sender
+        seen: list[int] = []
+        original = sender._handle_rtcp_packet
+
+        async def record(packet: object) -> None:
+            if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                seen.append(unpack_remb_fci(packet.fci)[0])
+            await original(packet)
+
+        sender._handle_rtcp_packet = record
+        await eventually(lambda: len(seen) >= 3, timeout=10)
+        cap = server.config.node.max_publish_bitrate
+        # REMB's mantissa/exponent encoding rounds the figure a little.
+        assert all(abs(bitrate - cap) <= cap * 0.01 for bitrate in seen), seen
+    finally:
+        await publisher.leave()
+        await viewer.leave()

@@ -111,6 +111,8 @@ class NodeConfig:
     """Keyframe requests to one publisher are merged and sent at most this often."""
     subscriber_buffer_bytes: int = 256 * 1024
     """Above this much unsent data a subscriber drops media until the next keyframe."""
+    max_publish_bitrate: int = 2_500_000
+    """Announced to video publishers every second (REMB): the most each track may send."""
 
     def __post_init__(self) -> None:
         if (self.udp_port_min == 0) != (self.udp_port_max == 0):
@@ -275,6 +277,9 @@ class ServerConfig:
             udp_port_min=port_min,
             udp_port_max=port_max,
             drain_grace_s=float(get("SPACES_DRAIN_GRACE_SECONDS", "30")),
+            max_publish_bitrate=int(
+                get("SPACES_MAX_PUBLISH_BITRATE", str(NodeConfig.max_publish_bitrate))
+            ),
         )
         webhook_lease_ms = seconds_ms("SPACES_WEBHOOK_LEASE_SECONDS", WebhookConfig.lease_ms)
         webhooks = WebhookConfig(

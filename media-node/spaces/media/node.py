@@ -23,7 +23,12 @@ from grpc_health.v1 import health_pb2
 from spaces import errors, logs, metrics
 from spaces.config import ServerConfig
 from spaces.media import session as media_session
-from spaces.media.aiortc_adapter import IcePolicy, apply_ice_policy, install_codec_counters
+from spaces.media.aiortc_adapter import (
+    IcePolicy,
+    apply_ice_policy,
+    install_codec_counters,
+    send_remb,
+)
 from spaces.media.room import Room
 from spaces.media.session import close_reason_for
 from spaces.presence import credentials
@@ -35,6 +40,7 @@ from spaces.v1 import media_pb2, media_pb2_grpc, node_pb2
 logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
+REMB_INTERVAL_S = 1.0
 MEDIA_SERVICE = media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name
 VERSION = "0.1.0"
 
@@ -109,6 +115,7 @@ class MediaNode:
         self._tasks = [
             asyncio.create_task(self._renew_forever(), name="lease-renewal"),
             asyncio.create_task(self._commands_forever(), name="node-commands"),
+            asyncio.create_task(self._announce_bitrate_forever(), name="remb"),
         ]
         logger.info("media node %s serving at %s", self.node_id, self._public_address())
 
@@ -208,6 +215,17 @@ class MediaNode:
                 await session.close(
                     media_pb2.CLOSE_REASON_MIGRATE, "space moved to another media node"
                 )
+
+    # --- publisher bitrate ------------------------------------------------------------------
+
+    async def _announce_bitrate_forever(self) -> None:
+        cap = self.config.node.max_publish_bitrate
+        while True:
+            await asyncio.sleep(REMB_INTERVAL_S)
+            for room in list(self.rooms.values()):
+                for track in list(room.tracks.values()):
+                    if track.kind == "video" and track.receiver is not None:
+                        send_remb(track.receiver, track.forwarder.ssrc, cap)
 
     # --- commands --------------------------------------------------------------------------
 

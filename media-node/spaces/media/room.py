@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spaces.media.aiortc_adapter import Codec
 from spaces.media.forwarding import TrackForwarder
@@ -39,6 +39,8 @@ class PublishedTrack:
     source: int
     codec: Codec
     forwarder: TrackForwarder
+    receiver: Any = None
+    """The aiortc receiver of the publisher's track (for RTCP feedback to the publisher)."""
     muted: bool = False
     width: int = 0
     height: int = 0

@@ -421,6 +421,7 @@ class Session:
             source=declared.source,
             codec=codec,
             forwarder=forwarder,
+            receiver=receiver,
             muted=declared.muted,
             width=declared.width,
             height=declared.height,
