@@ -200,22 +200,28 @@ class _Tap:
         return False, None
 
 
-def tap_receiver(receiver: RTCRtpReceiver, on_packet: Callable[[RtpPacket], None]) -> None:
+def tap_receiver(
+    receiver: RTCRtpReceiver,
+    on_packet: Callable[[RtpPacket], None],
+    estimate_bandwidth: bool = False,
+) -> None:
     """Route every RTP packet the receiver accepts to ``on_packet`` and never decode.
 
-    aiortc still runs its NACK generator, receiver reports and REMB estimator for the publisher
-    (they come before the jitter buffer in ``_handle_rtp_packet``). Calling it again rebinds
-    the callback (a transceiver reused for a new track)."""
+    aiortc still runs its NACK generator and receiver reports (they come before the jitter
+    buffer in ``_handle_rtp_packet``). Its delay-based bandwidth estimator (and the REMB it
+    sends) runs only with ``estimate_bandwidth``. Calling it again rebinds the callback (a
+    transceiver reused for a new track)."""
     existing = receiver._RTCRtpReceiver__jitter_buffer
     if isinstance(existing, _Tap):
         existing.on_packet = on_packet
         return
     receiver._RTCRtpReceiver__jitter_buffer = _Tap(on_packet)
-    # aiortc's delay-based estimator reads the node's own scheduling delay as congestion: a
-    # busy node would ask publishers to slow down (measured: 374 kbps requested of a 1 Mbps
-    # publisher at 80 subscribers). The node announces a configured cap instead (send_remb),
-    # and publishers' own congestion control handles the real network.
-    receiver._RTCRtpReceiver__remote_bitrate_estimator = None
+    if not estimate_bandwidth:
+        # On a media node the delay-based estimator reads the node's own scheduling delay as
+        # congestion, and asks publishers to slow down (measured: 374 kbps requested of a
+        # 1 Mbps publisher at 80 subscribers). The node announces a configured cap instead
+        # (send_remb) and publishers' congestion control handles the real network.
+        receiver._RTCRtpReceiver__remote_bitrate_estimator = None
     original_receive = receiver.receive
 
     async def receive(parameters: Any) -> None:

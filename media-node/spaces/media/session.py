@@ -412,7 +412,7 @@ class Session:
             on_audio_level=on_level if kind == "audio" else None,
         )
         forwarder.set_paused(declared.muted)
-        tap_receiver(receiver, forwarder.on_packet)
+        tap_receiver(receiver, forwarder.on_packet, estimate_bandwidth=False)
         return PublishedTrack(
             id=forwarder.track_id,
             owner=self,

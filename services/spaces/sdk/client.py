@@ -825,7 +825,9 @@ class Space:
             if sub.mid not in self._drains:
                 if not self._decode:
                     route = functools.partial(self._route_packet, sub.mid)
-                    tap_receiver(transceiver.receiver, route)
+                    # Spaces media nodes ignore subscribers' REMB (no simulcast to pick from),
+                    # so a packet-only client skips the estimator's cost.
+                    tap_receiver(transceiver.receiver, route, estimate_bandwidth=False)
                 self._drains[sub.mid] = asyncio.create_task(
                     self._drain(sub.mid, transceiver.receiver.track), name=f"drain-{sub.mid}"
                 )
