@@ -55,3 +55,14 @@ def test_the_built_wheel_contains_every_module(tmp_path: Path) -> None:
         "spaces/sdk/py.typed",
     ):
         assert module in names, module
+
+
+def test_ci_runs_make_test_and_nothing_cleverer() -> None:
+    script = ROOT / ".ci" / "run"
+    assert script.stat().st_mode & 0o111, ".ci/run must be executable"
+    commands = [
+        line.strip()
+        for line in script.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))
+    ]
+    assert commands == ["make test"]
