@@ -70,9 +70,6 @@ class RecordingSink:
         self.backlog = 0
         self.sent: list[bytes] = []
 
-    def buffered_bytes(self) -> int:
-        return self.backlog
-
     def send(
         self,
         first: int,

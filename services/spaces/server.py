@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -241,10 +240,6 @@ class SpacesServer:
             await self.store.close()
         logger.info("spaces stopped")
 
-    async def wait_closed(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
 
 async def serve(
     config: ServerConfig, stop_event: asyncio.Event, drain_event: asyncio.Event | None = None
@@ -269,8 +264,3 @@ async def serve(
         if drainer is not None:
             drainer.cancel()
         await server.stop()
-
-
-def with_port_zero(config: ServerConfig) -> ServerConfig:
-    """Tests bind port 0 on loopback."""
-    return replace(config, grpc_addr="127.0.0.1:0", metrics_addr="")

@@ -333,10 +333,6 @@ class RtpSink:
         dtls = self._dtls
         return dtls._state is DtlsState.CONNECTED and bool(dtls.transport._connection._nominated)
 
-    def buffered_bytes(self) -> int:
-        udp = self._udp
-        return int(udp.get_write_buffer_size()) if udp is not None else 0
-
     def _route(self, pair: Any) -> None:
         self._pair = pair
         self._addr = pair.remote_addr

@@ -160,11 +160,9 @@ class DownTrack:
         "_seq_offset",
         "_start_seq",
         "_ts_offset",
-        "bytes",
         "dropped",
         "is_video",
         "limit",
-        "packets",
         "sink",
         "state",
         "subscriber_id",
@@ -189,8 +187,6 @@ class DownTrack:
         self._seq_offset = 0
         self._ts_offset = 0
         self._start_seq = -1
-        self.packets = 0
-        self.bytes = 0
         self.dropped = 0
 
     # The hot path: called once per packet per subscriber.
@@ -216,8 +212,6 @@ class DownTrack:
         if backlog < 0:
             self.dropped += 1
             return
-        self.packets += 1
-        self.bytes += payload_len
         state = self.state
         state.last_out_seq = seq
         state.last_out_ts = ts
@@ -304,8 +298,6 @@ class TrackForwarder:
         self.downtracks: tuple[DownTrack, ...] = ()
         self.history: list[tuple[RtpPacket, float] | None] = [None] * HISTORY
         self.paused = False
-        self.packets_in = 0
-        self.keyframes_in = 0
         self.ssrc = 0
         """The publisher's SSRC, learned from its packets (keyframe requests name it)."""
         self._metric_packets = metrics.FORWARDED_PACKETS.labels(kind=kind)
@@ -338,12 +330,10 @@ class TrackForwarder:
         return self._keyframes.sent
 
     def on_packet(self, packet: RtpPacket) -> None:
-        self.packets_in += 1
         self.ssrc = packet.ssrc
         keyframe = False
         if self._is_keyframe is not None and self._is_keyframe(packet.payload):
             keyframe = True
-            self.keyframes_in += 1
             self._keyframes.keyframe_seen()
         level = packet.extensions.audio_level
         if level is not None and self._on_audio_level is not None:

@@ -20,7 +20,7 @@ import grpc
 from aiortc import RTCPeerConnection
 from grpc_health.v1 import health_pb2
 
-from spaces import errors, logs, metrics
+from spaces import errors, ids, logs, metrics
 from spaces.config import ServerConfig
 from spaces.media import session as media_session
 from spaces.media.aiortc_adapter import (
@@ -129,8 +129,6 @@ class MediaNode:
         if credential is None:
             raise errors.InvalidTicket()
         leases = self.config.leases
-        from spaces import ids
-
         try:
             claim: Claim = await self.store.claim(
                 credential.space_id,

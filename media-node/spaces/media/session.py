@@ -144,7 +144,6 @@ class Session:
         self.manual_subscriptions: set[str] | None = None
         self._outbox: asyncio.Queue[media_pb2.ServerMessage | None] = asyncio.Queue()
         self._closed = False
-        self.close_reason: int = media_pb2.CLOSE_REASON_UNSPECIFIED
         self._events = RateLimiter(limits.custom_events_per_second)
         self._last_name_change = 0.0
         self._publisher_pc: RTCPeerConnection | None = None
@@ -629,7 +628,6 @@ class Session:
         runs in its own task, so a caller being cancelled cannot leave it half done."""
         if not self._closed:
             self._closed = True
-            self.close_reason = reason
             logger.info(
                 "session %s closing: %s %s", self.connection_id, close_reason_name(reason), message
             )

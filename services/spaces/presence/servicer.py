@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from spaces import errors, ids, logs, metrics
+from spaces import errors, ids, logs, metrics, paging
 from spaces.auth import tokens
 from spaces.config import ServerConfig
 from spaces.lru import Lru
@@ -207,8 +207,6 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
     async def ListParticipants(
         self, request: presence_pb2.ListParticipantsRequest, context: grpc.aio.ServicerContext
     ) -> presence_pb2.ListParticipantsResponse:
-        from spaces import paging
-
         space_id = ids.validate_id(request.space_id, "space")
         limit = paging.page_limit(request.limit)
         offset = paging.decode_cursor(request.page_token)

@@ -39,9 +39,6 @@ class NodeDirectory:
         self._read_at = 0.0
         self._lock = asyncio.Lock()
 
-    def invalidate(self) -> None:
-        self._view = None
-
     async def _current(self) -> tuple[NodeView, int]:
         async with self._lock:
             age_ms = (time.monotonic() - self._read_at) * 1000
