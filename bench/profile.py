@@ -9,6 +9,7 @@ targets:
   node        the media node forwarding one publisher to N subscribers (fanout)
   generator   one subscriber load-generator process in that same run
   presence    one presence process under closed-loop joins
+  meetings    the media node carrying 5-person meetings (audio + video, everyone to everyone)
 
 --native also samples C frames, which shows the system calls (sendto, send) and SRTP.
 """
@@ -35,7 +36,7 @@ from bench.common import (
     source_version,
 )
 
-TARGETS = ("node", "generator", "presence")
+TARGETS = ("node", "generator", "presence", "meetings")
 MAIN_THREAD_MARKERS = ("cli.py", "bench/worker.py")
 IDLE_LEAVES = (
     "EpollSelector.select",
@@ -213,6 +214,48 @@ async def profile_presence(seconds: float, raw: Path) -> tuple[str, dict[str, fl
         await setup.close()
 
 
+async def profile_meetings(
+    meetings: int, seconds: float, raw: Path
+) -> tuple[str, dict[str, float]]:
+    from bench.cluster import Admin, Cluster
+    from bench.ipc import Worker, stop_all
+    from bench.meetings import FULL
+
+    cluster = Cluster()
+    workers: list[Worker] = []
+    try:
+        redis_pid = cluster.start_redis()
+        api = cluster.start_spaces("api", "serve", "--services", "control,auth,presence")
+        node = cluster.start_spaces("node", "media-node")
+        await asyncio.gather(cluster.wait_serving(api), cluster.wait_serving(node))
+        admin = Admin(api.address, cluster.admin_key)
+        key = await admin.signing_key()
+        config = {"address": api.address, "loop_s": FULL.loop_s}
+        workers = list(
+            await asyncio.gather(
+                *(
+                    Worker.start(f"meeting-{i}", "meeting", config, cluster.workdir)
+                    for i in range(FULL.workers)
+                )
+            )
+        )
+        for k in range(meetings):
+            space_id = await admin.space()
+            tokens = [key.token(space_id) for _ in range(FULL.size)]
+            await workers[k % len(workers)].call("add", limit_s=120, tokens=tokens)
+        await admin.close()
+        await asyncio.sleep(3)
+        pids = {"node": node.pid, "api": api.pid, "redis": redis_pid}
+        pids.update({f"generator-{i}": w.pid for i, w in enumerate(workers)})
+        cpu = CpuWindow(pids).start()
+        await record(node.pid, seconds, raw)
+        cpu.stop()
+        return f"{meetings} meetings of {FULL.size} (audio + video)", dict(cpu.result)
+    finally:
+        await stop_all(workers)
+        cluster.close()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench profile",
@@ -222,6 +265,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("target", choices=TARGETS)
     parser.add_argument("--quick", action="store_true", help="a few seconds, small load")
     parser.add_argument("--subscribers", type=int, default=40, help="fanout load (node, generator)")
+    parser.add_argument("--meetings", type=int, default=2, help="meetings load")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument(
         "--native", action="store_true", help="include C frames (system calls, SRTP, grpc core)"
@@ -237,6 +281,8 @@ def main(argv: list[str]) -> int:
     say(f"profile {args.target}: setting up the load")
     if args.target == "presence":
         load, cpu = asyncio.run(profile_presence(seconds, raw))
+    elif args.target == "meetings":
+        load, cpu = asyncio.run(profile_meetings(1 if args.quick else args.meetings, seconds, raw))
     else:
         load, cpu = asyncio.run(profile_fanout(args.target, subscribers, seconds, raw))
     text = render(args.target, load, cpu, summarize(raw))

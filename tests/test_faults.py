@@ -5,6 +5,7 @@ empty, a media node drains on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -33,14 +34,19 @@ COLOR = (220, 120, 20)
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[LocalCluster]:
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[LocalCluster]:
     local = LocalCluster(replicas=2, nodes=2, env=CLUSTER_ENV, admin_key=ADMIN_KEY)
+    failed_before = request.session.testsfailed
     await asyncio.to_thread(local.start)
     try:
         await asyncio.to_thread(local.wait_ready)
         yield local
     finally:
         await asyncio.to_thread(local.stop)
+        if request.session.testsfailed == failed_before:
+            shutil.rmtree(local.workdir, ignore_errors=True)
+        else:  # the processes' logs, for whoever reads the failure
+            print(f"cluster logs kept in {local.workdir}")
 
 
 class Deployment:
@@ -85,7 +91,11 @@ async def call(
 async def receiving(
     viewer: sdk.Space, pid: str, since: int = 0, count: int = 15
 ) -> sdk.RemoteTrack:
-    track = await eventually(lambda: viewer.remote_track(pid, "camera"), timeout=15)
+    try:
+        track = await eventually(lambda: viewer.remote_track(pid, "camera"), timeout=15)
+    except AssertionError as exc:
+        seen = {p: [t.source for t in r.tracks.values()] for p, r in viewer.participants.items()}
+        raise AssertionError(f"{viewer.participant_id} sees {seen}, not {pid}'s camera") from exc
     await eventually(lambda: track.frames_received > since + count, timeout=15)
     assert same_color(read_pattern(track.last_frame)[0], COLOR)
     return track
@@ -276,7 +286,9 @@ async def test_media_node_drains_on_sigterm(deployment: Deployment) -> None:
     events = []
     while (event := bob_events.get_nowait()) is not None:
         events.append(event)
-    assert any(isinstance(e, sdk.Reconnecting) and e.reason == "migrate" for e in events)
+    assert any(isinstance(e, sdk.Reconnecting) and e.reason == "migrate" for e in events), [
+        (type(e).__name__, getattr(e, "reason", "")) for e in events
+    ]
     await receiving(bob, "alice", count=10)
     # And it exits within its grace period (3 s drain + 1 s shutdown + start-up slack).
     assert await asyncio.to_thread(process.proc.wait, 10) == 0  # type: ignore[union-attr]

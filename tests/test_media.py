@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -475,6 +477,68 @@ async def test_end_of_session_frees_the_participant_id_at_once(world: tuple) -> 
     assert third.participant_id == "leaver"
     await third.leave()
     await again.leave()
+
+
+def everyone_sees_everyone(names: list[str], sessions: list[tuple[Any, set[str]]]) -> bool:
+    return all(seen == set(names) - {name} for name, (_, seen) in zip(names, sessions, strict=True))
+
+
+async def test_sessions_opened_and_closed_at_the_same_moment_all_see_each_other(
+    world: tuple,
+) -> None:
+    """Clients reconnecting after a node loss or a drain arrive at once. Each must see every
+    other one (in its Joined snapshot or as a later ParticipantJoined), and a room emptied
+    while a session is being seated must not swallow that session."""
+    server, admin, tenant, space_id = world
+
+    async def ticket(pid: str) -> str:
+        reply = await admin.presence.Join(
+            presence_pb2.JoinRequest(token=tenant.token(space_id, pid))
+        )
+        return str(reply.ticket)
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = media_pb2_grpc.MediaServiceStub(channel)
+
+        async def open_session(pid: str) -> tuple[Any, set[str]]:
+            call = stub.Session()
+            await call.write(hello(await ticket(pid)))
+            return call, set()
+
+        async def watch(call: Any, seen: set[str]) -> None:
+            while True:
+                message = await call.read()
+                kind = message.WhichOneof("message")
+                if kind == "joined":
+                    seen.update(p.participant_id for p in message.joined.participants)
+                elif kind == "participant_joined":
+                    seen.add(message.participant_joined.participant.participant_id)
+                elif kind == "participant_left":
+                    seen.discard(message.participant_left.participant_id)
+
+        for round_ in range(5):
+            leaver, _ = await open_session(f"leaver-{round_}")
+            assert (await leaver.read()).WhichOneof("message") == "joined"
+            names = [f"p{round_}-{i}" for i in range(6)]
+            leaving = asyncio.ensure_future(
+                leaver.write(media_pb2.ClientMessage(leave=media_pb2.LeaveSession()))
+            )
+            sessions = await asyncio.gather(*(open_session(name) for name in names))
+            await leaving
+            watchers = [asyncio.ensure_future(watch(call, seen)) for call, seen in sessions]
+
+            try:
+                await eventually(functools.partial(everyone_sees_everyone, names, sessions), 5)
+                assert list(server.media_node.rooms) == [space_id]
+                room = server.media_node.rooms[space_id]
+                assert {s.participant_id for s in room.sessions.values()} == set(names)
+            finally:
+                for watcher in watchers:
+                    watcher.cancel()
+                for call, _ in sessions:
+                    call.cancel()
+                leaver.cancel()
+            await eventually(lambda: server.media_node.rooms == {}, timeout=5)
 
 
 # --- the node process -----------------------------------------------------------------------

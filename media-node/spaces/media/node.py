@@ -315,17 +315,25 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
         session = await self._node.admit(first.hello.ticket)
         logs.bind(space_id=session.space_id, connection_id=session.connection_id)
         session.start()
-        yield session.joined_message()
+        # The snapshot and the seat in the room in one step, with no await between them (nor
+        # since admit() picked the room): whoever arrives later is announced to this session,
+        # and the room cannot be emptied and dropped while this session is on its way in.
+        joined = session.joined_message()
         session.room.add(session)
-        reader = asyncio.create_task(self._read(session, request_iterator), name="session-reader")
+        reader: asyncio.Task[None] | None = None
         try:
+            yield joined
+            reader = asyncio.create_task(
+                self._read(session, request_iterator), name="session-reader"
+            )
             while True:
                 message = await session.outgoing()
                 if message is None:
                     break
                 yield message
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             # A stream that ends without LeaveSession frees the participant_id at once; the
             # client may still resume it with its secret.
             await session.close(media_pb2.CLOSE_REASON_LEFT, "session stream ended", "disconnected")

@@ -614,7 +614,13 @@ class Space:
         return reply
 
     async def _read(self, call: Any) -> None:
+        """Read the session stream. Messages are handled in order by a separate task, so that
+        this one is always reading: a ``closing`` (and its reason) is seen even while an offer
+        is being answered, and a write that fails because the node ended the stream (grpc then
+        fails later reads too) cannot hide it."""
         reason = "session stream ended"
+        inbox: asyncio.Queue[media_pb2.ServerMessage] = asyncio.Queue()
+        handler = asyncio.create_task(self._handle_all(call, inbox), name="space-handler")
         try:
             while True:
                 message = await call.read()
@@ -625,21 +631,35 @@ class Space:
                     name = media_pb2.CloseReason.Name(closing.reason)
                     reason = name.removeprefix("CLOSE_REASON_").lower()
                     if not closing.rejoin:
+                        handler.cancel()
                         await self._finish(reason, closing.message)
                         return
                     break
-                try:
-                    await self._dispatch(message)
-                except Exception:
-                    if self._left or self._call is not call:
-                        return
-                    logger.exception("space: handling %s failed", message.WhichOneof("message"))
+                inbox.put_nowait(message)
         except grpc.aio.AioRpcError as exc:
             reason = f"session failed: {exc.code().name.lower()}"
         except asyncio.CancelledError:
             return
+        finally:
+            handler.cancel()
         if not self._left and self._call is call:
             self._start_reconnect(reason)
+
+    async def _handle_all(self, call: Any, inbox: asyncio.Queue[media_pb2.ServerMessage]) -> None:
+        while True:
+            message = await inbox.get()
+            try:
+                await self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._left or self._call is not call:
+                    return
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    # The stream ended under us; the reader reports why and reconnects.
+                    logger.debug("space: %s not answered: %s", message.WhichOneof("message"), exc)
+                    return
+                logger.exception("space: handling %s failed", message.WhichOneof("message"))
 
     async def _dispatch(self, message: media_pb2.ServerMessage) -> None:
         kind = message.WhichOneof("message")
