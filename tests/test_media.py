@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator
@@ -454,6 +455,51 @@ async def test_unpublish_stops_the_track_for_everyone(world: tuple) -> None:
         again = await eventually(lambda: viewer.remote_track("unpub", "camera"))
         await eventually(lambda: again.frames_received > 5, timeout=10)
         assert same_color(read_pattern(again.last_frame)[0], (90, 90, 90))
+    finally:
+        await publisher.leave()
+        await viewer.leave()
+
+
+async def test_a_session_closed_while_publishing_leaves_no_track_behind(world: tuple) -> None:
+    """A kick (or drain, or lost lease) can land while a publish offer is being answered. The
+    room must not take tracks from the closed session: the others would see a ghost track."""
+    server, _, tenant, space_id = world
+    viewer, viewer_events = await connect(server, tenant, space_id, "viewer")
+    publisher, publisher_events = await connect(server, tenant, space_id, "kicked")
+    session = server.media_node.sessions[publisher.connection_id]
+    new_pc = session._new_pc
+    closing: list[asyncio.Future[None]] = []
+
+    def pc_closed_during_negotiation() -> Any:
+        pc = new_pc()
+        set_local = pc.setLocalDescription
+
+        async def set_local_then_close(description: Any) -> None:
+            await set_local(description)
+            # An admin's RemoveParticipant, handled by another task, gets in first.
+            closing.append(
+                asyncio.ensure_future(
+                    session.close(media_pb2.CLOSE_REASON_REMOVED, "removed", "removed")
+                )
+            )
+            await asyncio.sleep(0)
+
+        pc.setLocalDescription = set_local_then_close
+        return pc
+
+    session._new_pc = pc_closed_during_negotiation
+    try:
+        with contextlib.suppress(sdk.SpacesClientError):
+            await publisher.local.publish(TestPatternTrack((10, 200, 10)), "camera")
+        await eventually(lambda: publisher.state == "closed", timeout=5)
+        await asyncio.gather(*closing)
+        await eventually(lambda: "kicked" not in viewer.participants, timeout=5)
+        await asyncio.sleep(0.3)
+        room = server.media_node.rooms[space_id]
+        assert room.tracks == {}
+        assert [s.participant_id for s in room.sessions.values()] == ["viewer"]
+        assert not any(isinstance(e, sdk.TrackPublished) for e in drain_events(viewer_events))
+        assert any(isinstance(e, sdk.Disconnected) for e in drain_events(publisher_events))
     finally:
         await publisher.leave()
         await viewer.leave()

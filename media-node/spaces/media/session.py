@@ -359,6 +359,10 @@ class Session:
         answer = await pc.createAnswer()
         self.node.apply_ice_policy(pc)
         await pc.setLocalDescription(answer)
+        if self._closed:
+            # Closed while negotiating (kicked, drained, lease lost): the room has already
+            # dropped this session's tracks, and must not get new ones from it.
+            return
         local = pc.localDescription
         self.send(
             media_pb2.ServerMessage(
