@@ -57,10 +57,15 @@ async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> As
 
 
 @pytest.fixture(autouse=True)
-async def _dump_tasks_when_stuck() -> AsyncIterator[None]:
-    """Debug aid: if a test's event loop is still busy after 60 s, print every task's stack."""
+async def _dump_tasks_when_stuck(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Debug aid: if a test's event loop is still busy after 60 s, print every task's stack
+    (not for the slow tests, which run for minutes on purpose)."""
     import asyncio
     import sys
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
 
     def dump() -> None:
         print("\n=== asyncio tasks after 60 s ===", file=sys.stderr)

@@ -50,7 +50,7 @@ FIGURES = {
         "summary.node_cores_at_max",
         "summary.forwarded_pps_at_max",
         "summary.pps_per_core_at_max",
-        "summary.late_first_frame_ms.p95",
+        "summary.late_first_frame_ms_all_steps.p95",
         "summary.relay_vs_spaces_ratio",
     ],
     "latency": [
@@ -80,6 +80,12 @@ def test_quick_run_produces_figures(name: str, tmp_path: Path) -> None:
     for path in FIGURES[name]:
         assert is_figure(lookup(document, path)), f"{name}: {path} = {lookup(document, path)!r}"
     assert document["targets"], "each benchmark reports its targets"
+    if name == "fanout":
+        # The judged late-joiner figure only counts steps where the machine had room (a busy
+        # CI machine may have none); then it must be there too.
+        roomy = [r for r in document["spaces"] if r["machine_busy"] <= 0.8]
+        late = document["summary"]["late_first_frame_ms"]["p95"]
+        assert is_figure(late) if roomy else late is None, (roomy, late)
     # The table was printed.
     assert f"## {name} (quick)" in result.stdout
     assert "| ---" in result.stdout

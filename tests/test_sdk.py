@@ -128,7 +128,12 @@ async def test_a_final_closing_during_an_offer_ends_the_session_without_rejoinin
     assert not any(isinstance(e, sdk.Reconnecting) for e in seen)
     await asyncio.sleep(0.3)
     assert scripted.joins == 1 and scripted.sessions == 1
+    # leave() after the session ended on its own still releases the connections.
+    channels = [space._presence_channel, space._media_channel]
     await space.leave()
+    assert [c.get_state() for c in channels if c is not None] == [
+        grpc.ChannelConnectivity.SHUTDOWN
+    ] * 2
 
 
 @pytest.mark.parametrize("scripted", [MIGRATE], indirect=True)

@@ -448,20 +448,22 @@ class Space:
         return self.local
 
     async def leave(self) -> None:
-        """Leave cleanly: the participant_id is free at once."""
-        if self._left:
-            return
-        self._left = True
-        if self._reconnecting is not None:
-            self._reconnecting.cancel()
-        if self._call is not None and self.state == "joined":
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self._request(media_pb2.ClientMessage(leave=media_pb2.LeaveSession())), 5
-                )
-        self.state = "left"
-        await self._teardown()
-        for channel in (self._presence_channel, self._media_channel):
+        """Leave cleanly: the participant_id is free at once. Also call it after the session
+        ended on its own (removed, reconnect failed): it releases the connections."""
+        if not self._left:
+            self._left = True
+            if self._reconnecting is not None:
+                self._reconnecting.cancel()
+            if self._call is not None and self.state == "joined":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self._request(media_pb2.ClientMessage(leave=media_pb2.LeaveSession())), 5
+                    )
+            self.state = "left"
+            await self._teardown()
+        channels = (self._presence_channel, self._media_channel)
+        self._presence_channel = self._media_channel = None
+        for channel in channels:
             if channel is not None:
                 await channel.close()
 
