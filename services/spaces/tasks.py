@@ -37,3 +37,16 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float = 3.0) 
     if not done:
         task.cancel()
         logger.warning("task %s ignored cancellation", task.get_name())
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """``event.wait()`` with a timeout; True if the event was set. Loops that are stopped by
+    cancelling them use this rather than ``asyncio.wait_for``: on Python 3.11, wait_for
+    swallows a cancellation that arrives just as the awaited thing completes (CPython
+    gh-86296), and the loop then never stops (seen: a webhook worker's stop() hanging)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

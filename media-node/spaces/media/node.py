@@ -34,7 +34,7 @@ from spaces.media.session import close_reason_for
 from spaces.presence import credentials
 from spaces.routing.registry import NodeHeartbeat
 from spaces.store.base import Claim, Store
-from spaces.tasks import cancel_and_wait
+from spaces.tasks import cancel_and_wait, spawn, wait_event
 from spaces.v1 import media_pb2, media_pb2_grpc, node_pb2
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,19 @@ class MediaNode:
         except errors.SpaceNotFound as exc:
             # A ticket for a space that does not exist (any more) is just an invalid ticket.
             raise errors.InvalidTicket() from exc
+        if self.state != node_pb2.NODE_STATE_SERVING:
+            # Drain began while the claim was in flight, possibly after drain() looked at the
+            # sessions: hand the connection back (resumable) and send the client elsewhere.
+            try:
+                await self.store.leave(
+                    credential.space_id,
+                    credential.connection_id,
+                    "disconnected",
+                    node_id=self.node_id,
+                )
+            except errors.StoreUnavailable:
+                logger.warning("could not release %s: its lease will lapse", credential.space_id)
+            raise errors.NodeDraining()
         room = self.rooms.get(claim.participant.space_id)
         if room is None:
             room = self.rooms[claim.participant.space_id] = Room(
@@ -265,10 +278,7 @@ class MediaNode:
                 grace_s,
             )
         if self.sessions:
-            try:
-                await asyncio.wait_for(self._drained.wait(), grace_s)
-            except TimeoutError:
-                pass
+            await wait_event(self._drained, grace_s)
         for session in list(self.sessions.values()):
             await session.close(
                 media_pb2.CLOSE_REASON_MIGRATE, "media node is shutting down: join again"
@@ -314,6 +324,12 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
             raise errors.InvalidTicket("send hello with the ticket from Join first")
         session = await self._node.admit(first.hello.ticket)
         logs.bind(space_id=session.space_id, connection_id=session.connection_id)
+        for earlier in list(session.room.sessions.values()):
+            if earlier.participant_id == session.participant_id:
+                # This connection resumed that one: the store has already let it go, and its
+                # kick may still be on the way. Close it here; until then the room never shows
+                # this participant its own earlier connection (Room.others, desired_tracks).
+                spawn(earlier.close(media_pb2.CLOSE_REASON_REPLACED, "resumed elsewhere"))
         session.start()
         # The snapshot and the seat in the room in one step, with no await between them (nor
         # since admit() picked the room): whoever arrives later is announced to this session,

@@ -90,14 +90,21 @@ class Room:
         self.reconcile()
 
     def others(self, session: Session) -> list[media_pb2.RemoteParticipant]:
-        return [s.remote_view() for s in self.sessions.values() if s is not session]
+        """Everyone else. A participant's earlier connection, still closing after this one
+        resumed it, is not someone else."""
+        return [
+            s.remote_view()
+            for s in self.sessions.values()
+            if s.participant_id != session.participant_id
+        ]
 
     def remove(self, session: Session, reason: str) -> None:
         if self.sessions.pop(session.connection_id, None) is None:
             return
         for track in [t for t in self.tracks.values() if t.owner is session]:
             self.unpublish(track, announce=False)
-        self.speakers.forget(session.participant_id)
+        if not any(s.participant_id == session.participant_id for s in self.sessions.values()):
+            self.speakers.forget(session.participant_id)
         self.broadcast(
             media_pb2.ServerMessage(
                 participant_left=media_pb2.ParticipantLeft(
@@ -195,7 +202,7 @@ class Room:
         publishers = [
             (i, s)
             for i, s in enumerate(self.sessions.values())
-            if s is not session and self.tracks_of(s)
+            if s.participant_id != session.participant_id and self.tracks_of(s)
         ]
         if session.manual_subscriptions is not None:
             chosen = [s for _, s in publishers if s.participant_id in session.manual_subscriptions]

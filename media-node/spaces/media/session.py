@@ -38,7 +38,7 @@ from spaces.media.forwarding import DownTrack, SenderState, TrackForwarder
 from spaces.media.room import PublishedTrack, Room
 from spaces.store.base import Claim
 from spaces.store.codec import ROLES_BY_NAME
-from spaces.tasks import spawn
+from spaces.tasks import spawn, wait_event
 from spaces.v1 import media_pb2
 
 if TYPE_CHECKING:
@@ -158,6 +158,9 @@ class Session:
         self._awaiting_version: int | None = None
         self._awaiting_since = 0.0
         self._wake = asyncio.Event()
+        """Set when the subscriptions may need another offer."""
+        self._answered = asyncio.Event()
+        """Set when the outstanding subscriber offer got its answer."""
         self._negotiator: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
 
@@ -235,6 +238,8 @@ class Session:
 
     async def handle(self, message: media_pb2.ClientMessage) -> None:
         """One client message. Request errors are answered, not raised."""
+        if self._closed:
+            return  # queued behind the close: nothing may act for a participant who has left
         request_id = message.request_id
         kind = message.WhichOneof("message")
         try:
@@ -507,20 +512,22 @@ class Session:
 
     async def _negotiate_forever(self) -> None:
         while not self._closed:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=ANSWER_TIMEOUT_S / 4)
-            except TimeoutError:
-                pass
-            if self._closed:
-                return
             if self._awaiting_version is not None:
-                if time.monotonic() - self._awaiting_since > ANSWER_TIMEOUT_S:
+                # One offer at a time: wait for its answer (changes meanwhile stay in _wake
+                # for the next offer; waiting on _wake here would spin while it is set).
+                remaining = ANSWER_TIMEOUT_S - (time.monotonic() - self._awaiting_since)
+                if remaining <= 0:
                     await self.close(
                         media_pb2.CLOSE_REASON_ERROR,
                         "no answer to the subscriber offer",
                         "disconnected",
                     )
+                    return
+                await wait_event(self._answered, remaining)
                 continue
+            await self._wake.wait()
+            if self._closed:
+                return
             self._wake.clear()
             try:
                 await self._offer_changes()
@@ -564,6 +571,7 @@ class Session:
         self._offer_version += 1
         self._awaiting_version = self._offer_version
         self._awaiting_since = time.monotonic()
+        self._answered.clear()
         local = pc.localDescription
         self.send(
             media_pb2.ServerMessage(
@@ -608,6 +616,7 @@ class Session:
             )
             return
         self._awaiting_version = None
+        self._answered.set()
         limit = self.node.config.node.subscriber_buffer_bytes
         for sub in list(self._subs.values()):
             if sub.downtrack is not None:

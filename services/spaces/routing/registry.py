@@ -14,7 +14,7 @@ from collections.abc import Callable
 from spaces import errors
 from spaces.config import RegistryConfig
 from spaces.store.base import NodeView, Store
-from spaces.tasks import cancel_and_wait
+from spaces.tasks import cancel_and_wait, wait_event
 from spaces.v1 import node_pb2
 
 logger = logging.getLogger(__name__)
@@ -99,10 +99,7 @@ class NodeHeartbeat:
             except Exception:
                 logger.exception("heartbeat failed")
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._config.heartbeat_ms / 1000)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self._config.heartbeat_ms / 1000)
 
     async def stop(self) -> None:
         self._stopped = True

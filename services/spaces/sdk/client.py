@@ -311,11 +311,17 @@ class LocalParticipant:
             codec=codec,
             muted=muted,
         )
-        self._space._local_tracks.append(local)
+        space = self._space
+        space._local_tracks.append(local)
         try:
-            await self._space._negotiate_publisher()
+            await space._negotiate_publisher()
+        except SpacesClientError as exc:
+            if exc.code == "UNAVAILABLE" and space.state == "reconnecting" and not space._left:
+                return local  # the reconnect publishes it with the others
+            space._local_tracks.remove(local)
+            raise
         except BaseException:
-            self._space._local_tracks.remove(local)
+            space._local_tracks.remove(local)
             raise
         return local
 
@@ -435,6 +441,7 @@ class Space:
         self._mid_owner: dict[str, RemoteTrack] = {}
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._reconnecting: asyncio.Task[None] | None = None
+        self._ended_while_connecting = ""
         self._left = False
         self._decode = decode
         self.reconnects = 0
@@ -444,7 +451,8 @@ class Space:
     async def join(self) -> LocalParticipant:
         self.state = "joining"
         await self._connect()
-        self.state = "joined"
+        if self.state == "joining":  # not already reconnecting from a session that just ended
+            self.state = "joined"
         return self.local
 
     async def leave(self) -> None:
@@ -598,8 +606,13 @@ class Space:
     async def _write(self, message: media_pb2.ClientMessage) -> None:
         if self._call is None:
             raise SpacesClientError("UNAVAILABLE", "not connected")
+        call = self._call
         async with self._write_lock:
-            await self._call.write(message)
+            try:
+                await call.write(message)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                # The node ended the stream (its reason arrives through the reader).
+                raise SpacesClientError("UNAVAILABLE", "session ended") from exc
 
     async def _request(self, message: media_pb2.ClientMessage) -> media_pb2.ServerMessage:
         request_id = next(self._request_ids)
@@ -644,6 +657,8 @@ class Space:
             return
         finally:
             handler.cancel()
+        if self._call is call:
+            self._fail_pending()  # their replies will not come: fail them now, not on timeout
         if not self._left and self._call is call:
             self._start_reconnect(reason)
 
@@ -657,7 +672,7 @@ class Space:
             except Exception as exc:
                 if self._left or self._call is not call:
                     return
-                if isinstance(exc, grpc.aio.AioRpcError):
+                if isinstance(exc, grpc.aio.AioRpcError | SpacesClientError):
                     # The stream ended under us; the reader reports why and reconnects.
                     logger.debug("space: %s not answered: %s", message.WhichOneof("message"), exc)
                     return
@@ -728,79 +743,95 @@ class Space:
             pc = self._publisher_pc
             if pc is None:
                 pc = self._publisher_pc = self._new_pc()
-            wanted = list(self._local_tracks)
-            attached = {id(t._transceiver) for t in wanted if t._transceiver is not None}
-            for transceiver in pc.getTransceivers():
-                if id(transceiver) not in attached and transceiver.direction != "inactive":
-                    transceiver.direction = "inactive"
-                    transceiver.sender.replaceTrack(None)
-            for local in wanted:
-                if local._transceiver is not None:
-                    continue
-                proxy = self._relay.subscribe(local.source_track, buffered=local.kind == "audio")
-                reusable = next(
-                    (
-                        t
-                        for t in pc.getTransceivers()
-                        if t.kind == local.kind
-                        and t.direction == "inactive"
-                        and id(t) not in attached
-                    ),
-                    None,
-                )
-                if reusable is not None:
-                    reusable.direction = "sendonly"
-                    reusable.sender.replaceTrack(proxy)
-                    transceiver = reusable
-                else:
-                    transceiver = pc.addTransceiver(proxy, direction="sendonly")
-                if local.codec:
-                    caps = [
-                        c
-                        for c in RTCRtpSender.getCapabilities(local.kind).codecs
-                        if c.mimeType.lower() == local.codec.lower()
-                    ]
-                    if not caps:
-                        raise ValueError(f"codec {local.codec} is not supported")
-                    transceiver.setCodecPreferences(caps)
-                if self._publish_bitrate and local.kind == "video":
-                    pin_encoder_bitrate(transceiver.sender, self._publish_bitrate)
-                local._transceiver = transceiver
-                attached.add(id(transceiver))
-            apply_ice_policy(pc, self._ice_policy())
-            offer = await pc.createOffer()
-            await pc.setLocalDescription(offer)
-            for local in wanted:
-                local.mid = local._transceiver.mid or ""
-            description = pc.localDescription
-            reply = await self._request(
-                media_pb2.ClientMessage(
-                    publish_offer=media_pb2.PublishOffer(
-                        offer=media_pb2.SessionDescription(
-                            type=description.type, sdp=description.sdp
-                        ),
-                        tracks=[
-                            media_pb2.PublishedTrack(
-                                mid=local.mid,
-                                source=local.source,  # type: ignore[arg-type]
-                                muted=local.muted,
-                                width=local.width,
-                                height=local.height,
-                                name=local.name,
-                            )
-                            for local in wanted
-                        ],
-                    )
+            try:
+                await self._offer_publisher(pc)
+            except SpacesClientError:
+                raise
+            except Exception as exc:
+                if pc is not self._publisher_pc:  # torn down by a reconnect meanwhile
+                    raise SpacesClientError(
+                        "UNAVAILABLE", "session ended while publishing"
+                    ) from exc
+                raise
+
+    async def _offer_publisher(self, pc: RTCPeerConnection) -> None:
+        wanted = list(self._local_tracks)
+        attached = {id(t._transceiver) for t in wanted if t._transceiver is not None}
+        for transceiver in pc.getTransceivers():
+            if id(transceiver) not in attached and transceiver.direction != "inactive":
+                transceiver.direction = "inactive"
+                transceiver.sender.replaceTrack(None)
+        for local in wanted:
+            if local._transceiver is not None:
+                continue
+            proxy = self._relay.subscribe(local.source_track, buffered=local.kind == "audio")
+            reusable = next(
+                (
+                    t
+                    for t in pc.getTransceivers()
+                    if t.kind == local.kind and t.direction == "inactive" and id(t) not in attached
+                ),
+                None,
+            )
+            if reusable is not None:
+                reusable.direction = "sendonly"
+                reusable.sender.replaceTrack(proxy)
+                transceiver = reusable
+            else:
+                transceiver = pc.addTransceiver(proxy, direction="sendonly")
+            if local.codec:
+                caps = [
+                    c
+                    for c in RTCRtpSender.getCapabilities(local.kind).codecs
+                    if c.mimeType.lower() == local.codec.lower()
+                ]
+                if not caps:
+                    raise ValueError(f"codec {local.codec} is not supported")
+                transceiver.setCodecPreferences(caps)
+            if self._publish_bitrate and local.kind == "video":
+                pin_encoder_bitrate(transceiver.sender, self._publish_bitrate)
+            local._transceiver = transceiver
+            attached.add(id(transceiver))
+        apply_ice_policy(pc, self._ice_policy())
+        offer = await pc.createOffer()
+        await pc.setLocalDescription(offer)
+        self._check_publisher(pc)
+        for local in wanted:
+            local.mid = local._transceiver.mid or ""
+        description = pc.localDescription
+        reply = await self._request(
+            media_pb2.ClientMessage(
+                publish_offer=media_pb2.PublishOffer(
+                    offer=media_pb2.SessionDescription(type=description.type, sdp=description.sdp),
+                    tracks=[
+                        media_pb2.PublishedTrack(
+                            mid=local.mid,
+                            source=local.source,  # type: ignore[arg-type]
+                            muted=local.muted,
+                            width=local.width,
+                            height=local.height,
+                            name=local.name,
+                        )
+                        for local in wanted
+                    ],
                 )
             )
-            answer = reply.publish_answer
-            await pc.setRemoteDescription(
-                RTCSessionDescription(sdp=answer.answer.sdp, type=answer.answer.type)
-            )
-            by_mid = {result.mid: result.track for result in answer.tracks}
-            for local in wanted:
-                if local.mid in by_mid:
-                    local.track_id = by_mid[local.mid].id
+        )
+        answer = reply.publish_answer
+        self._check_publisher(pc)
+        await pc.setRemoteDescription(
+            RTCSessionDescription(sdp=answer.answer.sdp, type=answer.answer.type)
+        )
+        by_mid = {result.mid: result.track for result in answer.tracks}
+        for local in wanted:
+            if local.mid in by_mid:
+                local.track_id = by_mid[local.mid].id
+
+    def _check_publisher(self, pc: RTCPeerConnection) -> None:
+        """A reconnect tore the session down during an await (and will publish every local
+        track again on the new one)."""
+        if pc is not self._publisher_pc:
+            raise SpacesClientError("UNAVAILABLE", "session ended while publishing")
 
     # --- subscribing -------------------------------------------------------------------------
 
@@ -887,7 +918,11 @@ class Space:
     # --- reconnecting ------------------------------------------------------------------------
 
     def _start_reconnect(self, reason: str) -> None:
-        if self._left or (self._reconnecting is not None and not self._reconnecting.done()):
+        if self._left:
+            return
+        if self._reconnecting is not None and not self._reconnecting.done():
+            # The session a reconnect is still setting up ended already: it goes on trying.
+            self._ended_while_connecting = reason
             return
         self._reconnecting = asyncio.create_task(self._reconnect(reason), name="reconnect")
 
@@ -898,6 +933,7 @@ class Space:
         for attempt, delay in enumerate(self._backoff[: self._reconnect_attempts], start=1):
             self._emit(Reconnecting(reason, attempt))
             await asyncio.sleep(delay)
+            self._ended_while_connecting = ""
             try:
                 await self._connect()
             except grpc.aio.AioRpcError as exc:
@@ -908,8 +944,18 @@ class Space:
                 ):
                     break
                 continue
-            except (SpacesClientError, OSError, TimeoutError) as exc:
-                failure = str(exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the new session failed while being set up
+                if self._left:
+                    return  # it was closed for good meanwhile (_finish) or left
+                failure = str(exc) or type(exc).__name__
+                await self._teardown()
+                continue
+            if self._left:
+                return
+            if self._ended_while_connecting or self._reader is None or self._reader.done():
+                failure = reason = self._ended_while_connecting or "session stream ended"
                 await self._teardown()
                 continue
             self.state = "joined"
@@ -922,8 +968,14 @@ class Space:
     async def _finish(self, reason: str, message: str) -> None:
         self.state = "closed"
         self._left = True
-        await self._teardown(keep_reader=True)
+        # Said before the teardown, which a concurrent leave() may cut short.
         self._emit(Disconnected(reason, message))
+        await self._teardown(keep_reader=True)
+
+    def _fail_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(SpacesClientError("UNAVAILABLE", "session ended"))
 
     async def _teardown(self, keep_reader: bool = False) -> None:
         call, self._call = self._call, None
@@ -935,9 +987,7 @@ class Space:
             and self._reader is not asyncio.current_task()
         ):
             self._reader.cancel()
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(SpacesClientError("UNAVAILABLE", "session ended"))
+        self._fail_pending()
         for task in self._drains.values():
             task.cancel()
         self._drains.clear()

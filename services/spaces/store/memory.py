@@ -38,6 +38,7 @@ from spaces.store.codec import (
     participant_from_record,
     space_from_record,
 )
+from spaces.tasks import wait_event
 from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
 
 Hash = dict[str, str]
@@ -609,10 +610,7 @@ class MemoryStore:
         found = self._after(after, count)
         if found or block_ms <= 0:
             return found
-        signal = self._event_signal
-        try:
-            await asyncio.wait_for(signal.wait(), block_ms / 1000)
-        except TimeoutError:
+        if not await wait_event(self._event_signal, block_ms / 1000):
             return []
         return self._after(after, count)
 
@@ -678,13 +676,10 @@ class MemoryStore:
         if wh.group_last is None:
             await self.webhook_group_ensure()
             return []
-        signal = self._event_signal
         found = self._wh_deliver_new(consumer, count)
         if found or block_ms <= 0:
             return found
-        try:
-            await asyncio.wait_for(signal.wait(), block_ms / 1000)
-        except TimeoutError:
+        if not await wait_event(self._event_signal, block_ms / 1000):
             return []
         return self._wh_deliver_new(consumer, count)
 

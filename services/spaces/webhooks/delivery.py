@@ -25,6 +25,7 @@ import aiohttp
 from spaces import errors, metrics
 from spaces.config import WebhookConfig
 from spaces.store.base import Store, WebhookDelivery
+from spaces.tasks import wait_event
 from spaces.webhooks.envelope import MAX_RESPONSE_BODY, attempt_record, with_attempts
 from spaces.webhooks.signing import HEADER, sign
 
@@ -147,10 +148,7 @@ class Deliverer:
                     self._launch(delivery)
             # Fewer taken than free means nothing else is due yet; a full take means no slot
             # is left. Either way the next chance is a finished delivery, a fan-out or a poll.
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), config.poll_interval_ms / 1000)
-            except TimeoutError:
-                pass
+            await wait_event(self._wakeup, config.poll_interval_ms / 1000)
 
     def _launch(self, delivery: WebhookDelivery) -> None:
         task = asyncio.create_task(
