@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="benchmarks:\n"
         + "\n".join(f"  {b.name:<10} {b.summary}" for b in known.values())
         + "\n  all        every benchmark above, in this order"
-        + "\n\nwhere the time goes: python -m bench profile {node,generator,presence}",
+        + "\n\nwhere the time goes: python -m bench profile {node,generator,presence,meetings}",
     )
     parser.add_argument("name", choices=[*known, "all"], help="which benchmark to run")
     parser.add_argument(
