@@ -223,3 +223,41 @@ async def test_a_drain_that_starts_while_a_session_is_admitted_sends_it_elsewher
     assert node.sessions == {} and node.rooms == {}
     people = await admin.participants(space_id)
     assert not [p for p in people if p.state == participant_pb2.PARTICIPANT_STATE_CONNECTED]
+
+
+async def test_a_track_published_while_a_reconnect_tears_down_is_published_after_it(
+    world: tuple,
+) -> None:
+    server, _, tenant, space_id = world
+    node = node_of(server)
+    viewer = sdk.Space(tenant.token(space_id, "viewer"), server.address, decode=False)
+    await viewer.join()
+    mover = sdk.Space(tenant.token(space_id, "mover"), server.address, reconnect_backoff=(0.1,) * 5)
+    await mover.join()
+    new_pc = mover._new_pc
+    hooked: list[bool] = []
+
+    def moved_while_offering() -> Any:
+        pc = new_pc()
+        if hooked:
+            return pc
+        hooked.append(True)
+        set_local = pc.setLocalDescription
+
+        async def move_first(description: Any) -> None:
+            # The node moves the session just as the first publish offer is being made; the
+            # reconnect tears down this very peer connection.
+            await node.sessions[mover.connection_id].close(MOVE, "moved")
+            await eventually(lambda: mover._publisher_pc is None, timeout=5)
+            await set_local(description)
+
+        pc.setLocalDescription = move_first
+        return pc
+
+    mover._new_pc = moved_while_offering  # type: ignore[method-assign]
+    local = await mover.local.publish(TestPatternTrack((200, 200, 10), fps=15), "camera")
+    assert local in mover.local.tracks
+    await eventually(lambda: mover.state == "joined" and mover.reconnects == 1, timeout=10)
+    await flowing(viewer, "mover")
+    await mover.leave()
+    await viewer.leave()
