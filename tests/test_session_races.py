@@ -261,3 +261,34 @@ async def test_a_track_published_while_a_reconnect_tears_down_is_published_after
     await flowing(viewer, "mover")
     await mover.leave()
     await viewer.leave()
+
+
+async def test_an_answer_sent_as_the_session_is_torn_down_leaves_no_receiver_behind(
+    world: tuple,
+) -> None:
+    """A reconnect's teardown can complete while a subscriber answer is being written; the
+    offer's tracks must not be wired to the connection just closed (a stale drain on a mid
+    would keep the next connection's track on that mid from ever being read)."""
+    server, _, tenant, space_id = world
+    alice, _ = await publisher(server, tenant, space_id, "alice")
+    viewer = sdk.Space(tenant.token(space_id, "viewer"), server.address, decode=False)
+    write = viewer._write
+    torn_down: list[bool] = []
+    teardowns: list[asyncio.Future[None]] = []
+
+    async def write_then_torn_down(message: media_pb2.ClientMessage) -> None:
+        await write(message)
+        if message.WhichOneof("message") == "subscriber_answer" and not torn_down:
+            torn_down.append(True)
+            # The reconnect task tears down; this handler resumes before its cancellation.
+            teardowns.append(asyncio.ensure_future(viewer._teardown()))
+            await asyncio.sleep(0)
+
+    viewer._write = write_then_torn_down  # type: ignore[method-assign]
+    await viewer.join()
+    await eventually(lambda: torn_down, timeout=10)
+    await asyncio.gather(*teardowns)
+    await asyncio.sleep(0.2)
+    assert viewer._drains == {} and viewer._mid_owner == {}
+    await viewer.leave()
+    await alice.leave()

@@ -866,6 +866,9 @@ class Space:
                 )
             )
         )
+        torn_down = self._subscriber_pc is not pc  # a reconnect, meanwhile
+        if torn_down:
+            return  # this connection's tracks are gone with it
         transceivers = {t.mid: t for t in pc.getTransceivers()}
         now_owned: dict[str, RemoteTrack] = {}
         for sub in offer.tracks:
