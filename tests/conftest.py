@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from spaces.server import SpacesServer
 from spaces.store.base import Store
 from spaces.store.memory import MemoryStore
 from spaces.store.redis import RedisStore
 from tests.support.redis_server import RedisServer
+from tests.support.system import Admin, Tenant, make_config, start_server
 
 # aioice must never gather anything but loopback in tests (see REFERENCE.md, "Loopback").
 os.environ.setdefault("SPACES_ICE_BIND", "127.0.0.1")
@@ -82,3 +84,21 @@ async def _dump_tasks_when_stuck(request: pytest.FixtureRequest) -> AsyncIterato
     handle = asyncio.get_running_loop().call_later(60, dump)
     yield
     handle.cancel()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[SpacesServer]:
+    """A whole single-process server (memory store) on port 0."""
+    srv = await start_server(make_config())
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def world(server: SpacesServer) -> AsyncIterator[tuple[SpacesServer, Admin, Tenant, str]]:
+    """That server, an admin client, a tenant with a signing key, and one space."""
+    admin = Admin(server.address)
+    tenant = Tenant(await admin.create_key())
+    space_id = await admin.create_space()
+    yield server, admin, tenant, space_id
+    await admin.close()

@@ -13,14 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from spaces.sdk.client import Space
 from spaces.server import SpacesServer
 from spaces.v1 import presence_pb2, signing_key_pb2, space_pb2
-from tests.support.system import Admin, Tenant, make_config, start_server
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[SpacesServer]:
-    srv = await start_server(make_config())
-    yield srv
-    await srv.stop()
+from tests.support.system import Admin, Tenant
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spaces.server import SpacesServer
-from tests.support.system import ADMIN_KEY, free_port, make_config, start_server, wait_serving
+from tests.support.system import ADMIN_KEY, free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
@@ -38,13 +38,6 @@ async def run(
         proc.communicate(stdin.encode() if stdin is not None else None), 120
     )
     return proc.returncode or 0, out.decode(), err.decode()
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[SpacesServer]:
-    srv = await start_server(make_config())
-    yield srv
-    await srv.stop()
 
 
 async def test_grpcurl_lists_services_and_creates_a_key_and_a_space(server: SpacesServer) -> None:

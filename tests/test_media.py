@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +31,6 @@ from tests.support.system import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[SpacesServer]:
-    srv = await start_server(make_config())
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-async def world(server: SpacesServer) -> AsyncIterator[tuple[SpacesServer, Admin, Tenant, str]]:
-    admin = Admin(server.address)
-    tenant = Tenant(await admin.create_key())
-    space_id = await admin.create_space()
-    yield server, admin, tenant, space_id
-    await admin.close()
 
 
 async def connect(

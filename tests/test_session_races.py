@@ -6,7 +6,6 @@ forces its interleaving at one point, so it fails the same way every time the co
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -18,20 +17,9 @@ from spaces.sdk.media import TestPatternTrack
 from spaces.server import SpacesServer
 from spaces.tasks import spawn
 from spaces.v1 import media_pb2, media_pb2_grpc, participant_pb2, presence_pb2
-from tests.support.system import Admin, Tenant, eventually, make_config, start_server
+from tests.support.system import Tenant, eventually
 
 MOVE = media_pb2.CLOSE_REASON_MIGRATE
-
-
-@pytest.fixture
-async def world() -> AsyncIterator[tuple[SpacesServer, Admin, Tenant, str]]:
-    server = await start_server(make_config())
-    admin = Admin(server.address)
-    tenant = Tenant(await admin.create_key())
-    space_id = await admin.create_space()
-    yield server, admin, tenant, space_id
-    await admin.close()
-    await server.stop()
 
 
 def node_of(server: SpacesServer) -> Any:

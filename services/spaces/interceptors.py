@@ -69,22 +69,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method), **kwargs
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method), **kwargs
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), **kwargs
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method), **kwargs
+        return replace_behavior(
+            handler,
+            lambda behavior, streaming: (_wrap_stream if streaming else _wrap_unary)(
+                behavior, method
+            ),
         )
+
+
+def replace_behavior(
+    handler: grpc.RpcMethodHandler, make: Callable[[Any, bool], Any]
+) -> grpc.RpcMethodHandler:
+    """The same method (kind, serializers) with its behaviour replaced by
+    ``make(behavior, response_streaming)``."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(make(handler.unary_unary, False), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(make(handler.stream_unary, False), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(make(handler.unary_stream, True), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(make(handler.stream_stream, True), **kwargs)

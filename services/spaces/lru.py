@@ -20,10 +20,6 @@ class Lru(Generic[K, V]):
             self._items.move_to_end(key)
         return value
 
-    def get_or(self, key: K, default: V) -> V:
-        value = self.get(key)
-        return default if value is None else value
-
     def put(self, key: K, value: V) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
@@ -32,6 +28,3 @@ class Lru(Generic[K, V]):
 
     def pop(self, key: K) -> None:
         self._items.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._items)

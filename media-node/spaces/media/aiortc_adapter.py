@@ -384,7 +384,7 @@ class RtpSink:
         sender._RTCRtpSender__rtp_timestamp = timestamp
         sender._RTCRtpSender__octet_count += payload_len
         sender._RTCRtpSender__packet_count += 1
-        return int(backlog)
+        return backlog
 
 
 def ntp_now() -> int:

@@ -340,12 +340,12 @@ class TrackForwarder:
             self._on_audio_level(level[1])
         if self.paused or not packet.payload:
             return
-        self.history[packet.sequence_number % HISTORY] = (packet, time.monotonic())
+        now = time.monotonic()
+        self.history[packet.sequence_number % HISTORY] = (packet, now)
         downtracks = self.downtracks
         if not downtracks:
             return
         ntp = ntp_now()
-        now = time.monotonic()
         payload_len = len(packet.payload)
         # The shared part of every outgoing packet: extension block and payload. Subscribers
         # negotiated by this node share extension ids, so this is built once per packet.

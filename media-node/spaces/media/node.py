@@ -145,15 +145,7 @@ class MediaNode:
         if self.state != node_pb2.NODE_STATE_SERVING:
             # Drain began while the claim was in flight, possibly after drain() looked at the
             # sessions: hand the connection back (resumable) and send the client elsewhere.
-            try:
-                await self.store.leave(
-                    credential.space_id,
-                    credential.connection_id,
-                    "disconnected",
-                    node_id=self.node_id,
-                )
-            except errors.StoreUnavailable:
-                logger.warning("could not release %s: its lease will lapse", credential.space_id)
+            await self.release(credential.space_id, credential.connection_id, "disconnected")
             raise errors.NodeDraining()
         room = self.rooms.get(claim.participant.space_id)
         if room is None:
@@ -167,6 +159,14 @@ class MediaNode:
         self.sessions[session.connection_id] = session
         self._update_gauges()
         return session
+
+    async def release(self, space_id: str, connection_id: str, reason: str) -> None:
+        """Free a connection (and its participant_id) in the store now; if the store cannot be
+        reached, its lease lapses instead."""
+        try:
+            await self.store.leave(space_id, connection_id, reason, node_id=self.node_id)
+        except errors.StoreUnavailable:
+            logger.warning("could not release %s: its lease will lapse", connection_id)
 
     def session_closed(self, session: media_session.Session) -> None:
         self.sessions.pop(session.connection_id, None)

@@ -669,10 +669,5 @@ class Session:
         pcs = [pc for pc in (self._publisher_pc, self._subscriber_pc) if pc is not None]
         await asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True)
         if release:
-            try:
-                await self.node.store.leave(
-                    self.space_id, self.connection_id, release, node_id=self.node.node_id
-                )
-            except errors.StoreUnavailable:
-                logger.warning("could not release %s: its lease will lapse", self.connection_id)
+            await self.node.release(self.space_id, self.connection_id, release)
         self.node.session_closed(self)

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from spaces import errors
+from spaces.interceptors import replace_behavior
 
 ADMIN_SERVICES = frozenset(
     {"spaces.v1.SpaceService", "spaces.v1.SigningKeyService", "spaces.v1.WebhookService"}
@@ -81,14 +82,4 @@ def _abort_handler(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
     abort = _aborting(code, message)
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+    return replace_behavior(handler, lambda _behavior, _streaming: abort)

@@ -92,7 +92,7 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
         known = self._signing_keys.get(peeked.key_id)
         if known is not None:
             claims = tokens.verify(peeked, known, self._keys)
-            current = self._placements.get_or(claims.space_id, "")
+            current = self._placements.get(claims.space_id) or ""
         else:
             context = await self._store.join_context(peeked.space_id, peeked.key_id)
             claims = tokens.verify(peeked, context.signing_key, self._keys)

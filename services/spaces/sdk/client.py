@@ -748,7 +748,9 @@ class Space:
             except SpacesClientError:
                 raise
             except Exception as exc:
-                if pc is not self._publisher_pc:  # torn down by a reconnect meanwhile
+                # A reconnect tore the session down during an await (aiortc then fails in
+                # assorted ways); it publishes every local track again on the new session.
+                if pc is not self._publisher_pc:
                     raise SpacesClientError(
                         "UNAVAILABLE", "session ended while publishing"
                     ) from exc
@@ -795,7 +797,6 @@ class Space:
         apply_ice_policy(pc, self._ice_policy())
         offer = await pc.createOffer()
         await pc.setLocalDescription(offer)
-        self._check_publisher(pc)
         for local in wanted:
             local.mid = local._transceiver.mid or ""
         description = pc.localDescription
@@ -818,7 +819,6 @@ class Space:
             )
         )
         answer = reply.publish_answer
-        self._check_publisher(pc)
         await pc.setRemoteDescription(
             RTCSessionDescription(sdp=answer.answer.sdp, type=answer.answer.type)
         )
@@ -826,12 +826,6 @@ class Space:
         for local in wanted:
             if local.mid in by_mid:
                 local.track_id = by_mid[local.mid].id
-
-    def _check_publisher(self, pc: RTCPeerConnection) -> None:
-        """A reconnect tore the session down during an await (and will publish every local
-        track again on the new one)."""
-        if pc is not self._publisher_pc:
-            raise SpacesClientError("UNAVAILABLE", "session ended while publishing")
 
     # --- subscribing -------------------------------------------------------------------------
 

@@ -12,11 +12,12 @@ Verify the raw body bytes as received: a re-serialized JSON body will not match.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import time
 from typing import Any
+
+from spaces.webhooks.signing import signature
 
 DEFAULT_TOLERANCE_SECONDS = 300
 """Mux's receivers rejected signatures older than 5 minutes, which bounds replays."""
@@ -61,9 +62,7 @@ def verify_webhook(
     current = time.time() if now is None else now
     if tolerance > 0 and abs(current - timestamp) > tolerance:
         raise WebhookVerificationError("mux-signature timestamp is outside the tolerance")
-    expected = hmac.new(
-        secret.encode(), str(timestamp).encode() + b"." + raw, hashlib.sha256
-    ).hexdigest()
+    expected = signature(secret, timestamp, raw)
     if not any(hmac.compare_digest(expected, s) for s in signatures):
         raise WebhookVerificationError("mux-signature does not match the body")
     try:

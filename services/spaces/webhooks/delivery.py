@@ -25,7 +25,7 @@ import aiohttp
 from spaces import errors, metrics
 from spaces.config import WebhookConfig
 from spaces.store.base import Store, WebhookDelivery
-from spaces.tasks import wait_event
+from spaces.tasks import cancel_and_wait, wait_event
 from spaces.webhooks.envelope import MAX_RESPONSE_BODY, attempt_record, with_attempts
 from spaces.webhooks.signing import HEADER, sign
 
@@ -66,10 +66,6 @@ class Deliverer:
         self._lost: set[str] = set()
         self._takes = 0
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     def wake(self) -> None:
         """Look for due queues now rather than at the next poll."""
         self._wakeup.set()
@@ -85,9 +81,7 @@ class Deliverer:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(task) for task in self._tasks))
         self._tasks = []
         if self._in_flight:
             await asyncio.wait([t for _, t in self._in_flight.values()], timeout=STOP_GRACE_S)

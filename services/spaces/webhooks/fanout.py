@@ -18,6 +18,7 @@ from collections.abc import Callable
 from spaces import errors
 from spaces.config import WebhookConfig
 from spaces.store.base import Store
+from spaces.tasks import cancel_and_wait
 from spaces.webhooks.envelope import job_for
 
 logger = logging.getLogger(__name__)
@@ -49,13 +50,8 @@ class FanOut:
         self._task = asyncio.create_task(self._run(), name=f"webhook-fan-out-{self.consumer}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         claim_every = self._config.claim_idle_ms / 2000
