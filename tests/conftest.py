@@ -12,6 +12,7 @@ from spaces.server import SpacesServer
 from spaces.store.base import Store
 from spaces.store.memory import MemoryStore
 from spaces.store.redis import RedisStore
+from tests.support.redis_cluster import RedisClusterProcess
 from tests.support.redis_server import RedisServer
 from tests.support.system import Admin, Tenant, make_config, start_server
 
@@ -24,6 +25,22 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcess]:
+    """One real 3-primary Redis Cluster on loopback, shared by the whole session (tests flush
+    it); failover tests start their own, with replicas."""
+    cluster = RedisClusterProcess(masters=3).start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterProcess) -> str:
+    """The shared cluster, emptied."""
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture
@@ -43,11 +60,16 @@ def private_redis() -> Iterator[RedisServer]:
     server.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Store]:
-    """Each contract test runs once per store."""
+    """Each contract test runs once per store: in memory, on a standalone Redis, and on a real
+    3-primary Redis Cluster."""
     if request.param == "memory":
         s: Store = MemoryStore()
+    elif request.param == "cluster":
+        cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        s = RedisStore(cluster.url)
     else:
         client = aioredis.from_url(redis_server.url)
         await client.flushall()

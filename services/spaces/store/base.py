@@ -283,6 +283,12 @@ class Store(Protocol):
         """Forget group consumers idle for idle_ms with nothing pending (dead replicas)."""
         ...
 
+    async def webhook_sync_endpoints(self) -> int:
+        """Make every shard's copy of the endpoints match the list, after a change was
+        interrupted half-way (the Redis store keeps one copy per shard; the memory store has
+        nothing to repair). Returns the number of copies fixed."""
+        ...
+
 
 # --- webhooks: records ---------------------------------------------------------------------------
 

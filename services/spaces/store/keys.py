@@ -1,29 +1,134 @@
 """Redis key names and Lua scripts, each documented with its data shape.
 
-Every key of one space carries the hash tag ``{<space_id>}``, so all of a space's keys live in one
-slot. The scripts also touch a few global keys (the event stream, the lease index, the space
-list), so they need a standalone Redis or Sentinel, not Redis Cluster: the event of a state change
-is appended in the same atomic step as the change, which is what makes WatchEvents and webhooks
-lossless. docs/architecture.md explains the trade.
+**Shards.** Every space belongs to one of ``SHARDS`` fixed shards (``shard_of``: CRC-32 of its
+id), and every key of a space starts with its shard's hash tag, ``{<tag>}:``. Each shard also
+has its own event stream, lease index, space list and epoch under the same tag, so every key a
+script touches is in one slot: a state change and the event that reports it stay **one atomic
+Lua step**, on a standalone Redis and on Redis Cluster alike. Keys that belong to no space (the
+signing keys, the node registry and its command streams, the webhook endpoints' source of truth)
+carry the global tag ``{g}``, which has its own event stream for node events. docs/architecture.md
+("Shards and Redis Cluster") explains the design.
+
+The tags are not ``s0``, ``s1``, ...: each was chosen so that its slot falls in its own 1/32 of
+the slot space (``SHARD_TAGS`` lists the slots), so a cluster whose primaries own even slot
+ranges (``redis-cli --cluster create`` does that) gets an even share of shards on each primary.
+
+**Event ids** are unique across every stream: a script writes each entry with an explicit id
+``<ms>-<n * STREAMS + index>``, where ``index`` is the stream's place in ``TAGS``. Readers merge
+the streams into one order by id (spaces.store.feed), and ``event_stream_index`` tells which
+stream an id came from.
 
 Times in scripts are Redis server time (``TIME``), so replicas never disagree about a lease.
+
+**Adding a key.** A per-space key is a function of the space id built on ``space_key`` (Lua:
+``S .. ':suffix'``); a per-shard key is a function of the tag index built on ``tag_prefix``
+(Lua: ``TAG .. 'name'``); a global key is a constant or a function built on ``GLOBAL_PREFIX``.
+Scripts receive one key of their slot as ``KEYS[1]``; the library derives ``TAG`` from it.
 """
 
 from __future__ import annotations
 
-# --- per space (all tagged with {space_id}) ---------------------------------------------------
+import zlib
+
+# --- shards -----------------------------------------------------------------------------------
+
+SHARDS = 32
+"""Fixed for the life of a deployment: a space's shard is part of all its key names."""
+
+SHARD_TAGS: tuple[str, ...] = (
+    "s0fa",  # slot 263
+    "s1dq",  # 612
+    "s2as",  # 1155
+    "s3bq",  # 1698
+    "s4ds",  # 2518
+    "s5fc",  # 2741
+    "s6bs",  # 3344
+    "s7aq",  # 3889
+    "s8c",  # 4513
+    "s9d",  # 4727
+    "s10dp",  # 5589
+    "s11fd",  # 5682
+    "s12dc",  # 6631
+    "s13fs",  # 6788
+    "s14p",  # 7418
+    "s15s",  # 8104
+    "s16",  # 8553
+    "s17db",  # 8758
+    "s18bb",  # 9377
+    "s19ad",  # 9732
+    "s20r",  # 10540
+    "s21q",  # 10878
+    "s22a",  # 11548
+    "s23b",  # 11854
+    "s24dc",  # 12443
+    "s25fs",  # 13304
+    "s26",  # 13370
+    "s27aa",  # 13948
+    "s28ar",  # 14367
+    "s29bp",  # 14910
+    "s30a",  # 15438
+    "s31b",  # 16156
+)
+"""Shard i's hash tag: the first of ``s<i>``, ``s<i>a``, ..., ``s<i>zz`` whose cluster slot is
+in [i * 16384 / 32, (i + 1) * 16384 / 32) (tests/test_keys.py checks it)."""
+
+GLOBAL_TAG = "g"
+TAGS: tuple[str, ...] = (*SHARD_TAGS, GLOBAL_TAG)
+"""Every hash tag Spaces uses: the shards, then the global tag. Each has an event stream."""
+GLOBAL = SHARDS
+"""The global tag's index in TAGS."""
+STREAMS = len(TAGS)
+
+
+def shard_of(space_id: str) -> int:
+    """The shard a space lives in, for ever."""
+    return zlib.crc32(space_id.encode()) % SHARDS
+
+
+def tag_prefix(index: int) -> str:
+    """``{<tag>}:``, the start of every key of that shard (or of the global keys)."""
+    return "{" + TAGS[index] + "}:"
+
+
+GLOBAL_PREFIX = tag_prefix(GLOBAL)
+
+
+def event_stream_index(event_id: str) -> int:
+    """Which stream (index in TAGS) an event id was written to."""
+    _, _, seq = event_id.partition("-")
+    return int(seq) % STREAMS
+
+
+def key_slot(key: str) -> int:
+    """Redis Cluster's slot of a key (CRC16/XMODEM of its hash tag, mod 16384)."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc % 16384
+
+
+# --- per space (all under the space's shard tag) ----------------------------------------------
 
 
 def space_key(space_id: str) -> str:
     """HASH: id, created_at (unix s), passthrough, status ("idle"|"active"), session
     (active_session_id, "" while idle), max (participant limit, 0 = default), seq (creation
-    order), connected (count of connections counted as connected)."""
-    return f"sp:{{{space_id}}}"
+    order: the score in spaces_key), connected (count of connections counted as connected)."""
+    return f"{tag_prefix(shard_of(space_id))}sp:{space_id}"
 
 
 def leases_key(space_id: str) -> str:
     """ZSET connection_id -> lease expiry (unix ms). Every admitted connection is here."""
-    return f"sp:{{{space_id}}}:leases"
+    return f"{space_key(space_id)}:leases"
 
 
 def conn_key(space_id: str, connection_id: str) -> str:
@@ -31,76 +136,130 @@ def conn_key(space_id: str, connection_id: str) -> str:
     node, joined (unix ms), ticket (sha256 hex, "" once used), resume (sha256 hex of the
     resume secret), gen ("1" when the server generated pid), counted ("1" when included in the
     space's connected count), resumed ("1" when it took over an earlier connection)."""
-    return f"sp:{{{space_id}}}:c:{connection_id}"
+    return f"{space_key(space_id)}:c:{connection_id}"
 
 
 def pid_key(space_id: str, participant_id: str) -> str:
     """STRING connection_id, with PX = the holder's lease: the participant_id uniqueness guard.
     Written only with SET NX, deleted only by compare-and-delete on connection_id."""
-    return f"sp:{{{space_id}}}:pid:{participant_id}"
+    return f"{space_key(space_id)}:pid:{participant_id}"
 
 
 def placement_key(space_id: str) -> str:
     """STRING node_id, with PX = placement lease: the sticky space -> media node mapping."""
-    return f"sp:{{{space_id}}}:node"
+    return f"{space_key(space_id)}:node"
 
 
 def resumable_key(space_id: str) -> str:
     """HASH connection_id -> "<participant_id> <resume sha256>", expiring like gone_key: lets a
     client that lost its connection (not one that was removed) resume it after its release,
     keeping a server-generated participant_id."""
-    return f"sp:{{{space_id}}}:resumable"
+    return f"{space_key(space_id)}:resumable"
 
 
 def gone_key(space_id: str) -> str:
     """HASH connection_id -> reason ("removed", "replaced", "lease_expired", "space_deleted",
     "left", "disconnected", ...), expiring: tells a media node why a connection disappeared."""
-    return f"sp:{{{space_id}}}:gone"
+    return f"{space_key(space_id)}:gone"
 
 
-# --- global ---------------------------------------------------------------------------------
+# --- per shard (and, for events and epoch, the global tag too) --------------------------------
 
-SPACES = "spaces"
-"""ZSET space_id -> creation sequence number: ListSpaces in stable creation order."""
-SPACES_SEQ = "spaces:seq"
-"""STRING counter for SPACES scores."""
-LEASE_INDEX = "leases"
-"""ZSET space_id -> earliest lease expiry in that space (unix ms): what the reaper scans."""
-EVENTS = "events"
-"""STREAM of events, capped (MAXLEN ~). Fields: t (type), s (space_id), ts (unix ms),
-r (reason), k (subject kind: space|participant|node), then the subject's fields as "x.<name>"."""
-EPOCH = "epoch"
-"""STRING: Redis time (µs) when this Redis first saw Spaces data. A changed epoch tells media
-nodes that Redis lost its data, so they re-assert their live sessions."""
-SIGNING_KEYS = "keys"
+
+def events_key(index: int) -> str:
+    """STREAM of events, capped (MAXLEN ~), ids as in the module doc. Fields: t (type),
+    s (space_id), ts (unix ms), r (reason), k (subject kind: space|participant|node), then the
+    subject's fields as "x.<name>". The shards' streams carry their spaces' events, the global
+    one node events."""
+    return f"{tag_prefix(index)}events"
+
+
+def epoch_key(index: int) -> str:
+    """STRING: Redis time (µs) when this shard's primary first saw Spaces data. A changed epoch
+    tells media nodes that the shard lost its data, so they re-assert their live sessions."""
+    return f"{tag_prefix(index)}epoch"
+
+
+def lease_index_key(index: int) -> str:
+    """ZSET space_id -> earliest lease expiry in that space (unix ms): what the reaper scans."""
+    return f"{tag_prefix(index)}leases"
+
+
+def spaces_key(index: int) -> str:
+    """ZSET space_id -> creation sequence: Redis time in µs, made strictly increasing per shard
+    by spaces_seq_key. ListSpaces merges the shards by (sequence, shard)."""
+    return f"{tag_prefix(index)}spaces"
+
+
+def spaces_seq_key(index: int) -> str:
+    """STRING: the last creation sequence given out in this shard."""
+    return f"{tag_prefix(index)}spaces:seq"
+
+
+def live_signing_keys_key(index: int) -> str:
+    """SET of signing key ids that exist: this shard's copy of SIGNING_KEYS, so that the join
+    script can refuse a revoked key without leaving the shard's slot. Written before the global
+    record on create and revoked before it on delete."""
+    return f"{tag_prefix(index)}keyids"
+
+
+def revoked_signing_keys_key(index: int) -> str:
+    """SET of deleted signing key ids: a key id here is never added back to
+    live_signing_keys_key (the join path restores lost copies; a deletion must win)."""
+    return f"{tag_prefix(index)}keyids:revoked"
+
+
+# --- global (the {g} tag) ---------------------------------------------------------------------
+
+SIGNING_KEYS = f"{GLOBAL_PREFIX}keys"
 """ZSET key_id -> creation sequence number."""
-SIGNING_KEYS_SEQ = "keys:seq"
-NODES = "nodes"
+SIGNING_KEYS_SEQ = f"{GLOBAL_PREFIX}keys:seq"
+NODES = f"{GLOBAL_PREFIX}nodes"
 """ZSET node_id -> last heartbeat (Redis time, unix ms)."""
+LAYOUT = f"{GLOBAL_PREFIX}layout"
+"""STRING: the key layout version ("2" = sharded). Written on first start."""
+LAYOUT_VERSION = "2"
+LEGACY_KEYS = ("spaces", "keys", "events", "epoch", "nodes", "wh:endpoints")
+"""Global keys of the unsharded layout (before version 2): if Redis holds any, it has data
+this version cannot see (docs/operations.md, "Upgrading to the sharded layout")."""
 
 
 def signing_key_key(key_id: str) -> str:
     """HASH: id, created_at (unix s), public_key (PEM). The private key is never stored."""
-    return f"key:{key_id}"
+    return f"{GLOBAL_PREFIX}key:{key_id}"
 
 
 def node_key(node_id: str) -> str:
     """HASH: pb (base64 of spaces.v1.Node; updated_at filled from NODES on read), state (name)."""
-    return f"node:{node_id}"
+    return f"{GLOBAL_PREFIX}node:{node_id}"
 
 
-def node_channel(node_id: str) -> str:
-    """Pub/sub channel of spaces.v1.NodeCommand bytes for one media node."""
-    return f"node:{node_id}:cmd"
+def node_commands_key(node_id: str) -> str:
+    """STREAM of spaces.v1.NodeCommand (field c: base64) for one media node, capped, expiring
+    NODE_COMMANDS_TTL_MS after the last command. A stream rather than pub/sub: it works the same
+    on Redis Cluster, and a node that lost its connection reads what it missed."""
+    return f"{GLOBAL_PREFIX}node:{node_id}:cmd"
+
+
+NODE_COMMANDS_MAXLEN = 1_000
+NODE_COMMANDS_TTL_MS = 600_000
 
 
 # --- Lua --------------------------------------------------------------------------------------
 # The library below is prepended to every script. {maxlen} and {gone_ttl} are filled in from
-# the store's configuration when scripts are registered.
+# the store's configuration when scripts are registered; {streams} and {indexes} from TAGS.
 
 LIB = r"""
-local EVENTS = 'events'
-local LEASE_INDEX = 'leases'
+local TAG = string.match(KEYS[1], '^{[^}]*}:')
+local INDEX = ({indexes})[TAG]
+local STREAMS = {streams}
+local EVENTS = TAG .. 'events'
+local LEASE_INDEX = TAG .. 'leases'
+local SPACES = TAG .. 'spaces'
+local SPACES_SEQ = TAG .. 'spaces:seq'
+local EPOCH = TAG .. 'epoch'
+local LIVE_KEYS = TAG .. 'keyids'
+local REVOKED_KEYS = TAG .. 'keyids:revoked'
 local MAXLEN = {maxlen}
 local GONE_TTL = {gone_ttl}
 -- Removed, replaced, deleted or deliberately left connections cannot be resumed.
@@ -114,8 +273,19 @@ end
 
 local function epoch()
   local t = redis.call('TIME')
-  redis.call('SET', 'epoch', t[1] .. string.format('%06d', tonumber(t[2])), 'NX')
-  return redis.call('GET', 'epoch')
+  redis.call('SET', EPOCH, t[1] .. string.format('%06d', tonumber(t[2])), 'NX')
+  return redis.call('GET', EPOCH)
+end
+
+-- The next creation sequence of this shard: Redis time in µs, strictly increasing.
+local function next_space_seq()
+  local t = redis.call('TIME')
+  local seq = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', SPACES_SEQ) or '0')
+  if seq <= last then seq = last + 1 end
+  local text = string.format('%d', seq)
+  redis.call('SET', SPACES_SEQ, text)
+  return text
 end
 
 local function hgetall(key)
@@ -125,9 +295,25 @@ local function hgetall(key)
   return h, flat
 end
 
+-- The id of this stream's next entry: "<ms>-<n * STREAMS + INDEX>", after its last entry, so
+-- that ids are unique across every stream and increase within each.
+local function next_event_id(now)
+  local ms, n = now, 0
+  local last = redis.call('XREVRANGE', EVENTS, '+', '-', 'COUNT', 1)[1]
+  if last then
+    local sep = string.find(last[1], '-', 1, true)
+    local last_ms = tonumber(string.sub(last[1], 1, sep - 1))
+    if last_ms >= ms then
+      ms = last_ms
+      n = math.floor(tonumber(string.sub(last[1], sep + 1)) / STREAMS) + 1
+    end
+  end
+  return string.format('%d-%d', ms, n * STREAMS + INDEX)
+end
+
 -- Append an event; `flat` is the subject's HGETALL list.
 local function emit(etype, space_id, now, reason, kind, flat)
-  local args = {'XADD', EVENTS, 'MAXLEN', '~', MAXLEN, '*',
+  local args = {'XADD', EVENTS, 'MAXLEN', '~', MAXLEN, next_event_id(now),
                 't', etype, 's', space_id, 'ts', now, 'r', reason, 'k', kind}
   for i = 1, #flat, 2 do
     args[#args + 1] = 'x.' .. flat[i]
@@ -204,24 +390,24 @@ end
 """
 
 CREATE_SPACE = r"""
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 space_id, 2 passthrough, 3 max_participants
 -- Returns the space's HGETALL list.
 local S = KEYS[1]
 local now = now_ms()
 epoch()
-local seq = redis.call('INCR', 'spaces:seq')
+local seq = next_space_seq()
 redis.call('HSET', S, 'id', ARGV[1], 'created_at', math.floor(now / 1000),
            'passthrough', ARGV[2], 'status', 'idle', 'session', '', 'max', ARGV[3],
            'seq', seq, 'connected', 0)
-redis.call('ZADD', 'spaces', seq, ARGV[1])
+redis.call('ZADD', SPACES, seq, ARGV[1])
 emit_space('space_created', S, ARGV[1], now, '')
 local _, flat = hgetall(S)
 return flat
 """
 
 UPDATE_SPACE = r"""
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 space_id, 2 set_passthrough ("1"|"0"), 3 passthrough, 4 set_max ("1"|"0"), 5 max
 -- Returns the space's HGETALL list, or {"err", "space_not_found"}.
 local S = KEYS[1]
@@ -234,7 +420,7 @@ return flat
 """
 
 DELETE_SPACE = r"""
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 space_id, 2 force ("1"|"0")
 -- Returns {"ok", node_id or "", conn_1, node_1, conn_2, node_2, ...} for the connections it
 -- removed, or {"err", "space_not_found" | "space_active"}.
@@ -259,7 +445,7 @@ end
 settle(S, sid, now)
 emit_space('space_deleted', S, sid, now, '')
 redis.call('DEL', S, S .. ':leases', S .. ':node', S .. ':resumable')
-redis.call('ZREM', 'spaces', sid)
+redis.call('ZREM', SPACES, sid)
 redis.call('ZREM', LEASE_INDEX, sid)
 return out
 """
@@ -267,7 +453,7 @@ return out
 JOIN = r"""
 -- Admit one connection: the atomic participant_id set-if-absent, the participant limit and the
 -- placement check, in one step.
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 space_id, 2 connection_id, 3 participant_id, 4 role, 5 display_name,
 --       6 ticket sha256, 7 resume sha256, 8 generated pid ("1"|"0"), 9 node_id,
 --       10 expected current placement ("" = none), 11 pending lease ms, 12 placement lease ms,
@@ -280,7 +466,7 @@ JOIN = r"""
 local S = KEYS[1]
 local sid = ARGV[1]
 if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
-if ARGV[16] ~= '' and redis.call('EXISTS', 'key:' .. ARGV[16]) == 0 then
+if ARGV[16] ~= '' and redis.call('SISMEMBER', LIVE_KEYS, ARGV[16]) == 0 then
   return {'err', 'unknown_key'}
 end
 local now = now_ms()
@@ -339,7 +525,7 @@ return {'ok', pid, now, expires, replaced_conn, replaced_node}
 
 CLAIM = r"""
 -- A media node claims a connection with its single-use ticket.
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 space_id, 2 connection_id, 3 ticket sha256, 4 node_id, 5 session lease ms,
 --       6 placement lease ms, 7 active_session_id to use if the space becomes active
 -- Returns {"ok", epoch, expires_ms, <conn HGETALL...>, "|", <space HGETALL...>}
@@ -389,7 +575,7 @@ return out
 RENEW = r"""
 -- A media node renews its live connections in one space and the space's placement. When the
 -- epoch changed (Redis lost its data), it re-asserts them from the snapshot instead.
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 space_id, 2 node_id, 3 session lease ms, 4 placement lease ms,
 --       5 JSON snapshot {"epoch": e, "space": {field: value}, "conns": [{field: value}]}
 -- Returns {epoch, moved ("1"|"0"), lost_conn_1, reason_1, lost_conn_2, reason_2, ...}.
@@ -410,11 +596,12 @@ if redis.call('EXISTS', S) == 0 then
     return out
   end
   local sp = snap['space']
-  local seq = redis.call('INCR', 'spaces:seq')
+  -- Keep the space's place in ListSpaces when the snapshot knows it.
+  local seq = tonumber(sp['seq'] or '') and sp['seq'] or next_space_seq()
   redis.call('HSET', S, 'id', sid, 'created_at', sp['created_at'] or math.floor(now / 1000),
              'passthrough', sp['passthrough'] or '', 'status', 'idle', 'session', '',
              'max', sp['max'] or '0', 'seq', seq, 'connected', 0)
-  redis.call('ZADD', 'spaces', seq, sid)
+  redis.call('ZADD', SPACES, seq, sid)
 end
 reap(S, sid, now)
 local placed = redis.call('GET', S .. ':node')
@@ -471,7 +658,7 @@ return out
 
 LEAVE = r"""
 -- Compare-and-delete of one connection.
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 space_id, 2 connection_id, 3 reason, 4 node_id that must own it ("" = any),
 --       5 sha256 of the resume secret that must match ("" = not checked)
 -- Returns {"ok", <conn HGETALL...>} or {"gone"} or {"err", "bad_resume"}.
@@ -492,7 +679,7 @@ return out
 """
 
 REMOVE_PARTICIPANT = r"""
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 space_id, 2 participant_id, 3 reason
 -- Returns {"ok", <conn HGETALL...>} or {"err", "space_not_found" | "participant_not_found"}.
 local S = KEYS[1]
@@ -510,14 +697,14 @@ return out
 """
 
 REAP = r"""
--- Reap lapsed leases in the spaces whose earliest lease has expired.
--- KEYS: none. ARGV: 1 max spaces to visit
+-- Reap lapsed leases in the shard's spaces whose earliest lease has expired.
+-- KEYS[1] = the shard's lease index ({tag}:leases). ARGV: 1 max spaces to visit
 -- Returns the number of connections removed.
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', LEASE_INDEX, '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local removed = 0
 for _, sid in ipairs(due) do
-  local S = 'sp:{' .. sid .. '}'
+  local S = TAG .. 'sp:' .. sid
   removed = removed + reap(S, sid, now)
   settle(S, sid, now)
 end
@@ -525,7 +712,7 @@ return removed
 """
 
 SET_DISPLAY_NAME = r"""
--- KEYS[1] = sp:{S}
+-- KEYS[1] = {tag}:sp:<space_id>
 -- ARGV: 1 connection_id, 2 display_name
 -- Returns 1 when the connection exists.
 local ck = KEYS[1] .. ':c:' .. ARGV[1]
@@ -535,14 +722,14 @@ return 1
 """
 
 HEARTBEAT = r"""
--- KEYS[1] = node:<id>
+-- KEYS[1] = {g}:node:<id>
 -- ARGV: 1 node_id, 2 base64 spaces.v1.Node, 3 state name, 4 record ttl ms
 -- Returns the heartbeat's Redis time (unix ms). Emits node_state_changed on a state change.
 local now = now_ms()
 local previous = redis.call('HGET', KEYS[1], 'state')
 redis.call('HSET', KEYS[1], 'pb', ARGV[2], 'state', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', 'nodes', now, ARGV[1])
+redis.call('ZADD', TAG .. 'nodes', now, ARGV[1])
 if previous ~= ARGV[3] then
   emit('node_state_changed', '', now, ARGV[3], 'node', {'pb', ARGV[2], 'at', tostring(now)})
 end
@@ -550,26 +737,26 @@ return now
 """
 
 REMOVE_NODE = r"""
--- KEYS[1] = node:<id>
+-- KEYS[1] = {g}:node:<id>
 -- ARGV: 1 node_id, 2 final base64 spaces.v1.Node (state STOPPED)
 local now = now_ms()
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', 'nodes', ARGV[1])
+redis.call('ZREM', TAG .. 'nodes', ARGV[1])
 emit('node_state_changed', '', now, 'NODE_STATE_STOPPED', 'node',
      {'pb', ARGV[2], 'at', tostring(now)})
 return now
 """
 
 LIST_NODES = r"""
--- ARGV: 1 record ttl ms
+-- KEYS[1] = {g}:nodes. ARGV: 1 record ttl ms
 -- Prunes nodes silent for longer than the record ttl, then returns
 -- {now_ms, node_id_1, heartbeat_ms_1, pb_1, ...}.
 local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', 'nodes', '-inf', now - tonumber(ARGV[1]))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
 local out = {now}
-local ids = redis.call('ZRANGE', 'nodes', 0, -1, 'WITHSCORES')
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 for i = 1, #ids, 2 do
-  local pb = redis.call('HGET', 'node:' .. ids[i], 'pb')
+  local pb = redis.call('HGET', TAG .. 'node:' .. ids[i], 'pb')
   if pb then
     out[#out + 1] = ids[i]
     out[#out + 1] = ids[i + 1]
@@ -577,6 +764,24 @@ for i = 1, #ids, 2 do
   end
 end
 return out
+"""
+
+REVOKE_SIGNING_KEY = r"""
+-- Remove this shard's copy of a deleted signing key id, for good.
+-- KEYS[1] = {tag}:keyids. ARGV: 1 key id
+redis.call('SREM', LIVE_KEYS, ARGV[1])
+redis.call('SADD', REVOKED_KEYS, ARGV[1])
+return 1
+"""
+
+RESTORE_SIGNING_KEY = r"""
+-- Put back this shard's copy of a signing key id that still exists globally (the shard's
+-- primary lost its data), unless the key was deleted meanwhile.
+-- KEYS[1] = {tag}:keyids. ARGV: 1 key id
+-- Returns 1 when the copy is there now.
+if redis.call('SISMEMBER', REVOKED_KEYS, ARGV[1]) == 1 then return 0 end
+redis.call('SADD', LIVE_KEYS, ARGV[1])
+return 1
 """
 
 ALL_SCRIPTS = {
@@ -593,60 +798,105 @@ ALL_SCRIPTS = {
     "heartbeat": HEARTBEAT,
     "remove_node": REMOVE_NODE,
     "list_nodes": LIST_NODES,
+    "revoke_signing_key": REVOKE_SIGNING_KEY,
+    "restore_signing_key": RESTORE_SIGNING_KEY,
 }
+
+
+def _lua_indexes() -> str:
+    """The Lua table {["{tag}:"] = index, ...} that lets a script know its stream's index."""
+    return "{" + ", ".join(f"['{tag_prefix(i)}'] = {i}" for i in range(STREAMS)) + "}"
 
 
 def render_script(body: str, *, maxlen: int, gone_ttl_ms: int) -> str:
     """The library with its constants filled in, followed by one script body."""
-    lib = LIB.replace("{maxlen}", str(int(maxlen))).replace("{gone_ttl}", str(int(gone_ttl_ms)))
+    lib = (
+        LIB.replace("{maxlen}", str(int(maxlen)))
+        .replace("{gone_ttl}", str(int(gone_ttl_ms)))
+        .replace("{streams}", str(STREAMS))
+        .replace("{indexes}", _lua_indexes())
+    )
     return lib + body
 
 
 # --- webhooks ---------------------------------------------------------------------------------
-# Delivery runs in two stages. (1) Fan-out: replicas read EVENTS through the consumer group
-# WEBHOOK_GROUP, and one script per batch enqueues a job per matching endpoint into that
-# (endpoint, space) queue and XACKs the entries in the same step. (2) Delivery: a replica leases a
-# whole (endpoint, space) queue, posts its head, and only then moves on to the next job, so
-# events of one space reach one endpoint in stream order while other queues proceed in parallel.
-# A job is deliverable only when it is older than every entry still pending in the group (the
-# "fan-out watermark"): an older event of the same space, read by a slower replica, might not be
-# in its queue yet. docs/webhooks.md walks through the design.
+# Delivery runs in two stages. (1) Fan-out: replicas read every shard's EVENTS through the
+# consumer group WEBHOOK_GROUP, and one script per shard and batch enqueues a job per matching
+# endpoint into that (endpoint, space) queue and XACKs the entries in the same step. (2) Delivery:
+# a replica leases a whole (endpoint, space) queue, posts its head, and only then moves on to the
+# next job, so events of one space reach one endpoint in stream order while other queues proceed
+# in parallel. A job is deliverable only when it is older than every entry still pending in its
+# shard's group (the "fan-out watermark"): an older event of the same space, read by a slower
+# replica, might not be in its queue yet. docs/webhooks.md walks through the design.
+#
+# Every delivery key of a space lives in the space's shard, next to the stream its events come
+# from, so both stages stay one script in one slot. Each shard (and the global tag) keeps its own
+# copy of the endpoints; the global tag's copy is the source of truth that the others follow.
 
 WEBHOOK_GROUP = "webhooks"
-"""Consumer group on EVENTS. Created at "$" the first time a webhooks service starts."""
-WEBHOOK_ENDPOINTS = "wh:endpoints"
-"""HASH endpoint_id -> JSON {"id", "url", "secret", "event_types": [...], "created_at" (unix s),
-"from_config": bool}."""
-WEBHOOK_LEASES = "wh:leases"
-"""ZSET "<endpoint_id> <space_id>" -> lease expiry (unix ms): queues a replica is delivering."""
-WEBHOOK_OWNERS = "wh:owners"
-"""HASH "<endpoint_id> <space_id>" -> lease token of the replica holding that queue."""
-WEBHOOK_DEAD = "wh:dead"
-"""ZSET dead_letter_id -> failed_at (unix ms). dead_letter_id is "<endpoint_id>:<stream id>"."""
+"""Consumer group on each shard's EVENTS. Created at "$" the first time a webhooks service
+starts."""
+
+
+def webhook_endpoints_key(index: int) -> str:
+    """HASH endpoint_id -> JSON {"id", "url", "secret", "event_types": [...], "created_at"
+    (unix s), "from_config": bool, "v": version}. The global tag's hash is the list of
+    endpoints; each shard's is the copy its scripts read (kept equal by
+    RedisStore.webhook_sync_endpoints)."""
+    return f"{tag_prefix(index)}wh:endpoints"
+
+
+WEBHOOK_ENDPOINTS_SEQ = f"{GLOBAL_PREFIX}wh:endpoints:seq"
+"""STRING counter: the version ("v" in the JSON) of each endpoint write."""
+
+
+def webhook_deleted_endpoints_key(index: int) -> str:
+    """SET of deleted endpoint ids: a repair never brings one back to this copy (a put of the
+    same id does, e.g. the config endpoint when SPACES_WEBHOOK_URL is set again)."""
+    return f"{tag_prefix(index)}wh:endpoints:deleted"
+
+
+def webhook_leases_key(index: int) -> str:
+    """ZSET "<endpoint_id> <space_id>" -> lease expiry (unix ms): queues a replica is
+    delivering."""
+    return f"{tag_prefix(index)}wh:leases"
+
+
+def webhook_owners_key(index: int) -> str:
+    """HASH "<endpoint_id> <space_id>" -> lease token of the replica holding that queue."""
+    return f"{tag_prefix(index)}wh:owners"
+
+
+def webhook_dead_index_key(index: int) -> str:
+    """ZSET dead_letter_id -> failed_at (unix ms). dead_letter_id is "<endpoint_id>:<stream id>";
+    the stream id tells the shard (event_stream_index)."""
+    return f"{tag_prefix(index)}wh:dead"
 
 
 def webhook_queue_key(endpoint_id: str, space_id: str) -> str:
     """ZSET of job sort keys (all scores 0, so ordered by the key): one endpoint's undelivered
     events of one space. The head is the next to deliver."""
-    return f"wh:q:{endpoint_id}:{space_id}"
+    return f"{tag_prefix(shard_of(space_id))}wh:q:{endpoint_id}:{space_id}"
 
 
-def webhook_job_key(endpoint_id: str, sort_key: str) -> str:
+def webhook_job_key(space_id: str, endpoint_id: str, sort_key: str) -> str:
     """HASH: event (stream id), evid (envelope id), space, type (Mux event name), body (envelope
     JSON without attempts), n (failed attempts), history (JSON list of attempt records), err."""
-    return f"wh:job:{endpoint_id}:{sort_key}"
+    return f"{tag_prefix(shard_of(space_id))}wh:job:{endpoint_id}:{sort_key}"
 
 
-def webhook_ready_key(endpoint_id: str) -> str:
+def webhook_ready_key(index: int, endpoint_id: str) -> str:
     """ZSET space_id -> when that queue's head is due (unix ms): the endpoint's non-empty queues
-    that no replica holds. A failed delivery puts its queue back with its backoff as the score."""
-    return f"wh:ready:{endpoint_id}"
+    in this shard that no replica holds. A failed delivery puts its queue back with its backoff
+    as the score."""
+    return f"{tag_prefix(index)}wh:ready:{endpoint_id}"
 
 
 def webhook_dead_key(dead_letter_id: str) -> str:
     """HASH: the job's fields (event, evid, space, type, body, n, history, err) plus id, ep
     (endpoint id), key (sort key) and at (failed at, unix ms)."""
-    return f"wh:dead:{dead_letter_id}"
+    stream_id = dead_letter_id.rpartition(":")[2]
+    return f"{tag_prefix(event_stream_index(stream_id))}wh:dead:{dead_letter_id}"
 
 
 def webhook_sort_key(stream_id: str) -> str:
@@ -656,12 +906,14 @@ def webhook_sort_key(stream_id: str) -> str:
 
 
 WEBHOOK_LIB = r"""
-local EVENTS = 'events'
+local TAG = string.match(KEYS[1], '^{[^}]*}:')
+local EVENTS = TAG .. 'events'
 local GROUP = 'webhooks'
-local ENDPOINTS = 'wh:endpoints'
-local LEASES = 'wh:leases'
-local OWNERS = 'wh:owners'
-local DEAD = 'wh:dead'
+local ENDPOINTS = TAG .. 'wh:endpoints'
+local LEASES = TAG .. 'wh:leases'
+local OWNERS = TAG .. 'wh:owners'
+local DEAD = TAG .. 'wh:dead'
+local DELETED = TAG .. 'wh:endpoints:deleted'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -675,9 +927,10 @@ local function hgetall(key)
   return h
 end
 
-local function queue_key(ep, space) return 'wh:q:' .. ep .. ':' .. space end
-local function job_key(ep, key) return 'wh:job:' .. ep .. ':' .. key end
-local function ready_key(ep) return 'wh:ready:' .. ep end
+local function queue_key(ep, space) return TAG .. 'wh:q:' .. ep .. ':' .. space end
+local function job_key(ep, key) return TAG .. 'wh:job:' .. ep .. ':' .. key end
+local function ready_key(ep) return TAG .. 'wh:ready:' .. ep end
+local function dead_key(id) return TAG .. 'wh:dead:' .. id end
 
 -- "<ms>-<seq>" -> the fixed-width form of keys.webhook_sort_key.
 local function pad(id)
@@ -715,7 +968,7 @@ WEBHOOK_FAN_OUT = r"""
 -- Enqueue one batch of stream entries this consumer read, acknowledging each in the same step.
 -- An entry that another consumer already acknowledged (it reclaimed the entry with XAUTOCLAIM
 -- while this one was slow) enqueues nothing, so each entry is fanned out exactly once.
--- KEYS: none
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
 -- ARGV: groups of 6: stream id, sort key, envelope id, space id, event type ("" = not a webhook
 --       event: only acknowledge it), envelope JSON without attempts
 -- Returns the number of jobs enqueued.
@@ -753,7 +1006,7 @@ WEBHOOK_TAKE = r"""
 -- Lease due queues for one replica: first return lapsed leases (their holder died) to the ready
 -- sets, then take up to ARGV[3] queue heads, at most a given number per endpoint, visiting
 -- endpoints from a rotating start so that none is starved.
--- KEYS: none
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
 -- ARGV: 1 token prefix (unique per call), 2 lease ms, 3 max deliveries, 4 default free slots
 --       per endpoint, 5 rotation, then pairs: endpoint id, free slots on this replica
 -- Returns {reclaimed, then per delivery 12 fields: endpoint id, space id, token, url, secret,
@@ -822,7 +1075,7 @@ return out
 
 WEBHOOK_RENEW = r"""
 -- Extend the leases a replica still holds.
--- KEYS: none
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
 -- ARGV: 1 lease ms, then pairs: "<endpoint_id> <space_id>", token
 -- Returns the tokens whose lease is no longer held (it lapsed and another replica took it).
 local expires = now_ms() + tonumber(ARGV[1])
@@ -840,7 +1093,7 @@ return lost
 WEBHOOK_DELIVERED = r"""
 -- A job was delivered. Removed even if the lease lapsed meanwhile (it needs no more tries);
 -- the lease is released only by its holder.
--- KEYS: none
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
 -- ARGV: 1 endpoint id, 2 space id, 3 sort key, 4 token
 -- Returns 1 when the lease was still held, else 0.
 local ep, space, key = ARGV[1], ARGV[2], ARGV[3]
@@ -857,7 +1110,7 @@ WEBHOOK_FAILED = r"""
 -- A delivery attempt failed: record it, then either make the queue due again after a backoff
 -- (its head stays the same job, so later events wait) or move the job to the dead letters and
 -- go on with the next one.
--- KEYS: none
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
 -- ARGV: 1 endpoint id, 2 space id, 3 sort key, 4 token, 5 attempt record (JSON object),
 --       6 error text, 7 retry delay ms ("-1" = dead-letter it), 8 dead-letter cap
 -- Returns "retry", "dead" or "lost" (the lease was no longer held: nothing recorded).
@@ -886,14 +1139,14 @@ if ARGV[7] ~= '-1' then
   return 'retry'
 end
 local id = ep .. ':' .. job.event
-redis.call('HSET', 'wh:dead:' .. id, 'id', id, 'ep', ep, 'key', key, 'event', job.event,
+redis.call('HSET', dead_key(id), 'id', id, 'ep', ep, 'key', key, 'event', job.event,
            'evid', job.evid, 'space', space, 'type', job.type, 'body', job.body, 'n', n,
            'history', history, 'err', ARGV[6], 'at', now)
 redis.call('ZADD', DEAD, now, id)
 local excess = redis.call('ZCARD', DEAD) - tonumber(ARGV[8])
 if excess > 0 then
   for _, old in ipairs(redis.call('ZRANGE', DEAD, 0, excess - 1)) do
-    redis.call('DEL', 'wh:dead:' .. old)
+    redis.call('DEL', dead_key(old))
     redis.call('ZREM', DEAD, old)
   end
 end
@@ -905,7 +1158,7 @@ return 'dead'
 
 WEBHOOK_RELEASE = r"""
 -- A replica shutting down hands its queues back, due at once, instead of letting leases lapse.
--- KEYS: none
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
 -- ARGV: pairs: "<endpoint_id> <space_id>", token
 -- Returns the number released.
 local now = now_ms()
@@ -924,7 +1177,7 @@ return released
 WEBHOOK_REPLAY = r"""
 -- Put dead letters back in their queues (in stream order, so an old event goes first), with the
 -- attempt count reset and the attempt history kept. Dead letters of deleted endpoints stay.
--- KEYS: none
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
 -- ARGV: dead-letter ids; none = all
 -- Returns the number replayed.
 local ids = ARGV
@@ -932,7 +1185,7 @@ if #ids == 0 then ids = redis.call('ZRANGE', DEAD, 0, -1) end
 local now = now_ms()
 local replayed = 0
 for _, id in ipairs(ids) do
-  local d = hgetall('wh:dead:' .. id)
+  local d = hgetall(dead_key(id))
   if d.ep ~= nil and redis.call('HEXISTS', ENDPOINTS, d.ep) == 1 then
     redis.call('HSET', job_key(d.ep, d.key), 'event', d.event, 'evid', d.evid, 'space', d.space,
                'type', d.type, 'body', d.body, 'n', 0, 'history', d.history, 'err', '')
@@ -940,7 +1193,7 @@ for _, id in ipairs(ids) do
     if not redis.call('ZSCORE', LEASES, d.ep .. ' ' .. d.space) then
       redis.call('ZADD', ready_key(d.ep), now, d.space)
     end
-    redis.call('DEL', 'wh:dead:' .. id)
+    redis.call('DEL', dead_key(id))
     redis.call('ZREM', DEAD, id)
     replayed = replayed + 1
   end
@@ -951,11 +1204,13 @@ return replayed
 WEBHOOK_DELETE_ENDPOINT = r"""
 -- Delete an endpoint with its queued jobs and dead letters. Queues a replica holds right now
 -- are dropped when that replica finishes with them (settle sees the endpoint gone).
--- KEYS: none
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
 -- ARGV: 1 endpoint id
--- Returns 1 when it existed.
+-- Returns 1 when this copy had it. Its queues and dead letters go either way (a copy that
+-- was already dropped may leave them behind in a half-finished delete).
 local ep = ARGV[1]
-if redis.call('HDEL', ENDPOINTS, ep) == 0 then return 0 end
+local existed = redis.call('HDEL', ENDPOINTS, ep)
+redis.call('SADD', DELETED, ep)
 for _, space in ipairs(redis.call('ZRANGE', ready_key(ep), 0, -1)) do
   drop_queue(ep, space)
 end
@@ -963,11 +1218,43 @@ redis.call('DEL', ready_key(ep))
 local prefix = ep .. ':'
 for _, id in ipairs(redis.call('ZRANGE', DEAD, 0, -1)) do
   if string.sub(id, 1, #prefix) == prefix then
-    redis.call('DEL', 'wh:dead:' .. id)
+    redis.call('DEL', dead_key(id))
     redis.call('ZREM', DEAD, id)
   end
 end
+return existed
+"""
+
+WEBHOOK_PUT_ENDPOINT = r"""
+-- Write one copy of an endpoint, unless this copy already has a newer version of it (two
+-- replicas writing the config endpoint at once, or a repair racing a change).
+-- KEYS[1] = {tag}:wh:endpoints (a shard's copy, or the global list)
+-- ARGV: 1 endpoint id, 2 endpoint JSON (with its version "v"), 3 version,
+--       4 "1" = a put (it may re-create a deleted id), "0" = a repair (a deleted id stays deleted)
+-- Returns 1 when it wrote.
+local ep = ARGV[1]
+if ARGV[4] == '1' then
+  redis.call('SREM', DELETED, ep)
+elseif redis.call('SISMEMBER', DELETED, ep) == 1 then
+  return 0
+end
+local current = redis.call('HGET', ENDPOINTS, ep)
+if current and (cjson.decode(current).v or 0) > tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', ENDPOINTS, ep, ARGV[2])
 return 1
+"""
+
+WEBHOOK_DROP_DEAD = r"""
+-- Drop dead letters (the oldest, when there are more than the cap across every shard).
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
+-- ARGV: dead-letter ids
+-- Returns the number dropped.
+local dropped = 0
+for _, id in ipairs(ARGV) do
+  redis.call('DEL', dead_key(id))
+  dropped = dropped + redis.call('ZREM', DEAD, id)
+end
+return dropped
 """
 
 WEBHOOK_SCRIPTS = {
@@ -979,6 +1266,8 @@ WEBHOOK_SCRIPTS = {
     "webhook_release": WEBHOOK_RELEASE,
     "webhook_replay": WEBHOOK_REPLAY,
     "webhook_delete_endpoint": WEBHOOK_DELETE_ENDPOINT,
+    "webhook_drop_dead": WEBHOOK_DROP_DEAD,
+    "webhook_put_endpoint": WEBHOOK_PUT_ENDPOINT,
 }
 
 

@@ -895,6 +895,9 @@ class MemoryStore:
             replayed += 1
         return replayed
 
+    async def webhook_sync_endpoints(self) -> int:
+        return 0  # one process, one copy
+
     async def webhook_prune_consumers(self, idle_ms: int, keep: str) -> int:
         wh = self._wh
         now = self._now()

@@ -1,22 +1,25 @@
-"""The Redis store: the distributed production path.
+"""The Redis store: the distributed production path, on a standalone Redis or a Redis Cluster.
 
-Every multi-step change is one Lua script from spaces.store.keys; this module only marshals
-arguments and replies. Connection failures surface as StoreUnavailable (gRPC UNAVAILABLE) and
-the client reconnects on the next call, so a Redis restart needs no service restart.
+Every multi-step change is one Lua script from spaces.store.keys, run in the slot of the space's
+shard; this module only routes calls (spaces.store.router), marshals arguments and replies, and
+merges what several shards return. Connection failures surface as StoreUnavailable (gRPC
+UNAVAILABLE) and the client reconnects on the next call, so a Redis restart or a cluster
+failover needs no service restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import heapq
+import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -48,6 +51,8 @@ from spaces.store.codec import (
     participant_from_record,
     space_from_record,
 )
+from spaces.store.feed import EventFeed
+from spaces.store.router import REDIRECTS, ClusterRouter, Router, StandaloneRouter, is_cluster_url
 from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
 
 logger = logging.getLogger(__name__)
@@ -66,6 +71,13 @@ _SCRIPT_ERRORS: dict[str, type[errors.SpacesError]] = {
     "participant_not_found": errors.ParticipantNotFound,
     "unknown_key": errors.TokenUnknownKey,
 }
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, *REDIRECTS)
+"""Failures that mean "Redis cannot answer right now" (retry later), not a bug."""
+REDIRECT_RETRIES = 3
+SHARDS = range(keys.SHARDS)
+EVERY_STREAM = range(keys.STREAMS)
+_SHA_CLIENT = aioredis.Redis(decode_responses=True)
+"""Never connects: only gives AsyncScript the encoding it hashes scripts with."""
 
 
 def _raise_script_error(reply: list[Any]) -> None:
@@ -73,8 +85,13 @@ def _raise_script_error(reply: list[Any]) -> None:
         raise _SCRIPT_ERRORS.get(str(reply[1]), errors.Internal)()
 
 
+class LegacyLayoutError(RuntimeError):
+    """Redis holds data written in the unsharded key layout of earlier versions."""
+
+
 class RedisStore:
-    """Store on a standalone Redis or Sentinel-managed primary (``redis://``, ``rediss://``)."""
+    """Store on a standalone Redis or Sentinel-managed primary (``redis://``, ``rediss://``) or on
+    a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
 
     def __init__(
         self,
@@ -88,72 +105,180 @@ class RedisStore:
         self.url = url
         # Commands wait on a semaphore for one of ``max_connections`` slots: under a burst of
         # joins, requests queue instead of failing with "too many connections" or opening
-        # thousands of sockets. The pool has headroom for pub/sub and blocking reads.
+        # thousands of sockets. Each pool has headroom for blocking reads (the event doorbell,
+        # node commands, which do not take a slot).
         self._slots = asyncio.Semaphore(max_connections)
         self._timeout_s = socket_timeout_s
-        # No socket_timeout: redis-py's read timeout swallows task cancellation (the shutdown
-        # and disconnect path); _call enforces the deadline instead, and keepalive finds dead
-        # peers.
-        pool = aioredis.ConnectionPool.from_url(
-            url,
-            max_connections=max_connections + 32,
-            decode_responses=True,
-            socket_connect_timeout=3.0,
-            socket_keepalive=True,
-            health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        self._router: Router
+        if is_cluster_url(url):
+            self._router = ClusterRouter(url, max_connections=max_connections + 48)
+        else:
+            self._router = StandaloneRouter(url, max_connections=max_connections + 32)
+        # The cap is per stream, so that all of them together keep about event_maxlen.
+        per_stream = max(1_000, -(-event_maxlen // keys.SHARDS))
         self._scripts = {
-            name: self._client.register_script(
-                keys.render_script(body, maxlen=event_maxlen, gone_ttl_ms=gone_ttl_ms)
+            name: AsyncScript(
+                _SHA_CLIENT, keys.render_script(body, maxlen=per_stream, gone_ttl_ms=gone_ttl_ms)
             )
             for name, body in keys.ALL_SCRIPTS.items()
         }
+        self._wh_scripts = {
+            name: AsyncScript(_SHA_CLIENT, keys.render_webhook_script(body))
+            for name, body in keys.WEBHOOK_SCRIPTS.items()
+        }
+        self._feed = EventFeed(self._router, self._call)
+
+    @property
+    def router(self) -> Router:
+        return self._router
 
     @property
     def client(self) -> aioredis.Redis:
-        return self._client
+        """The client of the primary holding the global keys (on a standalone Redis: the
+        only one)."""
+        return self._router.client(keys.GLOBAL)
 
     # --- plumbing --------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[], Any], timeout_s: float | None = None) -> Any:
+    async def _call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        timeout_s: float | None = None,
+        *,
+        limited: bool = True,
+    ) -> T:
         """Run one Redis operation with a deadline. It runs as its own task so that cancelling
-        the caller always takes effect at once, whatever the client library does with it."""
-        async with self._slots:
-            task: asyncio.Future[Any] = asyncio.ensure_future(fn())
+        the caller always takes effect at once, whatever the client library does with it. On a
+        cluster, an operation that met a stale slot map is retried once the map is updated.
+        ``limited=False`` is for blocking reads, which must not hold one of the slots."""
+        timeout = timeout_s or self._timeout_s
+
+        async def attempt() -> Any:
+            for tries in range(REDIRECT_RETRIES + 1):
+                try:
+                    return await fn()
+                except _UNAVAILABLE as exc:
+                    if tries == REDIRECT_RETRIES or not await self._router.recover(exc):
+                        raise
+            raise AssertionError("unreachable")
+
+        if limited:
+            await self._slots.acquire()
+        try:
+            task: asyncio.Future[Any] = asyncio.ensure_future(attempt())
             task.add_done_callback(_retrieve)
             try:
-                done, _ = await asyncio.wait({task}, timeout=timeout_s or self._timeout_s)
+                done, _ = await asyncio.wait({task}, timeout=timeout)
             except asyncio.CancelledError:
                 task.cancel()
                 raise
             if not done:
                 task.cancel()
-                logger.warning("redis unavailable: no reply in %.1fs", timeout_s or self._timeout_s)
+                logger.warning("redis unavailable: no reply in %.1fs", timeout)
                 raise errors.StoreUnavailable()
             try:
                 return task.result()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except _UNAVAILABLE as exc:
                 logger.warning("redis unavailable: %s", exc)
                 raise errors.StoreUnavailable() from exc
+        finally:
+            if limited:
+                self._slots.release()
 
-    async def _script(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+    async def _script(self, name: str, key: str, args: list[Any], index: int) -> Any:
+        """Run one script in the slot of keys.TAGS[index]; ``key`` is its KEYS[1]."""
         script = self._scripts[name]
-        return await self._call(lambda: script(keys=keys_, args=args))
+        return await self._call(
+            lambda: script(keys=[key], args=args, client=self._router.client(index))
+        )
+
+    async def _space_script(self, name: str, space_id: str, args: list[Any]) -> Any:
+        return await self._script(name, keys.space_key(space_id), args, keys.shard_of(space_id))
+
+    async def _on(self, index: int, fn: Callable[[aioredis.Redis], Any]) -> Any:
+        """Run ``fn`` with the client of keys.TAGS[index]'s primary."""
+        return await self._call(lambda: fn(self._router.client(index)))
+
+    async def _each(
+        self,
+        indexes: Iterable[int],
+        queue: Callable[[aioredis.client.Pipeline, int], Any],
+    ) -> dict[int, list[Any]]:
+        """One pipeline per primary, all at once: ``queue(pipe, index)`` adds the commands for
+        each tag index (awaited when it returns an awaitable: queueing a script is). Returns
+        each index's replies."""
+        wanted = list(indexes)
+
+        async def on(client: aioredis.Redis, group: list[int]) -> dict[int, list[Any]]:
+            counts = []
+            async with client.pipeline(transaction=False) as pipe:
+                for index in group:
+                    before = len(pipe)
+                    queued = queue(pipe, index)
+                    if inspect.isawaitable(queued):
+                        await queued
+                    counts.append(len(pipe) - before)
+                replies = await pipe.execute() if len(pipe) else []
+            out, at = {}, 0
+            for index, n in zip(group, counts, strict=True):
+                out[index] = replies[at : at + n]
+                at += n
+            return out
+
+        async def run() -> dict[int, list[Any]]:
+            parts = await asyncio.gather(*(on(c, g) for c, g in self._router.by_client(wanted)))
+            merged: dict[int, list[Any]] = {}
+            for part in parts:
+                merged.update(part)
+            return merged
+
+        return await self._call(run)
 
     async def start(self) -> None:
+        try:
+            await self._router.start()
+        except _UNAVAILABLE as exc:
+            raise errors.StoreUnavailable() from exc
         await self.ping()
+        await self._check_layout()
+
+    async def _check_layout(self) -> None:
+        """Refuse to run over data of the unsharded layout (it would be invisible: spaces and
+        signing keys would seem to have vanished); mark a fresh Redis as sharded."""
+
+        async def run(client: aioredis.Redis) -> tuple[Any, int]:
+            layout = await client.get(keys.LAYOUT)
+            legacy = 0 if self._router.cluster or layout else await client.exists(*keys.LEGACY_KEYS)
+            return layout, legacy
+
+        layout, legacy = await self._on(keys.GLOBAL, run)
+        if layout is None and legacy:
+            raise LegacyLayoutError(
+                "this Redis holds Spaces data in the unsharded layout of an earlier version: "
+                "run `spaces redis-migrate` once with every Spaces process stopped "
+                '(docs/operations.md, "Upgrading to the sharded layout")'
+            )
+        if layout is None:
+            await self._on(keys.GLOBAL, lambda c: c.set(keys.LAYOUT, keys.LAYOUT_VERSION, nx=True))
+        elif layout != keys.LAYOUT_VERSION:
+            raise LegacyLayoutError(f"unknown Spaces key layout {layout!r} in this Redis")
 
     async def close(self) -> None:
-        await self._client.aclose(close_connection_pool=True)
+        await self._feed.close()
+        await self._router.close()
 
     async def ping(self) -> None:
-        await self._call(self._client.ping)
+        """Every primary that holds Spaces' slots answers."""
+
+        async def run() -> None:
+            await asyncio.gather(
+                *(c.execute_command("PING") for c, _ in self._router.by_client(EVERY_STREAM))
+            )
+
+        await self._call(run)
 
     async def now_ms(self) -> int:
-        seconds, micros = await self._call(self._client.time)
+        seconds, micros = await self._on(keys.GLOBAL, lambda c: c.time())
         return int(seconds) * 1000 + int(micros) // 1000
 
     # --- spaces ----------------------------------------------------------------------------
@@ -161,19 +286,19 @@ class RedisStore:
     async def create_space(
         self, space_id: str, passthrough: str, max_participants: int
     ) -> space_pb2.Space:
-        flat = await self._script(
-            "create_space", [keys.space_key(space_id)], [space_id, passthrough, max_participants]
+        flat = await self._space_script(
+            "create_space", space_id, [space_id, passthrough, max_participants]
         )
         return space_from_record(flat_to_dict(flat), 0)
 
     async def get_space(self, space_id: str) -> space_pb2.Space:
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
+        async def run(client: aioredis.Redis) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.space_key(space_id))
                 pipe.zcard(keys.leases_key(space_id))
                 return await pipe.execute()
 
-        record, count = await self._call(run)
+        record, count = await self._on(keys.shard_of(space_id), run)
         if not record:
             raise errors.SpaceNotFound()
         return space_from_record(record, int(count))
@@ -181,35 +306,60 @@ class RedisStore:
     async def list_spaces(
         self, limit: int, after_seq: int
     ) -> tuple[list[space_pb2.Space], int | None]:
-        page = await self._call(
-            lambda: self._client.zrangebyscore(
-                keys.SPACES, f"({after_seq}", "+inf", start=0, num=limit + 1, withscores=True
+        """Every shard's spaces merged in creation order: by creation sequence (Redis time in
+        µs), then shard. The cursor is ``sequence * SHARDS + shard`` of the last one returned, so
+        a page starts where the last ended even when spaces are deleted in between."""
+        after, after_shard = divmod(after_seq, keys.SHARDS)
+
+        def queue(pipe: aioredis.client.Pipeline, shard: int) -> None:
+            low = f"{after}" if shard > after_shard else f"({after}"
+            pipe.zrangebyscore(
+                keys.spaces_key(shard), low, "+inf", start=0, num=limit + 1, withscores=True
             )
+
+        pages = await self._each(SHARDS, queue)
+        candidates = heapq.nsmallest(
+            limit + 1,
+            (
+                (int(score), shard, space_id)
+                for shard, (page,) in pages.items()
+                for space_id, score in page
+            ),
         )
-        more = len(page) > limit
-        page = page[:limit]
+        more = len(candidates) > limit
+        chosen = candidates[:limit]
+        by_shard: dict[int, list[str]] = {}
+        for _, shard, space_id in chosen:
+            by_shard.setdefault(shard, []).append(space_id)
 
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for space_id, _ in page:
-                    pipe.hgetall(keys.space_key(space_id))
-                    pipe.zcard(keys.leases_key(space_id))
-                return await pipe.execute()
+        def read(pipe: aioredis.client.Pipeline, shard: int) -> None:
+            for space_id in by_shard[shard]:
+                pipe.hgetall(keys.space_key(space_id))
+                pipe.zcard(keys.leases_key(space_id))
 
-        replies = await self._call(run) if page else []
+        replies = await self._each(by_shard, read) if chosen else {}
+        records = {
+            space_id: (replies[shard][2 * i], replies[shard][2 * i + 1])
+            for shard, ids in by_shard.items()
+            for i, space_id in enumerate(ids)
+        }
         spaces = [
-            space_from_record(replies[i], int(replies[i + 1]))
-            for i in range(0, len(replies), 2)
-            if replies[i]
+            space_from_record(records[space_id][0], int(records[space_id][1]))
+            for _, _, space_id in chosen
+            if records[space_id][0]
         ]
-        return spaces, (int(page[-1][1]) if more and page else None)
+        cursor = None
+        if more and chosen:
+            seq, shard, _ = chosen[-1]
+            cursor = seq * keys.SHARDS + shard
+        return spaces, cursor
 
     async def update_space(
         self, space_id: str, passthrough: str | None, max_participants: int | None
     ) -> space_pb2.Space:
-        reply = await self._script(
+        reply = await self._space_script(
             "update_space",
-            [keys.space_key(space_id)],
+            space_id,
             [
                 space_id,
                 "1" if passthrough is not None else "0",
@@ -220,12 +370,14 @@ class RedisStore:
         )
         _raise_script_error(reply)
         record = flat_to_dict(reply)
-        count = await self._call(lambda: self._client.zcard(keys.leases_key(space_id)))
+        count = await self._on(
+            keys.shard_of(space_id), lambda c: c.zcard(keys.leases_key(space_id))
+        )
         return space_from_record(record, int(count))
 
     async def delete_space(self, space_id: str, force: bool) -> SpaceDeletion:
-        reply = await self._script(
-            "delete_space", [keys.space_key(space_id)], [space_id, "1" if force else "0"]
+        reply = await self._space_script(
+            "delete_space", space_id, [space_id, "1" if force else "0"]
         )
         _raise_script_error(reply)
         rest = reply[2:]
@@ -234,12 +386,20 @@ class RedisStore:
         )
 
     # --- signing keys ------------------------------------------------------------------------
+    # The record lives under the global tag; each shard holds a copy of the live key ids for the
+    # join script (keys.live_signing_keys_key). Copies are written before the record and revoked
+    # before it is deleted, so a key that is listed is usable everywhere, and a key whose delete
+    # was interrupted is still listed (delete it again).
 
     async def create_signing_key(self, key_id: str, public_key_pem: bytes) -> SigningKeyRecord:
-        async def run() -> list[Any]:
-            seconds, _ = await self._client.time()
-            seq = await self._client.incr(keys.SIGNING_KEYS_SEQ)
-            async with self._client.pipeline(transaction=True) as pipe:
+        await self._each(
+            SHARDS, lambda pipe, shard: pipe.sadd(keys.live_signing_keys_key(shard), key_id)
+        )
+
+        async def run(client: aioredis.Redis) -> int:
+            seconds, _ = await client.time()
+            seq = await client.incr(keys.SIGNING_KEYS_SEQ)
+            async with client.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     keys.signing_key_key(key_id),
                     mapping={
@@ -250,82 +410,110 @@ class RedisStore:
                 )
                 pipe.zadd(keys.SIGNING_KEYS, {key_id: seq})
                 await pipe.execute()
-            return [int(seconds)]
+            return int(seconds)
 
-        (created_at,) = await self._call(run)
+        created_at = await self._on(keys.GLOBAL, run)
         return SigningKeyRecord(id=key_id, created_at=created_at, public_key_pem=public_key_pem)
 
     async def get_signing_key(self, key_id: str) -> SigningKeyRecord | None:
-        record = await self._call(lambda: self._client.hgetall(keys.signing_key_key(key_id)))
+        record = await self._on(keys.GLOBAL, lambda c: c.hgetall(keys.signing_key_key(key_id)))
         return _key_from_record(record)
 
     async def list_signing_keys(
         self, limit: int, after_seq: int
     ) -> tuple[list[SigningKeyRecord], int | None]:
-        page = await self._call(
-            lambda: self._client.zrangebyscore(
+        async def run(client: aioredis.Redis) -> tuple[list[Any], list[Any]]:
+            page = await client.zrangebyscore(
                 keys.SIGNING_KEYS, f"({after_seq}", "+inf", start=0, num=limit + 1, withscores=True
             )
-        )
+            async with client.pipeline(transaction=False) as pipe:
+                for key_id, _ in page[:limit]:
+                    pipe.hgetall(keys.signing_key_key(key_id))
+                records = await pipe.execute() if page else []
+            return page, records
+
+        page, records = await self._on(keys.GLOBAL, run)
         more = len(page) > limit
         page = page[:limit]
-
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key_id, _ in page:
-                    pipe.hgetall(keys.signing_key_key(key_id))
-                return await pipe.execute()
-
-        records = await self._call(run) if page else []
         found = [k for k in (_key_from_record(r) for r in records) if k is not None]
         return found, (int(page[-1][1]) if more and page else None)
 
     async def delete_signing_key(self, key_id: str) -> bool:
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=True) as pipe:
+        exists = await self._on(keys.GLOBAL, lambda c: c.exists(keys.signing_key_key(key_id)))
+        if not exists:
+            return False
+        script = self._scripts["revoke_signing_key"]
+        await self._each(
+            SHARDS,
+            lambda pipe, shard: script(
+                keys=[keys.live_signing_keys_key(shard)], args=[key_id], client=pipe
+            ),
+        )
+
+        async def run(client: aioredis.Redis) -> list[Any]:
+            async with client.pipeline(transaction=True) as pipe:
                 pipe.delete(keys.signing_key_key(key_id))
                 pipe.zrem(keys.SIGNING_KEYS, key_id)
                 return await pipe.execute()
 
-        deleted, _ = await self._call(run)
+        deleted, _ = await self._on(keys.GLOBAL, run)
         return bool(deleted)
+
+    async def _restore_signing_key(self, shard: int, key_id: str) -> bool:
+        """After the join script found no copy of a key id in its shard: if the key still exists
+        (the shard's primary lost its data), put the copy back. True when it did."""
+        if not await self._on(keys.GLOBAL, lambda c: c.exists(keys.signing_key_key(key_id))):
+            return False
+        restored = await self._script(
+            "restore_signing_key", keys.live_signing_keys_key(shard), [key_id], shard
+        )
+        if restored:
+            logger.warning("shard %d had lost signing key %s: restored", shard, key_id)
+        return bool(restored)
 
     # --- presence --------------------------------------------------------------------------
 
     async def join_context(self, space_id: str, key_id: str) -> JoinContext:
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
+        shard = keys.shard_of(space_id)
+
+        def queue(pipe: aioredis.client.Pipeline, index: int) -> None:
+            if index == keys.GLOBAL:
                 pipe.hgetall(keys.signing_key_key(key_id))
+            else:
                 pipe.get(keys.placement_key(space_id))
                 pipe.exists(keys.space_key(space_id))
-                return await pipe.execute()
 
-        record, node, exists = await self._call(run)
+        replies = await self._each((keys.GLOBAL, shard), queue)
+        (record,) = replies[keys.GLOBAL]
+        node, exists = replies[shard]
         return JoinContext(_key_from_record(record), node or "", bool(exists))
 
     async def join(self, r: Reservation) -> Admission:
-        reply = await self._script(
-            "join",
-            [keys.space_key(r.space_id)],
-            [
-                r.space_id,
-                r.connection_id,
-                r.participant_id,
-                r.role,
-                r.display_name,
-                r.ticket_hash,
-                r.resume_hash,
-                "1" if r.generated_participant_id else "0",
-                r.node_id,
-                r.expected_node_id,
-                r.pending_ms,
-                r.placement_ms,
-                r.default_max_participants,
-                r.resume_connection_id,
-                r.presented_resume_hash,
-                r.signing_key_id,
-            ],
-        )
+        args = [
+            r.space_id,
+            r.connection_id,
+            r.participant_id,
+            r.role,
+            r.display_name,
+            r.ticket_hash,
+            r.resume_hash,
+            "1" if r.generated_participant_id else "0",
+            r.node_id,
+            r.expected_node_id,
+            r.pending_ms,
+            r.placement_ms,
+            r.default_max_participants,
+            r.resume_connection_id,
+            r.presented_resume_hash,
+            r.signing_key_id,
+        ]
+        reply = await self._space_script("join", r.space_id, args)
+        if (
+            reply[0] == "err"
+            and reply[1] == "unknown_key"
+            and await self._restore_signing_key(keys.shard_of(r.space_id), r.signing_key_id)
+        ):
+            reply = await self._space_script("join", r.space_id, args)
         if reply[0] == "moved":
             raise PlacementMoved(reply[1])
         _raise_script_error(reply)
@@ -347,9 +535,9 @@ class RedisStore:
         placement_ms: int,
         session_id: str,
     ) -> Claim:
-        reply = await self._script(
+        reply = await self._space_script(
             "claim",
-            [keys.space_key(space_id)],
+            space_id,
             [space_id, connection_id, ticket_hash, node_id, session_ms, placement_ms, session_id],
         )
         _raise_script_error(reply)
@@ -377,10 +565,8 @@ class RedisStore:
         connection_records: list[dict[str, str]],
     ) -> RenewResult:
         snapshot = json.dumps({"epoch": epoch, "space": space_record, "conns": connection_records})
-        reply = await self._script(
-            "renew",
-            [keys.space_key(space_id)],
-            [space_id, node_id, session_ms, placement_ms, snapshot],
+        reply = await self._space_script(
+            "renew", space_id, [space_id, node_id, session_ms, placement_ms, snapshot]
         )
         rest = reply[2:]
         return RenewResult(
@@ -397,10 +583,8 @@ class RedisStore:
         node_id: str = "",
         resume_hash: str = "",
     ) -> participant_pb2.Participant | None:
-        reply = await self._script(
-            "leave",
-            [keys.space_key(space_id)],
-            [space_id, connection_id, reason, node_id, resume_hash],
+        reply = await self._space_script(
+            "leave", space_id, [space_id, connection_id, reason, node_id, resume_hash]
         )
         _raise_script_error(reply)
         if reply[0] == "gone":
@@ -410,8 +594,8 @@ class RedisStore:
     async def remove_participant(
         self, space_id: str, participant_id: str, reason: str
     ) -> participant_pb2.Participant:
-        reply = await self._script(
-            "remove_participant", [keys.space_key(space_id)], [space_id, participant_id, reason]
+        reply = await self._space_script(
+            "remove_participant", space_id, [space_id, participant_id, reason]
         )
         _raise_script_error(reply)
         return participant_from_record(space_id, flat_to_dict(reply[1:]))
@@ -419,36 +603,39 @@ class RedisStore:
     async def get_participant(
         self, space_id: str, participant_id: str
     ) -> participant_pb2.Participant:
-        async def run() -> tuple[dict[str, str], float | None]:
-            conn = await self._client.get(keys.pid_key(space_id, participant_id))
+        async def run(client: aioredis.Redis) -> tuple[dict[str, str], float | None, int]:
+            conn = await client.get(keys.pid_key(space_id, participant_id))
             if not conn:
-                return {}, None
-            async with self._client.pipeline(transaction=False) as pipe:
+                return {}, None, await client.exists(keys.space_key(space_id))
+            async with client.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.conn_key(space_id, conn))
                 pipe.zscore(keys.leases_key(space_id), conn)
-                record, expires = await pipe.execute()
-            return record, expires
+                pipe.exists(keys.space_key(space_id))
+                record, expires, exists = await pipe.execute()
+            return record, expires, exists
 
-        record, expires = await self._call(run)
+        record, expires, exists = await self._on(keys.shard_of(space_id), run)
         if not record:
-            if not await self._call(lambda: self._client.exists(keys.space_key(space_id))):
+            if not exists:
                 raise errors.SpaceNotFound()
             raise errors.ParticipantNotFound()
         return participant_from_record(space_id, record, int(expires or 0))
 
     async def list_participants(self, space_id: str) -> list[participant_pb2.Participant]:
-        async def run() -> tuple[int, list[tuple[str, float]], list[dict[str, str]]]:
-            async with self._client.pipeline(transaction=False) as pipe:
+        async def run(
+            client: aioredis.Redis,
+        ) -> tuple[int, list[tuple[str, float]], list[dict[str, str]]]:
+            async with client.pipeline(transaction=False) as pipe:
                 pipe.exists(keys.space_key(space_id))
                 pipe.zrange(keys.leases_key(space_id), 0, -1, withscores=True)
                 exists, leases = await pipe.execute()
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 for conn, _ in leases:
                     pipe.hgetall(keys.conn_key(space_id, conn))
                 records = await pipe.execute() if leases else []
             return exists, leases, records
 
-        exists, leases, records = await self._call(run)
+        exists, leases, records = await self._on(keys.shard_of(space_id), run)
         if not exists:
             raise errors.SpaceNotFound()
         found = [
@@ -460,13 +647,19 @@ class RedisStore:
         return found
 
     async def set_display_name(self, space_id: str, connection_id: str, name: str) -> bool:
-        reply = await self._script(
-            "set_display_name", [keys.space_key(space_id)], [connection_id, name]
-        )
+        reply = await self._space_script("set_display_name", space_id, [connection_id, name])
         return bool(reply)
 
     async def reap(self, max_spaces: int = 100) -> int:
-        return int(await self._script("reap", [], [max_spaces]))
+        """Reap every shard (``max_spaces`` per shard and pass)."""
+        script = self._scripts["reap"]
+        replies = await self._each(
+            SHARDS,
+            lambda pipe, shard: script(
+                keys=[keys.lease_index_key(shard)], args=[max_spaces], client=pipe
+            ),
+        )
+        return sum(int(removed) for (removed,) in replies.values())
 
     # --- registry --------------------------------------------------------------------------
 
@@ -474,8 +667,9 @@ class RedisStore:
         return int(
             await self._script(
                 "heartbeat",
-                [keys.node_key(node.id)],
+                keys.node_key(node.id),
                 [node.id, node_to_text(node), node_pb2.NodeState.Name(node.state), record_ttl_ms],
+                keys.GLOBAL,
             )
         )
 
@@ -483,164 +677,280 @@ class RedisStore:
         final = node_pb2.Node()
         final.CopyFrom(node)
         final.state = node_pb2.NODE_STATE_STOPPED
-        await self._script("remove_node", [keys.node_key(node.id)], [node.id, node_to_text(final)])
+        await self._script(
+            "remove_node", keys.node_key(node.id), [node.id, node_to_text(final)], keys.GLOBAL
+        )
 
     async def list_nodes(self, record_ttl_ms: int) -> NodeView:
-        reply = await self._script("list_nodes", [], [record_ttl_ms])
+        reply = await self._script("list_nodes", keys.NODES, [record_ttl_ms], keys.GLOBAL)
         rest = reply[1:]
         nodes = [node_from_text(rest[i + 2], int(rest[i + 1])) for i in range(0, len(rest), 3)]
         return NodeView(now_ms=int(reply[0]), nodes=nodes)
 
+    # --- node commands: one capped stream per node ---------------------------------------------
+
     async def publish_node_command(self, node_id: str, command: node_pb2.NodeCommand) -> None:
+        stream = keys.node_commands_key(node_id)
         payload = command_to_text(command)
-        await self._call(lambda: self._client.publish(keys.node_channel(node_id), payload))
+
+        async def run(client: aioredis.Redis) -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xadd(
+                    stream, {"c": payload}, maxlen=keys.NODE_COMMANDS_MAXLEN, approximate=True
+                )
+                pipe.pexpire(stream, keys.NODE_COMMANDS_TTL_MS)
+                await pipe.execute()
+
+        await self._on(keys.GLOBAL, run)
 
     async def node_commands(self, node_id: str) -> AsyncIterator[node_pb2.NodeCommand]:
-        channel = keys.node_channel(node_id)
+        stream = keys.node_commands_key(node_id)
+        position: str | None = None
         backoff = 0.1
+
+        async def read(after: str) -> Any:
+            return await self._router.client(keys.GLOBAL).xread(
+                {stream: after}, count=100, block=1_000
+            )
+
         while True:
             try:
-                async with self._subscribed(channel) as pubsub:
-                    backoff = 0.1
-                    while True:
-                        # No timeout: redis-py's timed read swallows cancellation. A dropped
-                        # connection ends the read with an error, and we resubscribe.
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=None
-                        )
-                        if message and message.get("type") == "message":
-                            yield command_from_text(message["data"])
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                logger.warning("node %s: command channel lost (%s); resubscribing", node_id, exc)
+                if position is None:
+                    tail = await self._on(keys.GLOBAL, lambda c: c.xrevrange(stream, count=1))
+                    position = tail[0][0] if tail else "0-0"
+                reply = await self._call(
+                    functools.partial(read, position), timeout_s=self._timeout_s + 1, limited=False
+                )
+                backoff = 0.1
+                for _, entries in reply or []:
+                    for entry_id, fields in entries:
+                        position = entry_id
+                        yield command_from_text(fields["c"])
+            except errors.StoreUnavailable as exc:
+                logger.warning("node %s: command stream unavailable (%s); retrying", node_id, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-
-    @asynccontextmanager
-    async def _subscribed(self, channel: str) -> AsyncIterator[aioredis.client.PubSub]:
-        pubsub = self._client.pubsub()
-        try:
-            await pubsub.subscribe(channel)
-            yield pubsub
-        finally:
-            try:
-                await pubsub.aclose()
-            except Exception:
-                pass
 
     # --- events ----------------------------------------------------------------------------
 
     async def latest_event_id(self) -> str:
-        last = await self._call(lambda: self._client.xrevrange(keys.EVENTS, count=1))
-        return str(last[0][0]) if last else "0-0"
+        return await self._feed.latest_id()
 
     async def read_events(self, after_id: str, count: int, block_ms: int) -> list[event_pb2.Event]:
-        if block_ms > 0:
-            reply = await self._call(
-                lambda: self._client.xread({keys.EVENTS: after_id}, count=count, block=block_ms),
-                timeout_s=self._timeout_s + block_ms / 1000,
-            )
-            entries = reply[0][1] if reply else []
-        else:
-            entries = await self._call(
-                lambda: self._client.xrange(keys.EVENTS, min=f"({after_id}", count=count)
-            )
+        entries = await self._feed.read(after_id, count, block_ms)
         return [event_from_entry(entry_id, fields) for entry_id, fields in entries]
 
     # --- webhooks ----------------------------------------------------------------------------
-    # Delivery state and its scripts: keys.py, "webhooks". The scripts are registered on first
-    # use so that this section needs nothing from __init__.
+    # Delivery state and its scripts: keys.py, "webhooks". Every shard runs both stages for its
+    # own spaces; these methods visit the shards and merge what they return.
 
-    _wh_scripts: dict[str, Any] | None = None
-
-    async def _wh_script(self, name: str, args: list[Any]) -> Any:
-        if self._wh_scripts is None:
-            self._wh_scripts = {
-                n: self._client.register_script(keys.render_webhook_script(body))
-                for n, body in keys.WEBHOOK_SCRIPTS.items()
-            }
+    def _wh(self, name: str, index: int, args: list[Any]) -> Awaitable[Any]:
         script = self._wh_scripts[name]
-        return await self._call(lambda: script(keys=[], args=args))
+        return self._call(
+            lambda: script(
+                keys=[keys.webhook_endpoints_key(index)],
+                args=args,
+                client=self._router.client(index),
+            )
+        )
+
+    async def _wh_queue(
+        self, pipe: aioredis.client.Pipeline, name: str, index: int, args: list[Any]
+    ) -> None:
+        await self._wh_scripts[name](
+            keys=[keys.webhook_endpoints_key(index)], args=args, client=pipe
+        )
 
     async def webhook_put_endpoint(self, endpoint: WebhookEndpointRecord) -> None:
-        text = _endpoint_to_text(endpoint)
-        await self._call(lambda: self._client.hset(keys.WEBHOOK_ENDPOINTS, endpoint.id, text))
+        version = int(await self._on(keys.GLOBAL, lambda c: c.incr(keys.WEBHOOK_ENDPOINTS_SEQ)))
+        text = _endpoint_to_text(endpoint, version)
+        args = [endpoint.id, text, version, "1"]
+        # The global list first; webhook_sync_endpoints repairs the shards from it if this is
+        # interrupted.
+        await self._wh("webhook_put_endpoint", keys.GLOBAL, args)
+        await self._each(
+            SHARDS, lambda pipe, shard: self._wh_queue(pipe, "webhook_put_endpoint", shard, args)
+        )
 
     async def webhook_endpoints(self) -> list[WebhookEndpointRecord]:
-        found: dict[str, str] = await self._call(
-            lambda: self._client.hgetall(keys.WEBHOOK_ENDPOINTS)
+        found: dict[str, str] = await self._on(
+            keys.GLOBAL, lambda c: c.hgetall(keys.webhook_endpoints_key(keys.GLOBAL))
         )
         records = [_endpoint_from_text(text) for text in found.values()]
         return sorted(records, key=lambda e: (e.created_at, e.id))
 
     async def webhook_delete_endpoint(self, endpoint_id: str) -> bool:
-        return bool(await self._wh_script("webhook_delete_endpoint", [endpoint_id]))
+        existed = await self._wh("webhook_delete_endpoint", keys.GLOBAL, [endpoint_id])
+        await self._each(
+            SHARDS,
+            lambda pipe, shard: self._wh_queue(
+                pipe, "webhook_delete_endpoint", shard, [endpoint_id]
+            ),
+        )
+        return bool(existed)
+
+    _orphans: frozenset[tuple[int, str]] = frozenset()
+    """(shard, endpoint id) copies that were not in the list at the last repair."""
+
+    async def webhook_sync_endpoints(self) -> int:
+        """Make every shard's copy of the endpoints equal to the global list, after a put or a
+        delete was interrupted half-way or a shard's primary lost its data. Writes are
+        versioned and deletions leave a mark, so a repair racing a change never undoes it. A
+        copy missing from the list is dropped only when two repairs in a row saw it (it may be
+        a put that has not reached the list yet)."""
+        listed: dict[str, str] = await self._on(
+            keys.GLOBAL, lambda c: c.hgetall(keys.webhook_endpoints_key(keys.GLOBAL))
+        )
+        truth = {i: (text, _endpoint_version(text)) for i, text in listed.items()}
+        copies = await self._each(
+            SHARDS, lambda pipe, shard: pipe.hgetall(keys.webhook_endpoints_key(shard))
+        )
+        writes: dict[int, list[list[Any]]] = {}
+        orphans: set[tuple[int, str]] = set()
+        for shard, (copy,) in copies.items():
+            for endpoint_id, (text, version) in truth.items():
+                have = copy.get(endpoint_id)
+                if have is None or _endpoint_version(have) < version:
+                    writes.setdefault(shard, []).append([endpoint_id, text, version, "0"])
+            orphans |= {(shard, i) for i in copy if i not in truth}
+        drops = orphans & self._orphans
+        self._orphans = frozenset(orphans - drops)
+        touched = set(writes) | {shard for shard, _ in drops}
+        if not touched:
+            return 0
+
+        async def queue(pipe: aioredis.client.Pipeline, shard: int) -> None:
+            for args in writes.get(shard, []):
+                await self._wh_queue(pipe, "webhook_put_endpoint", shard, args)
+            for s, endpoint_id in drops:
+                if s == shard:
+                    await self._wh_queue(pipe, "webhook_delete_endpoint", shard, [endpoint_id])
+
+        await self._each(touched, queue)
+        fixed = sum(len(w) for w in writes.values()) + len(drops)
+        logger.warning("webhook endpoints: repaired %d shard copies", fixed)
+        return fixed
 
     async def webhook_group_ensure(self) -> None:
+        def queue(pipe: aioredis.client.Pipeline, index: int) -> None:
+            pipe.xgroup_create(keys.events_key(index), keys.WEBHOOK_GROUP, id="$", mkstream=True)
+
         async def run() -> None:
-            try:
-                await self._client.xgroup_create(
-                    keys.EVENTS, keys.WEBHOOK_GROUP, id="$", mkstream=True
-                )
-                logger.info("created consumer group %s on %s", keys.WEBHOOK_GROUP, keys.EVENTS)
-            except RedisResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            for client, group in self._router.by_client(EVERY_STREAM):
+                async with client.pipeline(transaction=False) as pipe:
+                    for index in group:
+                        queue(pipe, index)
+                    replies = await pipe.execute(raise_on_error=False)
+                created = 0
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        if "BUSYGROUP" not in str(reply):
+                            raise reply
+                    else:
+                        created += 1
+                if created:
+                    logger.info(
+                        "created consumer group %s on %d streams", keys.WEBHOOK_GROUP, created
+                    )
 
         await self._call(run)
 
     async def webhook_read(self, consumer: str, count: int, block_ms: int) -> list[event_pb2.Event]:
-        try:
-            reply: Any = await self._call(
-                lambda: self._client.xreadgroup(
-                    keys.WEBHOOK_GROUP,
-                    consumer,
-                    {keys.EVENTS: ">"},
-                    count=count,
-                    block=block_ms or None,
-                ),
-                timeout_s=self._timeout_s + block_ms / 1000,
+        """New entries for this consumer from every stream (each stream's group hands out its
+        entries once). Waits on the event doorbell, not in Redis."""
+        deadline = asyncio.get_running_loop().time() + block_ms / 1000
+        while True:
+            rung = self._feed.doorbell.generation
+            events = await self._call(lambda: self._read_group(consumer, count))
+            remaining = deadline - asyncio.get_running_loop().time()
+            if events or remaining <= 0:
+                return events
+            await self._feed.doorbell.wait(rung, remaining)
+
+    async def _read_group(self, consumer: str, count: int) -> list[event_pb2.Event]:
+        events: list[event_pb2.Event] = []
+        lost: list[int] = []
+        for client, group in self._router.by_client(EVERY_STREAM):
+            async with client.pipeline(transaction=False) as pipe:
+                for index in group:
+                    pipe.xreadgroup(
+                        keys.WEBHOOK_GROUP, consumer, {keys.events_key(index): ">"}, count=count
+                    )
+                replies = await pipe.execute(raise_on_error=False)
+            for index, reply in zip(group, replies, strict=True):
+                if isinstance(reply, RedisResponseError) and "NOGROUP" in str(reply):
+                    lost.append(index)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    for _, entries in reply or []:
+                        events += [event_from_entry(i, fields) for i, fields in entries if fields]
+        if lost:
+            # A shard lost its data (or someone deleted the group): start it again at its end.
+            logger.warning(
+                "webhook consumer group vanished on %d streams; recreating it", len(lost)
             )
-        except RedisResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # Redis lost its data (or someone deleted the group): start again from the end.
-            logger.warning("webhook consumer group vanished; recreating it at the stream's end")
-            await self.webhook_group_ensure()
-            return []
-        entries = reply[0][1] if reply else []
-        return [event_from_entry(entry_id, fields) for entry_id, fields in entries if fields]
+            for index in lost:
+                try:
+                    await self._router.client(index).xgroup_create(
+                        keys.events_key(index), keys.WEBHOOK_GROUP, id="$", mkstream=True
+                    )
+                except RedisResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+        return events
 
     async def webhook_claim_stale(
         self, consumer: str, min_idle_ms: int, count: int
     ) -> list[event_pb2.Event]:
-        try:
-            reply: Any = await self._call(
-                lambda: self._client.xautoclaim(
-                    keys.EVENTS, keys.WEBHOOK_GROUP, consumer, min_idle_ms, "0-0", count=count
-                )
-            )
-        except RedisResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            return []
-        # reply[2] lists entries trimmed from the stream: XAUTOCLAIM already dropped them from
-        # the pending list, and there is nothing left to deliver.
-        return [event_from_entry(entry_id, fields) for entry_id, fields in reply[1] if fields]
+        async def run() -> list[event_pb2.Event]:
+            events: list[event_pb2.Event] = []
+            for client, group in self._router.by_client(EVERY_STREAM):
+                async with client.pipeline(transaction=False) as pipe:
+                    for index in group:
+                        pipe.xautoclaim(
+                            keys.events_key(index),
+                            keys.WEBHOOK_GROUP,
+                            consumer,
+                            min_idle_ms,
+                            "0-0",
+                            count=count,
+                        )
+                    replies = await pipe.execute(raise_on_error=False)
+                for reply in replies:
+                    if isinstance(reply, RedisResponseError) and "NOGROUP" in str(reply):
+                        continue
+                    if isinstance(reply, Exception):
+                        raise reply
+                    # reply[2] lists entries trimmed from the stream: XAUTOCLAIM already dropped
+                    # them from the pending list, and there is nothing left to deliver.
+                    events += [event_from_entry(i, fields) for i, fields in reply[1] if fields]
+            return events
+
+        return await self._call(run)
 
     async def webhook_fan_out(self, jobs: Sequence[WebhookJob]) -> int:
+        """One script per stream the jobs came from: each acknowledges its entries and enqueues
+        their deliveries in one step."""
         if not jobs:
             return 0
-        args: list[Any] = []
+        by_stream: dict[int, list[Any]] = {}
         for job in jobs:
-            args += [
-                job.stream_id,
-                keys.webhook_sort_key(job.stream_id),
-                job.envelope_id,
-                job.space_id,
-                job.event_type,
-                job.body,
-            ]
-        return int(await self._wh_script("webhook_fan_out", args))
+            by_stream.setdefault(keys.event_stream_index(job.stream_id), []).extend(
+                [
+                    job.stream_id,
+                    keys.webhook_sort_key(job.stream_id),
+                    job.envelope_id,
+                    job.space_id,
+                    job.event_type,
+                    job.body,
+                ]
+            )
+        replies = await self._each(
+            by_stream,
+            lambda pipe, index: self._wh_queue(pipe, "webhook_fan_out", index, by_stream[index]),
+        )
+        return sum(int(n) for (n,) in replies.values())
 
     async def webhook_take(
         self,
@@ -651,43 +961,74 @@ class RedisStore:
         slots: Mapping[str, int],
         rotation: int = 0,
     ) -> tuple[list[WebhookDelivery], int]:
-        args: list[Any] = [owner, lease_ms, limit, default_slots, rotation]
-        for endpoint_id, free in slots.items():
-            args += [endpoint_id, free]
-        reply = await self._wh_script("webhook_take", args)
-        rest = reply[1:]
-        deliveries = [
-            WebhookDelivery(
-                endpoint_id=rest[i],
-                space_id=rest[i + 1],
-                token=rest[i + 2],
-                url=rest[i + 3],
-                secret=rest[i + 4],
-                sort_key=rest[i + 5],
-                stream_id=rest[i + 6],
-                envelope_id=rest[i + 7],
-                event_type=rest[i + 8],
-                body=rest[i + 9],
-                attempts=int(rest[i + 10]),
-                history=rest[i + 11],
-            )
-            for i in range(0, len(rest), 12)
-        ]
-        return deliveries, int(reply[0])
+        """Shard by shard (from a rotating start, so none is starved), each with what is left
+        of the budget and of each endpoint's slots."""
+        free = dict(slots)
+        taken: list[WebhookDelivery] = []
+        reclaimed = 0
+        for n in range(keys.SHARDS):
+            if len(taken) >= limit:
+                break
+            shard = (n + rotation) % keys.SHARDS
+            args: list[Any] = [
+                f"{owner}/{shard}",
+                lease_ms,
+                limit - len(taken),
+                default_slots,
+                rotation,
+            ]
+            for endpoint_id, left in free.items():
+                args += [endpoint_id, left]
+            reply = await self._wh("webhook_take", shard, args)
+            reclaimed += int(reply[0])
+            rest = reply[1:]
+            for i in range(0, len(rest), 12):
+                delivery = WebhookDelivery(
+                    endpoint_id=rest[i],
+                    space_id=rest[i + 1],
+                    token=rest[i + 2],
+                    url=rest[i + 3],
+                    secret=rest[i + 4],
+                    sort_key=rest[i + 5],
+                    stream_id=rest[i + 6],
+                    envelope_id=rest[i + 7],
+                    event_type=rest[i + 8],
+                    body=rest[i + 9],
+                    attempts=int(rest[i + 10]),
+                    history=rest[i + 11],
+                )
+                taken.append(delivery)
+                ep = delivery.endpoint_id
+                free[ep] = free.get(ep, default_slots) - 1
+        return taken, reclaimed
+
+    def _by_shard(self, deliveries: Iterable[WebhookDelivery]) -> dict[int, list[WebhookDelivery]]:
+        groups: dict[int, list[WebhookDelivery]] = {}
+        for d in deliveries:
+            groups.setdefault(keys.shard_of(d.space_id), []).append(d)
+        return groups
 
     async def webhook_renew(self, deliveries: Sequence[WebhookDelivery], lease_ms: int) -> set[str]:
-        if not deliveries:
+        groups = self._by_shard(deliveries)
+        if not groups:
             return set()
-        args: list[Any] = [lease_ms]
-        for d in deliveries:
-            args += [d.queue, d.token]
-        return set(await self._wh_script("webhook_renew", args))
+
+        async def queue(pipe: aioredis.client.Pipeline, shard: int) -> None:
+            args: list[Any] = [lease_ms]
+            for d in groups[shard]:
+                args += [d.queue, d.token]
+            await self._wh_queue(pipe, "webhook_renew", shard, args)
+
+        replies = await self._each(groups, queue)
+        return {token for (lost,) in replies.values() for token in lost}
 
     async def webhook_delivered(self, delivery: WebhookDelivery) -> bool:
         d = delivery
         return bool(
-            await self._wh_script(
-                "webhook_delivered", [d.endpoint_id, d.space_id, d.sort_key, d.token]
+            await self._wh(
+                "webhook_delivered",
+                keys.shard_of(d.space_id),
+                [d.endpoint_id, d.space_id, d.sort_key, d.token],
             )
         )
 
@@ -700,9 +1041,10 @@ class RedisStore:
         dead_letter_limit: int,
     ) -> str:
         d = delivery
-        return str(
-            await self._wh_script(
+        outcome = str(
+            await self._wh(
                 "webhook_failed",
+                keys.shard_of(d.space_id),
                 [
                     d.endpoint_id,
                     d.space_id,
@@ -715,45 +1057,133 @@ class RedisStore:
                 ],
             )
         )
+        if outcome == "dead":
+            await self._cap_dead_letters(dead_letter_limit)
+        return outcome
+
+    async def _cap_dead_letters(self, limit: int) -> None:
+        """Keep at most ``limit`` dead letters over all shards, dropping the oldest. Each shard
+        caps its own in the failing script; this trims the total after the fact (replicas
+        trimming at once may drop a few more than needed)."""
+        counts = await self._each(
+            SHARDS, lambda pipe, shard: pipe.zcard(keys.webhook_dead_index_key(shard))
+        )
+        excess = sum(int(n) for (n,) in counts.values()) - limit
+        if excess <= 0:
+            return
+        oldest = await self._each(
+            [s for s, (n,) in counts.items() if n],
+            lambda pipe, shard: pipe.zrange(
+                keys.webhook_dead_index_key(shard), 0, excess - 1, withscores=True
+            ),
+        )
+        drop = heapq.nsmallest(
+            excess,
+            (
+                (score, dead_id, shard)
+                for shard, (page,) in oldest.items()
+                for dead_id, score in page
+            ),
+        )
+        by_shard: dict[int, list[str]] = {}
+        for _, dead_id, shard in drop:
+            by_shard.setdefault(shard, []).append(dead_id)
+        await self._each(
+            by_shard,
+            lambda pipe, shard: self._wh_queue(pipe, "webhook_drop_dead", shard, by_shard[shard]),
+        )
 
     async def webhook_release(self, deliveries: Sequence[WebhookDelivery]) -> int:
-        if not deliveries:
+        groups = self._by_shard(deliveries)
+        if not groups:
             return 0
-        args: list[Any] = []
-        for d in deliveries:
-            args += [d.queue, d.token]
-        return int(await self._wh_script("webhook_release", args))
+
+        async def queue(pipe: aioredis.client.Pipeline, shard: int) -> None:
+            args: list[Any] = []
+            for d in groups[shard]:
+                args += [d.queue, d.token]
+            await self._wh_queue(pipe, "webhook_release", shard, args)
+
+        replies = await self._each(groups, queue)
+        return sum(int(n) for (n,) in replies.values())
 
     async def webhook_dead_letters(self, limit: int) -> list[DeadLetterRecord]:
-        async def run() -> list[dict[str, str]]:
-            ids: list[str] = await self._client.zrevrange(keys.WEBHOOK_DEAD, 0, limit - 1)
-            async with self._client.pipeline(transaction=False) as pipe:
-                for dead_id in ids:
-                    pipe.hgetall(keys.webhook_dead_key(dead_id))
-                records: list[dict[str, str]] = await pipe.execute() if ids else []
-                return records
+        pages = await self._each(
+            SHARDS,
+            lambda pipe, shard: pipe.zrevrange(
+                keys.webhook_dead_index_key(shard), 0, limit - 1, withscores=True
+            ),
+        )
+        newest = heapq.nlargest(
+            limit,
+            (
+                (score, dead_id, shard)
+                for shard, (page,) in pages.items()
+                for dead_id, score in page
+            ),
+        )
+        if not newest:
+            return []
+        by_shard: dict[int, list[str]] = {}
+        for _, dead_id, shard in newest:
+            by_shard.setdefault(shard, []).append(dead_id)
 
-        return [_dead_letter_from_record(r) for r in await self._call(run) if r]
+        def read(pipe: aioredis.client.Pipeline, shard: int) -> None:
+            for dead_id in by_shard[shard]:
+                pipe.hgetall(keys.webhook_dead_key(dead_id))
+
+        records = await self._each(by_shard, read)
+        found = {
+            dead_id: record
+            for shard, ids in by_shard.items()
+            for dead_id, record in zip(ids, records[shard], strict=True)
+        }
+        return [_dead_letter_from_record(found[i]) for _, i, _ in newest if found.get(i)]
 
     async def webhook_replay(self, ids: Sequence[str]) -> int:
-        return int(await self._wh_script("webhook_replay", list(ids)))
+        if ids:
+            by_shard: dict[int, list[str]] = {}
+            for dead_id in ids:
+                shard = _dead_letter_shard(dead_id)
+                if shard is not None:
+                    by_shard.setdefault(shard, []).append(dead_id)
+        else:
+            by_shard = {shard: [] for shard in SHARDS}
+        if not by_shard:
+            return 0
+        replies = await self._each(
+            by_shard,
+            lambda pipe, shard: self._wh_queue(pipe, "webhook_replay", shard, by_shard[shard]),
+        )
+        return sum(int(n) for (n,) in replies.values())
 
     async def webhook_prune_consumers(self, idle_ms: int, keep: str) -> int:
         async def run() -> int:
             pruned = 0
-            consumers = await self._client.xinfo_consumers(keys.EVENTS, keys.WEBHOOK_GROUP)
-            for c in consumers:
-                if c["name"] != keep and c["pending"] == 0 and c["idle"] >= idle_ms:
-                    await self._client.xgroup_delconsumer(
-                        keys.EVENTS, keys.WEBHOOK_GROUP, c["name"]
-                    )
-                    pruned += 1
+            for index in EVERY_STREAM:
+                client = self._router.client(index)
+                stream = keys.events_key(index)
+                try:
+                    consumers = await client.xinfo_consumers(stream, keys.WEBHOOK_GROUP)
+                except RedisResponseError:
+                    continue  # no group on this stream yet
+                for c in consumers:
+                    if c["name"] != keep and c["pending"] == 0 and c["idle"] >= idle_ms:
+                        await client.xgroup_delconsumer(stream, keys.WEBHOOK_GROUP, c["name"])
+                        pruned += 1
             return pruned
 
-        try:
-            return await self._call(run)
-        except RedisResponseError:
-            return 0  # no group yet
+        return await self._call(run)
+
+
+def _dead_letter_shard(dead_letter_id: str) -> int | None:
+    """A dead letter's id is "<endpoint_id>:<stream id>"; the stream id names the shard."""
+    stream_id = dead_letter_id.rpartition(":")[2]
+    ms, sep, seq = stream_id.partition("-")
+    if not (sep and ms.isdigit() and seq.isdigit()):
+        return None
+    index = keys.event_stream_index(stream_id)
+    return index if index < keys.SHARDS else None
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -775,7 +1205,7 @@ def _key_from_record(record: dict[str, str]) -> SigningKeyRecord | None:
 # --- webhooks: record conversions ---------------------------------------------------------------
 
 
-def _endpoint_to_text(endpoint: WebhookEndpointRecord) -> str:
+def _endpoint_to_text(endpoint: WebhookEndpointRecord, version: int) -> str:
     return json.dumps(
         {
             "id": endpoint.id,
@@ -784,8 +1214,13 @@ def _endpoint_to_text(endpoint: WebhookEndpointRecord) -> str:
             "event_types": list(endpoint.event_types),
             "created_at": endpoint.created_at,
             "from_config": endpoint.from_config,
+            "v": version,
         }
     )
+
+
+def _endpoint_version(text: str) -> int:
+    return int(json.loads(text).get("v", 0))
 
 
 def _endpoint_from_text(text: str) -> WebhookEndpointRecord:

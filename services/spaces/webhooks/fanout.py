@@ -29,6 +29,8 @@ READ_BLOCK_MS = 1_000
 PRUNE_INTERVAL_S = 600.0
 PRUNE_IDLE_MS = 3_600_000
 """Group consumers silent this long with nothing pending are replicas that went away."""
+SYNC_INTERVAL_S = 30.0
+"""How soon an endpoint change that was interrupted half-way reaches every shard."""
 
 
 class FanOut:
@@ -47,6 +49,7 @@ class FanOut:
 
     async def start(self) -> None:
         await self._store.webhook_group_ensure()
+        await self._store.webhook_sync_endpoints()
         self._task = asyncio.create_task(self._run(), name=f"webhook-fan-out-{self.consumer}")
 
     async def stop(self) -> None:
@@ -57,6 +60,7 @@ class FanOut:
         claim_every = self._config.claim_idle_ms / 2000
         next_claim = 0.0
         next_prune = time.monotonic() + PRUNE_INTERVAL_S
+        next_sync = time.monotonic() + SYNC_INTERVAL_S
         backoff = 0.1
         while True:
             try:
@@ -83,6 +87,9 @@ class FanOut:
                 if now >= next_prune:
                     next_prune = now + PRUNE_INTERVAL_S
                     await self._store.webhook_prune_consumers(PRUNE_IDLE_MS, self.consumer)
+                if now >= next_sync:
+                    next_sync = now + SYNC_INTERVAL_S
+                    await self._store.webhook_sync_endpoints()
                 backoff = 0.1
             except errors.StoreUnavailable:
                 await asyncio.sleep(backoff)
