@@ -219,6 +219,12 @@ class ClusterRouter:
             groups.setdefault(self._owners[index], []).append(index)
         return [(self._node(address), group) for address, group in groups.items()]
 
+    def owner(self, index: int) -> tuple[str, int]:
+        """(host, port) of the primary that owns keys.TAGS[index]."""
+        if not self._owners:
+            raise errors.StoreUnavailable()
+        return self._owners[index]
+
     @property
     def primaries(self) -> list[tuple[str, int]]:
         """The primaries currently serving Spaces' slots."""
