@@ -11,15 +11,18 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from spaces import errors
 from spaces.auth.keys import generate_signing_key
 from spaces.sdk import client as sdk
 from spaces.store import keys
+from spaces.store.base import Reservation
 from spaces.store.redis import RedisStore
 from spaces.store.router import ClusterRouter
 from spaces.v1 import event_pb2, presence_pb2, presence_pb2_grpc, signing_key_pb2
@@ -150,7 +153,6 @@ async def test_watch_events_and_webhooks_cover_every_shard_in_order(
         redis_url=redis_cluster_url,
         services=("control", "auth", "presence", "webhooks"),
     )
-    from dataclasses import replace
 
     config = replace(
         config,
@@ -249,6 +251,92 @@ async def test_cancelled_blocking_reads_stop_at_once_on_a_cluster(
             assert time.monotonic() - started < 0.5
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+# --- a primary down for good ------------------------------------------------------------------
+
+
+async def test_shards_on_the_other_primaries_keep_working_while_one_is_down(
+    tmp_path: Path,
+) -> None:
+    """No replica to take over: the dead primary's spaces are UNAVAILABLE, the others carry on
+    (joins, reaping, webhook delivery); WatchEvents over every space waits, by design, since it
+    can only hand out events in an order no shard can later undercut."""
+    cluster = RedisClusterProcess(masters=3).start()
+    receiver = await WebhookReceiver().start()
+    store = RedisStore(cluster.url)
+    config = make_config(
+        redis_url=cluster.url, services=("control", "auth", "presence", "webhooks")
+    )
+    config = replace(
+        config,
+        webhooks=replace(config.webhooks, url=receiver.url, secret=SECRET, poll_interval_ms=100),
+    )
+    server = None
+    try:
+        await store.start()
+        router = store.router
+        assert isinstance(router, ClusterRouter)
+        server = await start_server(config)
+        space_ids = spaces_on_every_primary(store, 2, "down")
+        for space_id in space_ids:
+            await store.create_space(space_id, "0", 0)
+        await receiver.wait_accepted(len(space_ids), within=20)
+        victim_address = router.owner(keys.shard_of(space_ids[0]))
+        if victim_address == router.owner(keys.GLOBAL):
+            victim_address = next(a for a in router.primaries if a != victim_address)
+        dead = [s for s in space_ids if router.owner(keys.shard_of(s)) == victim_address]
+        alive = [s for s in space_ids if s not in dead]
+        victim = next(
+            n for n in cluster.nodes if n.address == f"{victim_address[0]}:{victim_address[1]}"
+        )
+        cluster.kill(victim)
+
+        with pytest.raises(errors.StoreUnavailable):
+            await store.get_space(dead[0])
+        for space_id in alive:
+            await store.update_space(space_id, "1", None)
+            await store.join(
+                Reservation(
+                    space_id=space_id,
+                    connection_id="c-" + space_id,
+                    participant_id="p",
+                    generated_participant_id=False,
+                    role="publisher",
+                    display_name="",
+                    ticket_hash="t",
+                    resume_hash="r",
+                    node_id="n1",
+                    expected_node_id="",
+                    pending_ms=200,
+                    placement_ms=1_000,
+                    default_max_participants=10,
+                )
+            )
+
+        # The presence reaper keeps reaping the healthy shards' lapsed reservations.
+        async def reaped() -> bool:
+            return all([await store.list_participants(s) == [] for s in alive])
+
+        await eventually(reaped, timeout=10)
+        assert await store.reap() == 0  # and reaping every shard does not fail
+
+        def delivered_updates() -> set[str]:
+            return {
+                r.event["object"]["id"]
+                for r in receiver.accepted
+                if r.event["type"] == "video.space.updated"
+            }
+
+        await eventually(lambda: delivered_updates() == set(alive), timeout=20)
+        with pytest.raises(errors.StoreUnavailable):
+            await store.read_events("0-0", 10, 0)
+    finally:
+        if server is not None:
+            await server.stop()
+        await store.close()
+        await receiver.stop()
+        cluster.close()
 
 
 # --- failover ---------------------------------------------------------------------------------

@@ -203,10 +203,16 @@ class RedisStore:
         self,
         indexes: Iterable[int],
         queue: Callable[[aioredis.client.Pipeline, int], Any],
+        *,
+        partial: bool = False,
+        raise_on_error: bool = True,
     ) -> dict[int, list[Any]]:
         """One pipeline per primary, all at once: ``queue(pipe, index)`` adds the commands for
         each tag index (awaited when it returns an awaitable: queueing a script is). Returns
-        each index's replies."""
+        each index's replies (error replies as exceptions, with ``raise_on_error=False``).
+        With ``partial``, a primary that cannot answer is left out: work that each shard does
+        on its own (reaping, webhooks) goes on while one primary fails over. The call fails only
+        when none answers."""
         wanted = list(indexes)
 
         async def on(client: aioredis.Redis, group: list[int]) -> dict[int, list[Any]]:
@@ -218,7 +224,7 @@ class RedisStore:
                     if inspect.isawaitable(queued):
                         await queued
                     counts.append(len(pipe) - before)
-                replies = await pipe.execute() if len(pipe) else []
+                replies = await pipe.execute(raise_on_error=raise_on_error) if len(pipe) else []
             out, at = {}, 0
             for index, n in zip(group, counts, strict=True):
                 out[index] = replies[at : at + n]
@@ -226,10 +232,22 @@ class RedisStore:
             return out
 
         async def run() -> dict[int, list[Any]]:
-            parts = await asyncio.gather(*(on(c, g) for c, g in self._router.by_client(wanted)))
+            groups = self._router.by_client(wanted)
+            parts = await asyncio.gather(*(on(c, g) for c, g in groups), return_exceptions=partial)
             merged: dict[int, list[Any]] = {}
+            failures = []
             for part in parts:
-                merged.update(part)
+                if isinstance(part, _UNAVAILABLE):
+                    failures.append(part)
+                elif isinstance(part, BaseException):
+                    raise part
+                else:
+                    merged.update(part)
+            if failures and not merged:
+                raise failures[0]
+            for failure in failures:
+                logger.warning("redis: a primary did not answer (%s); its shards wait", failure)
+                await self._router.recover(failure)
             return merged
 
         return await self._call(run)
@@ -239,7 +257,8 @@ class RedisStore:
             await self._router.start()
         except _UNAVAILABLE as exc:
             raise errors.StoreUnavailable() from exc
-        await self.ping()
+        # The global keys' primary must answer; on a cluster, a shard whose primary is down at
+        # start is served once its replica takes over.
         await self._check_layout()
 
     async def _check_layout(self) -> None:
@@ -658,6 +677,7 @@ class RedisStore:
             lambda pipe, shard: script(
                 keys=[keys.lease_index_key(shard)], args=[max_spaces], client=pipe
             ),
+            partial=True,
         )
         return sum(int(removed) for (removed,) in replies.values())
 
@@ -868,66 +888,64 @@ class RedisStore:
             await self._feed.doorbell.wait(rung, remaining)
 
     async def _read_group(self, consumer: str, count: int) -> list[event_pb2.Event]:
+        replies = await self._each(
+            EVERY_STREAM,
+            lambda pipe, index: pipe.xreadgroup(
+                keys.WEBHOOK_GROUP, consumer, {keys.events_key(index): ">"}, count=count
+            ),
+            partial=True,
+            raise_on_error=False,
+        )
         events: list[event_pb2.Event] = []
         lost: list[int] = []
-        for client, group in self._router.by_client(EVERY_STREAM):
-            async with client.pipeline(transaction=False) as pipe:
-                for index in group:
-                    pipe.xreadgroup(
-                        keys.WEBHOOK_GROUP, consumer, {keys.events_key(index): ">"}, count=count
-                    )
-                replies = await pipe.execute(raise_on_error=False)
-            for index, reply in zip(group, replies, strict=True):
-                if isinstance(reply, RedisResponseError) and "NOGROUP" in str(reply):
-                    lost.append(index)
-                elif isinstance(reply, Exception):
-                    raise reply
-                else:
-                    for _, entries in reply or []:
-                        events += [event_from_entry(i, fields) for i, fields in entries if fields]
+        for index, (reply,) in replies.items():
+            if isinstance(reply, RedisResponseError) and "NOGROUP" in str(reply):
+                lost.append(index)
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                for _, entries in reply or []:
+                    events += [event_from_entry(i, fields) for i, fields in entries if fields]
         if lost:
             # A shard lost its data (or someone deleted the group): start it again at its end.
             logger.warning(
                 "webhook consumer group vanished on %d streams; recreating it", len(lost)
             )
-            for index in lost:
-                try:
-                    await self._router.client(index).xgroup_create(
-                        keys.events_key(index), keys.WEBHOOK_GROUP, id="$", mkstream=True
-                    )
-                except RedisResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
+            await self._each(
+                lost,
+                lambda pipe, index: pipe.xgroup_create(
+                    keys.events_key(index), keys.WEBHOOK_GROUP, id="$", mkstream=True
+                ),
+                raise_on_error=False,
+            )
         return events
 
     async def webhook_claim_stale(
         self, consumer: str, min_idle_ms: int, count: int
     ) -> list[event_pb2.Event]:
-        async def run() -> list[event_pb2.Event]:
-            events: list[event_pb2.Event] = []
-            for client, group in self._router.by_client(EVERY_STREAM):
-                async with client.pipeline(transaction=False) as pipe:
-                    for index in group:
-                        pipe.xautoclaim(
-                            keys.events_key(index),
-                            keys.WEBHOOK_GROUP,
-                            consumer,
-                            min_idle_ms,
-                            "0-0",
-                            count=count,
-                        )
-                    replies = await pipe.execute(raise_on_error=False)
-                for reply in replies:
-                    if isinstance(reply, RedisResponseError) and "NOGROUP" in str(reply):
-                        continue
-                    if isinstance(reply, Exception):
-                        raise reply
-                    # reply[2] lists entries trimmed from the stream: XAUTOCLAIM already dropped
-                    # them from the pending list, and there is nothing left to deliver.
-                    events += [event_from_entry(i, fields) for i, fields in reply[1] if fields]
-            return events
-
-        return await self._call(run)
+        replies = await self._each(
+            EVERY_STREAM,
+            lambda pipe, index: pipe.xautoclaim(
+                keys.events_key(index),
+                keys.WEBHOOK_GROUP,
+                consumer,
+                min_idle_ms,
+                "0-0",
+                count=count,
+            ),
+            partial=True,
+            raise_on_error=False,
+        )
+        events: list[event_pb2.Event] = []
+        for (reply,) in replies.values():
+            if isinstance(reply, RedisResponseError) and "NOGROUP" in str(reply):
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            # reply[2] lists entries trimmed from the stream: XAUTOCLAIM already dropped them
+            # from the pending list, and there is nothing left to deliver.
+            events += [event_from_entry(i, fields) for i, fields in reply[1] if fields]
+        return events
 
     async def webhook_fan_out(self, jobs: Sequence[WebhookJob]) -> int:
         """One script per stream the jobs came from: each acknowledges its entries and enqueues
@@ -965,7 +983,8 @@ class RedisStore:
         of the budget and of each endpoint's slots."""
         free = dict(slots)
         taken: list[WebhookDelivery] = []
-        reclaimed = 0
+        reclaimed = failed = 0
+        unreachable: set[aioredis.Redis] = set()
         for n in range(keys.SHARDS):
             if len(taken) >= limit:
                 break
@@ -979,7 +998,17 @@ class RedisStore:
             ]
             for endpoint_id, left in free.items():
                 args += [endpoint_id, left]
-            reply = await self._wh("webhook_take", shard, args)
+            primary = self._router.client(shard)
+            if primary in unreachable:
+                failed += 1
+                continue
+            try:
+                reply = await self._wh("webhook_take", shard, args)
+            except errors.StoreUnavailable:
+                # This primary's queues wait for it (or for its replica); the others go on.
+                unreachable.add(primary)
+                failed += 1
+                continue
             reclaimed += int(reply[0])
             rest = reply[1:]
             for i in range(0, len(rest), 12):
@@ -1000,6 +1029,8 @@ class RedisStore:
                 taken.append(delivery)
                 ep = delivery.endpoint_id
                 free[ep] = free.get(ep, default_slots) - 1
+        if failed == keys.SHARDS:
+            raise errors.StoreUnavailable()
         return taken, reclaimed
 
     def _by_shard(self, deliveries: Iterable[WebhookDelivery]) -> dict[int, list[WebhookDelivery]]:
