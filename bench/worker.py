@@ -15,7 +15,7 @@ Role = Callable[[dict[str, Any], Channel], Awaitable[None]]
 
 
 def roles() -> dict[str, Role]:
-    from bench import join, media_roles, meetings, relay
+    from bench import join, media_roles, meetings, redis_ceiling, relay
 
     return {
         "publisher": media_roles.run_publisher,
@@ -23,6 +23,7 @@ def roles() -> dict[str, Role]:
         "relay": relay.run,
         "joiner": join.run_joiner,
         "meeting": meetings.run_participants,
+        "redis-load": redis_ceiling.run_generator,
     }
 
 

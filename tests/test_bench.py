@@ -34,7 +34,7 @@ def is_figure(value: Any) -> bool:
 def test_help_lists_every_benchmark() -> None:
     result = run_bench("--help", timeout=60)
     assert result.returncode == 0, result.stderr
-    for name in ("join", "fanout", "latency", "meetings", "all"):
+    for name in ("join", "fanout", "latency", "meetings", "redis", "all"):
         assert name in result.stdout
 
 
@@ -60,6 +60,14 @@ FIGURES = {
         "summary.spaces_p99_ms",
     ],
     "meetings": ["summary.participants_per_core", "summary.node_cores_per_participant"],
+    "redis": [
+        "summary.redis_us_per_participant_s",
+        "summary.participants_at_70pct_core",
+        "summary.redis_us_per_session",
+        "summary.sessions_per_s_at_70pct_core",
+        "summary.participant_in_pings",
+        "baseline.redis_us_per_ping",
+    ],
 }
 
 

@@ -164,6 +164,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return run_cluster(args)
 
 
+def cmd_redis_migrate(args: argparse.Namespace) -> int:
+    from spaces.store import migrate
+    from spaces.store.router import is_cluster_url
+
+    url = args.redis_url or os.environ.get("SPACES_REDIS_URL", "")
+    if not url or is_cluster_url(url):
+        print(
+            "redis-migrate needs the standalone Redis to migrate (--redis-url or SPACES_REDIS_URL)"
+        )
+        return 2
+    return asyncio.run(migrate.run(url, args.dry_run))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spaces", description="Self-hosted real-time video spaces."
@@ -230,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nodes", type=int, default=2)
     cluster.add_argument("--replicas", type=int, default=2)
     cluster.set_defaults(func=cmd_cluster)
+
+    migrate = sub.add_parser(
+        "redis-migrate",
+        help="move a Redis from the unsharded key layout to the sharded one (Spaces stopped)",
+        description="Keeps spaces, signing keys and webhook endpoints; see docs/operations.md.",
+    )
+    migrate.add_argument("--redis-url", help="the Redis to migrate (default: SPACES_REDIS_URL)")
+    migrate.add_argument("--dry-run", action="store_true", help="only count what would move")
+    migrate.set_defaults(func=cmd_redis_migrate)
     return parser
 
 

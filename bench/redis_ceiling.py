@@ -1,0 +1,575 @@
+"""Redis ceiling: what one Redis primary carries. Load generators call the store directly
+(``RedisStore``, the code presence and the media nodes run), so no Spaces process is the limit,
+and the figure is the Redis server's own CPU, read from /proc.
+
+* **baseline**: PING in a closed loop, to price one round trip of the same client on the same
+  machine. Every other cost is also given in PINGs, a ratio that travels between machines better
+  than microseconds.
+* **hold**: P connected participants in spaces of ``space_size``, each space renewed by its
+  "media node" every ``renew_interval_s`` (the real cadence, 3 s), plus the background a
+  deployment of that size adds (every presence replica reaps all shards each second, nodes
+  heartbeat every 2 s, presence reads the registry every 0.5 s). P grows step by step until Redis
+  passes 90% of a core, renewals fall behind their schedule, or the machine runs out.
+* **churn**: join + claim + leave (one whole session, as presence and a media node do it) in a
+  closed loop over every generator, as fast as they go.
+
+The per-participant cost is the slope of Redis CPU over P (least squares over the hold steps);
+the background is its intercept. From them: the participant count at which one primary is at
+70% of a core, the session starts per second at 70% of a core, and both together for sessions
+of ``session_minutes``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.cluster import Cluster
+from bench.common import CpuWindow, fmt, percentile, say, table, wait_quiet
+from bench.ipc import Channel, Worker, stop_all
+from spaces.store.base import Reservation
+from spaces.store.redis import RedisStore
+from spaces.v1 import node_pb2
+
+NAME = "redis"
+SUMMARY = "one Redis primary: participants (with lease renewals) and joins/s at 70% of a core"
+
+TARGET_CORE = 0.7
+SATURATED_CORE = 0.9
+LATE_P99_S = 1.0
+"""A renewal this late (p99) means the generators, not Redis, fell behind."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[int, ...]
+    """Participants held at each hold step."""
+    space_size: int
+    renew_interval_s: float
+    window_s: float
+    churn_s: float
+    churn_concurrency: int
+    ping_s: float
+    generators: int
+    presence_replicas: int
+    """Reapers and registry readers simulated in the background."""
+    session_minutes: float
+    quick: bool = False
+
+
+FULL = Plan(
+    steps=(2_000, 6_000, 12_000, 20_000, 30_000, 45_000, 60_000),
+    space_size=5,
+    renew_interval_s=3.0,
+    window_s=9.0,
+    churn_s=8.0,
+    churn_concurrency=96,
+    ping_s=4.0,
+    generators=2,
+    presence_replicas=4,
+    session_minutes=30.0,
+)
+QUICK = Plan(
+    steps=(60, 180),
+    space_size=3,
+    renew_interval_s=0.5,
+    window_s=1.0,
+    churn_s=1.0,
+    churn_concurrency=8,
+    ping_s=0.5,
+    generators=1,
+    presence_replicas=1,
+    session_minutes=30.0,
+    quick=True,
+)
+SESSION_MS = 10_000
+PLACEMENT_MS = 15_000
+PENDING_MS = 20_000
+NODES_PER_PARTICIPANTS = 500
+"""One simulated media node per this many participants (SPACES_MAX_SESSIONS)."""
+
+
+# --- the load generator (a worker process) --------------------------------------------------
+
+
+@dataclass
+class HeldSpace:
+    space_id: str
+    node_id: str
+    epoch: str
+    space_record: dict[str, str]
+    conns: list[dict[str, str]]
+
+
+async def run_generator(config: dict[str, Any], channel: Channel) -> None:
+    store = RedisStore(config["redis_url"], max_connections=int(config.get("connections", 64)))
+    await store.start()
+    tag = config["name"]
+    held: list[HeldSpace] = []
+    renewers: list[asyncio.Task[None]] = []
+    stats = {"renews": 0, "errors": 0}
+    lateness: list[float] = []
+    background: list[asyncio.Task[None]] = []
+    channel.send({"ready": True})
+
+    def reservation(space_id: str, node_id: str, pid: str, placed: bool = True) -> Reservation:
+        return Reservation(
+            space_id=space_id,
+            connection_id="c" + secrets.token_hex(6),
+            participant_id=pid,
+            generated_participant_id=False,
+            role="publisher",
+            display_name=pid,
+            ticket_hash="t" + secrets.token_hex(8),
+            resume_hash="r" + secrets.token_hex(8),
+            node_id=node_id,
+            expected_node_id=node_id if placed else "",
+            pending_ms=PENDING_MS,
+            placement_ms=PLACEMENT_MS,
+            default_max_participants=1_000,
+        )
+
+    async def connect(
+        space_id: str, node_id: str, pid: str, placed: bool = True
+    ) -> tuple[Reservation, Any]:
+        """Join and claim, as presence and the space's media node do."""
+        r = reservation(space_id, node_id, pid, placed)
+        await store.join(r)
+        claim = await store.claim(
+            space_id, r.connection_id, r.ticket_hash, node_id, SESSION_MS, PLACEMENT_MS, "sess"
+        )
+        return r, claim
+
+    async def grow(request: dict[str, Any]) -> dict[str, Any]:
+        """Add spaces of ``size`` connected participants until ``participants`` are held."""
+        size, target, nodes = int(request["size"]), int(request["participants"]), request["nodes"]
+        interval = float(request["interval_s"])
+        sem = asyncio.Semaphore(64)
+        started = time.perf_counter()
+
+        async def one_space(n: int) -> None:
+            async with sem:
+                space_id = f"{tag}-h{n}-{secrets.token_hex(3)}"
+                node_id = nodes[n % len(nodes)]
+                await store.create_space(space_id, "", 0)
+                # The first join places the space on its node; the others find it there.
+                conns, claim = [], None
+                for i in range(size):
+                    _, claim = await connect(space_id, node_id, f"p{i}", placed=i > 0)
+                    conns.append(claim.connection_record)
+                assert claim is not None
+                space = HeldSpace(space_id, node_id, claim.epoch, claim.space_record, conns)
+                held.append(space)
+                renewers.append(asyncio.create_task(renew_forever(space, interval)))
+
+        have = len(held) * size
+        first = len(held)
+        await asyncio.gather(
+            *(one_space(first + n) for n in range(max(0, math.ceil((target - have) / size))))
+        )
+        return {"participants": len(held) * size, "setup_s": time.perf_counter() - started}
+
+    async def renew_forever(space: HeldSpace, interval: float) -> None:
+        """As a media node renews one room: every interval, from a random phase."""
+        due = time.monotonic() + random.random() * interval
+        while True:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            lateness.append(time.monotonic() - due)
+            try:
+                result = await store.renew(
+                    space.space_id,
+                    space.node_id,
+                    SESSION_MS,
+                    PLACEMENT_MS,
+                    space.epoch,
+                    space.space_record,
+                    space.conns,
+                )
+                if result.lost:
+                    stats["errors"] += 1
+                stats["renews"] += 1
+            except Exception:
+                stats["errors"] += 1
+            due += interval
+
+    async def window(request: dict[str, Any]) -> dict[str, Any]:
+        """Counts over the next ``seconds``."""
+        lateness.clear()
+        before = dict(stats)
+        await asyncio.sleep(float(request["seconds"]))
+        late = list(lateness)
+        return {
+            "renews": stats["renews"] - before["renews"],
+            "errors": stats["errors"] - before["errors"],
+            "late_p50_s": percentile(late, 50),
+            "late_p99_s": percentile(late, 99),
+        }
+
+    async def start_background(request: dict[str, Any]) -> dict[str, Any]:
+        """What presence replicas and media nodes do besides renewing: reap every shard each
+        second, read the registry every 0.5 s, heartbeat every 2 s."""
+        for task in background:
+            task.cancel()
+        background.clear()
+
+        async def every(seconds: float, call: Any) -> None:
+            await asyncio.sleep(random.random() * seconds)
+            while True:
+                with contextlib.suppress(Exception):
+                    await call()
+                await asyncio.sleep(seconds)
+
+        for _ in range(int(request["replicas"])):
+            background.append(asyncio.create_task(every(1.0, store.reap)))
+            background.append(asyncio.create_task(every(0.5, lambda: store.list_nodes(60_000))))
+        for node_id in request["nodes"]:
+            record = node_pb2.Node(
+                id=node_id, address="127.0.0.1:1", state=node_pb2.NODE_STATE_SERVING
+            )
+            background.append(
+                asyncio.create_task(
+                    every(2.0, lambda record=record: store.heartbeat(record, 60_000))
+                )
+            )
+        return {"tasks": len(background)}
+
+    async def churn(request: dict[str, Any]) -> dict[str, Any]:
+        """Join + claim + leave, closed loop."""
+        deadline = time.monotonic() + float(request["seconds"])
+        spaces = [f"{tag}-c{i}-{secrets.token_hex(3)}" for i in range(int(request["spaces"]))]
+        node_id = request["node"]
+        for space_id in spaces:
+            await store.create_space(space_id, "", 0)
+            await connect(space_id, node_id, "anchor", placed=False)  # places it, keeps it active
+        cycles = errors = 0
+        order = 0
+
+        async def loop() -> None:
+            nonlocal cycles, errors, order
+            while time.monotonic() < deadline:
+                order += 1
+                space_id = spaces[order % len(spaces)]
+                try:
+                    r, _ = await connect(space_id, node_id, f"x{order}")
+                    await store.leave(space_id, r.connection_id, "left", node_id=node_id)
+                    cycles += 1
+                except Exception:
+                    errors += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(loop() for _ in range(int(request["concurrency"]))))
+        return {"cycles": cycles, "errors": errors, "wall_s": time.monotonic() - started}
+
+    async def ping(request: dict[str, Any]) -> dict[str, Any]:
+        deadline = time.monotonic() + float(request["seconds"])
+        count = 0
+
+        async def loop() -> None:
+            nonlocal count
+            while time.monotonic() < deadline:
+                await store.ping()
+                count += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(loop() for _ in range(int(request["concurrency"]))))
+        return {"pings": count, "wall_s": time.monotonic() - started}
+
+    async def stop(_: dict[str, Any]) -> dict[str, Any]:
+        for task in renewers + background:
+            task.cancel()
+        await asyncio.gather(*renewers, *background, return_exceptions=True)
+        await store.close()
+        return {}
+
+    await channel.serve(
+        {
+            "grow": grow,
+            "window": window,
+            "background": start_background,
+            "churn": churn,
+            "ping": ping,
+            "stop": stop,
+        }
+    )
+
+
+# --- the orchestrator -----------------------------------------------------------------------
+
+
+async def measure(
+    pids: dict[str, int], quick: bool, seconds: float, calls: list[Any]
+) -> tuple[CpuWindow, list[dict[str, Any]], float]:
+    quiet = await wait_quiet(pids, quick)
+    cpu = CpuWindow(pids).start()
+    replies = await asyncio.gather(*calls)
+    cpu.stop()
+    return cpu, list(replies), quiet
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares line y = a + b x: (a, b)."""
+    n = len(points)
+    if n < 2:
+        x, y = points[0]
+        return 0.0, y / x if x else math.nan
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else math.nan
+    return my - b * mx, b
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    plan = QUICK if quick else FULL
+    cluster = Cluster()
+    generators: list[Worker] = []
+    try:
+        pids = {"redis": cluster.start_redis()}
+        generators = list(
+            await asyncio.gather(
+                *(
+                    Worker.start(
+                        f"redis-load-{i}",
+                        "redis-load",
+                        {"redis_url": cluster.redis_url, "name": f"g{i}"},
+                        cluster.workdir,
+                    )
+                    for i in range(plan.generators)
+                )
+            )
+        )
+        for i, g in enumerate(generators):
+            pids[f"generator-{i}"] = g.pid
+
+        # 1. The price of a round trip.
+        say("redis: baseline, PING in a closed loop")
+        cpu, replies, quiet = await measure(
+            pids,
+            plan.quick,
+            plan.ping_s,
+            [g.call("ping", seconds=plan.ping_s, concurrency=32) for g in generators],
+        )
+        pings = sum(r["pings"] for r in replies) / max(r["wall_s"] for r in replies)
+        ping_us = cpu.cores("redis") / pings * 1e6 if pings else math.nan
+        baseline = {
+            "pings_per_s": pings,
+            "redis_cores": cpu.cores("redis"),
+            "redis_us_per_ping": ping_us,
+            "generator_cores": cpu.group("generator-"),
+            "machine_busy": cpu.machine_busy,
+            "foreign_cores_before": quiet,
+        }
+        say(f"  {pings:,.0f} PING/s, {ping_us:.1f} µs of Redis CPU each")
+
+        # 2. Held participants with their renewals, growing.
+        steps: list[dict[str, Any]] = []
+        nodes_started = 0
+        for target in plan.steps:
+            nodes = [f"node-{i}" for i in range(max(1, target // NODES_PER_PARTICIPANTS))]
+            per = math.ceil(target / plan.generators)
+            say(f"redis: hold {target:,} participants in spaces of {plan.space_size}")
+            grown = await asyncio.gather(
+                *(
+                    g.call(
+                        "grow",
+                        limit_s=600,
+                        participants=per,
+                        size=plan.space_size,
+                        nodes=nodes,
+                        interval_s=plan.renew_interval_s,
+                    )
+                    for g in generators
+                )
+            )
+            if len(nodes) != nodes_started:
+                nodes_started = len(nodes)
+                # The background scales with the deployment: one generator plays it.
+                await generators[0].call("background", replicas=plan.presence_replicas, nodes=nodes)
+            await asyncio.sleep(plan.renew_interval_s)  # one full renewal cycle first
+            cpu, replies, quiet = await measure(
+                pids,
+                plan.quick,
+                plan.window_s,
+                [g.call("window", seconds=plan.window_s) for g in generators],
+            )
+            held = sum(r["participants"] for r in grown)
+            renews = sum(r["renews"] for r in replies) / cpu.wall
+            late = max(r["late_p99_s"] for r in replies)
+            row = {
+                "participants": held,
+                "spaces": held // plan.space_size,
+                "nodes": len(nodes),
+                "renews_per_s": renews,
+                "expected_renews_per_s": held / plan.space_size / plan.renew_interval_s,
+                "renew_errors": sum(r["errors"] for r in replies),
+                "late_p99_s": late,
+                "redis_cores": cpu.cores("redis"),
+                "generator_cores": cpu.group("generator-"),
+                "machine_busy": cpu.machine_busy,
+                "steal": cpu.steal,
+                "foreign_cores_before": quiet,
+                "setup_s": max(r["setup_s"] for r in grown),
+            }
+            row["redis_us_per_participant_s"] = row["redis_cores"] / held * 1e6
+            steps.append(row)
+            say(
+                f"  Redis {row['redis_cores']:.3f} cores, {renews:,.0f} renewals/s "
+                f"(of {row['expected_renews_per_s']:,.0f}), late p99 {late * 1000:.0f} ms, "
+                f"machine {row['machine_busy']:.0%}"
+            )
+            if row["redis_cores"] >= SATURATED_CORE:
+                say("  Redis is saturated")
+                break
+            own = row["redis_cores"] + row["generator_cores"]
+            if late > LATE_P99_S or own > 0.95 * (os.cpu_count() or 1):
+                say("  the generators fell behind (the machine is full): stopping here")
+                break
+
+        # 3. Churn: whole sessions, as fast as the generators go, with the participants held.
+        say("redis: churn, join + claim + leave in a closed loop")
+        per_gen = max(1, plan.churn_concurrency // plan.generators)
+        cpu, replies, quiet = await measure(
+            pids,
+            plan.quick,
+            plan.churn_s,
+            [
+                g.call(
+                    "churn",
+                    limit_s=600,
+                    seconds=plan.churn_s,
+                    concurrency=per_gen,
+                    spaces=max(4, per_gen),
+                    node="node-0",
+                )
+                for g in generators
+            ],
+        )
+        cycles = sum(r["cycles"] for r in replies) / max(r["wall_s"] for r in replies)
+        background_cores = steps[-1]["redis_cores"] if steps else 0.0
+        churn_cores = max(0.0, cpu.cores("redis") - background_cores)
+        churn = {
+            "sessions_per_s": cycles,
+            "errors": sum(r["errors"] for r in replies),
+            "redis_cores": cpu.cores("redis"),
+            "redis_cores_for_churn": churn_cores,
+            "redis_us_per_session": churn_cores / cycles * 1e6 if cycles else math.nan,
+            "generator_cores": cpu.group("generator-"),
+            "machine_busy": cpu.machine_busy,
+            "foreign_cores_before": quiet,
+            "with_participants_held": steps[-1]["participants"] if steps else 0,
+        }
+        say(
+            f"  {cycles:,.0f} sessions/s on {churn_cores:.3f} Redis cores "
+            f"({churn['redis_us_per_session']:.0f} µs each)"
+        )
+    finally:
+        await stop_all(generators)
+        cluster.close()
+
+    intercept, slope = fit([(r["participants"], r["redis_cores"]) for r in steps])
+    per_participant_us = slope * 1e6
+    participants_at_target = (TARGET_CORE - intercept) / slope if slope > 0 else math.nan
+    session_us = churn["redis_us_per_session"]
+    sessions_at_target = TARGET_CORE / (session_us / 1e6) if session_us > 0 else math.nan
+    # Sessions of session_minutes: each participant also starts one per session length.
+    with_churn_us = per_participant_us + session_us / (plan.session_minutes * 60)
+    mixed_at_target = (
+        (TARGET_CORE - intercept) / (with_churn_us / 1e6) if with_churn_us > 0 else math.nan
+    )
+    top = max(steps, key=lambda r: r["redis_cores"])
+    summary = {
+        "redis_us_per_participant_s": per_participant_us,
+        "background_redis_cores": intercept,
+        "participants_at_70pct_core": participants_at_target,
+        "redis_us_per_session": session_us,
+        "sessions_per_s_at_70pct_core": sessions_at_target,
+        "participants_at_70pct_core_with_churn": mixed_at_target,
+        "session_minutes": plan.session_minutes,
+        "participant_in_pings": per_participant_us / baseline["redis_us_per_ping"],
+        "session_in_pings": session_us / baseline["redis_us_per_ping"],
+        "highest_measured_participants": top["participants"],
+        "highest_measured_redis_cores": top["redis_cores"],
+        "saturated": top["redis_cores"] >= SATURATED_CORE,
+        "sessions_per_s_measured": churn["sessions_per_s"],
+    }
+    targets = [
+        {
+            "target": "participants one primary carries at 70% of a core (measured slope)",
+            "value": participants_at_target,
+            "met": bool(participants_at_target > 0),
+        },
+        {
+            "target": "renewals keep their schedule at the highest step (p99 late < 1 s)",
+            "value": steps[-1]["late_p99_s"] if steps else math.nan,
+            "met": bool(steps and steps[-1]["late_p99_s"] < LATE_P99_S),
+        },
+    ]
+    return {
+        "config": {
+            **{k: v for k, v in asdict(plan).items() if k != "quick"},
+            "session_lease_ms": SESSION_MS,
+            "participants_per_node": NODES_PER_PARTICIPANTS,
+            "store": "RedisStore (standalone), hiredis",
+        },
+        "baseline": baseline,
+        "steps": steps,
+        "churn": churn,
+        "summary": summary,
+        "targets": targets,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = [
+        [
+            r["participants"],
+            r["spaces"],
+            fmt(r["renews_per_s"], 0),
+            f"{r['redis_cores']:.3f}",
+            f"{r['redis_us_per_participant_s']:.2f}",
+            f"{r['late_p99_s'] * 1000:.0f}",
+            r["renew_errors"],
+            f"{r['generator_cores']:.2f}",
+            f"{r['machine_busy']:.0%}",
+        ]
+        for r in result["steps"]
+    ]
+    s, b, c = result["summary"], result["baseline"], result["churn"]
+    out = table(
+        [
+            "participants",
+            "spaces",
+            "renewals/s",
+            "redis cores",
+            "redis µs per participant-s",
+            "renew late p99 ms",
+            "errors",
+            "generator cores",
+            "machine busy",
+        ],
+        rows,
+    )
+    out += (
+        f"\n\nbaseline: {fmt(b['pings_per_s'], 0)} PING/s, {b['redis_us_per_ping']:.2f} µs of "
+        f"Redis CPU per PING"
+        f"\nchurn: {fmt(c['sessions_per_s'], 0)} sessions/s (join + claim + leave) on "
+        f"{c['redis_cores_for_churn']:.3f} Redis cores above the held load: "
+        f"{fmt(c['redis_us_per_session'], 1)} µs per session"
+        f"\n\nper participant: {s['redis_us_per_participant_s']:.2f} µs of Redis CPU per second "
+        f"({s['participant_in_pings']:.2f} PINGs/s); background {s['background_redis_cores']:.3f} "
+        f"cores"
+        f"\none primary at 70% of a core: {fmt(s['participants_at_70pct_core'], 0)} participants, "
+        f"or {fmt(s['sessions_per_s_at_70pct_core'], 0)} session starts/s, or "
+        f"{fmt(s['participants_at_70pct_core_with_churn'], 0)} participants in "
+        f"{s['session_minutes']:.0f}-minute sessions"
+        f"\nhighest measured: {s['highest_measured_participants']:,} participants on "
+        f"{s['highest_measured_redis_cores']:.3f} Redis cores"
+        + (" (saturated)" if s["saturated"] else " (not saturated: the generators were the limit)")
+    )
+    return out
