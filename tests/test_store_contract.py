@@ -10,6 +10,7 @@ import secrets
 import pytest
 
 from spaces import errors
+from spaces.store import keys
 from spaces.store.base import (
     PlacementMoved,
     Reservation,
@@ -832,7 +833,7 @@ async def test_dead_letters_are_capped_and_listed_newest_first(store: Store) -> 
     await store.webhook_put_endpoint(_endpoint("all1"))
     spaces = [await new_space(store) for _ in range(3)]
     await _fan_out_all(store)
-    for d in sorted(await _take(store), key=lambda d: d.stream_id):
+    for d in sorted(await _take(store), key=lambda d: keys.webhook_sort_key(d.stream_id)):
         assert await store.webhook_failed(d, "{}", "down", None, 2) == "dead"
         await asyncio.sleep(0.002)
     listed = await store.webhook_dead_letters(10)

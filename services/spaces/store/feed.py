@@ -40,7 +40,8 @@ Call = Callable[..., Awaitable[Any]]
 MAX_SEQ = 2**64 - 1
 DOORBELL_BLOCK_MS = 1_000
 UNSETTLED_RETRY_S = 0.002
-"""An event newer than the watermark becomes readable within about a millisecond."""
+"""How soon to look again for an event newer than the watermark (readable once every
+primary's clock has passed it)."""
 LATEST_PATIENCE_S = 0.1
 SETTLE_PATIENCE_S = 0.1
 
@@ -54,9 +55,10 @@ def format_id(position: tuple[int, int]) -> str:
     return f"{position[0]}-{position[1]}"
 
 
-def _time_ms(reply: Any) -> int:
+def _time_us(reply: Any) -> int:
+    """A TIME reply in µs, the unit of event ids (spaces.store.keys)."""
     seconds, micros = reply
-    return int(seconds) * 1000 + int(micros) // 1000
+    return int(seconds) * 1_000_000 + int(micros)
 
 
 class EventFeed:
@@ -89,7 +91,7 @@ class EventFeed:
             await asyncio.sleep(UNSETTLED_RETRY_S)
 
     async def _ends(self) -> tuple[int, tuple[int, int] | None]:
-        """(watermark ms, the largest id in any stream)."""
+        """(watermark µs, the largest id in any stream)."""
 
         async def on(client: aioredis.Redis, indexes: list[int]) -> tuple[int, list[Any]]:
             async with client.pipeline(transaction=False) as pipe:
@@ -97,12 +99,12 @@ class EventFeed:
                 for index in indexes:
                     pipe.xrevrange(keys.events_key(index), count=1)
                 reply = await pipe.execute()
-            return _time_ms(reply[0]), reply[1:]
+            return _time_us(reply[0]), reply[1:]
 
         parts = await asyncio.gather(
             *(on(c, idx) for c, idx in self._router.by_client(range(keys.STREAMS)))
         )
-        watermark = min(ms for ms, _ in parts)
+        watermark = min(clock for clock, _ in parts)
         last = [parse_id(entries[0][0]) for _, tails in parts for entries in tails if entries]
         return watermark, max(last) if last else None
 
@@ -116,7 +118,7 @@ class EventFeed:
         deadline = started + block_ms / 1000
         settle_deadline = started + max(block_ms / 1000, SETTLE_PATIENCE_S)
         needed: int | None = None
-        """Every entry up to this Redis time (ms) is settled once the watermark passes it."""
+        """Every entry up to this Redis time (µs) is settled once the watermark passes it."""
         while True:
             rung = self._doorbell.generation
             entries, unsettled, watermark, clock = await self._call(
@@ -139,7 +141,7 @@ class EventFeed:
     ) -> tuple[list[Entry], bool, int, int]:
         """The entries after ``after`` that no later write can precede; whether newer ones exist
         (readable once every primary's clock has passed them); the watermark and the latest
-        primary clock (ms)."""
+        primary clock (µs)."""
         start = "(" + format_id(after)
 
         async def on(client: aioredis.Redis, indexes: list[int]) -> tuple[int, list[Any]]:
@@ -148,12 +150,12 @@ class EventFeed:
                 for index in indexes:
                     pipe.xrange(keys.events_key(index), min=start, count=count)
                 reply = await pipe.execute()
-            return _time_ms(reply[0]), reply[1:]
+            return _time_us(reply[0]), reply[1:]
 
         parts = await asyncio.gather(
             *(on(c, idx) for c, idx in self._router.by_client(range(keys.STREAMS)))
         )
-        watermark = min(ms for ms, _ in parts)
+        watermark = min(clock for clock, _ in parts)
         bound = (watermark, 0)
         """Entries strictly below this are final."""
         found: list[tuple[tuple[int, int], Entry]] = []
@@ -167,7 +169,7 @@ class EventFeed:
         found.sort(key=lambda item: item[0])
         ready = [entry for position, entry in found if position < bound]
         unsettled = any(position[0] >= watermark for position, _ in found)
-        return ready[:count], unsettled, watermark, max(ms for ms, _ in parts)
+        return ready[:count], unsettled, watermark, max(clock for clock, _ in parts)
 
 
 class Doorbell:
@@ -234,25 +236,25 @@ class Doorbell:
             try:
                 if positions is None:
                     positions = await self._call(lambda: self._tails(indexes, streams))
-                    if not announced:
+                    if announced:
+                        self._ring()  # back after an outage: readers look again
+                    else:
                         announced = True
                         self._waiting_for -= 1
                         if self._waiting_for == 0:
                             self._listening.set()
+                # One entry is enough to know a stream grew; then jump to where they end now,
+                # so a busy stream costs one wake-up per round trip, not one per entry.
                 reply = await self._call(
                     lambda current=dict(positions): self._router.client(indexes[0]).xread(
-                        current, count=1000, block=DOORBELL_BLOCK_MS
+                        current, count=1, block=DOORBELL_BLOCK_MS
                     ),
                     timeout_s=DOORBELL_BLOCK_MS / 1000 + 10,
                     limited=False,
                 )
                 backoff = 0.1
-                grew = False
-                for stream, entries in reply or []:
-                    if entries:
-                        positions[stream] = entries[-1][0]
-                        grew = True
-                if grew:
+                if any(entries for _, entries in reply or []):
+                    positions = await self._call(lambda: self._tails(indexes, streams))
                     self._ring()
             except errors.StoreUnavailable:
                 positions = None  # the stream may have been lost with its primary

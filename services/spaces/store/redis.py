@@ -979,16 +979,24 @@ class RedisStore:
         slots: Mapping[str, int],
         rotation: int = 0,
     ) -> tuple[list[WebhookDelivery], int]:
-        """Shard by shard (from a rotating start, so none is starved), each with what is left
-        of the budget and of each endpoint's slots."""
+        """One look at every shard at once for due work, then shard by shard where there is
+        some (from a rotating start, so none is starved), each with what is left of the budget
+        and of each endpoint's slots."""
+        due = await self._each(
+            SHARDS,
+            lambda pipe, shard: self._wh_queue(pipe, "webhook_due", shard, []),
+            partial=True,
+        )
         free = dict(slots)
         taken: list[WebhookDelivery] = []
-        reclaimed = failed = 0
+        reclaimed = 0
         unreachable: set[aioredis.Redis] = set()
         for n in range(keys.SHARDS):
             if len(taken) >= limit:
                 break
             shard = (n + rotation) % keys.SHARDS
+            if not int((due.get(shard) or [0])[0]):
+                continue  # nothing due there (or its primary did not answer)
             args: list[Any] = [
                 f"{owner}/{shard}",
                 lease_ms,
@@ -1000,14 +1008,12 @@ class RedisStore:
                 args += [endpoint_id, left]
             primary = self._router.client(shard)
             if primary in unreachable:
-                failed += 1
                 continue
             try:
                 reply = await self._wh("webhook_take", shard, args)
             except errors.StoreUnavailable:
                 # This primary's queues wait for it (or for its replica); the others go on.
                 unreachable.add(primary)
-                failed += 1
                 continue
             reclaimed += int(reply[0])
             rest = reply[1:]
@@ -1029,8 +1035,6 @@ class RedisStore:
                 taken.append(delivery)
                 ep = delivery.endpoint_id
                 free[ep] = free.get(ep, default_slots) - 1
-        if failed == keys.SHARDS:
-            raise errors.StoreUnavailable()
         return taken, reclaimed
 
     def _by_shard(self, deliveries: Iterable[WebhookDelivery]) -> dict[int, list[WebhookDelivery]]:

@@ -64,7 +64,9 @@ class Event(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Stream id, "<ms>-<seq>"; pass it as WatchEventsRequest.after_id to resume."""
+    """"<time>-<seq>", unique and ordered (compare both parts as numbers): pass it as
+    WatchEventsRequest.after_id to resume. With Redis, time is Redis time in microseconds.
+    """
     type: Global___EventType.ValueType
     created_at_ms: _builtins.int
     """Unix milliseconds."""
