@@ -52,11 +52,11 @@ fmt: $(STAMP) ## Format and autofix
 	$(BIN)/ruff format services media-node tests bench
 	$(BIN)/ruff check --fix services media-node tests bench
 
-redis: ## Install Debian's redis-server if the binary is missing (the tests start their own)
-	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || { \
-		echo "redis-server not found: installing Debian's redis-server package"; \
+redis: ## Install Debian's redis-server (and redis-cli, for the Redis Cluster tests) if missing
+	@{ command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || { \
+		echo "redis-server or redis-cli not found: installing Debian's redis-server and redis-tools"; \
 		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server redis-tools; }
 
 test: $(STAMP) redis checkgenerate ## Run the test suite (starts private redis-servers; no setup needed)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
