@@ -66,6 +66,8 @@ FIGURES = {
         "summary.redis_us_per_session",
         "summary.sessions_per_s_at_70pct_core",
         "summary.participant_in_pings",
+        "summary.script_us_per_participant_s",
+        "summary.script_us.renew",
         "baseline.redis_us_per_ping",
     ],
 }
