@@ -12,8 +12,9 @@ topology before retrying a MOVED (redis-py PR #4322) and does not reconnect afte
 outage (PR #3111). Spaces needs none of its generality (every command here targets a known slot),
 and the plain client is the one whose cancellation behaviour the store already wraps and tests.
 So this module owns the small part of the cluster protocol Spaces uses: discovery, MOVED (patch
-the slot, refresh, retry), CLUSTERDOWN / TRYAGAIN / ASK / READONLY (refresh, retry shortly), and
-connection errors (refresh; the caller gets UNAVAILABLE until a replica has been promoted).
+the slot, refresh, retry), CLUSTERDOWN / TRYAGAIN / ASK / READONLY (refresh, retry shortly:
+the command did not run), and connection errors (refresh, but no retry, since the command may
+have run; the caller gets UNAVAILABLE until a replica has been promoted).
 docs/architecture.md ("Shards and Redis Cluster") states the trade.
 
 Cluster URLs: ``redis+cluster://[user:password@]host:port[,host:port...][?query]`` (or
@@ -145,8 +146,8 @@ class Router(Protocol):
     async def close(self) -> None: ...
 
     async def recover(self, exc: BaseException) -> bool:
-        """After a failed call: update the map if the error says it is stale. True when
-        retrying the call now may succeed."""
+        """After a failed call: update the map if the error says it is stale. True when the
+        reply says the command did not run and retrying it now may succeed."""
         ...
 
 
@@ -312,7 +313,6 @@ class ClusterRouter:
         return owners
 
     async def recover(self, exc: BaseException) -> bool:
-        before = self.generation
         if isinstance(exc, MovedError) and self._owners:
             # The reply names the new owner: use it at once, and refresh the rest.
             moved = (exc.host, int(exc.port))
@@ -330,6 +330,8 @@ class ClusterRouter:
             await asyncio.sleep(0.05)
             return True
         if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+            # The map may be stale (a failover): refresh it for the calls that follow. This one
+            # is not retried: it may have run before the connection failed, and a script such
+            # as a join must not run twice.
             await self.refresh()
-            return self.generation != before
         return False
