@@ -148,6 +148,12 @@ class Bridge:
         self._screenshare_encodings = screenshare_encodings
         self.participant_id = ""
         self.connection_id = ""
+        self.space_id = ""
+
+    async def drop(self, code: int = CLOSE_RECONNECT, reason: str = "dropped") -> None:
+        """Close the browser's socket (a retryable code: it reconnects), as a lost connection
+        or a stopping replica would."""
+        await self._ws.close(code=code, message=reason.encode()[:120])
 
     async def _fail(self, message: Mapping[str, Any], code: int = CLOSE_NO_RECONNECT) -> None:
         """Send the error first, then close: Mux's SDK hangs forever on a close before
@@ -178,6 +184,7 @@ class Bridge:
             await self._fail(join_error(code, exc.details() or code.lower()))
             return
         self.participant_id, self.connection_id = join.participant_id, join.connection_id
+        self.space_id = join.space_id
         wire = MuxWire(
             JoinInfo(
                 ice_servers=tuple(

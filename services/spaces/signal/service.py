@@ -65,6 +65,8 @@ class SignalComponent:
         self._presence_address = presence_address
         self._runner: web.AppRunner | None = None
         self._bridges: set[asyncio.Task[Any]] = set()
+        self.bridges: dict[int, Bridge] = {}
+        """Every live browser connection (by id of the bridge)."""
         self._ready = False
         self.port = 0
         self._dev: dict[str, str] = {}
@@ -161,6 +163,7 @@ class SignalComponent:
         task = asyncio.current_task()
         if task is not None:
             self._bridges.add(task)
+        self.bridges[id(bridge)] = bridge
         try:
             await bridge.run(request.query)
         except asyncio.CancelledError:
@@ -168,9 +171,13 @@ class SignalComponent:
                 await ws.close(code=4001, message=b"server stopping")
             raise
         finally:
+            self.bridges.pop(id(bridge), None)
             if task is not None:
                 self._bridges.discard(task)
         return ws
+
+    def bridges_of(self, participant_id: str) -> list[Bridge]:
+        return [b for b in self.bridges.values() if b.participant_id == participant_id]
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
