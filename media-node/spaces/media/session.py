@@ -36,6 +36,7 @@ from spaces.media.aiortc_adapter import (
     PlaceholderTrack,
     RtpSink,
     add_remote_candidate,
+    check_answer,
     hook_sender,
     label_sender,
     parse_sdp,
@@ -648,8 +649,7 @@ class Session:
         if event.sdp_type != "answer" or len(event.sdp) > MAX_SDP_BYTES:
             raise errors.InvalidSdp('subscriber_answer must carry an sdp of type "answer"')
         try:
-            if self._subs:
-                parse_sdp(event.sdp)
+            check_answer(event.sdp, pc.localDescription.sdp)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=event.sdp, type="answer"))
         except Exception as exc:
             # The subscribing connection cannot continue with a broken answer.

@@ -99,7 +99,9 @@ class SignalComponent:
 
     async def start(self) -> None:
         signal = self._config.signal
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await self._runner.setup()
         host, _, port = signal.addr.rpartition(":")
         context = None
