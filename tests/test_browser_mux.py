@@ -25,7 +25,8 @@ JOIN = """async ([token, name]) => {
   window.outcome = null;
   space.on("ParticipantTrackSubscribed", (participant, track) => {
     if (track.kind === 2) {
-      harness.watch(participant.id + ":" + track.source, track.attach(document.createElement("video")));
+      const video = track.attach(document.createElement("video"));
+      harness.watch(participant.id + ":" + track.source, video);
     }
   });
   for (const name of ["LocalParticipantReconnecting", "LocalParticipantReconnected",
@@ -78,7 +79,9 @@ async def color_of(page: Page, key: str) -> list[int] | None:
 
 
 def close(color: list[int] | None, expected: tuple[int, ...], tolerance: int = 40) -> bool:
-    return color is not None and all(abs(a - b) <= tolerance for a, b in zip(color, expected))
+    return color is not None and all(
+        abs(a - b) <= tolerance for a, b in zip(color, expected, strict=True)
+    )
 
 
 async def test_two_unmodified_mux_pages_see_each_others_video(web: tuple, browser: Any) -> None:
@@ -167,7 +170,7 @@ async def _grew(page: Page, key: str, before: int, by: int) -> bool:
 async def test_a_duplicate_participant_id_is_refused_and_the_first_keeps_its_media(
     web: tuple, browser: Any
 ) -> None:
-    server, admin, tenant, space_id = web
+    server, _, tenant, space_id = web
     alice = await mux_page(browser, server, "alice", RED)
     bob = await mux_page(browser, server, "bob", BLUE)
     await asyncio.gather(

@@ -127,7 +127,7 @@ async def test_a_join_gets_joined_with_everything_the_mux_sdk_requires(web: tupl
 async def test_a_refused_token_gets_error_6_before_the_close(
     web: tuple, case: str, error_type: int
 ) -> None:
-    server, admin, tenant, space_id = web
+    server, _, tenant, space_id = web
     key = tenant.key
     tokens = {
         "garbage": "not.a.jwt",
