@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from spaces.v1 import participant_pb2 as spaces_dot_v1_dot_participant__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15spaces/v1/media.proto\x12\tspaces.v1\x1a\x1bspaces/v1/participant.proto\"\xaa\x01\n\x05Track\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.spaces.v1.TrackKind\x12&\n\x06source\x18\x03 \x01(\x0e\x32\x16.spaces.v1.TrackSource\x12\r\n\x05muted\x18\x04 \x01(\x08\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\x0c\n\x04name\x18\x08 \x01(\t\"\xaf\x01\n\x11RemoteParticipant\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.spaces.v1.Role\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12 \n\x06tracks\x18\x05 \x03(\x0b\x32\x10.spaces.v1.Track\x12\x14\n\x0cjoined_at_ms\x18\x06 \x01(\x03\"\x81\x01\n\x0ePublishedTrack\x12\x0b\n\x03mid\x18\x01 \x01(\t\x12&\n\x06source\x18\x02 \x01(\x0e\x32\x16.spaces.v1.TrackSource\x12\r\n\x05muted\x18\x03 \x01(\x08\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x0c\n\x04name\x18\x06 \x01(\t\"\xb7\x03\n\rClientMessage\x12\x12\n\nrequest_id\x18\x01 \x01(\r\x12!\n\x05hello\x18\x02 \x01(\x0b\x32\x10.spaces.v1.HelloH\x00\x12\x30\n\rpublish_offer\x18\x03 \x01(\x0b\x32\x17.spaces.v1.PublishOfferH\x00\x12\x38\n\x11subscriber_answer\x18\x04 \x01(\x0b\x32\x1b.spaces.v1.SubscriberAnswerH\x00\x12(\n\tset_muted\x18\x05 \x01(\x0b\x32\x13.spaces.v1.SetMutedH\x00\x12\x36\n\x10set_subscription\x18\x06 \x01(\x0b\x32\x1a.spaces.v1.SetSubscriptionH\x00\x12\x35\n\x0c\x63ustom_event\x18\x07 \x01(\x0b\x32\x1d.spaces.v1.CustomEventRequestH\x00\x12\x35\n\x10set_display_name\x18\x08 \x01(\x0b\x32\x19.spaces.v1.SetDisplayNameH\x00\x12(\n\x05leave\x18\t \x01(\x0b\x32\x17.spaces.v1.LeaveSessionH\x00\x42\t\n\x07message\"\'\n\x05Hello\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\"/\n\x12SessionDescription\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03sdp\x18\x02 \x01(\t\"R\n\x10SubscriberAnswer\x12-\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x1d.spaces.v1.SessionDescription\x12\x0f\n\x07version\x18\x02 \x01(\r\"g\n\x0cPublishOffer\x12,\n\x05offer\x18\x01 \x01(\x0b\x32\x1d.spaces.v1.SessionDescription\x12)\n\x06tracks\x18\x02 \x03(\x0b\x32\x19.spaces.v1.PublishedTrack\"+\n\x08SetMuted\x12\x10\n\x08track_id\x18\x01 \x01(\t\x12\r\n\x05muted\x18\x02 \x01(\x08\"p\n\x0fSetSubscription\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.spaces.v1.SubscriptionMode\x12\x17\n\x0fparticipant_ids\x18\x02 \x03(\t\x12\x19\n\x11max_subscriptions\x18\x03 \x01(\r\"%\n\x12\x43ustomEventRequest\x12\x0f\n\x07payload\x18\x01 \x01(\t\"&\n\x0eSetDisplayName\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\"\x0e\n\x0cLeaveSession\"\xe6\x05\n\rServerMessage\x12\x12\n\nrequest_id\x18\x01 \x01(\r\x12#\n\x06joined\x18\x02 \x01(\x0b\x32\x11.spaces.v1.JoinedH\x00\x12\x1d\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x0e.spaces.v1.AckH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.spaces.v1.SessionErrorH\x00\x12\x32\n\x0epublish_answer\x18\x05 \x01(\x0b\x32\x18.spaces.v1.PublishAnswerH\x00\x12\x36\n\x10subscriber_offer\x18\x06 \x01(\x0b\x32\x1a.spaces.v1.SubscriberOfferH\x00\x12:\n\x12participant_joined\x18\x07 \x01(\x0b\x32\x1c.spaces.v1.ParticipantJoinedH\x00\x12\x36\n\x10participant_left\x18\x08 \x01(\x0b\x32\x1a.spaces.v1.ParticipantLeftH\x00\x12\x34\n\x0ftrack_published\x18\t \x01(\x0b\x32\x19.spaces.v1.TrackPublishedH\x00\x12\x38\n\x11track_unpublished\x18\n \x01(\x0b\x32\x1b.spaces.v1.TrackUnpublishedH\x00\x12,\n\x0btrack_muted\x18\x0b \x01(\x0b\x32\x15.spaces.v1.TrackMutedH\x00\x12\x34\n\x0f\x61\x63tive_speakers\x18\x0c \x01(\x0b\x32\x19.spaces.v1.ActiveSpeakersH\x00\x12.\n\x0c\x63ustom_event\x18\r \x01(\x0b\x32\x16.spaces.v1.CustomEventH\x00\x12=\n\x14\x64isplay_name_changed\x18\x0e \x01(\x0b\x32\x1d.spaces.v1.DisplayNameChangedH\x00\x12%\n\x07\x63losing\x18\x0f \x01(\x0b\x32\x12.spaces.v1.ClosingH\x00\x42\t\n\x07message\"\xb1\x02\n\x06Joined\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x15\n\rconnection_id\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.spaces.v1.Role\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\x19\n\x11\x61\x63tive_session_id\x18\x07 \x01(\t\x12\x32\n\x0cparticipants\x18\x08 \x03(\x0b\x32\x1c.spaces.v1.RemoteParticipant\x12\x36\n\x11subscription_mode\x18\t \x01(\x0e\x32\x1b.spaces.v1.SubscriptionMode\x12\x19\n\x11max_subscriptions\x18\n \x01(\r\"\x05\n\x03\x41\x63k\"<\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\"o\n\rPublishAnswer\x12-\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x1d.spaces.v1.SessionDescription\x12/\n\x06tracks\x18\x02 \x03(\x0b\x32\x1f.spaces.v1.PublishedTrackResult\"D\n\x14PublishedTrackResult\x12\x0b\n\x03mid\x18\x01 \x01(\t\x12\x1f\n\x05track\x18\x02 \x01(\x0b\x32\x10.spaces.v1.Track\"|\n\x0fSubscriberOffer\x12,\n\x05offer\x18\x01 \x01(\x0b\x32\x1d.spaces.v1.SessionDescription\x12*\n\x06tracks\x18\x02 \x03(\x0b\x32\x1a.spaces.v1.SubscribedTrack\x12\x0f\n\x07version\x18\x03 \x01(\r\"\x94\x01\n\x0fSubscribedTrack\x12\x0b\n\x03mid\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x10\n\x08track_id\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.spaces.v1.TrackKind\x12&\n\x06source\x18\x05 \x01(\x0e\x32\x16.spaces.v1.TrackSource\"F\n\x11ParticipantJoined\x12\x31\n\x0bparticipant\x18\x01 \x01(\x0b\x32\x1c.spaces.v1.RemoteParticipant\"P\n\x0fParticipantLeft\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x0eTrackPublished\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x1f\n\x05track\x18\x02 \x01(\x0b\x32\x10.spaces.v1.Track\"<\n\x10TrackUnpublished\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08track_id\x18\x02 \x01(\t\"E\n\nTrackMuted\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08track_id\x18\x02 \x01(\t\x12\r\n\x05muted\x18\x03 \x01(\x08\"6\n\x0e\x41\x63tiveSpeakers\x12$\n\x08speakers\x18\x01 \x03(\x0b\x32\x12.spaces.v1.Speaker\"0\n\x07Speaker\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x02\"C\n\x0b\x43ustomEvent\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"B\n\x12\x44isplayNameChanged\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"R\n\x07\x43losing\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.spaces.v1.CloseReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06rejoin\x18\x03 \x01(\x08*S\n\tTrackKind\x12\x1a\n\x16TRACK_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10TRACK_KIND_AUDIO\x10\x01\x12\x14\n\x10TRACK_KIND_VIDEO\x10\x02*\xba\x01\n\x0bTrackSource\x12\x1c\n\x18TRACK_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRACK_SOURCE_CAMERA\x10\x01\x12\x1b\n\x17TRACK_SOURCE_MICROPHONE\x10\x02\x12\x1c\n\x18TRACK_SOURCE_SCREENSHARE\x10\x03\x12!\n\x1dTRACK_SOURCE_SCREENSHAREAUDIO\x10\x04\x12\x16\n\x12TRACK_SOURCE_OTHER\x10\x05*o\n\x10SubscriptionMode\x12!\n\x1dSUBSCRIPTION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBSCRIPTION_MODE_AUTO\x10\x01\x12\x1c\n\x18SUBSCRIPTION_MODE_MANUAL\x10\x02*\x89\x02\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LOSE_REASON_LEFT\x10\x01\x12\x18\n\x14\x43LOSE_REASON_REMOVED\x10\x02\x12\x19\n\x15\x43LOSE_REASON_REPLACED\x10\x03\x12\x1e\n\x1a\x43LOSE_REASON_SPACE_DELETED\x10\x04\x12\x18\n\x14\x43LOSE_REASON_MIGRATE\x10\x05\x12\x1b\n\x17\x43LOSE_REASON_LEASE_LOST\x10\x06\x12!\n\x1d\x43LOSE_REASON_TRANSPORT_FAILED\x10\x07\x12\x16\n\x12\x43LOSE_REASON_ERROR\x10\x08\x32Q\n\x0cMediaService\x12\x41\n\x07Session\x12\x18.spaces.v1.ClientMessage\x1a\x18.spaces.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15spaces/v1/media.proto\x12\tspaces.v1\x1a\x1bspaces/v1/participant.proto\"\xaa\x01\n\x05Track\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.spaces.v1.TrackKind\x12&\n\x06source\x18\x03 \x01(\x0e\x32\x16.spaces.v1.TrackSource\x12\r\n\x05muted\x18\x04 \x01(\x08\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\x0c\n\x04name\x18\x08 \x01(\t\"\xaf\x01\n\x11RemoteParticipant\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.spaces.v1.Role\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12 \n\x06tracks\x18\x05 \x03(\x0b\x32\x10.spaces.v1.Track\x12\x14\n\x0cjoined_at_ms\x18\x06 \x01(\x03\"\x81\x01\n\x0ePublishedTrack\x12\x0b\n\x03mid\x18\x01 \x01(\t\x12&\n\x06source\x18\x02 \x01(\x0e\x32\x16.spaces.v1.TrackSource\x12\r\n\x05muted\x18\x03 \x01(\x08\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x0c\n\x04name\x18\x06 \x01(\t\"\xb7\x03\n\rClientMessage\x12\x12\n\nrequest_id\x18\x01 \x01(\r\x12!\n\x05hello\x18\x02 \x01(\x0b\x32\x10.spaces.v1.HelloH\x00\x12\x30\n\rpublish_offer\x18\x03 \x01(\x0b\x32\x17.spaces.v1.PublishOfferH\x00\x12\x38\n\x11subscriber_answer\x18\x04 \x01(\x0b\x32\x1b.spaces.v1.SubscriberAnswerH\x00\x12(\n\tset_muted\x18\x05 \x01(\x0b\x32\x13.spaces.v1.SetMutedH\x00\x12\x36\n\x10set_subscription\x18\x06 \x01(\x0b\x32\x1a.spaces.v1.SetSubscriptionH\x00\x12\x35\n\x0c\x63ustom_event\x18\x07 \x01(\x0b\x32\x1d.spaces.v1.CustomEventRequestH\x00\x12\x35\n\x10set_display_name\x18\x08 \x01(\x0b\x32\x19.spaces.v1.SetDisplayNameH\x00\x12(\n\x05leave\x18\t \x01(\x0b\x32\x17.spaces.v1.LeaveSessionH\x00\x42\t\n\x07message\"\'\n\x05Hello\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\"/\n\x12SessionDescription\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03sdp\x18\x02 \x01(\t\"R\n\x10SubscriberAnswer\x12-\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x1d.spaces.v1.SessionDescription\x12\x0f\n\x07version\x18\x02 \x01(\r\"g\n\x0cPublishOffer\x12,\n\x05offer\x18\x01 \x01(\x0b\x32\x1d.spaces.v1.SessionDescription\x12)\n\x06tracks\x18\x02 \x03(\x0b\x32\x19.spaces.v1.PublishedTrack\"+\n\x08SetMuted\x12\x10\n\x08track_id\x18\x01 \x01(\t\x12\r\n\x05muted\x18\x02 \x01(\x08\"p\n\x0fSetSubscription\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.spaces.v1.SubscriptionMode\x12\x17\n\x0fparticipant_ids\x18\x02 \x03(\t\x12\x19\n\x11max_subscriptions\x18\x03 \x01(\r\"%\n\x12\x43ustomEventRequest\x12\x0f\n\x07payload\x18\x01 \x01(\t\"&\n\x0eSetDisplayName\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\"\x0e\n\x0cLeaveSession\"\x9c\x06\n\rServerMessage\x12\x12\n\nrequest_id\x18\x01 \x01(\r\x12#\n\x06joined\x18\x02 \x01(\x0b\x32\x11.spaces.v1.JoinedH\x00\x12\x1d\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x0e.spaces.v1.AckH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.spaces.v1.SessionErrorH\x00\x12\x32\n\x0epublish_answer\x18\x05 \x01(\x0b\x32\x18.spaces.v1.PublishAnswerH\x00\x12\x36\n\x10subscriber_offer\x18\x06 \x01(\x0b\x32\x1a.spaces.v1.SubscriberOfferH\x00\x12:\n\x12participant_joined\x18\x07 \x01(\x0b\x32\x1c.spaces.v1.ParticipantJoinedH\x00\x12\x36\n\x10participant_left\x18\x08 \x01(\x0b\x32\x1a.spaces.v1.ParticipantLeftH\x00\x12\x34\n\x0ftrack_published\x18\t \x01(\x0b\x32\x19.spaces.v1.TrackPublishedH\x00\x12\x38\n\x11track_unpublished\x18\n \x01(\x0b\x32\x1b.spaces.v1.TrackUnpublishedH\x00\x12,\n\x0btrack_muted\x18\x0b \x01(\x0b\x32\x15.spaces.v1.TrackMutedH\x00\x12\x34\n\x0f\x61\x63tive_speakers\x18\x0c \x01(\x0b\x32\x19.spaces.v1.ActiveSpeakersH\x00\x12.\n\x0c\x63ustom_event\x18\r \x01(\x0b\x32\x16.spaces.v1.CustomEventH\x00\x12=\n\x14\x64isplay_name_changed\x18\x0e \x01(\x0b\x32\x1d.spaces.v1.DisplayNameChangedH\x00\x12%\n\x07\x63losing\x18\x0f \x01(\x0b\x32\x12.spaces.v1.ClosingH\x00\x12\x34\n\x0f\x62roadcast_state\x18\x19 \x01(\x0b\x32\x19.spaces.v1.BroadcastStateH\x00\x42\t\n\x07message\"\xb1\x02\n\x06Joined\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x15\n\rconnection_id\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.spaces.v1.Role\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\x19\n\x11\x61\x63tive_session_id\x18\x07 \x01(\t\x12\x32\n\x0cparticipants\x18\x08 \x03(\x0b\x32\x1c.spaces.v1.RemoteParticipant\x12\x36\n\x11subscription_mode\x18\t \x01(\x0e\x32\x1b.spaces.v1.SubscriptionMode\x12\x19\n\x11max_subscriptions\x18\n \x01(\r\"\x05\n\x03\x41\x63k\"<\n\x0cSessionError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\"o\n\rPublishAnswer\x12-\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x1d.spaces.v1.SessionDescription\x12/\n\x06tracks\x18\x02 \x03(\x0b\x32\x1f.spaces.v1.PublishedTrackResult\"D\n\x14PublishedTrackResult\x12\x0b\n\x03mid\x18\x01 \x01(\t\x12\x1f\n\x05track\x18\x02 \x01(\x0b\x32\x10.spaces.v1.Track\"|\n\x0fSubscriberOffer\x12,\n\x05offer\x18\x01 \x01(\x0b\x32\x1d.spaces.v1.SessionDescription\x12*\n\x06tracks\x18\x02 \x03(\x0b\x32\x1a.spaces.v1.SubscribedTrack\x12\x0f\n\x07version\x18\x03 \x01(\r\"\x94\x01\n\x0fSubscribedTrack\x12\x0b\n\x03mid\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x10\n\x08track_id\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.spaces.v1.TrackKind\x12&\n\x06source\x18\x05 \x01(\x0e\x32\x16.spaces.v1.TrackSource\"F\n\x11ParticipantJoined\x12\x31\n\x0bparticipant\x18\x01 \x01(\x0b\x32\x1c.spaces.v1.RemoteParticipant\"P\n\x0fParticipantLeft\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x0eTrackPublished\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x1f\n\x05track\x18\x02 \x01(\x0b\x32\x10.spaces.v1.Track\"<\n\x10TrackUnpublished\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08track_id\x18\x02 \x01(\t\"E\n\nTrackMuted\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x10\n\x08track_id\x18\x02 \x01(\t\x12\r\n\x05muted\x18\x03 \x01(\x08\"6\n\x0e\x41\x63tiveSpeakers\x12$\n\x08speakers\x18\x01 \x03(\x0b\x32\x12.spaces.v1.Speaker\"0\n\x07Speaker\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x02\"C\n\x0b\x43ustomEvent\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"B\n\x12\x44isplayNameChanged\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"R\n\x07\x43losing\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.spaces.v1.CloseReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06rejoin\x18\x03 \x01(\x08\"=\n\x0e\x42roadcastState\x12\x14\n\x0c\x62roadcasting\x18\x01 \x01(\x08\x12\x15\n\rbroadcast_ids\x18\x02 \x03(\t*S\n\tTrackKind\x12\x1a\n\x16TRACK_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10TRACK_KIND_AUDIO\x10\x01\x12\x14\n\x10TRACK_KIND_VIDEO\x10\x02*\xba\x01\n\x0bTrackSource\x12\x1c\n\x18TRACK_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRACK_SOURCE_CAMERA\x10\x01\x12\x1b\n\x17TRACK_SOURCE_MICROPHONE\x10\x02\x12\x1c\n\x18TRACK_SOURCE_SCREENSHARE\x10\x03\x12!\n\x1dTRACK_SOURCE_SCREENSHAREAUDIO\x10\x04\x12\x16\n\x12TRACK_SOURCE_OTHER\x10\x05*o\n\x10SubscriptionMode\x12!\n\x1dSUBSCRIPTION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBSCRIPTION_MODE_AUTO\x10\x01\x12\x1c\n\x18SUBSCRIPTION_MODE_MANUAL\x10\x02*\x89\x02\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LOSE_REASON_LEFT\x10\x01\x12\x18\n\x14\x43LOSE_REASON_REMOVED\x10\x02\x12\x19\n\x15\x43LOSE_REASON_REPLACED\x10\x03\x12\x1e\n\x1a\x43LOSE_REASON_SPACE_DELETED\x10\x04\x12\x18\n\x14\x43LOSE_REASON_MIGRATE\x10\x05\x12\x1b\n\x17\x43LOSE_REASON_LEASE_LOST\x10\x06\x12!\n\x1d\x43LOSE_REASON_TRANSPORT_FAILED\x10\x07\x12\x16\n\x12\x43LOSE_REASON_ERROR\x10\x08\x32Q\n\x0cMediaService\x12\x41\n\x07Session\x12\x18.spaces.v1.ClientMessage\x1a\x18.spaces.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spaces.v1.media_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRACKKIND']._serialized_start=3794
-  _globals['_TRACKKIND']._serialized_end=3877
-  _globals['_TRACKSOURCE']._serialized_start=3880
-  _globals['_TRACKSOURCE']._serialized_end=4066
-  _globals['_SUBSCRIPTIONMODE']._serialized_start=4068
-  _globals['_SUBSCRIPTIONMODE']._serialized_end=4179
-  _globals['_CLOSEREASON']._serialized_start=4182
-  _globals['_CLOSEREASON']._serialized_end=4447
+  _globals['_TRACKKIND']._serialized_start=3911
+  _globals['_TRACKKIND']._serialized_end=3994
+  _globals['_TRACKSOURCE']._serialized_start=3997
+  _globals['_TRACKSOURCE']._serialized_end=4183
+  _globals['_SUBSCRIPTIONMODE']._serialized_start=4185
+  _globals['_SUBSCRIPTIONMODE']._serialized_end=4296
+  _globals['_CLOSEREASON']._serialized_start=4299
+  _globals['_CLOSEREASON']._serialized_end=4564
   _globals['_TRACK']._serialized_start=66
   _globals['_TRACK']._serialized_end=236
   _globals['_REMOTEPARTICIPANT']._serialized_start=239
@@ -67,41 +67,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEAVESESSION']._serialized_start=1507
   _globals['_LEAVESESSION']._serialized_end=1521
   _globals['_SERVERMESSAGE']._serialized_start=1524
-  _globals['_SERVERMESSAGE']._serialized_end=2266
-  _globals['_JOINED']._serialized_start=2269
-  _globals['_JOINED']._serialized_end=2574
-  _globals['_ACK']._serialized_start=2576
-  _globals['_ACK']._serialized_end=2581
-  _globals['_SESSIONERROR']._serialized_start=2583
-  _globals['_SESSIONERROR']._serialized_end=2643
-  _globals['_PUBLISHANSWER']._serialized_start=2645
-  _globals['_PUBLISHANSWER']._serialized_end=2756
-  _globals['_PUBLISHEDTRACKRESULT']._serialized_start=2758
-  _globals['_PUBLISHEDTRACKRESULT']._serialized_end=2826
-  _globals['_SUBSCRIBEROFFER']._serialized_start=2828
-  _globals['_SUBSCRIBEROFFER']._serialized_end=2952
-  _globals['_SUBSCRIBEDTRACK']._serialized_start=2955
-  _globals['_SUBSCRIBEDTRACK']._serialized_end=3103
-  _globals['_PARTICIPANTJOINED']._serialized_start=3105
-  _globals['_PARTICIPANTJOINED']._serialized_end=3175
-  _globals['_PARTICIPANTLEFT']._serialized_start=3177
-  _globals['_PARTICIPANTLEFT']._serialized_end=3257
-  _globals['_TRACKPUBLISHED']._serialized_start=3259
-  _globals['_TRACKPUBLISHED']._serialized_end=3332
-  _globals['_TRACKUNPUBLISHED']._serialized_start=3334
-  _globals['_TRACKUNPUBLISHED']._serialized_end=3394
-  _globals['_TRACKMUTED']._serialized_start=3396
-  _globals['_TRACKMUTED']._serialized_end=3465
-  _globals['_ACTIVESPEAKERS']._serialized_start=3467
-  _globals['_ACTIVESPEAKERS']._serialized_end=3521
-  _globals['_SPEAKER']._serialized_start=3523
-  _globals['_SPEAKER']._serialized_end=3571
-  _globals['_CUSTOMEVENT']._serialized_start=3573
-  _globals['_CUSTOMEVENT']._serialized_end=3640
-  _globals['_DISPLAYNAMECHANGED']._serialized_start=3642
-  _globals['_DISPLAYNAMECHANGED']._serialized_end=3708
-  _globals['_CLOSING']._serialized_start=3710
-  _globals['_CLOSING']._serialized_end=3792
-  _globals['_MEDIASERVICE']._serialized_start=4449
-  _globals['_MEDIASERVICE']._serialized_end=4530
+  _globals['_SERVERMESSAGE']._serialized_end=2320
+  _globals['_JOINED']._serialized_start=2323
+  _globals['_JOINED']._serialized_end=2628
+  _globals['_ACK']._serialized_start=2630
+  _globals['_ACK']._serialized_end=2635
+  _globals['_SESSIONERROR']._serialized_start=2637
+  _globals['_SESSIONERROR']._serialized_end=2697
+  _globals['_PUBLISHANSWER']._serialized_start=2699
+  _globals['_PUBLISHANSWER']._serialized_end=2810
+  _globals['_PUBLISHEDTRACKRESULT']._serialized_start=2812
+  _globals['_PUBLISHEDTRACKRESULT']._serialized_end=2880
+  _globals['_SUBSCRIBEROFFER']._serialized_start=2882
+  _globals['_SUBSCRIBEROFFER']._serialized_end=3006
+  _globals['_SUBSCRIBEDTRACK']._serialized_start=3009
+  _globals['_SUBSCRIBEDTRACK']._serialized_end=3157
+  _globals['_PARTICIPANTJOINED']._serialized_start=3159
+  _globals['_PARTICIPANTJOINED']._serialized_end=3229
+  _globals['_PARTICIPANTLEFT']._serialized_start=3231
+  _globals['_PARTICIPANTLEFT']._serialized_end=3311
+  _globals['_TRACKPUBLISHED']._serialized_start=3313
+  _globals['_TRACKPUBLISHED']._serialized_end=3386
+  _globals['_TRACKUNPUBLISHED']._serialized_start=3388
+  _globals['_TRACKUNPUBLISHED']._serialized_end=3448
+  _globals['_TRACKMUTED']._serialized_start=3450
+  _globals['_TRACKMUTED']._serialized_end=3519
+  _globals['_ACTIVESPEAKERS']._serialized_start=3521
+  _globals['_ACTIVESPEAKERS']._serialized_end=3575
+  _globals['_SPEAKER']._serialized_start=3577
+  _globals['_SPEAKER']._serialized_end=3625
+  _globals['_CUSTOMEVENT']._serialized_start=3627
+  _globals['_CUSTOMEVENT']._serialized_end=3694
+  _globals['_DISPLAYNAMECHANGED']._serialized_start=3696
+  _globals['_DISPLAYNAMECHANGED']._serialized_end=3762
+  _globals['_CLOSING']._serialized_start=3764
+  _globals['_CLOSING']._serialized_end=3846
+  _globals['_BROADCASTSTATE']._serialized_start=3848
+  _globals['_BROADCASTSTATE']._serialized_end=3909
+  _globals['_MEDIASERVICE']._serialized_start=4566
+  _globals['_MEDIASERVICE']._serialized_end=4647
 # @@protoc_insertion_point(module_scope)
