@@ -29,6 +29,7 @@ from spaces.media.aiortc_adapter import (
     install_codec_counters,
     send_remb,
 )
+from spaces.media.broadcasts import BroadcastStates
 from spaces.media.room import Room
 from spaces.media.session import close_reason_for
 from spaces.presence import credentials
@@ -74,6 +75,7 @@ class MediaNode:
         self._cpu = (time.process_time(), time.monotonic())
         self.load = 0.0
         self._drained = asyncio.Event()
+        self.broadcasts = BroadcastStates(store, self.rooms)
         install_codec_counters(metrics.DECODERS_CREATED.inc, metrics.ENCODERS_CREATED.inc)
 
     # --- wiring ----------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class MediaNode:
             asyncio.create_task(self._renew_forever(), name="lease-renewal"),
             asyncio.create_task(self._commands_forever(), name="node-commands"),
             asyncio.create_task(self._announce_bitrate_forever(), name="remb"),
+            asyncio.create_task(self.broadcasts.forever(), name="broadcast-state"),
         ]
         logger.info("media node %s serving at %s", self.node_id, self._public_address())
 
@@ -152,6 +155,7 @@ class MediaNode:
             room = self.rooms[claim.participant.space_id] = Room(
                 claim.participant.space_id, self._room_empty
             )
+            self.broadcasts.refresh_soon(room.space_id)
         room.epoch = claim.epoch
         room.space_record = claim.space_record
         room.active_session_id = claim.space.active_session_id
@@ -253,6 +257,9 @@ class MediaNode:
             session = self.sessions.get(command.kick.connection_id)
             if session is not None and session.space_id == command.kick.space_id:
                 await session.close(close_reason_for(command.kick.reason), command.kick.reason)
+        elif which == "broadcasts_changed":
+            if command.broadcasts_changed.space_id in self.rooms:
+                await self.broadcasts.refresh(command.broadcasts_changed.space_id)
         elif which == "close_space":
             room = self.rooms.get(command.close_space.space_id)
             if room is not None:
@@ -336,6 +343,7 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
         # and the room cannot be emptied and dropped while this session is on its way in.
         joined = session.joined_message()
         session.room.add(session)
+        self._node.broadcasts.greet(session)
         reader: asyncio.Task[None] | None = None
         try:
             yield joined

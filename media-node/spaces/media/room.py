@@ -79,12 +79,15 @@ class Room:
 
     def add(self, session: Session) -> None:
         self.sessions[session.connection_id] = session
-        self.broadcast(
-            media_pb2.ServerMessage(
-                participant_joined=media_pb2.ParticipantJoined(participant=session.remote_view())
-            ),
-            exclude=session,
-        )
+        if not session.hidden:
+            self.broadcast(
+                media_pb2.ServerMessage(
+                    participant_joined=media_pb2.ParticipantJoined(
+                        participant=session.remote_view()
+                    )
+                ),
+                exclude=session,
+            )
         if self._speaker_task is None:
             self._speaker_task = asyncio.create_task(self._speaker_loop(), name="speakers")
         self.reconcile()
@@ -95,7 +98,7 @@ class Room:
         return [
             s.remote_view()
             for s in self.sessions.values()
-            if s.participant_id != session.participant_id
+            if s.participant_id != session.participant_id and not s.hidden
         ]
 
     def remove(self, session: Session, reason: str) -> None:
@@ -105,15 +108,16 @@ class Room:
             self.unpublish(track, announce=False)
         if not any(s.participant_id == session.participant_id for s in self.sessions.values()):
             self.speakers.forget(session.participant_id)
-        self.broadcast(
-            media_pb2.ServerMessage(
-                participant_left=media_pb2.ParticipantLeft(
-                    participant_id=session.participant_id,
-                    connection_id=session.connection_id,
-                    reason=reason,
+        if not session.hidden:
+            self.broadcast(
+                media_pb2.ServerMessage(
+                    participant_left=media_pb2.ParticipantLeft(
+                        participant_id=session.participant_id,
+                        connection_id=session.connection_id,
+                        reason=reason,
+                    )
                 )
             )
-        )
         self.reconcile()
         if not self.sessions:
             if self._speaker_task is not None:
