@@ -62,8 +62,14 @@ async def bworld() -> AsyncIterator[tuple[SpacesServer, Admin, Tenant, str, Any]
 
 
 async def publisher(
-    server: SpacesServer, tenant: Tenant, space_id: str, name: str, color: tuple[int, int, int],
-    *, audio: float = 0.0, role: str = "publisher",
+    server: SpacesServer,
+    tenant: Tenant,
+    space_id: str,
+    name: str,
+    color: tuple[int, int, int],
+    *,
+    audio: float = 0.0,
+    role: str = "publisher",
 ) -> sdk.Space:
     space = sdk.Space(tenant.token(space_id, name, role=role), server.address, display_name=name)
     await space.join()
@@ -117,7 +123,10 @@ async def test_gallery_of_three_publishers_at_720p_arrives_as_h264_and_aac(
     ]
     try:
         b = await create(
-            stub, space_id, rtmp.url(), stream_key="gallery",
+            stub,
+            space_id,
+            rtmp.url(),
+            stream_key="gallery",
             layout=broadcast_pb2.BROADCAST_LAYOUT_GALLERY,
             resolution=broadcast_pb2.BROADCAST_RESOLUTION_1280X720,
         )
@@ -149,3 +158,351 @@ async def test_gallery_of_three_publishers_at_720p_arrives_as_h264_and_aac(
     audio = decode_audio(path)
     level = np.sqrt(np.mean(np.concatenate([s for _, s in audio[-100:]]) ** 2))
     assert level > 0.05, level  # three tones, mixed
+
+
+def latest_frame(rtmp: RtmpServer, key: str) -> Any:
+    paths = rtmp.recordings(key)
+    frames = decode_video(paths[-1]) if paths else []
+    return frames[-1][1] if frames else None
+
+
+async def wait_color(
+    rtmp: RtmpServer,
+    key: str,
+    rect: tuple[int, int, int, int],
+    color: tuple[int, int, int],
+    timeout: float,
+) -> float:
+    started = time.monotonic()
+
+    async def check() -> bool:
+        frame = await asyncio.to_thread(latest_frame, rtmp, key)
+        return frame is not None and close_to(mean(frame, *rect), color)
+
+    try:
+        await eventually(check, timeout=timeout, interval=0.25)
+    except AssertionError:
+        frame = await asyncio.to_thread(latest_frame, rtmp, key)
+        if frame is not None:
+            from PIL import Image
+
+            Image.fromarray(frame).save(rtmp.dir.parent / f"{key}-last.png")
+        raise AssertionError(
+            f"{key}: {rect} never became {color}; it is "
+            f"{mean(frame, *rect) if frame is not None else 'no frame'}"
+        ) from None
+    return time.monotonic() - started
+
+
+# --- active speaker -------------------------------------------------------------------------
+
+
+async def test_active_speaker_shows_who_speaks_and_switches_within_two_seconds(
+    bworld: tuple, rtmp: RtmpServer
+) -> None:
+    server, admin, tenant, space_id, stub = bworld
+    tones: dict[str, ToneTrack] = {}
+    people = []
+    for name in ("red", "green"):
+        space = sdk.Space(tenant.token(space_id, name), server.address, display_name=name)
+        await space.join()
+        await space.local.publish(TestPatternTrack(COLORS[name], 640, 480), "camera")
+        tones[name] = ToneTrack(440, amplitude=0.5 if name == "green" else 0.0)
+        await space.local.publish(tones[name], "microphone")
+        people.append(space)
+    watcher = people[0]
+    try:
+        b = await create(
+            stub,
+            space_id,
+            rtmp.url(),
+            stream_key="speaker",
+            layout=broadcast_pb2.BROADCAST_LAYOUT_ACTIVE_SPEAKER,
+            resolution=broadcast_pb2.BROADCAST_RESOLUTION_1280X720,
+        )
+        await start(stub, space_id, b.id)
+        full = (0, 0, 1280, 720)
+        await wait_color(rtmp, "speaker", full, COLORS["green"], timeout=60)
+        # The broadcaster is invisible to everyone: not a participant, not listed.
+        assert set(watcher.participants) == {"green"}
+        assert {p.participant_id for p in await admin.participants(space_id)} == {"red", "green"}
+        # Now red speaks and green falls silent.
+        tones["green"].amplitude, tones["red"].amplitude = 0.0, 0.5
+        took = await wait_color(rtmp, "speaker", full, COLORS["red"], timeout=10)
+        # Recordings are read as they grow (a little behind the stream): allow for that.
+        assert took <= 2.0 + 1.0, took
+    finally:
+        for p in people:
+            await p.leave()
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+async def test_crop_and_portrait_and_square_resolutions_have_the_expected_geometry(
+    bworld: tuple, rtmp: RtmpServer
+) -> None:
+    server, _, tenant, space_id, stub = bworld
+    people = [await publisher(server, tenant, space_id, name, rgb) for name, rgb in COLORS.items()]
+    cases = [
+        # crop fills the frame: two tiles on top, the third widened to the full last row
+        (
+            "crop",
+            broadcast_pb2.BROADCAST_LAYOUT_CROP,
+            broadcast_pb2.BROADCAST_RESOLUTION_1280X720,
+            (1280, 720),
+            {"red": (0, 0, 640, 360), "green": (640, 0, 640, 360), "blue": (0, 360, 1280, 360)},
+        ),
+        # portrait gallery, up to 4: 16:9 tiles, 10 px padding, one column of 700x392
+        (
+            "portrait",
+            broadcast_pb2.BROADCAST_LAYOUT_GALLERY,
+            broadcast_pb2.BROADCAST_RESOLUTION_720X1280,
+            (720, 1280),
+            {"red": (10, 42, 700, 392), "green": (10, 444, 700, 392), "blue": (10, 846, 700, 392)},
+        ),
+        # square gallery: 1:1 tiles of 524, two columns, the last row centred
+        (
+            "square",
+            broadcast_pb2.BROADCAST_LAYOUT_GALLERY,
+            broadcast_pb2.BROADCAST_RESOLUTION_1080X1080,
+            (1080, 1080),
+            {"red": (10, 10, 524, 524), "green": (544, 10, 524, 524), "blue": (278, 544, 524, 524)},
+        ),
+    ]
+    try:
+        for key, layout, resolution, size, tiles in cases:
+            b = await create(
+                stub, space_id, rtmp.url(), stream_key=key, layout=layout, resolution=resolution
+            )
+            await start(stub, space_id, b.id)
+            for name, rect in tiles.items():
+                await wait_color(rtmp, key, rect, COLORS[name], timeout=60)
+            await stub.StopBroadcast(
+                broadcast_pb2.StopBroadcastRequest(space_id=space_id, broadcast_id=b.id),
+                metadata=MD,
+            )
+            await stub.DeleteBroadcast(
+                broadcast_pb2.DeleteBroadcastRequest(space_id=space_id, broadcast_id=b.id),
+                metadata=MD,
+            )
+            video = next(
+                s for s in probe(rtmp.recordings(key)[-1])["streams"] if s["codec_type"] == "video"
+            )
+            assert (video["width"], video["height"]) == size
+    finally:
+        for p in people:
+            await p.leave()
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+
+async def test_lifecycle_start_needs_an_active_space_and_idle_stops_it_with_webhooks_in_order(
+    rtmp: RtmpServer,
+) -> None:
+    from tests.support.webhook_receiver import WebhookReceiver
+    from tests.test_webhooks import fast_webhooks
+
+    receiver = await WebhookReceiver().start()
+    config = make_config(
+        services=("control", "auth", "presence", "media", "webhooks", "broadcaster"),
+        broadcast=FAST_BROADCASTS,
+    )
+    server = await start_server(replace(config, webhooks=fast_webhooks(receiver.url)))
+    admin = Admin(server.address)
+    stub = broadcast_pb2_grpc.BroadcastServiceStub(admin.channel)
+    try:
+        tenant = Tenant(await admin.create_key())
+        space_id = await admin.create_space()
+        b = await create(stub, space_id, rtmp.url("life"), passthrough="town hall")
+        assert b.status == broadcast_pb2.BROADCAST_STATUS_IDLE
+        assert b.rtmp_url == rtmp.url() and "life" not in str(b)  # the key is write-only
+        assert b.layout == broadcast_pb2.BROADCAST_LAYOUT_GALLERY
+        assert b.resolution == broadcast_pb2.BROADCAST_RESOLUTION_1920X1080
+        with pytest.raises(grpc.aio.AioRpcError) as idle:
+            await start(stub, space_id, b.id)
+        assert idle.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "idle" in (idle.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as second:
+            await create(stub, space_id, rtmp.url("other"))
+        assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # one per space
+
+        alice = await publisher(server, tenant, space_id, "alice", COLORS["red"])
+        events = alice.events()
+        active = await start(stub, space_id, b.id)
+        assert active.status == broadcast_pb2.BROADCAST_STATUS_ACTIVE
+        space = await admin.get_space(space_id)
+        assert [x.id for x in space.broadcasts] == [b.id]
+        # The participant is told the space is being broadcast.
+        state = await eventually(
+            lambda: next(
+                (e for e in drain(events) if isinstance(e, sdk.BroadcastStateChanged)), None
+            ),
+            timeout=10,
+        )
+        assert state.broadcasting and state.broadcast_ids == [b.id]
+        assert alice.broadcasting
+        await eventually(lambda: asyncio.to_thread(frames_of, rtmp, "life", 30), timeout=60)
+        streaming = await eventually(lambda: _streaming(stub, space_id, b.id), timeout=10)
+        assert streaming.worker_id == server.broadcaster.worker_id
+        with pytest.raises(grpc.aio.AioRpcError) as busy:
+            await stub.DeleteBroadcast(
+                broadcast_pb2.DeleteBroadcastRequest(space_id=space_id, broadcast_id=b.id),
+                metadata=MD,
+            )
+        assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # The space going idle stops the broadcast, and its worker lets go of it.
+        await alice.leave()
+        stopped = await stub.GetBroadcast(
+            broadcast_pb2.GetBroadcastRequest(space_id=space_id, broadcast_id=b.id), metadata=MD
+        )
+        assert stopped.status == broadcast_pb2.BROADCAST_STATUS_IDLE
+        await eventually(lambda: not server.broadcaster.runs, timeout=10)
+        await stub.DeleteBroadcast(
+            broadcast_pb2.DeleteBroadcastRequest(space_id=space_id, broadcast_id=b.id),
+            metadata=MD,
+        )
+        wanted = [
+            "video.space.broadcast.created",
+            "video.space.broadcast.active",
+            "video.space.broadcast.idle",
+            "video.space.broadcast.deleted",
+        ]
+
+        def broadcast_hooks() -> list[dict[str, Any]]:
+            return [r.event for r in receiver.received if r.event["type"] in wanted]
+
+        hooks = await eventually(
+            lambda: len(broadcast_hooks()) >= 4 and broadcast_hooks(), timeout=15
+        )
+        assert [h["type"] for h in hooks] == wanted
+        assert all(h["data"]["id"] == b.id and h["object"]["type"] == "broadcast" for h in hooks)
+        assert hooks[1]["data"]["status"] == "active"
+        assert hooks[2]["data"]["status"] == "idle"
+        assert hooks[0]["data"]["passthrough"] == "town hall"
+        assert all("life" not in str(h) for h in hooks)
+        types = [r.event["type"] for r in receiver.received]
+        assert types.index("video.space.broadcast.idle") < types.index("video.space.idle")
+    finally:
+        await admin.close()
+        await server.stop()
+        await receiver.stop()
+
+
+def drain(stream: sdk.EventStream) -> list[Any]:
+    out = []
+    while (event := stream.get_nowait()) is not None:
+        out.append(event)
+    return out
+
+
+async def _streaming(stub: Any, space_id: str, bid: str) -> broadcast_pb2.Broadcast | None:
+    got = await stub.GetBroadcast(
+        broadcast_pb2.GetBroadcastRequest(space_id=space_id, broadcast_id=bid), metadata=MD
+    )
+    return got if got.streaming else None
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+async def test_bad_input_gets_a_clear_error_and_leaves_nothing(
+    bworld: tuple, tmp_path: Path
+) -> None:
+    _, admin, _, space_id, stub = bworld
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    from tests.support.system import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/bg.png"
+    cases: list[tuple[dict[str, Any], grpc.StatusCode, str]] = [
+        ({"rtmp_url": "http://example/live"}, grpc.StatusCode.INVALID_ARGUMENT, "rtmp"),
+        ({"rtmp_url": "rtmp://"}, grpc.StatusCode.INVALID_ARGUMENT, "rtmp"),
+        ({"rtmp_url": "rtmp://host:99999/live"}, grpc.StatusCode.INVALID_ARGUMENT, "rtmp"),
+        ({"rtmp_url": "rtmp://host"}, grpc.StatusCode.INVALID_ARGUMENT, "application"),
+        ({"rtmp_url": "rtmp://h/live", "layout": 9}, grpc.StatusCode.INVALID_ARGUMENT, "layout"),
+        (
+            {"rtmp_url": "rtmp://h/live", "resolution": 42},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "resolution",
+        ),
+        (
+            {"rtmp_url": "rtmp://h/live", "background": broadcast_pb2.BackgroundImage(url=dead)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unreachable",
+        ),
+        (
+            {
+                "rtmp_url": "rtmp://h/live",
+                "background": broadcast_pb2.BackgroundImage(path=str(text)),
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not a png or jpeg",
+        ),
+        (
+            {
+                "rtmp_url": "rtmp://h/live",
+                "background": broadcast_pb2.BackgroundImage(image=b"GIF89a...."),
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not a png or jpeg",
+        ),
+        (
+            {
+                "rtmp_url": "rtmp://h/live",
+                "background": broadcast_pb2.BackgroundImage(path=str(tmp_path / "missing.png")),
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not found",
+        ),
+        (
+            {"rtmp_url": "rtmp://h/live", "passthrough": "x" * 256},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "passthrough",
+        ),
+    ]
+    for fields, code, words in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateBroadcast(
+                broadcast_pb2.CreateBroadcastRequest(space_id=space_id, **fields), metadata=MD
+            )
+        assert err.value.code() == code, fields
+        assert words in (err.value.details() or ""), (fields, err.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await create(stub, "nosuchspace", "rtmp://h/live")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    for rpc, request in (
+        (
+            stub.GetBroadcast,
+            broadcast_pb2.GetBroadcastRequest(space_id=space_id, broadcast_id="nope"),
+        ),
+        (
+            stub.StartBroadcast,
+            broadcast_pb2.StartBroadcastRequest(space_id=space_id, broadcast_id="nope"),
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await rpc(request, metadata=MD)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+        await stub.ListBroadcasts(broadcast_pb2.ListBroadcastsRequest(space_id=space_id))
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    listed = await stub.ListBroadcasts(
+        broadcast_pb2.ListBroadcastsRequest(space_id=space_id), metadata=MD
+    )
+    assert list(listed.broadcasts) == []  # nothing half-created
+    # A good one with a real PNG background still works after all that.
+    from PIL import Image
+    import io
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 32), (200, 10, 10)).save(png, format="PNG")
+    ok = await create(
+        stub,
+        space_id,
+        "rtmps://h:443/app/key",
+        background=broadcast_pb2.BackgroundImage(image=png.getvalue()),
+    )
+    assert ok.rtmp_url == "rtmps://h:443/app" and ok.background == "inline"
+    assert len(ok.background_sha256) == 64

@@ -88,6 +88,9 @@ class Room:
                 ),
                 exclude=session,
             )
+        if self._last_speakers:
+            # A late joiner would otherwise learn who speaks only at the next change.
+            session.send(self._speakers_message(self.speakers.speakers()))
         if self._speaker_task is None:
             self._speaker_task = asyncio.create_task(self._speaker_loop(), name="speakers")
         self.reconcile()
@@ -231,20 +234,19 @@ class Room:
             ids = [pid for pid, _ in current]
             if ids != self._last_speakers:
                 self._last_speakers = ids
-                self.broadcast(
-                    media_pb2.ServerMessage(
-                        active_speakers=media_pb2.ActiveSpeakers(
-                            speakers=[
-                                media_pb2.Speaker(participant_id=pid, level=level)
-                                for pid, level in current
-                            ]
-                        )
-                    )
-                )
+                self.broadcast(self._speakers_message(current))
                 # A new speaker may deserve a place among limited auto subscriptions.
                 publishers = sum(1 for s in self.sessions.values() if self.tracks_of(s))
                 if any(publishers > s.max_subscriptions for s in self.sessions.values()):
                     self.reconcile()
+
+    @staticmethod
+    def _speakers_message(current: list[tuple[str, float]]) -> media_pb2.ServerMessage:
+        return media_pb2.ServerMessage(
+            active_speakers=media_pb2.ActiveSpeakers(
+                speakers=[media_pb2.Speaker(participant_id=p, level=lv) for p, lv in current]
+            )
+        )
 
     def close(self) -> None:
         if self._speaker_task is not None:
