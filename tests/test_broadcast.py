@@ -5,6 +5,8 @@ with ffprobe and by decoding them."""
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -153,7 +155,7 @@ async def test_gallery_of_three_publishers_at_720p_arrives_as_h264_and_aac(
     assert close_to(mean(last, 0, 0, 50, 50), (0x32, 0x32, 0x32), 12)  # the background
     # Timestamps: monotonic, 30 per second.
     pts = [t for t, _ in frames]
-    assert all(b > a for a, b in zip(pts, pts[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(pts))
     assert (len(pts) - 1) / (pts[-1] - pts[0]) == pytest.approx(30, abs=1.5)
     audio = decode_audio(path)
     level = np.sqrt(np.mean(np.concatenate([s for _, s in audio[-100:]]) ** 2))
@@ -410,7 +412,7 @@ async def _streaming(stub: Any, space_id: str, bid: str) -> broadcast_pb2.Broadc
 async def test_bad_input_gets_a_clear_error_and_leaves_nothing(
     bworld: tuple, tmp_path: Path
 ) -> None:
-    _, admin, _, space_id, stub = bworld
+    _, _, _, space_id, stub = bworld
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     from tests.support.system import free_port
@@ -494,7 +496,6 @@ async def test_bad_input_gets_a_clear_error_and_leaves_nothing(
     assert list(listed.broadcasts) == []  # nothing half-created
     # A good one with a real PNG background still works after all that.
     from PIL import Image
-    import io
 
     png = io.BytesIO()
     Image.new("RGB", (64, 32), (200, 10, 10)).save(png, format="PNG")

@@ -368,6 +368,9 @@ class ServerConfig:
             watchdog_ms=seconds_ms(
                 "SPACES_BROADCAST_WATCHDOG_SECONDS", BroadcastConfig.watchdog_ms
             ),
+            retry_max_ms=seconds_ms(
+                "SPACES_BROADCAST_RETRY_MAX_SECONDS", BroadcastConfig.retry_max_ms
+            ),
         )
         return cls(
             broadcast=broadcast,

@@ -126,12 +126,14 @@ def decode_video(path: Path, limit: int = 10_000) -> list[tuple[float, object]]:
     import av
 
     frames: list[tuple[float, object]] = []
-    with contextlib.suppress(av.error.InvalidDataError, av.error.EOFError, OSError):
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                frames.append((float(frame.time or 0.0), frame.to_ndarray(format="rgb24")))
-                if len(frames) >= limit:
-                    break
+    with (
+        contextlib.suppress(av.error.InvalidDataError, av.error.EOFError, OSError),
+        av.open(str(path)) as container,
+    ):
+        for frame in container.decode(video=0):
+            frames.append((float(frame.time or 0.0), frame.to_ndarray(format="rgb24")))
+            if len(frames) >= limit:
+                break
     return frames
 
 
@@ -140,12 +142,14 @@ def decode_audio(path: Path) -> list[tuple[float, object]]:
     import av
 
     out: list[tuple[float, object]] = []
-    with contextlib.suppress(av.error.InvalidDataError, av.error.EOFError, OSError):
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                return out
-            for frame in container.decode(audio=0):
-                samples = frame.to_ndarray()
-                mono = samples.mean(axis=0) if samples.ndim == 2 else samples
-                out.append((float(frame.time or 0.0), mono))
+    with (
+        contextlib.suppress(av.error.InvalidDataError, av.error.EOFError, OSError),
+        av.open(str(path)) as container,
+    ):
+        if not container.streams.audio:
+            return out
+        for frame in container.decode(audio=0):
+            samples = frame.to_ndarray()
+            mono = samples.mean(axis=0) if samples.ndim == 2 else samples
+            out.append((float(frame.time or 0.0), mono))
     return out

@@ -39,7 +39,7 @@ from spaces.config import ServerConfig
 from spaces.presence import credentials
 from spaces.routing.registry import NodeDirectory
 from spaces.store.base import BroadcastJob, HiddenReservation, Store
-from spaces.tasks import cancel_and_wait
+from spaces.tasks import cancel_and_wait, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class BroadcastRun:
             if message.get("type") == "status":
                 self._on_status(process, message)
             elif message.get("type") == "ticket_request":
-                asyncio.create_task(self._send_ticket(process))
+                spawn(self._send_ticket(process), name=f"ticket-{self._label}")
 
     def _on_status(self, process: asyncio.subprocess.Process, status: dict[str, Any]) -> None:
         self.status = status

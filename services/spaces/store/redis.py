@@ -619,7 +619,7 @@ class RedisStore:
 
     async def broadcasts_due(self, limit: int) -> list[tuple[str, str]]:
         members = await self._script("due_broadcasts", [], [limit])
-        return [tuple(m.split(" ", 1)) for m in members]  # type: ignore[misc]
+        return [(m.partition(" ")[0], m.partition(" ")[2]) for m in members]
 
     async def claim_broadcast(
         self, space_id: str, broadcast_id: str, holder: str, worker_id: str, lease_ms: int
