@@ -339,6 +339,7 @@ def run() -> None:
         stream=sys.stderr,
         format="%(asctime)s composer[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("aioice").setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when it ends
     sys.exit(asyncio.run(main()))
 
