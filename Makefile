@@ -10,6 +10,7 @@ PROTOS := $(wildcard protos/spaces/v1/*.proto)
 GEN_DIR := services
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+NETNS := tests/in-netns
 
 .PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis media-tools clean
 
@@ -65,14 +66,14 @@ media-tools: ## Install Debian's nginx + libnginx-mod-rtmp and ffmpeg if missing
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			nginx-light libnginx-mod-rtmp ffmpeg; }
 
-test: $(STAMP) redis media-tools checkgenerate ## Run the test suite (starts private redis-servers; no setup needed)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test: $(STAMP) redis media-tools checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
+	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-faults: $(STAMP) redis media-tools ## Only the fault-tolerance tests (also part of `make test`)
-	$(BIN)/python -m pytest -q tests/test_faults.py tests/test_broadcast_faults.py $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py tests/test_broadcast_faults.py $(PYTEST_ARGS)
 
 test-slow: $(STAMP) redis ## The soak test (marked slow; SPACES_SOAK_SECONDS, default 120)
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 run: $(STAMP) ## Start everything in one process on the embedded in-memory store
 	$(BIN)/spaces serve

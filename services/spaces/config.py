@@ -14,12 +14,16 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-ALL_SERVICES = frozenset({"control", "auth", "presence", "media", "webhooks", "broadcaster"})
-"""Services `spaces serve` can run. `media` is the embedded media node; `broadcaster` is a
-broadcaster worker (BroadcastService itself is part of `control`)."""
+ALL_SERVICES = frozenset(
+    {"control", "auth", "presence", "media", "webhooks", "signal", "broadcaster"}
+)
+"""Services `spaces serve` can run. `media` is the embedded media node; `signal` the WebSocket
+signaling service for browsers; `broadcaster` a broadcaster worker (BroadcastService itself is
+part of `control`)."""
 
 DEFAULT_GRPC_ADDR = "127.0.0.1:50051"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
+DEFAULT_SIGNAL_ADDR = "127.0.0.1:8080"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ class NodeConfig:
     """Above this much unsent data a subscriber drops media until the next keyframe."""
     max_publish_bitrate: int = 2_500_000
     """Announced to video publishers every second (REMB): the most each track may send."""
+    subscriber_answer_timeout_s: float = 20.0
+    """A client that leaves a subscriber offer unanswered this long loses its session."""
 
     def __post_init__(self) -> None:
         if (self.udp_port_min == 0) != (self.udp_port_max == 0):
@@ -169,6 +175,33 @@ class WebhookConfig:
             raise ValueError("webhook poll interval and concurrency must be positive")
         if self.dead_letter_limit < 1:
             raise ValueError("webhook dead letter limit must be at least 1")
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    """The WebSocket signaling service for browsers (Mux's web protocol)."""
+
+    addr: str = DEFAULT_SIGNAL_ADDR
+    """host:port of the HTTP/WebSocket listener (``/v1``, ``/sdk/spaces.js``, the meeting page)."""
+    presence_addr: str = ""
+    """gRPC address of PresenceService; empty: this process's own (it must run presence)."""
+    grpc_ca_file: str = ""
+    """CA bundle for TLS to presence and media nodes; empty: plaintext (or this process's own
+    certificate when it serves TLS itself)."""
+    ping_interval_s: float = 20.0
+    """WebSocket pings to every browser (keeps proxies from closing idle connections, and
+    finds dead ones); 0 disables them."""
+    join_timeout_s: float = 10.0
+    dev_tokens: bool = True
+    """The meeting page's token helper. Only ever active in the embedded mode on a loopback
+    listener."""
+    camera_encodings: tuple[dict[str, int | float | str], ...] = ()
+    screenshare_encodings: tuple[dict[str, int | float | str], ...] = ()
+    """Simulcast encodings handed to browsers in ``joined.simulcast`` (empty: one encoding)."""
+
+    def __post_init__(self) -> None:
+        if self.ping_interval_s < 0 or self.join_timeout_s <= 0:
+            raise ValueError("signal ping interval and join timeout must be positive")
 
 
 @dataclass(frozen=True)
@@ -247,6 +280,7 @@ class ServerConfig:
     ice_servers: tuple[IceServerConfig, ...] = ()
     node: NodeConfig = field(default_factory=NodeConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    signal: SignalConfig = field(default_factory=SignalConfig)
     broadcast: BroadcastConfig = field(default_factory=BroadcastConfig)
     event_stream_maxlen: int = 100_000
     """Events retained for WatchEvents resumption and webhook delivery."""
@@ -262,6 +296,14 @@ class ServerConfig:
             raise ValueError("log format must be text or json")
         if "media" in self.services and not self.redis_url and "presence" not in self.services:
             raise ValueError("a media node without Redis must run with presence in one process")
+        if (
+            "signal" in self.services
+            and "presence" not in self.services
+            and not self.signal.presence_addr
+        ):
+            raise ValueError(
+                "the signal service needs SPACES_PRESENCE_ADDR, or presence in one process"
+            )
         if "broadcaster" in self.services and not self.redis_url and "media" not in self.services:
             raise ValueError(
                 "a broadcaster without Redis must run with a media node in one process"
@@ -348,6 +390,13 @@ class ServerConfig:
             lease_ms=webhook_lease_ms,
             claim_idle_ms=webhook_lease_ms,
         )
+        signal = SignalConfig(
+            addr=get("SPACES_SIGNAL_ADDR", DEFAULT_SIGNAL_ADDR),
+            presence_addr=get("SPACES_PRESENCE_ADDR"),
+            grpc_ca_file=get("SPACES_GRPC_CA_FILE"),
+            ping_interval_s=float(get("SPACES_SIGNAL_PING_SECONDS", "20")),
+            dev_tokens=get("SPACES_DEV_TOKENS", "1") not in ("0", "false", "no"),
+        )
         broadcast = BroadcastConfig(
             per_space=int(get("SPACES_BROADCASTS_PER_SPACE", str(BroadcastConfig.per_space))),
             worker_id=get("SPACES_BROADCASTER_ID") or default_node_id(),
@@ -391,6 +440,7 @@ class ServerConfig:
             ice_servers=parse_ice_servers(get("SPACES_ICE_SERVERS")),
             node=node,
             webhooks=webhooks,
+            signal=signal,
             shutdown_grace_s=float(get("SPACES_SHUTDOWN_GRACE_SECONDS", "5")),
         )
 

@@ -14,8 +14,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from spaces import errors
+from spaces.session import events as ev
 from spaces.tasks import spawn
-from spaces.v1 import broadcast_pb2, media_pb2
+from spaces.v1 import broadcast_pb2
 
 if TYPE_CHECKING:
     from spaces.media.room import Room
@@ -35,12 +36,8 @@ class BroadcastStates:
         self._locks: dict[str, asyncio.Lock] = {}
 
     @staticmethod
-    def message(active: list[str]) -> media_pb2.ServerMessage:
-        return media_pb2.ServerMessage(
-            broadcast_state=media_pb2.BroadcastState(
-                broadcasting=bool(active), broadcast_ids=active
-            )
-        )
+    def message(active: list[str]) -> ev.BroadcastStateChanged:
+        return ev.BroadcastStateChanged(bool(active), tuple(active))
 
     def greet(self, session: Session) -> None:
         active = self._active.get(session.space_id)
