@@ -714,3 +714,32 @@ def test_dockerignore_keeps_the_venv_git_and_caches_out_of_the_build() -> None:
     }
     for required in (".venv", ".git", ".pytest_cache", ".mypy_cache", "bench/results"):
         assert required in patterns or required.split("/")[0] in patterns, required
+
+
+def test_broadcasters_are_an_autoscaled_deployment_that_drains(
+    rendered: list[dict[str, Any]],
+) -> None:
+    worker = named(rendered, "Deployment", "spaces-broadcaster")
+    container = only_container(worker)
+    assert container["args"] == ["broadcaster"]
+    assert not pod_spec(worker).get("hostNetwork")
+    # Sized from bench/broadcast.py (docs/benchmarks.md): at least a core per pod requested.
+    assert container["resources"]["requests"]["cpu"] == "1"
+    hpa = [
+        h
+        for h in of_kind(rendered, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "spaces-broadcaster"
+    ]
+    assert hpa
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] >= 15
+
+
+def test_production_keeps_two_broadcasters_so_one_can_take_over(
+    production: list[dict[str, Any]],
+) -> None:
+    hpa = [
+        h
+        for h in of_kind(production, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "spaces-broadcaster"
+    ]
+    assert hpa[0]["spec"]["minReplicas"] >= 2

@@ -152,6 +152,8 @@ class Session:
         self.connection_id = participant.connection_id
         self.participant_id = participant.participant_id
         self.role = claim.connection_record.get("role", "publisher")
+        self.hidden = claim.connection_record.get("hidden") == "1"
+        """A broadcaster worker's subscriber: never shown to others, never announced."""
         self.display_name = participant.display_name
         self.joined_at_ms = participant.joined_at_ms
         self.record = dict(claim.connection_record)
