@@ -74,10 +74,16 @@ class SignalComponent:
 
     @property
     def dev_tokens(self) -> bool:
-        """The meeting page's token helper: embedded mode on a loopback listener only."""
+        """The meeting page's token helper: the single-process embedded mode (no Redis, presence
+        in this process) on a loopback listener only."""
         signal = self._config.signal
         host = signal.addr.rpartition(":")[0].strip("[]")
-        return signal.dev_tokens and self._config.embedded and is_loopback_host(host)
+        return (
+            signal.dev_tokens
+            and self._config.embedded
+            and "presence" in self._config.services
+            and is_loopback_host(host)
+        )
 
     @property
     def url(self) -> str:
