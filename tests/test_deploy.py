@@ -712,7 +712,20 @@ def test_dockerfile_runs_spaces_and_exposes_its_ports() -> None:
     entrypoints = [rest for keyword, rest in stage if keyword == "ENTRYPOINT"]
     assert entrypoints and yaml.safe_load(entrypoints[-1]) == ["spaces"]
     exposed = {int(p.split("/")[0]) for k, rest in stage if k == "EXPOSE" for p in rest.split()}
-    assert {50051, 9464} <= exposed
+    assert {50051, 9464, 8080} <= exposed
+
+
+def test_dockerfile_copies_every_source_root_of_the_package() -> None:
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    roots = {path.split("/")[0] for path in config["tool"]["setuptools"]["package-dir"].values()}
+    copied = {
+        rest.split()[0].rstrip("/")
+        for keyword, rest in dockerfile_instructions()
+        if keyword == "COPY" and not rest.startswith("--from")
+    }
+    assert roots <= copied, roots - copied
 
 
 def test_dockerignore_keeps_the_venv_git_and_caches_out_of_the_build() -> None:

@@ -131,11 +131,13 @@ class SignalComponent:
         self.port = sockets[0].getsockname()[1] if sockets else int(port)
         self._ready = True
         logger.info(
-            "signaling service on %s (presence at %s)%s",
+            "signaling service on %s (WebSocket %sv1, presence at %s)",
             self.url,
+            self.url.replace("http", "ws", 1),
             self._presence_address,
-            "; open it in a browser" if self.dev_tokens else "",
         )
+        if self.dev_tokens:
+            logger.info("meeting page: %s  (open it in two browser tabs)", self.url)
 
     async def stop(self) -> None:
         """Not ready first; then every browser is closed with a retryable code, so it
