@@ -31,6 +31,17 @@ async def web() -> AsyncIterator[tuple[SpacesServer, Admin, Tenant, str]]:
     await server.stop()
 
 
+class Replica:
+    """A signaling service in another process, known by its HTTP port."""
+
+    class _Signal:
+        def __init__(self, port: int) -> None:
+            self.port = port
+
+    def __init__(self, port: int) -> None:
+        self.signal = Replica._Signal(port)
+
+
 class Socket:
     """A raw WebSocket to ``/v1``, recording everything it receives."""
 
@@ -41,7 +52,7 @@ class Socket:
         self.close_code: int | None = None
 
     @classmethod
-    async def open(cls, server: SpacesServer, **query: str) -> Socket:
+    async def open(cls, server: SpacesServer | Replica, **query: str) -> Socket:
         session = aiohttp.ClientSession()
         ws = await session.ws_connect(
             f"ws://127.0.0.1:{server.signal.port}/v1", params=query, max_msg_size=0
@@ -82,7 +93,7 @@ class Socket:
         await self.session.close()
 
 
-async def joined(server: SpacesServer, token: str, **query: str) -> Socket:
+async def joined(server: SpacesServer | Replica, token: str, **query: str) -> Socket:
     socket = await Socket.open(server, token=token, **query)
     await socket.until("joined")
     return socket
@@ -470,3 +481,86 @@ def test_dev_tokens_are_never_served_with_redis() -> None:
     assert not SignalComponent(with_redis, "127.0.0.1:1").dev_tokens
     public = replace(config, signal=replace(config.signal, addr="0.0.0.0:8080"))
     assert not SignalComponent(public, "127.0.0.1:1").dev_tokens
+
+
+async def test_signal_replicas_as_their_own_processes_reconnect_through_any_replica(
+    private_redis: Any, tmp_path: Any
+) -> None:
+    """A distributed deployment: control/auth/presence, a media node and two `spaces serve
+    --services signal` replicas (no Redis URL: they only reach presence) as processes on one
+    Redis. A browser joins through replica A; when A goes away its reconnect through replica B
+    is admitted as itself, and the other participant sees it come back."""
+    from tests.support.system import ADMIN_KEY, Process, free_port, wait_serving
+
+    api, node_port, sig_grpc, sig_http = (
+        free_port(),
+        free_port(),
+        [free_port(), free_port()],
+        [
+            free_port(),
+            free_port(),
+        ],
+    )
+    env = {
+        "SPACES_REDIS_URL": private_redis.url,
+        "SPACES_ADMIN_KEY": ADMIN_KEY,
+        "SPACES_METRICS_ADDR": "",
+        "SPACES_ICE_BIND": "127.0.0.1",
+    }
+    processes = [
+        Process(
+            ["serve", "--services", "control,auth,presence"],
+            {**env, "SPACES_GRPC_ADDR": f"127.0.0.1:{api}"},
+            tmp_path / "api.log",
+        ).start(),
+        Process(
+            ["media-node"],
+            {**env, "SPACES_GRPC_ADDR": f"127.0.0.1:{node_port}", "SPACES_NODE_ID": "m1"},
+            tmp_path / "node.log",
+        ).start(),
+    ]
+    for i in range(2):
+        processes.append(
+            Process(
+                ["serve", "--services", "signal"],
+                {
+                    "SPACES_METRICS_ADDR": "",
+                    "SPACES_GRPC_ADDR": f"127.0.0.1:{sig_grpc[i]}",
+                    "SPACES_SIGNAL_ADDR": f"127.0.0.1:{sig_http[i]}",
+                    "SPACES_PRESENCE_ADDR": f"127.0.0.1:{api}",
+                },
+                tmp_path / f"signal-{i}.log",
+            ).start()
+        )
+    try:
+        for port in (api, node_port, *sig_grpc):
+            await wait_serving(f"127.0.0.1:{port}", timeout=30)
+        admin = Admin(f"127.0.0.1:{api}")
+        tenant = Tenant(await admin.create_key())
+        space_id = await admin.create_space()
+
+        a, b = Replica(sig_http[0]), Replica(sig_http[1])
+        bob = await joined(b, tenant.token(space_id, "bob"))
+        token = tenant.token(space_id)
+        alice = await joined(a, token)
+        alice_id = alice.received[0]["joined"]["participant_id"]
+        assert (await bob.until("participant_connected"))["participant_connected"][
+            "participant_id"
+        ] == alice_id
+        # Replica A is killed: its browsers lose their sockets without a close.
+        processes[2].kill()
+        again = await joined(b, token, reconnect_id=alice_id, reconnect_attempt="1")
+        assert again.received[0]["joined"]["participant_id"] == alice_id
+        assert [p["participant_id"] for p in again.received[0]["joined"]["participants"]] == ["bob"]
+        # Bob sees alice's old connection replaced by the new one, and alice once in the list.
+        seen = await bob.until("participant_connected")
+        assert seen["participant_connected"]["participant_id"] == alice_id
+        assert sorted(p.participant_id for p in await admin.participants(space_id)) == sorted(
+            [alice_id, "bob"]
+        )
+        for socket in (alice, again, bob):
+            await socket.close()
+        await admin.close()
+    finally:
+        for process in processes:
+            process.stop()
