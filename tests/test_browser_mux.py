@@ -237,7 +237,9 @@ EVENTS = """() => {
       seen.push({
         name,
         participant: first && first.id,
-        speakers: Array.isArray(first) ? first.map((s) => s.participant && s.participant.id) : undefined,
+        speakers: Array.isArray(first)
+          ? first.map((s) => s.participant && s.participant.id)
+          : undefined,
         source: second && second.source,
       });
     });
