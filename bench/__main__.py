@@ -33,11 +33,11 @@ class Benchmark:
 
 
 def benchmarks() -> dict[str, Benchmark]:
-    from bench import fanout, join, latency, meetings, redis_ceiling
+    from bench import broadcast, fanout, join, latency, meetings, redis_ceiling
 
     return {
         m.NAME: Benchmark(m.NAME, m.SUMMARY, m.run, m.render)
-        for m in (join, fanout, latency, meetings, redis_ceiling)
+        for m in (join, fanout, latency, meetings, broadcast, redis_ceiling)
     }
 
 

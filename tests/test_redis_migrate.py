@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from spaces.auth.keys import generate_signing_key
 from spaces.store.redis import LegacyLayoutError, RedisStore
+from spaces.v1 import broadcast_pb2
 from tests.support.redis_server import RedisServer
 from tests.support.system import SPACES
 from tests.test_store_contract import reservation
@@ -38,6 +39,33 @@ async def write_legacy_layout(url: str) -> tuple[list[str], bytes]:
         )
         await client.zadd("spaces", {space_id: seq})
     await client.set("spaces:seq", 3)
+    # An active broadcast of the active space (it comes back idle).
+    bc = f"sp:{{{space_ids[1]}}}:bc:bc1"
+    await client.hset(
+        bc,
+        mapping={
+            "id": "bc1",
+            "space": space_ids[1],
+            "created_at": 1_700_000_100,
+            "status": "active",
+            "layout": "gallery",
+            "res": "1280x720",
+            "url": "rtmp://127.0.0.1/live",
+            "key": "stream-key",
+            "bg": "",
+            "bgsha": "",
+            "pass": "bc-pass",
+            "started": 1,
+            "run": 1,
+            "worker": "w1",
+            "err": "",
+            "streaming": "1",
+        },
+    )
+    await client.hset(f"sp:{{{space_ids[1]}}}", "bcseq", 1)
+    await client.zadd(f"sp:{{{space_ids[1]}}}:bcs", {"bc1": 1})
+    await client.set(f"{bc}:lease", "w1 token")
+    await client.zadd("broadcasts", {f"{space_ids[1]} bc1": 1})
     # Transient state of a live session, which does not carry over.
     await client.zadd(f"sp:{{{space_ids[1]}}}:leases", {"c1": 1})
     await client.hset(f"sp:{{{space_ids[1]}}}:c:c1", mapping={"pid": "alice", "cid": "c1"})
@@ -102,11 +130,13 @@ async def test_redis_migrate_moves_spaces_signing_keys_and_endpoints(
 
     dry = migrate_command(url, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "would move 3 spaces, 1 signing keys and 1 webhook endpoints" in dry.stdout
+    assert (
+        "would move 3 spaces (1 broadcasts), 1 signing keys and 1 webhook endpoints" in dry.stdout
+    )
 
     done = migrate_command(url)
     assert done.returncode == 0, done.stderr
-    assert "moved 3 spaces, 1 signing keys and 1 webhook endpoints" in done.stdout
+    assert "moved 3 spaces (1 broadcasts), 1 signing keys and 1 webhook endpoints" in done.stdout
 
     store = RedisStore(url)
     await store.start()  # no longer refused
@@ -127,6 +157,10 @@ async def test_redis_migrate_moves_spaces_signing_keys_and_endpoints(
             r = replace(reservation(space_id, "alice"), signing_key_id="oldkey")
             assert (await store.join(r)).participant_id == "alice"
         assert [e.id for e in await store.webhook_endpoints()] == ["ep1"]
+        (broadcast,) = await store.list_broadcasts(space_ids[1])
+        assert (broadcast.id, broadcast.passthrough) == ("bc1", "bc-pass")
+        assert broadcast.status == broadcast_pb2.BROADCAST_STATUS_IDLE
+        assert await store.broadcasts_due(10) == []
         # New spaces come after the migrated ones.
         await store.create_space("brandnew", "", 0)
         listed, _ = await store.list_spaces(10, 0)

@@ -43,6 +43,17 @@ ENCODERS_CREATED = Counter(
     "spaces_media_encoders_created_total",
     "aiortc encoders instantiated in this process (a forwarding node must create none)",
 )
+SIGNAL_JOINS = Counter(
+    "spaces_signal_joins_total", "Browser joins through the signaling service by result", ["result"]
+)
+SIGNAL_JOIN_LATENCY = Histogram(
+    "spaces_signal_join_latency_seconds",
+    "Browser join latency, from the WebSocket upgrade to the joined message",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+SIGNAL_CONNECTIONS = Gauge(
+    "spaces_signal_connections", "Browser WebSocket sessions this signaling process holds"
+)
 WEBHOOK_DELIVERIES = Counter(
     "spaces_webhook_deliveries_total", "Webhook delivery attempts by result", ["result"]
 )
@@ -55,3 +66,29 @@ def start_metrics_server(addr: str) -> int:
     bound = int(server.server_address[1])
     logger.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
     return bound
+
+
+BROADCASTS_ACTIVE = Gauge(
+    "spaces_broadcasts_active", "Broadcasts this broadcaster worker streams (holds a lease on)"
+)
+BROADCAST_CLAIMS = Counter("spaces_broadcast_claims_total", "Broadcasts this worker claimed")
+BROADCAST_HANDOVERS = Counter(
+    "spaces_broadcast_handovers_total", "Broadcasts this worker released while draining"
+)
+BROADCAST_FRAMES = Counter(
+    "spaces_broadcast_frames_total",
+    "Video frames composed for broadcasts, and frames dropped (late compose, or a full encoder "
+    "queue while the RTMP server is slow)",
+    ["result"],
+)
+BROADCAST_ERRORS = Counter(
+    "spaces_broadcast_errors_total",
+    "Broadcast failures by kind: encoder, rtmp (refused or dropped), rtmp_stall, "
+    "composer_exit, watchdog",
+    ["kind"],
+)
+BROADCAST_CPU = Gauge(
+    "spaces_broadcast_cpu_cores",
+    "CPU of each broadcast's composer process, in cores",
+    ["broadcast_id"],
+)

@@ -70,9 +70,12 @@ __all__ = [
     "PlaceholderTrack",
     "RtpPacket",
     "RtpSink",
+    "add_remote_candidate",
     "apply_ice_policy",
+    "check_answer",
     "hook_sender",
     "install_codec_counters",
+    "label_sender",
     "negotiated_codec",
     "parse_sdp",
     "pin_encoder_bitrate",
@@ -81,6 +84,7 @@ __all__ = [
     "restrict_codecs",
     "send_remb",
     "tap_receiver",
+    "without_empty_bundle",
 ]
 
 
@@ -182,6 +186,70 @@ def parse_sdp(sdp: str) -> list[OfferedMedia]:
     if not media:
         raise ValueError("no audio or video m-section")
     return media
+
+
+def check_answer(answer: str, offer: str) -> None:
+    """An answer must be a session description with exactly the offer's m-sections, in its
+    order (RFC 3264), each with ICE credentials and a DTLS fingerprint when it carries media.
+    Raises ValueError otherwise; aiortc alone accepts text that is not SDP at all."""
+    from aiortc import sdp as aiortc_sdp
+
+    if not answer.lstrip().startswith("v=0"):
+        raise ValueError("not a session description")
+    try:
+        offered = aiortc_sdp.SessionDescription.parse(offer)
+        answered = aiortc_sdp.SessionDescription.parse(answer)
+    except Exception as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+    if [m.kind for m in answered.media] != [m.kind for m in offered.media]:
+        raise ValueError("the answer's m-sections do not match the offer's")
+    for m in answered.media:
+        if m.port != 0 and (not m.ice.usernameFragment or not m.dtls or not m.dtls.fingerprints):
+            raise ValueError("m-section without ICE credentials or DTLS fingerprint")
+
+
+def without_empty_bundle(sdp: str) -> str:
+    """Drop the bare ``a=group:BUNDLE`` line aiortc writes into an offer with no m-sections:
+    Chrome refuses such an offer (a BUNDLE group naming a mid of no m-section), and accepts
+    the same offer without the line."""
+    lines = sdp.split("\r\n")
+    kept = [line for line in lines if line.strip() != "a=group:BUNDLE"]
+    return sdp if len(kept) == len(lines) else "\r\n".join(kept)
+
+
+def label_sender(transceiver: RTCRtpTransceiver, track_id: str) -> None:
+    """Make the m-section's ``a=msid`` name ``track_id`` as both stream and track, so that a
+    browser sees one MediaStream per remote track with the track's id (Mux's web SDK maps
+    remote tracks by ``streams[0].id``). Call before createOffer; a reused m-section gets its
+    new track's id."""
+    transceiver.sender._stream_id = track_id
+    transceiver.sender._track_id = track_id
+
+
+async def add_remote_candidate(
+    pc: RTCPeerConnection, candidate: str, sdp_mid: str, sdp_mline_index: int
+) -> bool:
+    """Add a trickled remote candidate (the attribute value, "candidate:..."); an empty one
+    ends the remote candidates. Only UDP candidates are used (aioice has no ICE-TCP): others
+    are skipped. Returns whether a candidate was added. Raises ValueError when it does not
+    parse."""
+    from aiortc.sdp import candidate_from_sdp
+
+    text = candidate.strip()
+    if not text:
+        await pc.addIceCandidate(None)
+        return False
+    text = text.removeprefix("a=").removeprefix("candidate:")
+    try:
+        parsed = candidate_from_sdp(text)
+    except (AssertionError, ValueError, IndexError) as exc:
+        raise ValueError("candidate does not parse") from exc
+    if parsed.protocol.lower() != "udp":
+        return False
+    parsed.sdpMid = sdp_mid or None
+    parsed.sdpMLineIndex = sdp_mline_index if not sdp_mid else None
+    await pc.addIceCandidate(parsed)
+    return True
 
 
 # --- receive side --------------------------------------------------------------------------

@@ -3,7 +3,8 @@ shards: ``sp:{<space>}``, ``spaces``, ``keys``, ``events``, ...) to the sharded 
 
 Run it once, with every Spaces process stopped. It keeps what must outlive a restart:
 
-* **spaces**, in their creation order, idle (nobody is connected while Spaces is stopped);
+* **spaces**, in their creation order, idle (nobody is connected while Spaces is stopped),
+  with their **broadcasts** (idle too: start them again once participants are back);
 * **signing keys** (only the public halves were ever stored), with their order;
 * **webhook endpoints**.
 
@@ -32,12 +33,23 @@ logger = logging.getLogger(__name__)
 LIVE_NODE_MS = 10_000
 """A node heartbeat this recent in the old registry means an old Spaces process still runs."""
 OLD_PATTERNS = ("sp:{*", "key:*", "node:*", "wh:*")
-OLD_NAMES = ("spaces", "spaces:seq", "keys", "keys:seq", "events", "epoch", "leases", "nodes")
+OLD_NAMES = (
+    "spaces",
+    "spaces:seq",
+    "keys",
+    "keys:seq",
+    "events",
+    "epoch",
+    "leases",
+    "nodes",
+    "broadcasts",
+)
 
 
 @dataclass(frozen=True)
 class MigrationReport:
     spaces: int
+    broadcasts: int
     signing_keys: int
     webhook_endpoints: int
     old_keys_removed: int
@@ -66,12 +78,16 @@ async def migrate(url: str, *, dry_run: bool = False) -> MigrationReport:
         signing = await client.zrange("keys", 0, -1, withscores=True)
         endpoints = await _hgetall(client, "wh:endpoints")
         if dry_run:
-            return MigrationReport(len(spaces), len(signing), len(endpoints), 0)
+            counted = 0
+            for space_id, _ in spaces:
+                counted += int(await client.zcard(f"sp:{{{space_id}}}:bcs"))
+            return MigrationReport(len(spaces), counted, len(signing), len(endpoints), 0)
 
         # Spaces: same records, idle, in the same order (a creation sequence in µs that
         # follows created_at and never goes backwards).
         last: dict[int, int] = {}
         sequence = 0
+        broadcasts = 0
         for space_id, _ in spaces:
             record = await _hgetall(client, f"sp:{{{space_id}}}")
             if not record:
@@ -91,10 +107,13 @@ async def migrate(url: str, *, dry_run: bool = False) -> MigrationReport:
                         "max": record.get("max", "0"),
                         "seq": str(sequence),
                         "connected": "0",
+                        "hidden": "0",
+                        "bcseq": record.get("bcseq", "0"),
                     },
                 )
                 pipe.zadd(keys.spaces_key(shard), {space_id: sequence})
                 await pipe.execute()
+            broadcasts += await _move_broadcasts(client, space_id)
         for shard, sequence in last.items():
             current = int(await client.get(keys.spaces_seq_key(shard)) or 0)
             if sequence > current:
@@ -129,10 +148,29 @@ async def migrate(url: str, *, dry_run: bool = False) -> MigrationReport:
             for i in range(0, len(batch), 500):
                 removed += int(await client.delete(*batch[i : i + 500]))
         removed += int(await client.delete(*OLD_NAMES))
-        return MigrationReport(len(spaces), len(signing), len(endpoints), removed)
+        return MigrationReport(len(spaces), broadcasts, len(signing), len(endpoints), removed)
     finally:
         await client.aclose()
         await store.close()
+
+
+async def _move_broadcasts(client: aioredis.Redis, space_id: str) -> int:
+    """A space's broadcasts (record, background, order), idle and unclaimed."""
+    old = f"sp:{{{space_id}}}"
+    order = await client.zrange(f"{old}:bcs", 0, -1, withscores=True)
+    for broadcast_id, seq in order:
+        record = await _hgetall(client, f"{old}:bc:{broadcast_id}")
+        if not record:
+            continue
+        record.update({"status": "idle", "worker": "", "streaming": "0"})
+        background = await client.get(f"{old}:bc:{broadcast_id}:bg")
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.broadcast_key(space_id, broadcast_id), mapping=record)
+            if background:
+                pipe.set(keys.broadcast_background_key(space_id, broadcast_id), background)
+            pipe.zadd(keys.broadcasts_key(space_id), {broadcast_id: seq})
+            await pipe.execute()
+    return len(order)
 
 
 async def run(url: str, dry_run: bool) -> int:
@@ -144,7 +182,8 @@ async def run(url: str, dry_run: bool) -> int:
         return 1
     verb = "would move" if dry_run else "moved"
     print(
-        f"{verb} {report.spaces} spaces, {report.signing_keys} signing keys and "
+        f"{verb} {report.spaces} spaces ({report.broadcasts} broadcasts), "
+        f"{report.signing_keys} signing keys and "
         f"{report.webhook_endpoints} webhook endpoints to the sharded layout"
         + ("" if dry_run else f"; removed {report.old_keys_removed} old keys")
         + f" ({time.monotonic() - started:.1f}s)"

@@ -10,6 +10,7 @@ failover needs no service restart.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import heapq
 import inspect
@@ -28,8 +29,11 @@ from spaces import errors
 from spaces.store import keys
 from spaces.store.base import (
     Admission,
+    BroadcastJob,
+    BroadcastSpec,
     Claim,
     DeadLetterRecord,
+    HiddenReservation,
     JoinContext,
     NodeView,
     PlacementMoved,
@@ -42,6 +46,7 @@ from spaces.store.base import (
     WebhookJob,
 )
 from spaces.store.codec import (
+    broadcast_from_record,
     command_from_text,
     command_to_text,
     event_from_entry,
@@ -53,7 +58,7 @@ from spaces.store.codec import (
 )
 from spaces.store.feed import EventFeed
 from spaces.store.router import REDIRECTS, ClusterRouter, Router, StandaloneRouter, is_cluster_url
-from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
+from spaces.v1 import broadcast_pb2, event_pb2, node_pb2, participant_pb2, space_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,11 @@ _SCRIPT_ERRORS: dict[str, type[errors.SpacesError]] = {
     "moved": errors.TicketWrongNode,
     "participant_not_found": errors.ParticipantNotFound,
     "unknown_key": errors.TokenUnknownKey,
+    "broadcast_not_found": errors.BroadcastNotFound,
+    "broadcast_active": errors.BroadcastActive,
+    "broadcast_limit": errors.BroadcastLimitReached,
+    "space_idle": errors.SpaceIdle,
+    "lease_lost": errors.BroadcastLeaseLost,
 }
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, *REDIRECTS)
 """Failures that mean "Redis cannot answer right now" (retry later), not a bug."""
@@ -311,16 +321,59 @@ class RedisStore:
         return space_from_record(flat_to_dict(flat), 0)
 
     async def get_space(self, space_id: str) -> space_pb2.Space:
-        async def run(client: aioredis.Redis) -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
+        spaces = await self._spaces_with_broadcasts([space_id])
+        if not spaces:
+            raise errors.SpaceNotFound()
+        return spaces[0]
+
+    async def _spaces_with_broadcasts(self, space_ids: Sequence[str]) -> list[space_pb2.Space]:
+        """Spaces (those that exist, in order) with their visible count and their broadcasts:
+        two round trips, each one pipeline per primary."""
+        by_shard: dict[int, list[str]] = {}
+        for space_id in dict.fromkeys(space_ids):
+            by_shard.setdefault(keys.shard_of(space_id), []).append(space_id)
+
+        def first(pipe: aioredis.client.Pipeline, shard: int) -> None:
+            for space_id in by_shard[shard]:
                 pipe.hgetall(keys.space_key(space_id))
                 pipe.zcard(keys.leases_key(space_id))
-                return await pipe.execute()
+                pipe.zrange(keys.broadcasts_key(space_id), 0, -1)
 
-        record, count = await self._on(keys.shard_of(space_id), run)
-        if not record:
-            raise errors.SpaceNotFound()
-        return space_from_record(record, int(count))
+        replies = await self._each(by_shard, first) if by_shard else {}
+        found: dict[str, tuple[dict[str, str], int, list[str]]] = {}
+        for shard, ids in by_shard.items():
+            r = replies[shard]
+            for i, space_id in enumerate(ids):
+                found[space_id] = (r[3 * i], int(r[3 * i + 1]), r[3 * i + 2])
+        wanted = {
+            shard: [(space_id, bid) for space_id in ids for bid in found[space_id][2]]
+            for shard, ids in by_shard.items()
+        }
+        wanted = {shard: pairs for shard, pairs in wanted.items() if pairs}
+
+        def second(pipe: aioredis.client.Pipeline, shard: int) -> None:
+            for space_id, bid in wanted[shard]:
+                pipe.hgetall(keys.broadcast_key(space_id, bid))
+                pipe.get(keys.broadcast_lease_key(space_id, bid))
+
+        more = await self._each(wanted, second) if wanted else {}
+        broadcasts: dict[str, list[broadcast_pb2.Broadcast]] = {}
+        for shard, pairs in wanted.items():
+            r = more[shard]
+            for j, (space_id, _) in enumerate(pairs):
+                if r[2 * j]:
+                    broadcasts.setdefault(space_id, []).append(
+                        broadcast_from_record(r[2 * j], r[2 * j + 1] or "")
+                    )
+        out: list[space_pb2.Space] = []
+        for space_id in space_ids:
+            record, count, _ = found[space_id]
+            if not record:
+                continue
+            space = space_from_record(record, count - int(record.get("hidden", "0") or 0))
+            space.broadcasts.extend(broadcasts.get(space_id, []))
+            out.append(space)
+        return out
 
     async def list_spaces(
         self, limit: int, after_seq: int
@@ -347,26 +400,7 @@ class RedisStore:
         )
         more = len(candidates) > limit
         chosen = candidates[:limit]
-        by_shard: dict[int, list[str]] = {}
-        for _, shard, space_id in chosen:
-            by_shard.setdefault(shard, []).append(space_id)
-
-        def read(pipe: aioredis.client.Pipeline, shard: int) -> None:
-            for space_id in by_shard[shard]:
-                pipe.hgetall(keys.space_key(space_id))
-                pipe.zcard(keys.leases_key(space_id))
-
-        replies = await self._each(by_shard, read) if chosen else {}
-        records = {
-            space_id: (replies[shard][2 * i], replies[shard][2 * i + 1])
-            for shard, ids in by_shard.items()
-            for i, space_id in enumerate(ids)
-        }
-        spaces = [
-            space_from_record(records[space_id][0], int(records[space_id][1]))
-            for _, _, space_id in chosen
-            if records[space_id][0]
-        ]
+        spaces = await self._spaces_with_broadcasts([space_id for _, _, space_id in chosen])
         cursor = None
         if more and chosen:
             seq, shard, _ = chosen[-1]
@@ -388,11 +422,7 @@ class RedisStore:
             ],
         )
         _raise_script_error(reply)
-        record = flat_to_dict(reply)
-        count = await self._on(
-            keys.shard_of(space_id), lambda c: c.zcard(keys.leases_key(space_id))
-        )
-        return space_from_record(record, int(count))
+        return await self.get_space(space_id)
 
     async def delete_space(self, space_id: str, force: bool) -> SpaceDeletion:
         reply = await self._space_script(
@@ -525,6 +555,8 @@ class RedisStore:
             r.resume_connection_id,
             r.presented_resume_hash,
             r.signing_key_id,
+            r.reconnect_participant_id,
+            r.token_hash,
         ]
         reply = await self._space_script("join", r.space_id, args)
         if (
@@ -634,7 +666,7 @@ class RedisStore:
             return record, expires, exists
 
         record, expires, exists = await self._on(keys.shard_of(space_id), run)
-        if not record:
+        if not record or record.get("hidden") == "1":
             if not exists:
                 raise errors.SpaceNotFound()
             raise errors.ParticipantNotFound()
@@ -660,7 +692,7 @@ class RedisStore:
         found = [
             participant_from_record(space_id, record, int(score))
             for (_, score), record in zip(leases, records, strict=True)
-            if record
+            if record and record.get("hidden") != "1"
         ]
         found.sort(key=lambda p: (p.joined_at_ms, p.connection_id))
         return found
@@ -750,6 +782,152 @@ class RedisStore:
                 logger.warning("node %s: command stream unavailable (%s); retrying", node_id, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+    # --- broadcasts --------------------------------------------------------------------------
+
+    async def create_broadcast(self, spec: BroadcastSpec, limit: int) -> broadcast_pb2.Broadcast:
+        reply = await self._space_script(
+            "create_broadcast",
+            spec.space_id,
+            [
+                spec.space_id,
+                spec.broadcast_id,
+                limit,
+                spec.layout,
+                spec.resolution,
+                spec.rtmp_url,
+                spec.stream_key,
+                spec.background_source,
+                spec.background_sha256,
+                base64.b64encode(spec.background).decode() if spec.background else "",
+                spec.passthrough,
+            ],
+        )
+        _raise_script_error(reply)
+        return broadcast_from_record(flat_to_dict(reply))
+
+    async def get_broadcast(self, space_id: str, broadcast_id: str) -> broadcast_pb2.Broadcast:
+        async def run(client: aioredis.Redis) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.broadcast_key(space_id, broadcast_id))
+                pipe.get(keys.broadcast_lease_key(space_id, broadcast_id))
+                pipe.exists(keys.space_key(space_id))
+                return await pipe.execute()
+
+        record, holder, exists = await self._on(keys.shard_of(space_id), run)
+        if not exists:
+            raise errors.SpaceNotFound()
+        if not record:
+            raise errors.BroadcastNotFound()
+        return broadcast_from_record(record, holder or "")
+
+    async def list_broadcasts(self, space_id: str) -> list[broadcast_pb2.Broadcast]:
+        return list((await self.get_space(space_id)).broadcasts)
+
+    async def delete_broadcast(self, space_id: str, broadcast_id: str) -> None:
+        reply = await self._space_script("delete_broadcast", space_id, [space_id, broadcast_id])
+        _raise_script_error(reply)
+
+    async def _start_stop(
+        self, script: str, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        reply = await self._space_script(script, space_id, [space_id, broadcast_id])
+        _raise_script_error(reply)
+        return broadcast_from_record(flat_to_dict(reply[2:])), str(reply[1])
+
+    async def start_broadcast(
+        self, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        return await self._start_stop("start_broadcast", space_id, broadcast_id)
+
+    async def stop_broadcast(
+        self, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        return await self._start_stop("stop_broadcast", space_id, broadcast_id)
+
+    async def broadcasts_due(self, limit: int) -> list[tuple[str, str]]:
+        """The due broadcasts of every shard (``limit`` per shard; a shard whose primary is
+        down waits)."""
+        script = self._scripts["due_broadcasts"]
+        replies = await self._each(
+            SHARDS,
+            lambda pipe, shard: script(
+                keys=[keys.broadcast_queue_key(shard)], args=[limit], client=pipe
+            ),
+            partial=True,
+        )
+        return [
+            (m.partition(" ")[0], m.partition(" ")[2])
+            for shard in sorted(replies)
+            for m in replies[shard][0]
+        ]
+
+    async def claim_broadcast(
+        self, space_id: str, broadcast_id: str, holder: str, worker_id: str, lease_ms: int
+    ) -> BroadcastJob | None:
+        reply = await self._space_script(
+            "claim_broadcast",
+            space_id,
+            [space_id, broadcast_id, holder, worker_id, lease_ms],
+        )
+        if reply[0] != "ok":
+            return None
+        record = flat_to_dict(reply[2:])
+        return BroadcastJob(
+            space_id=space_id,
+            broadcast_id=broadcast_id,
+            run=record.get("run", "0"),
+            layout=record.get("layout", "gallery"),
+            resolution=record.get("res", "1920x1080"),
+            rtmp_url=record.get("url", ""),
+            stream_key=record.get("key", ""),
+            background=base64.b64decode(reply[1]) if reply[1] else b"",
+            holder=holder,
+        )
+
+    async def renew_broadcast(
+        self,
+        space_id: str,
+        broadcast_id: str,
+        holder: str,
+        lease_ms: int,
+        run: str,
+        streaming: bool,
+        error: str,
+    ) -> str:
+        return str(
+            await self._space_script(
+                "renew_broadcast",
+                space_id,
+                [space_id, broadcast_id, holder, lease_ms, run, "1" if streaming else "0", error],
+            )
+        )
+
+    async def release_broadcast(self, space_id: str, broadcast_id: str, holder: str) -> bool:
+        return bool(
+            await self._space_script(
+                "release_broadcast", space_id, [space_id, broadcast_id, holder]
+            )
+        )
+
+    async def join_hidden(self, reservation: HiddenReservation) -> tuple[str, int]:
+        r = reservation
+        reply = await self._space_script(
+            "join_hidden",
+            r.space_id,
+            [
+                r.space_id,
+                r.connection_id,
+                r.participant_id,
+                r.display_name,
+                r.ticket_hash,
+                r.pending_ms,
+                r.broadcast_id,
+                r.holder,
+            ],
+        )
+        _raise_script_error(reply)
+        return str(reply[1]), int(reply[2])
 
     # --- events ----------------------------------------------------------------------------
 
