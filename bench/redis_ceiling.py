@@ -1,22 +1,25 @@
 """Redis ceiling: what one Redis primary carries. Load generators call the store directly
 (``RedisStore``, the code presence and the media nodes run), so no Spaces process is the limit,
-and the figure is the Redis server's own CPU, read from /proc.
+and the figure is the Redis server's own CPU, read from /proc. In this order:
 
 * **baseline**: PING in a closed loop, to price one round trip of the same client on the same
-  machine. Every other cost is also given in PINGs, a ratio that travels between machines better
+  machine. Other costs are also given in PINGs, a ratio that travels between machines better
   than microseconds.
+* **scripts**: each hot script (a space's renewal, join, claim, leave) called one at a time on an
+  otherwise idle Redis, timed by Redis itself (INFO commandstats): a floor on the cost, without
+  the network and event-loop overhead of a command.
+* **churn**: join + claim + leave (one whole session, as presence and a media node do it) in a
+  closed loop over every generator, as fast as they go.
 * **hold**: P connected participants in spaces of ``space_size``, each space renewed by its
   "media node" every ``renew_interval_s`` (the real cadence, 3 s), plus the background a
   deployment of that size adds (every presence replica reaps all shards each second, nodes
   heartbeat every 2 s, presence reads the registry every 0.5 s). P grows step by step until Redis
   passes 90% of a core, renewals fall behind their schedule, or the machine runs out.
-* **churn**: join + claim + leave (one whole session, as presence and a media node do it) in a
-  closed loop over every generator, as fast as they go.
 
-The per-participant cost is the slope of Redis CPU over P (least squares over the hold steps);
-the background is its intercept. From them: the participant count at which one primary is at
-70% of a core, the session starts per second at 70% of a core, and both together for sessions
-of ``session_minutes``."""
+The per-participant cost is the slope of Redis CPU over the participants renewed on schedule
+(least squares over the hold steps that kept it); the background is its intercept. From them:
+the participant count at which one primary is at 70% of a core, the session starts per second at
+70% of a core, and both together for sessions of ``session_minutes``."""
 
 from __future__ import annotations
 
@@ -471,7 +474,44 @@ async def run(quick: bool) -> dict[str, Any]:
             + f" (renew: a space of {plan.space_size})"
         )
 
-        # 3. Held participants with their renewals, growing.
+        # 3. Churn: whole sessions, as fast as the generators go, before anyone is held (held
+        #    participants' renewals would compete with it for the generators).
+        say("redis: churn, join + claim + leave in a closed loop")
+        per_gen = max(1, plan.churn_concurrency // plan.generators)
+        cpu, replies, quiet, commands = await measure(
+            redis,
+            pids,
+            plan.quick,
+            [
+                g.call(
+                    "churn",
+                    limit_s=600,
+                    seconds=plan.churn_s,
+                    concurrency=per_gen,
+                    spaces=max(4, per_gen),
+                    node="node-0",
+                )
+                for g in generators
+            ],
+        )
+        cycles = sum(r["cycles"] for r in replies) / max(r["wall_s"] for r in replies)
+        churn_cores = cpu.cores("redis")
+        churn = {
+            "sessions_per_s": cycles,
+            "errors": sum(r["errors"] for r in replies),
+            "redis_cores": cpu.cores("redis"),
+            "redis_cores_for_churn": churn_cores,
+            "redis_us_per_session": churn_cores / cycles * 1e6 if cycles else math.nan,
+            "generator_cores": cpu.group("generator-"),
+            "machine_busy": cpu.machine_busy,
+            "foreign_cores_before": quiet,
+            "evalsha_usec_per_call": commands.get("evalsha", {}).get("usec_per_call", 0.0),
+        }
+        say(
+            f"  {cycles:,.0f} sessions/s on {churn_cores:.3f} Redis cores "
+            f"({churn['redis_us_per_session']:.0f} µs each)"
+        )
+        # 4. Held participants with their renewals, growing.
         steps: list[dict[str, Any]] = []
         nodes_started = 0
         for target in plan.steps:
@@ -540,45 +580,6 @@ async def run(quick: bool) -> dict[str, Any]:
                 say("  the generators fell behind (the machine is full): stopping here")
                 break
 
-        # 4. Churn: whole sessions, as fast as the generators go, with the participants held.
-        say("redis: churn, join + claim + leave in a closed loop")
-        per_gen = max(1, plan.churn_concurrency // plan.generators)
-        cpu, replies, quiet, commands = await measure(
-            redis,
-            pids,
-            plan.quick,
-            [
-                g.call(
-                    "churn",
-                    limit_s=600,
-                    seconds=plan.churn_s,
-                    concurrency=per_gen,
-                    spaces=max(4, per_gen),
-                    node="node-0",
-                )
-                for g in generators
-            ],
-        )
-        cycles = sum(r["cycles"] for r in replies) / max(r["wall_s"] for r in replies)
-        # The participants of the last step are still held (and renewed) meanwhile.
-        background_cores = steps[-1]["redis_cores"] if steps else 0.0
-        churn_cores = max(0.0, cpu.cores("redis") - background_cores)
-        churn = {
-            "sessions_per_s": cycles,
-            "errors": sum(r["errors"] for r in replies),
-            "redis_cores": cpu.cores("redis"),
-            "redis_cores_for_churn": churn_cores,
-            "redis_us_per_session": churn_cores / cycles * 1e6 if cycles else math.nan,
-            "generator_cores": cpu.group("generator-"),
-            "machine_busy": cpu.machine_busy,
-            "foreign_cores_before": quiet,
-            "with_participants_held": steps[-1]["participants"] if steps else 0,
-            "evalsha_usec_per_call": commands.get("evalsha", {}).get("usec_per_call", 0.0),
-        }
-        say(
-            f"  {cycles:,.0f} sessions/s on {churn_cores:.3f} Redis cores "
-            f"({churn['redis_us_per_session']:.0f} µs each)"
-        )
     finally:
         await stop_all(generators)
         if redis is not None:
@@ -693,7 +694,7 @@ def render(result: dict[str, Any]) -> str:
         f"{fmt(s['participants_at_70pct_core_from_script_cost'], 0)} participants at 70% of a "
         f"core (a floor on the cost: no network or event-loop overhead)"
         f"\nchurn: {fmt(c['sessions_per_s'], 0)} sessions/s (join + claim + leave) on "
-        f"{c['redis_cores_for_churn']:.3f} Redis cores above the held load: "
+        f"{c['redis_cores_for_churn']:.3f} Redis cores: "
         f"{fmt(c['redis_us_per_session'], 1)} µs per session"
         f"\n\nper participant (slope over {s['steps_fitted']} steps): "
         f"{s['redis_us_per_participant_s']:.2f} µs of Redis CPU per second "
