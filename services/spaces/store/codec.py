@@ -135,7 +135,7 @@ def participant_from_record(
 
 
 def event_from_entry(entry_id: str, fields: Record) -> event_pb2.Event:
-    """A stream entry (see keys.EVENTS) -> Event."""
+    """A stream entry (see keys.events_key) -> Event."""
     space_id = fields.get("s", "")
     event = event_pb2.Event(
         id=entry_id,
