@@ -132,7 +132,7 @@ class SpacesServer:
         self.port = self._bind(server)
         await server.start()
         if config.health_addr:
-            self._health_server = grpc.aio.server()
+            self._health_server = grpc.aio.server(interceptors=[ErrorInterceptor()])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(config.health_addr)
             if self.health_port == 0:
