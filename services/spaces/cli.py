@@ -16,6 +16,9 @@ from spaces.logs import setup_logging
 
 logger = logging.getLogger("spaces")
 
+HURRY_EXIT_S = 5.0
+"""After a second interrupt, the process exits by force if stopping takes longer than this."""
+
 
 def _run_server(config: ServerConfig) -> int:
     from spaces.server import serve
@@ -25,11 +28,21 @@ def _run_server(config: ServerConfig) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         drain = asyncio.Event()
+        hurry = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def interrupted() -> None:
+            if not stop.is_set():
+                stop.set()
+                return
+            # A second interrupt: stop at once, and never hang on the way out.
+            hurry.set()
+            loop.call_later(HURRY_EXIT_S, os._exit, 130)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, interrupted)
         loop.add_signal_handler(signal.SIGUSR1, drain.set)
-        await serve(config, stop, drain)
+        await serve(config, stop, drain, hurry)
 
     try:
         asyncio.run(main())

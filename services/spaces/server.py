@@ -21,6 +21,7 @@ from spaces.control.servicer import SpaceServicer
 from spaces.interceptors import ErrorInterceptor
 from spaces.store import open_store
 from spaces.store.base import Store
+from spaces.tasks import spawn
 from spaces.v1 import (
     media_pb2,
     presence_pb2,
@@ -69,6 +70,7 @@ class SpacesServer:
         self.media_node: Any = None
         self.webhooks: Any = None
         self._stopping = False
+        self._hurried = False
 
     @property
     def address(self) -> str:
@@ -212,6 +214,17 @@ class SpacesServer:
         self._components.append(self.webhooks)
         names.append(SERVICE_NAMES["webhooks"])
 
+    def hurry(self) -> None:
+        """Stop now (a second Ctrl-C): cut the media node's drain and the RPC grace short."""
+        if self._hurried:
+            return
+        self._hurried = True
+        logger.warning("stopping now: sessions and calls in flight are ended")
+        if self.media_node is not None:
+            self.media_node.hurry()
+        if self._stopping and self._server is not None:
+            spawn(self._server.stop(None))
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: readiness NOT_SERVING first, then drain the media node, stop
         background work, stop the gRPC server, close the store. Safe to call twice."""
@@ -219,6 +232,13 @@ class SpacesServer:
             return
         self._stopping = True
         grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.media_node is not None and self.media_node.sessions:
+            logger.info(
+                "stopping: %s (interrupt again to stop at once)",
+                "ending sessions"
+                if self.config.embedded
+                else f"draining sessions for up to {self.config.node.drain_grace_s:g}s",
+            )
         if self.config.services != {"media"}:
             # API processes: readiness first, so load balancers stop sending new calls. A media
             # node alone keeps "" SERVING until it has drained (MediaNode.stop).
@@ -233,7 +253,7 @@ class SpacesServer:
                 logger.exception("error stopping %s", type(component).__name__)
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(None if self._hurried else grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._owns_store:
@@ -242,13 +262,24 @@ class SpacesServer:
 
 
 async def serve(
-    config: ServerConfig, stop_event: asyncio.Event, drain_event: asyncio.Event | None = None
+    config: ServerConfig,
+    stop_event: asyncio.Event,
+    drain_event: asyncio.Event | None = None,
+    hurry_event: asyncio.Event | None = None,
 ) -> None:
     """Run until ``stop_event`` is set (SIGTERM/SIGINT in the CLI). ``drain_event`` (SIGUSR1,
-    sent by `spaces drain`) starts draining the embedded media node without stopping."""
+    sent by `spaces drain`) starts draining the embedded media node without stopping.
+    ``hurry_event`` (a second SIGINT/SIGTERM) cuts the shutdown's grace periods short."""
     server = SpacesServer(config)
     await server.start()
     drainer: asyncio.Task[None] | None = None
+
+    async def hurry_on_signal() -> None:
+        assert hurry_event is not None
+        await hurry_event.wait()
+        server.hurry()
+
+    hurrier = asyncio.create_task(hurry_on_signal()) if hurry_event is not None else None
 
     async def drain_on_signal() -> None:
         assert drain_event is not None
@@ -264,3 +295,5 @@ async def serve(
         if drainer is not None:
             drainer.cancel()
         await server.stop()
+        if hurrier is not None:
+            hurrier.cancel()

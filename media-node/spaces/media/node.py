@@ -295,8 +295,20 @@ class MediaNode:
         for name in names:
             await self._health.set(name, status)
 
+    def hurry(self) -> None:
+        """Cut a drain short (a second interrupt): sessions are told to move now."""
+        self._drained.set()
+
     async def stop(self) -> None:
-        await self.drain()
+        if self.config.embedded:
+            # A single-process server has no other node to send its sessions to: end them
+            # now, and tell clients not to rejoin.
+            self.state = node_pb2.NODE_STATE_DRAINING
+            for session in list(self.sessions.values()):
+                await session.close(media_pb2.CLOSE_REASON_SERVER_STOPPING, "server is stopping")
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        else:
+            await self.drain()
         await self._heartbeat.stop()
         for task in self._tasks:
             await cancel_and_wait(task)
