@@ -16,10 +16,18 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
+# pip's output goes to .venv/install.log (shown only if it fails); the terminal gets a summary.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@start=$$(date +%s); log=$(VENV)/install.log; \
+	echo "==> setting up $(VENV): the project and its dependencies (first run: about 30 s)"; \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || exit 1; \
+	: > $$log; \
+	step() { echo "    $$1"; shift; "$$@" >> $$log 2>&1 || { \
+		echo "failed: $$*"; tail -n 40 $$log; echo "(full log: $$log)"; exit 1; }; }; \
+	step "upgrading pip" $(BIN)/python -m pip install -q --upgrade pip; \
+	step "installing spaces and its dependencies" $(BIN)/python -m pip install -q -e '.[dev]'; \
+	echo "==> $(VENV) ready in $$(( $$(date +%s) - start )) s ($$($(BIN)/python -m pip list \
+		--format=freeze 2>/dev/null | wc -l) packages; log: $$log)"
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its test dependencies (idempotent)

@@ -16,6 +16,17 @@ from spaces.logs import setup_logging
 
 logger = logging.getLogger("spaces")
 
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, when it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 HURRY_EXIT_S = 5.0
 """After a second interrupt, the process exits by force if stopping takes longer than this."""
 
@@ -197,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("media-node", help="run a media node (needs SPACES_REDIS_URL)")
     node.set_defaults(func=cmd_media_node)
 
-    token = sub.add_parser("token", help="sign a join token (JWT) with a signing key")
+    token = sub.add_parser(
+        "token",
+        help="sign a join token (JWT) with a signing key",
+        formatter_class=DefaultsFormatter,
+    )
     token.add_argument("--key", help="JSON file from CreateSigningKey (id and privateKey)")
     token.add_argument("--key-id", help="signing key id (or SPACES_SIGNING_KEY_ID)")
     token.add_argument(
@@ -224,16 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
     drain.set_defaults(func=cmd_drain)
 
-    join = sub.add_parser("join", help="join a space, publish a test pattern, print events")
-    join.add_argument("--token", required=True, help="join token (JWT)")
+    join = sub.add_parser(
+        "join",
+        help="join a space, print its events and the frames received (publish with "
+        "--test-pattern or --file)",
+        description="Join a space with a token, print every event, and on leaving print how "
+        "many frames arrived per remote track. Publishes nothing unless --test-pattern or "
+        "--file is given.",
+        formatter_class=DefaultsFormatter,
+    )
+    join.add_argument("--token", required=True, help="join token (JWT), e.g. from `spaces token`")
     join.add_argument("--server", default="127.0.0.1:50051", help="presence address host:port")
     media = join.add_mutually_exclusive_group()
-    media.add_argument("--test-pattern", action="store_true", help="publish video + audio")
-    media.add_argument("--file", help="publish a media file (e.g. media.mp4)")
+    media.add_argument(
+        "--test-pattern",
+        action="store_true",
+        help="publish a generated camera track (640x480, 30 fps, in a colour derived from the "
+        "participant id) and a microphone tone",
+    )
+    media.add_argument("--file", help="publish the video and audio of a media file (e.g. a.mp4)")
     join.add_argument("--duration", type=float, default=10.0, help="seconds to stay (0: forever)")
-    join.add_argument("--display-name", default="", help="display name")
+    join.add_argument("--display-name", default="", help="display name shown to others")
     join.add_argument("--tls", action="store_true", help="use TLS to reach the servers")
-    join.add_argument("--ca-file", help="CA bundle for --tls")
+    join.add_argument("--ca-file", help="CA bundle for --tls (default: the system's)")
     join.set_defaults(func=cmd_join)
 
     cluster = sub.add_parser(
