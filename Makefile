@@ -78,7 +78,7 @@ test-slow: $(STAMP) redis ## The soak test (marked slow; SPACES_SOAK_SECONDS, de
 run: $(STAMP) ## Start everything in one process on the embedded in-memory store
 	$(BIN)/spaces serve
 
-cluster: $(STAMP) redis ## Start Redis, 2 replicas of each API service and 2 media nodes as local processes
+cluster: $(STAMP) redis ## Start Redis, 2 API processes (one API address for every service) and 2 media nodes
 	$(BIN)/spaces cluster
 
 bench: $(STAMP) redis ## Run the full benchmark suite (minutes); writes bench/results/*.json

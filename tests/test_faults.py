@@ -35,7 +35,8 @@ COLOR = (220, 120, 20)
 
 @pytest.fixture
 async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[LocalCluster]:
-    local = LocalCluster(replicas=2, nodes=2, env=CLUSTER_ENV, admin_key=ADMIN_KEY)
+    # Split: these tests kill one presence replica and must not take control or auth with it.
+    local = LocalCluster(replicas=2, nodes=2, split=True, env=CLUSTER_ENV, admin_key=ADMIN_KEY)
     failed_before = request.session.testsfailed
     await asyncio.to_thread(local.start)
     try:

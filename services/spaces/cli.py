@@ -265,11 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     join.set_defaults(func=cmd_join)
 
     cluster = sub.add_parser(
-        "cluster", help="local cluster: Redis, 2x each API service, 2 media nodes"
+        "cluster",
+        help="local cluster: Redis, 2 API processes (one address for every service), 2 media nodes",
+        formatter_class=DefaultsFormatter,
     )
-    cluster.add_argument("--base-port", type=int, default=50100)
-    cluster.add_argument("--nodes", type=int, default=2)
-    cluster.add_argument("--replicas", type=int, default=2)
+    cluster.add_argument("--base-port", type=int, default=50100, help="first port to use")
+    cluster.add_argument("--nodes", type=int, default=2, help="media nodes")
+    cluster.add_argument("--replicas", type=int, default=2, help="processes per API role")
+    cluster.add_argument(
+        "--split",
+        action="store_true",
+        help="run control, auth, presence and webhooks as separate processes (as on Kubernetes)",
+    )
     cluster.set_defaults(func=cmd_cluster)
     return parser
 

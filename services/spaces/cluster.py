@@ -1,9 +1,11 @@
 """`spaces cluster` (`make cluster`): a whole distributed deployment as local processes.
 
-A private Redis, two replicas each of control, auth and presence (and webhooks), and two media
-nodes, each a separate `spaces` process with its own port. It prints the addresses and the admin
-key, and runs until interrupted. The fault tests drive the same class: kill a node, restart
-Redis, drain a node.
+A private Redis, two API processes (each serving control, auth, presence and webhooks, so one
+address answers every admin call and every Join) and two media nodes, each a separate `spaces`
+process with its own port. With ``--split`` each API service runs as its own pair of processes
+instead, as the Kubernetes manifests deploy them. It prints the addresses and the admin key, and
+runs until interrupted. The fault tests drive the same class: kill a node, restart Redis, drain
+a node.
 """
 
 from __future__ import annotations
@@ -155,12 +157,18 @@ class ServiceProcess:
             self.kill()
 
 
+API_SERVICES = ("control", "auth", "presence", "webhooks")
+
+
 @dataclass
 class LocalCluster:
     """Redis + API replicas + media nodes, as separate processes on this machine."""
 
     replicas: int = 2
     nodes: int = 2
+    split: bool = False
+    """One pair of processes per API service (as on Kubernetes) instead of API processes that
+    each serve all of them."""
     base_port: int = 0
     """0 picks free ports; otherwise ports are consecutive from here."""
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
@@ -195,9 +203,13 @@ class LocalCluster:
         redis_port = self._port()
         (self.workdir / "redis").mkdir(exist_ok=True)
         self.redis = RedisProcess(redis_port, self.workdir / "redis").start()
-        for service in ("control", "auth", "presence", "webhooks"):
+        if self.split:
+            for service in API_SERVICES:
+                for i in range(self.replicas):
+                    self.add(f"{service}-{i}", ["serve", "--services", service])
+        else:
             for i in range(self.replicas):
-                self.add(f"{service}-{i}", ["serve", "--services", service])
+                self.add(f"api-{i}", ["serve", "--services", ",".join(API_SERVICES)])
         for i in range(self.nodes):
             self.add_node(f"media-{i}")
         return self
@@ -219,6 +231,15 @@ class LocalCluster:
 
     def addresses(self, prefix: str) -> list[str]:
         return [s.address for s in self.services if s.name.startswith(prefix) and s.alive()]
+
+    def api_addresses(self, service: str = "") -> list[str]:
+        """Live processes that serve ``service`` (any API service when empty)."""
+
+        def serves(name: str) -> bool:
+            role = name.rsplit("-", 1)[0]
+            return role == "api" or (role == service if service else role in API_SERVICES)
+
+        return [s.address for s in self.services if s.alive() and serves(s.name)]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         import grpc
@@ -249,14 +270,22 @@ class LocalCluster:
 
     def describe(self) -> str:
         assert self.redis is not None
-        lines = [f"redis        {self.redis.url}", f"admin key    {self.admin_key}"]
+        lines = []
+        if not self.split:
+            lines.append(
+                f"API address  {self.api_addresses()[0]}   "
+                "(control, auth, presence and webhooks: use it for everything)"
+            )
+        lines += [f"redis        {self.redis.url}", f"admin key    {self.admin_key}"]
         for service in self.services:
             lines.append(f"{service.name:<12} {service.address}   (log {service.log_path})")
         return "\n".join(lines)
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    cluster = LocalCluster(replicas=args.replicas, nodes=args.nodes, base_port=args.base_port)
+    cluster = LocalCluster(
+        replicas=args.replicas, nodes=args.nodes, base_port=args.base_port, split=args.split
+    )
     stopping = False
 
     def interrupt(signum: int, frame: object) -> None:
@@ -270,8 +299,14 @@ def run_cluster(args: argparse.Namespace) -> int:
         cluster.wait_ready()
         print(cluster.describe(), flush=True)
         print(
-            "\nclients join through any presence address; admin calls go to control/auth. "
-            "Ctrl-C stops everything.",
+            "\nadmin calls and joins go to "
+            + (
+                "the API address (or any api-N replica). "
+                if not cluster.split
+                else "the process serving that service (control-N, auth-N, presence-N, "
+                "webhooks-N). "
+            )
+            + "Ctrl-C stops everything.",
             flush=True,
         )
         while not stopping:
