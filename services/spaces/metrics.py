@@ -14,6 +14,11 @@ JOIN_LATENCY = Histogram(
     "Join latency, from request to admission",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+LIVENESS_CHECKS = Counter(
+    "spaces_node_liveness_checks_total",
+    "Media nodes checked at once because a client reported them unreachable, by result",
+    ["result"],
+)
 PLACEMENTS = Counter("spaces_placements_total", "Spaces placed on a media node", ["reason"])
 LEASE_RENEWALS = Counter("spaces_lease_renewals_total", "Connection leases renewed by nodes")
 LEASE_EXPIRIES = Counter("spaces_lease_expiries_total", "Connections reaped after their lease")

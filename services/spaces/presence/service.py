@@ -10,6 +10,7 @@ import grpc
 from spaces import errors, metrics
 from spaces.config import ServerConfig
 from spaces.presence.servicer import PresenceServicer
+from spaces.routing.liveness import LivenessChecker
 from spaces.routing.placement import Placer
 from spaces.routing.registry import NodeDirectory
 from spaces.store.base import Store
@@ -25,7 +26,14 @@ class PresenceComponent:
         self._store = store
         self.directory = NodeDirectory(store, config.registry)
         self._closing = asyncio.Event()
-        self.servicer = PresenceServicer(config, store, Placer(self.directory), self._closing)
+        self.liveness = LivenessChecker(
+            self.directory,
+            config.registry,
+            grpc.ssl_channel_credentials() if config.tls.enabled else None,
+        )
+        self.servicer = PresenceServicer(
+            config, store, Placer(self.directory), self._closing, self.liveness
+        )
         self._reaper: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -14,6 +14,7 @@ from spaces.auth import tokens
 from spaces.config import ServerConfig
 from spaces.lru import Lru
 from spaces.presence import credentials
+from spaces.routing.liveness import LivenessChecker
 from spaces.routing.placement import Placer
 from spaces.store.base import Admission, PlacementMoved, Reservation, SigningKeyRecord, Store
 from spaces.store.codec import ROLES_BY_NAME
@@ -22,6 +23,7 @@ from spaces.v1 import event_pb2, node_pb2, presence_pb2, presence_pb2_grpc
 logger = logging.getLogger(__name__)
 
 MAX_DISPLAY_NAME_CHARS = 64
+MAX_NODE_ID_CHARS = 256
 PLACEMENT_ATTEMPTS = 4
 WATCH_BATCH = 200
 WATCH_BLOCK_MS = 1000
@@ -37,11 +39,17 @@ def check_display_name(name: str, limit: int = MAX_DISPLAY_NAME_CHARS) -> str:
 
 class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
     def __init__(
-        self, config: ServerConfig, store: Store, placer: Placer, closing: asyncio.Event
+        self,
+        config: ServerConfig,
+        store: Store,
+        placer: Placer,
+        closing: asyncio.Event,
+        liveness: LivenessChecker | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._placer = placer
+        self._liveness = liveness
         self._keys = tokens.PublicKeyCache()
         self._signing_keys: Lru[str, SigningKeyRecord] = Lru(4096)
         """Signing keys already fetched: a key's public half never changes; revocation is
@@ -102,6 +110,12 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
             self._signing_keys.put(peeked.key_id, context.signing_key)
             current = context.placement
         logs.bind(space_id=claims.space_id)
+        if request.unreachable_node_id and self._liveness is not None:
+            # The client lost its node: find out now whether it is dead (then placement skips
+            # it and the space moves) rather than after its heartbeat goes stale.
+            if len(request.unreachable_node_id) > MAX_NODE_ID_CHARS:
+                raise errors.InvalidArgument("unreachable_node_id is too long")
+            await self._liveness.check(request.unreachable_node_id)
 
         connection_id = ids.new_connection_id()
         ticket = credentials.issue(claims.space_id, connection_id)

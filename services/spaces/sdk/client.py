@@ -445,6 +445,9 @@ class Space:
         self._left = False
         self._decode = decode
         self.reconnects = 0
+        self._lost_node = ""
+        """The node whose session broke without a Closing: named in the next Join, so that
+        presence checks at once whether it died instead of placing us on it again."""
 
     # --- public --------------------------------------------------------------------------
 
@@ -527,9 +530,11 @@ class Space:
                 token=self.token,
                 display_name=self.display_name,
                 resume_secret=self._resume_secret,
+                unreachable_node_id=self._lost_node,
             ),
             timeout=REQUEST_TIMEOUT_S,
         )
+        self._lost_node = ""  # reported; a new failure reports again
         self.join_response = response
         self._resume_secret = response.resume_secret
         self.participant_id = response.participant_id
@@ -634,6 +639,7 @@ class Space:
         is being answered, and a write that fails because the node ended the stream (grpc then
         fails later reads too) cannot hide it."""
         reason = "session stream ended"
+        told = False
         inbox: asyncio.Queue[media_pb2.ServerMessage] = asyncio.Queue()
         handler = asyncio.create_task(self._handle_all(call, inbox), name="space-handler")
         try:
@@ -645,6 +651,7 @@ class Space:
                     closing = message.closing
                     name = media_pb2.CloseReason.Name(closing.reason)
                     reason = name.removeprefix("CLOSE_REASON_").lower()
+                    told = True
                     if not closing.rejoin:
                         handler.cancel()
                         await self._finish(reason, closing.message)
@@ -660,6 +667,9 @@ class Space:
         if self._call is call:
             self._fail_pending()  # their replies will not come: fail them now, not on timeout
         if not self._left and self._call is call:
+            if not told:
+                # The stream broke without a Closing: the node may be dead.
+                self._lost_node = self.node_id
             self._start_reconnect(reason)
 
     async def _handle_all(self, call: Any, inbox: asyncio.Queue[media_pb2.ServerMessage]) -> None:
