@@ -72,7 +72,7 @@ test: $(STAMP) redis checkgenerate ## Run the test suite (starts private redis-s
 test-faults: $(STAMP) redis ## Only the fault-tolerance tests (also part of `make test`)
 	$(BIN)/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
 
-test-slow: $(STAMP) redis ## The soak test (marked slow; SPACES_SOAK_SECONDS, default 120)
+test-slow: $(STAMP) redis ## The soaks: 30-min cluster churn (SPACES_SOAK_SECONDS) + session soak (SPACES_SESSION_SOAK_SECONDS)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 run: $(STAMP) ## Start everything in one process on the embedded in-memory store

@@ -42,10 +42,15 @@ class RedisProcess:
     """A private redis-server on a loopback port. ``restart()`` comes back empty (no
     persistence), which is the worst case the services must survive."""
 
-    def __init__(self, port: int = 0, directory: Path | None = None) -> None:
+    def __init__(
+        self, port: int = 0, directory: Path | None = None, *, appendonly: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="spaces-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.appendonly = appendonly
+        """Persist to an append-only file, so that a graceful restart keeps the data (as
+        production runs it); without it a restart comes back empty."""
 
     @property
     def url(self) -> str:
@@ -63,7 +68,7 @@ class RedisProcess:
                     "--save",
                     "",
                     "--appendonly",
-                    "no",
+                    "yes" if self.appendonly else "no",
                     "--dir",
                     str(self.dir),
                     "--protected-mode",
@@ -100,7 +105,12 @@ class RedisProcess:
             self.proc.wait()
         self.proc = None
 
-    def restart(self) -> None:
+    def restart(self, graceful: bool = False) -> None:
+        """Stop (SIGKILL, or SIGTERM and wait when ``graceful``: Redis then writes its
+        append-only file out) and start again on the same port."""
+        if graceful and self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
         self.stop()
         self.start()
 
@@ -169,6 +179,8 @@ class LocalCluster:
     split: bool = False
     """One pair of processes per API service (as on Kubernetes) instead of API processes that
     each serve all of them."""
+    redis_appendonly: bool = False
+    """Redis with an append-only file (a graceful restart keeps the data)."""
     base_port: int = 0
     """0 picks free ports; otherwise ports are consecutive from here."""
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
@@ -202,7 +214,9 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         redis_port = self._port()
         (self.workdir / "redis").mkdir(exist_ok=True)
-        self.redis = RedisProcess(redis_port, self.workdir / "redis").start()
+        self.redis = RedisProcess(
+            redis_port, self.workdir / "redis", appendonly=self.redis_appendonly
+        ).start()
         if self.split:
             for service in API_SERVICES:
                 for i in range(self.replicas):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -48,9 +49,17 @@ ENCODERS_CREATED = Counter(
     "spaces_media_encoders_created_total",
     "aiortc encoders instantiated in this process (a forwarding node must create none)",
 )
+ASYNCIO_TASKS = Gauge(
+    "spaces_asyncio_tasks", "asyncio tasks alive in this process (flat unless something leaks)"
+)
 WEBHOOK_DELIVERIES = Counter(
     "spaces_webhook_deliveries_total", "Webhook delivery attempts by result", ["result"]
 )
+
+
+def count_tasks_of(loop: asyncio.AbstractEventLoop) -> None:
+    """Report the tasks of ``loop`` (read at scrape time, from the metrics thread)."""
+    ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
 
 
 def start_metrics_server(addr: str) -> int:

@@ -145,6 +145,7 @@ class SpacesServer:
         for component in self._components:
             await component.start()
         if config.metrics_addr:
+            metrics.count_tasks_of(asyncio.get_running_loop())
             try:
                 self.metrics_port = metrics.start_metrics_server(config.metrics_addr)
             except OSError as exc:
