@@ -1,4 +1,5 @@
-"""The `spaces` command: serve, media-node, token, join, cluster."""
+"""The `spaces` command: serve, media-node, token, join, drain, cluster, and the admin commands
+(space, key, participant, webhook, events: see spaces.admin_cli)."""
 
 from __future__ import annotations
 
@@ -278,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run control, auth, presence and webhooks as separate processes (as on Kubernetes)",
     )
     cluster.set_defaults(func=cmd_cluster)
+
+    from spaces.admin_cli import add_admin_commands
+
+    add_admin_commands(sub, DefaultsFormatter)
     return parser
 
 
