@@ -11,7 +11,7 @@ GEN_DIR := services
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis clean
+.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -66,7 +66,13 @@ redis: ## Install Debian's redis-server if the binary is missing (the tests star
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
 
-test: $(STAMP) redis checkgenerate ## Run the test suite (starts private redis-servers; no setup needed)
+coturn: ## Install Debian's coturn if turnserver is missing (the TURN tests start their own)
+	@command -v turnserver >/dev/null 2>&1 || [ -x /usr/bin/turnserver ] || { \
+		echo "turnserver not found: installing Debian's coturn package"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn; }
+
+test: $(STAMP) redis coturn checkgenerate ## Run the test suite (starts private redis-servers and coturn; no setup needed)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-faults: $(STAMP) redis ## Only the fault-tolerance tests (also part of `make test`)

@@ -263,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--display-name", default="", help="display name shown to others")
     join.add_argument("--tls", action="store_true", help="use TLS to reach the servers")
     join.add_argument("--ca-file", help="CA bundle for --tls (default: the system's)")
+    join.add_argument(
+        "--relay",
+        action="store_true",
+        help="send media only through the TURN server Join hands out (checks TURN end to end)",
+    )
     join.set_defaults(func=cmd_join)
 
     cluster = sub.add_parser(

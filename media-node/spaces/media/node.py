@@ -20,14 +20,16 @@ import grpc
 from aiortc import RTCPeerConnection
 from grpc_health.v1 import health_pb2
 
-from spaces import errors, ids, logs, metrics
+from spaces import errors, ids, logs, metrics, turn
 from spaces.config import ServerConfig
 from spaces.media import session as media_session
 from spaces.media.aiortc_adapter import (
     IcePolicy,
+    TurnServer,
     apply_ice_policy,
     install_codec_counters,
     send_remb,
+    turn_server_from_url,
 )
 from spaces.media.room import Room
 from spaces.media.session import close_reason_for
@@ -67,6 +69,8 @@ class MediaNode:
             advertise_ip=config.node.ice_advertise_ip,
             port_min=config.node.udp_port_min,
             port_max=config.node.udp_port_max,
+            turn=self._turn_server(),
+            relay_only=config.turn.media == "relay",
         )
         self._heartbeat = NodeHeartbeat(store, config.registry, self.record)
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,6 +81,22 @@ class MediaNode:
         install_codec_counters(metrics.DECODERS_CREATED.inc, metrics.ENCODERS_CREATED.inc)
 
     # --- wiring ----------------------------------------------------------------------------
+
+    def _turn_server(self) -> TurnServer | None:
+        """With SPACES_MEDIA_TURN on or relay, the node gathers from the TURN server too, with
+        a credential of its own, fresh for every peer connection."""
+        config = self.config.turn
+        if config.media == "off":
+            return None
+        url = next(u for u in config.urls if u.startswith(("turn:", "turns:")))
+
+        def credentials() -> tuple[str, str]:
+            minted = turn.mint(
+                config.secret, f"node-{self.node_id}", turn.expiry(config, time.time())
+            )
+            return minted.username, minted.credential
+
+        return turn_server_from_url(url, credentials)
 
     def register(self, server: grpc.aio.Server) -> None:
         media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(self), server)

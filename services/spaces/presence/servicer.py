@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from spaces import errors, ids, logs, metrics, paging
+from spaces import errors, ids, logs, metrics, paging, turn
 from spaces.auth import tokens
 from spaces.config import ServerConfig
 from spaces.lru import Lru
@@ -184,12 +184,33 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
             media_address=node.address,
             node_id=node.id,
             ticket=ticket.secret,
-            ice_servers=self._ice_servers,
+            ice_servers=self._ice_servers_for(connection_id, claims.expires_at),
             limits=self._limits,
             ticket_expires_at_ms=admission.expires_at_ms,
             resumed=bool(admission.replaced_connection_id),
             display_name=display_name,
         )
+
+    def _ice_servers_for(
+        self, connection_id: str, token_expires_at: int
+    ) -> list[presence_pb2.IceServer]:
+        """The configured STUN/TURN servers, plus the TURN server with a credential minted
+        for this connection (its id is the TURN username's user part, so coturn's logs name
+        the connection)."""
+        config = self._config.turn
+        if not config.enabled:
+            return self._ice_servers
+        credential = turn.mint(
+            config.secret, connection_id, turn.expiry(config, time.time(), token_expires_at)
+        )
+        return [
+            *self._ice_servers,
+            presence_pb2.IceServer(
+                urls=list(config.urls),
+                username=credential.username,
+                credential=credential.credential,
+            ),
+        ]
 
     async def _kick(self, node_id: str, space_id: str, connection_id: str, reason: str) -> None:
         command = node_pb2.NodeCommand(

@@ -33,7 +33,7 @@ from aiortc import (
 )
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
-from aiortc.rtcconfiguration import RTCBundlePolicy
+from aiortc.rtcconfiguration import RTCBundlePolicy, RTCIceTransportPolicy
 
 from spaces.config import host_of, is_loopback_host
 from spaces.media.aiortc_adapter import (
@@ -399,12 +399,17 @@ class Space:
         publish_bitrate: int = 0,
         max_subscriptions: int = 0,
         decode: bool = True,
+        ice_transport_policy: str = "all",
     ) -> None:
         """``ice_addresses``: local addresses ICE may use (default: every non-loopback
         address, or loopback when the server is on loopback). ``publish_bitrate``: pin video
         encoders to this bitrate instead of following the server's estimate. ``decode=False``:
         receive RTP packets only (``RemoteTrack.packet_listeners``), never decoding; for load
-        generators and recorders."""
+        generators and recorders. ``ice_transport_policy="relay"``: send media only through
+        the TURN server that Join hands out (as a browser's ``iceTransportPolicy``)."""
+        if ice_transport_policy not in ("all", "relay"):
+            raise ValueError('ice_transport_policy must be "all" or "relay"')
+        self._ice_transport_policy = RTCIceTransportPolicy(ice_transport_policy)
         self.token = token
         self.address = address
         self.display_name = display_name
@@ -511,7 +516,11 @@ class Space:
             for s in (self.join_response.ice_servers if self.join_response else [])
         ]
         pc = RTCPeerConnection(
-            RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+            RTCConfiguration(
+                iceServers=servers,
+                bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
+                iceTransportPolicy=self._ice_transport_policy,
+            )
         )
 
         @pc.on("connectionstatechange")
