@@ -49,6 +49,31 @@ ENCODERS_CREATED = Counter(
     "spaces_media_encoders_created_total",
     "aiortc encoders instantiated in this process (a forwarding node must create none)",
 )
+WEBHOOK_QUEUES = Gauge(
+    "spaces_webhook_queues",
+    "Webhook queues (endpoint and space) with undelivered events: waiting, retrying or posting",
+)
+WEBHOOK_OLDEST_DUE = Gauge(
+    "spaces_webhook_oldest_due_seconds",
+    "How long the longest-waiting webhook delivery that is due has waited",
+)
+WEBHOOK_DEAD_LETTERS = Gauge(
+    "spaces_webhook_dead_letters", "Webhook deliveries that failed every attempt (kept)"
+)
+STORE_EPOCH = Gauge(
+    "spaces_store_epoch",
+    "The state store's epoch (Redis time in microseconds when it first saw Spaces data, as a "
+    "media node last read it): it changes when Redis lost its data",
+)
+STORE_EPOCH_CHANGES = Counter(
+    "spaces_store_epoch_changes_total",
+    "Spaces whose sessions this media node re-asserted after finding the store's epoch changed",
+)
+MEDIA_NODES = Gauge(
+    "spaces_media_nodes",
+    "Media nodes in the registry as presence sees them, by state (serving, draining, stale)",
+    ["state"],
+)
 ASYNCIO_TASKS = Gauge(
     "spaces_asyncio_tasks", "asyncio tasks alive in this process (flat unless something leaks)"
 )

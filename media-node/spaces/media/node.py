@@ -10,6 +10,7 @@ elsewhere. Its health goes NOT_SERVING only when it is ready to exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -235,7 +236,10 @@ class MediaNode:
         )
         if result.epoch != room.epoch and room.epoch:
             logger.warning("space %s: store lost its data; sessions re-asserted", room.space_id)
+            metrics.STORE_EPOCH_CHANGES.inc()
         room.epoch = result.epoch
+        with contextlib.suppress(ValueError):
+            metrics.STORE_EPOCH.set(float(result.epoch))
         metrics.LEASE_RENEWALS.inc(len(sessions) - len(result.lost))
         for connection_id, reason in result.lost.items():
             session = room.sessions.get(connection_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -18,6 +19,9 @@ from spaces.tasks import cancel_and_wait
 from spaces.v1 import presence_pb2_grpc
 
 logger = logging.getLogger(__name__)
+
+REGISTRY_METRICS_S = 5.0
+"""How often presence publishes the registry's node counts (spaces_media_nodes)."""
 
 
 class PresenceComponent:
@@ -44,7 +48,11 @@ class PresenceComponent:
 
     async def _reap_forever(self) -> None:
         interval = self._config.leases.reap_interval_ms / 1000
+        last_count = 0.0
         while not self._closing.is_set():
+            if time.monotonic() - last_count >= REGISTRY_METRICS_S:
+                last_count = time.monotonic()
+                await self._count_nodes()
             try:
                 removed = await self._store.reap()
                 if removed:
@@ -55,6 +63,14 @@ class PresenceComponent:
             except Exception:
                 logger.exception("lease reaper failed")
             await asyncio.sleep(interval)
+
+    async def _count_nodes(self) -> None:
+        try:
+            counts = await self.directory.counts()
+        except errors.StoreUnavailable:
+            return
+        for state, count in counts.items():
+            metrics.MEDIA_NODES.labels(state=state).set(count)
 
     async def stop(self) -> None:
         self._closing.set()

@@ -80,6 +80,21 @@ class NodeDirectory:
             if is_available(n, now, self._config.stale_ms) and not self._is_excluded(n.id)
         ], now
 
+    async def counts(self) -> dict[str, int]:
+        """Nodes by state as placement sees them: serving, draining, starting, stale."""
+        view, now = await self._current()
+        counts = dict.fromkeys(("serving", "draining", "starting", "stale"), 0)
+        for node in view.nodes:
+            if not is_fresh(node, now, self._config.stale_ms):
+                counts["stale"] += 1
+            elif node.state == node_pb2.NODE_STATE_SERVING:
+                counts["serving"] += 1
+            elif node.state == node_pb2.NODE_STATE_DRAINING:
+                counts["draining"] += 1
+            else:
+                counts["starting"] += 1
+        return counts
+
     async def get(self, node_id: str) -> node_pb2.Node | None:
         view, _ = await self._current()
         return next((n for n in view.nodes if n.id == node_id), None)

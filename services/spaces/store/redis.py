@@ -34,6 +34,7 @@ from spaces.store.base import (
     Reservation,
     SigningKeyRecord,
     SpaceDeletion,
+    WebhookBacklog,
     WebhookDelivery,
     WebhookEndpointRecord,
     WebhookJob,
@@ -737,6 +738,15 @@ class RedisStore:
 
     async def webhook_replay(self, ids: Sequence[str]) -> int:
         return int(await self._wh_script("webhook_replay", list(ids)))
+
+    async def webhook_backlog(self) -> WebhookBacklog:
+        queues, oldest, dead, now = await self._wh_script("webhook_backlog", [])
+        return WebhookBacklog(
+            queues=int(queues),
+            oldest_due_ms=max(0, int(oldest)),
+            dead_letters=int(dead),
+            now_ms=int(now),
+        )
 
     async def webhook_prune_consumers(self, idle_ms: int, keep: str) -> int:
         async def run() -> int:
