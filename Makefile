@@ -10,6 +10,7 @@ PROTOS := $(wildcard protos/spaces/v1/*.proto)
 GEN_DIR := services
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+NETNS := tests/in-netns
 
 .PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn clean
 
@@ -72,14 +73,14 @@ coturn: ## Install Debian's coturn if turnserver is missing (the TURN tests star
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn; }
 
-test: $(STAMP) redis coturn checkgenerate ## Run the test suite (starts private redis-servers and coturn; no setup needed)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test: $(STAMP) redis coturn checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
+	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-faults: $(STAMP) redis ## Only the fault-tolerance tests (also part of `make test`)
-	$(BIN)/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
 
 test-slow: $(STAMP) redis ## The soaks: 30-min cluster churn (SPACES_SOAK_SECONDS) + session soak (SPACES_SESSION_SOAK_SECONDS)
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 run: $(STAMP) ## Start everything in one process on the embedded in-memory store
 	$(BIN)/spaces serve

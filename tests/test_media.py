@@ -17,6 +17,7 @@ from spaces.media.forwarding import TrackForwarder
 from spaces.sdk import client as sdk
 from spaces.sdk.media import TestPatternTrack, ToneTrack, color_for, read_pattern, same_color
 from spaces.server import SpacesServer
+from spaces.session import events as ev
 from spaces.v1 import media_pb2, media_pb2_grpc, presence_pb2
 from tests.support.system import (
     ADMIN_KEY,
@@ -461,9 +462,7 @@ async def test_a_session_closed_while_publishing_leaves_no_track_behind(world: t
             await set_local(description)
             # An admin's RemoveParticipant, handled by another task, gets in first.
             closing.append(
-                asyncio.ensure_future(
-                    session.close(media_pb2.CLOSE_REASON_REMOVED, "removed", "removed")
-                )
+                asyncio.ensure_future(session.close(ev.CLOSE_REMOVED, "removed", "removed"))
             )
             await asyncio.sleep(0)
 

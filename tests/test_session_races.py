@@ -15,11 +15,12 @@ from spaces.media import session as media_session
 from spaces.sdk import client as sdk
 from spaces.sdk.media import TestPatternTrack
 from spaces.server import SpacesServer
+from spaces.session import events as ev
 from spaces.tasks import spawn
 from spaces.v1 import media_pb2, media_pb2_grpc, participant_pb2, presence_pb2
 from tests.support.system import Tenant, eventually
 
-MOVE = media_pb2.CLOSE_REASON_MIGRATE
+MOVE = ev.CLOSE_MIGRATE
 
 
 def node_of(server: SpacesServer) -> Any:
@@ -61,16 +62,16 @@ async def test_a_session_that_ends_while_a_reconnect_sets_it_up_is_joined_again(
     await viewer.join()
     mover, events = await publisher(server, tenant, space_id, "mover")
     await flowing(viewer, "mover")
-    joined_message = media_session.Session.joined_message
+    joined_event = media_session.Session.joined_event
 
-    def joined_then_moved_again(self: media_session.Session) -> media_pb2.ServerMessage:
+    def joined_then_moved_again(self: media_session.Session) -> ev.Joined:
         # Once: the new session is told to move on right after it is admitted, while the SDK
         # is still publishing its tracks again on it.
-        monkeypatch.setattr(media_session.Session, "joined_message", joined_message)
+        monkeypatch.setattr(media_session.Session, "joined_event", joined_event)
         asyncio.get_running_loop().call_soon(lambda: spawn(self.close(MOVE, "moved again")))
-        return joined_message(self)
+        return joined_event(self)
 
-    monkeypatch.setattr(media_session.Session, "joined_message", joined_then_moved_again)
+    monkeypatch.setattr(media_session.Session, "joined_event", joined_then_moved_again)
     await node.sessions[mover.connection_id].close(MOVE, "moved")
     await eventually(lambda: mover.state == "joined" and mover.reconnects >= 1, timeout=10)
     await flowing(viewer, "mover")
@@ -88,10 +89,10 @@ async def test_removed_while_a_reconnect_publishes_again_stays_removed(
     mover, events = await publisher(server, tenant, space_id, "mover")
     publish = media_session.Session._publish
 
-    async def removed_instead(self: media_session.Session, request_id: int, request: Any) -> None:
+    async def removed_instead(self: media_session.Session, event: Any) -> None:
         # Once: an admin's RemoveParticipant lands while the reconnect's offer is answered.
         monkeypatch.setattr(media_session.Session, "_publish", publish)
-        await self.close(media_pb2.CLOSE_REASON_REMOVED, "removed", "removed")
+        await self.close(ev.CLOSE_REMOVED, "removed", "removed")
 
     monkeypatch.setattr(media_session.Session, "_publish", removed_instead)
     await node.sessions[mover.connection_id].close(MOVE, "moved")

@@ -21,8 +21,9 @@ import redis.asyncio as aioredis
 from spaces.sdk import client as sdk
 from spaces.sdk.media import TestPatternTrack, ToneTrack
 from spaces.server import SpacesServer
+from spaces.session import events as ev
 from spaces.store import keys
-from spaces.v1 import media_pb2, presence_pb2
+from spaces.v1 import presence_pb2
 from tests.support.system import Admin, Tenant, eventually, make_config, start_server
 
 SOAK_S = float(os.environ.get("SPACES_SESSION_SOAK_SECONDS", "120"))
@@ -100,9 +101,7 @@ async def test_participants_coming_and_going_for_minutes_leave_nothing_behind(
             """The node tells the session to join again (a drain, a moved space); the SDK
             resumes the same participant, media flows again, then it leaves."""
             before = space.reconnects
-            await node.sessions[space.connection_id].close(
-                media_pb2.CLOSE_REASON_MIGRATE, "join again"
-            )
+            await node.sessions[space.connection_id].close(ev.CLOSE_MIGRATE, "join again")
             await eventually(lambda: space.reconnects > before and space.state == "joined", 15)
             track = await eventually(lambda: space.remote_track("anchor", "camera"), timeout=10)
             seen = track.packets_received

@@ -35,6 +35,8 @@ def reservation(
     resume_conn: str = "",
     presented: str = "",
     conn: str | None = None,
+    token: str = "",
+    reconnect: str = "",
 ) -> Reservation:
     return Reservation(
         space_id=space_id,
@@ -52,6 +54,8 @@ def reservation(
         default_max_participants=limit,
         resume_connection_id=resume_conn,
         presented_resume_hash=presented,
+        token_hash=token or "tok-" + secrets.token_hex(4),
+        reconnect_participant_id=reconnect,
     )
 
 
@@ -511,6 +515,55 @@ async def test_resuming_a_released_connection_checks_the_secret(store: Store) ->
         await store.join(
             reservation(space_id, "alice", resume_conn=a.connection_id, presented="wrong")
         )
+
+
+async def test_reconnect_with_the_same_token_takes_its_connection_over(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice", token="tok-a")
+    admission = await store.join(
+        reservation(space_id, "alice", expected="n1", token="tok-a", reconnect="alice")
+    )
+    assert admission.participant_id == "alice"
+    assert admission.replaced_connection_id == a.connection_id
+    assert (await store.get_space(space_id)).status == space_pb2.SPACE_STATUS_ACTIVE
+
+
+async def test_reconnect_with_another_token_is_a_duplicate(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, "alice", token="tok-a")
+    with pytest.raises(errors.DuplicateParticipant):
+        await store.join(
+            reservation(space_id, "alice", expected="n1", token="tok-b", reconnect="alice")
+        )
+    assert (await store.get_participant(space_id, "alice")).connection_id == a.connection_id
+
+
+async def test_reconnect_by_token_recovers_a_generated_participant_id(store: Store) -> None:
+    space_id = await new_space(store)
+    a = await connect(store, space_id, token="tok-a")
+    pid = (await store.list_participants(space_id))[0].participant_id
+    # Still held: taken over.
+    b = reservation(space_id, expected="n1", token="tok-a", reconnect=pid)
+    assert (await store.join(b)).replaced_connection_id == a.connection_id
+    # Released by a disconnect: given back, once.
+    await store.leave(space_id, b.connection_id, "disconnected")
+    c = await store.join(reservation(space_id, token="tok-a", reconnect=pid))
+    assert c.participant_id == pid
+    assert c.replaced_connection_id == ""
+    # Another token cannot claim the generated id, even when it is free.
+    others = await store.list_participants(space_id)
+    await store.leave(space_id, others[0].connection_id, "disconnected")
+    d = await store.join(reservation(space_id, token="tok-other", reconnect=pid))
+    assert d.participant_id != pid
+
+
+async def test_reconnect_by_token_after_removal_gets_a_new_participant_id(store: Store) -> None:
+    space_id = await new_space(store)
+    await connect(store, space_id, token="tok-a")
+    pid = (await store.list_participants(space_id))[0].participant_id
+    await store.remove_participant(space_id, pid, "removed")
+    admission = await store.join(reservation(space_id, token="tok-a", reconnect=pid))
+    assert admission.participant_id != pid
 
 
 async def test_list_participants_in_join_order(store: Store) -> None:

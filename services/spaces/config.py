@@ -14,11 +14,13 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-ALL_SERVICES = frozenset({"control", "auth", "presence", "media", "webhooks"})
-"""Services `spaces serve` can run. `media` is the embedded media node."""
+ALL_SERVICES = frozenset({"control", "auth", "presence", "media", "webhooks", "signal"})
+"""Services `spaces serve` can run. `media` is the embedded media node; `signal` the WebSocket
+signaling service for browsers."""
 
 DEFAULT_GRPC_ADDR = "127.0.0.1:50051"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
+DEFAULT_SIGNAL_ADDR = "127.0.0.1:8080"
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ class NodeConfig:
     """Above this much unsent data a subscriber drops media until the next keyframe."""
     max_publish_bitrate: int = 2_500_000
     """Announced to video publishers every second (REMB): the most each track may send."""
+    subscriber_answer_timeout_s: float = 20.0
+    """A client that leaves a subscriber offer unanswered this long loses its session."""
 
     def __post_init__(self) -> None:
         if (self.udp_port_min == 0) != (self.udp_port_max == 0):
@@ -211,6 +215,33 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class SignalConfig:
+    """The WebSocket signaling service for browsers (Mux's web protocol)."""
+
+    addr: str = DEFAULT_SIGNAL_ADDR
+    """host:port of the HTTP/WebSocket listener (``/v1``, ``/sdk/spaces.js``, the meeting page)."""
+    presence_addr: str = ""
+    """gRPC address of PresenceService; empty: this process's own (it must run presence)."""
+    grpc_ca_file: str = ""
+    """CA bundle for TLS to presence and media nodes; empty: plaintext (or this process's own
+    certificate when it serves TLS itself)."""
+    ping_interval_s: float = 20.0
+    """WebSocket pings to every browser (keeps proxies from closing idle connections, and
+    finds dead ones); 0 disables them."""
+    join_timeout_s: float = 10.0
+    dev_tokens: bool = True
+    """The meeting page's token helper. Only ever active in the embedded mode on a loopback
+    listener."""
+    camera_encodings: tuple[dict[str, int | float | str], ...] = ()
+    screenshare_encodings: tuple[dict[str, int | float | str], ...] = ()
+    """Simulcast encodings handed to browsers in ``joined.simulcast`` (empty: one encoding)."""
+
+    def __post_init__(self) -> None:
+        if self.ping_interval_s < 0 or self.join_timeout_s <= 0:
+            raise ValueError("signal ping interval and join timeout must be positive")
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     cert_file: str = ""
     key_file: str = ""
@@ -244,6 +275,7 @@ class ServerConfig:
     turn: TurnConfig = field(default_factory=TurnConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    signal: SignalConfig = field(default_factory=SignalConfig)
     event_stream_maxlen: int = 100_000
     """Events retained for WatchEvents resumption and webhook delivery."""
     shutdown_grace_s: float = 5.0
@@ -258,6 +290,14 @@ class ServerConfig:
             raise ValueError("log format must be text or json")
         if "media" in self.services and not self.redis_url and "presence" not in self.services:
             raise ValueError("a media node without Redis must run with presence in one process")
+        if (
+            "signal" in self.services
+            and "presence" not in self.services
+            and not self.signal.presence_addr
+        ):
+            raise ValueError(
+                "the signal service needs SPACES_PRESENCE_ADDR, or presence in one process"
+            )
 
     @property
     def embedded(self) -> bool:
@@ -346,6 +386,13 @@ class ServerConfig:
             lease_ms=webhook_lease_ms,
             claim_idle_ms=webhook_lease_ms,
         )
+        signal = SignalConfig(
+            addr=get("SPACES_SIGNAL_ADDR", DEFAULT_SIGNAL_ADDR),
+            presence_addr=get("SPACES_PRESENCE_ADDR"),
+            grpc_ca_file=get("SPACES_GRPC_CA_FILE"),
+            ping_interval_s=float(get("SPACES_SIGNAL_PING_SECONDS", "20")),
+            dev_tokens=get("SPACES_DEV_TOKENS", "1") not in ("0", "false", "no"),
+        )
         return cls(
             grpc_addr=grpc_addr,
             redis_url=redis_url,
@@ -365,6 +412,7 @@ class ServerConfig:
             turn=turn,
             node=node,
             webhooks=webhooks,
+            signal=signal,
             shutdown_grace_s=float(get("SPACES_SHUTDOWN_GRACE_SECONDS", "5")),
         )
 

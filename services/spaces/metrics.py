@@ -77,6 +77,17 @@ MEDIA_NODES = Gauge(
 ASYNCIO_TASKS = Gauge(
     "spaces_asyncio_tasks", "asyncio tasks alive in this process (flat unless something leaks)"
 )
+SIGNAL_JOINS = Counter(
+    "spaces_signal_joins_total", "Browser joins through the signaling service by result", ["result"]
+)
+SIGNAL_JOIN_LATENCY = Histogram(
+    "spaces_signal_join_latency_seconds",
+    "Browser join latency, from the WebSocket upgrade to the joined message",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+SIGNAL_CONNECTIONS = Gauge(
+    "spaces_signal_connections", "Browser WebSocket sessions this signaling process holds"
+)
 WEBHOOK_DELIVERIES = Counter(
     "spaces_webhook_deliveries_total", "Webhook delivery attempts by result", ["result"]
 )

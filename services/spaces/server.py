@@ -24,6 +24,7 @@ from spaces.store.base import Store
 from spaces.tasks import spawn
 from spaces.v1 import (
     media_pb2,
+    media_pb2_grpc,
     presence_pb2,
     signing_key_pb2,
     signing_key_pb2_grpc,
@@ -46,6 +47,8 @@ SERVICE_NAMES = {
     "webhooks": webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 }
 ADMIN_SERVICES = {"control", "auth", "presence", "webhooks"}
+HTTP_SERVICES = {"signal"}
+"""Services served over HTTP rather than gRPC (they get no gRPC service name)."""
 
 
 class SpacesServer:
@@ -69,6 +72,7 @@ class SpacesServer:
         self.presence: Any = None
         self.media_node: Any = None
         self.webhooks: Any = None
+        self.signal: Any = None
         self._stopping = False
         self._hurried = False
 
@@ -142,6 +146,7 @@ class SpacesServer:
             await self._health_server.start()
         for name in [*names, "", LIVENESS_SERVICE]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._add_signal()
         for component in self._components:
             await component.start()
         if config.metrics_addr:
@@ -189,12 +194,13 @@ class SpacesServer:
     async def _add_media(self, server: grpc.aio.Server, names: list[str]) -> None:
         if "media" not in self.config.services:
             return
+        from spaces.media.grpc_adapter import MediaServicer
         from spaces.media.node import MediaNode
 
         self.media_node = MediaNode(
             self.config, self.store, health=self._health, public_address=self._media_address
         )
-        self.media_node.register(server)
+        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(self.media_node), server)
         self._components.append(self.media_node)
         names.append(SERVICE_NAMES["media"])
 
@@ -214,6 +220,16 @@ class SpacesServer:
         self.webhooks.register(server)
         self._components.append(self.webhooks)
         names.append(SERVICE_NAMES["webhooks"])
+
+    def _add_signal(self) -> None:
+        if "signal" not in self.config.services:
+            return
+        from spaces.signal.service import SignalComponent
+
+        # In one process, presence is this server (bound by now: see start()).
+        presence = self.config.signal.presence_addr or self.address
+        self.signal = SignalComponent(self.config, presence)
+        self._components.append(self.signal)
 
     def hurry(self) -> None:
         """Stop now (a second Ctrl-C): cut the media node's drain and the RPC grace short."""

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from spaces.cluster import ServiceProcess
-from spaces.config import LeaseConfig, NodeConfig, RegistryConfig, ServerConfig
+from spaces.config import LeaseConfig, NodeConfig, RegistryConfig, ServerConfig, SignalConfig
 from spaces.sdk.tokens import sign_token
 from spaces.server import SpacesServer
 from spaces.v1 import (
@@ -72,6 +72,18 @@ def make_config(
     )
     if fast:
         config = replace(config, leases=FAST_LEASES, registry=FAST_REGISTRY)
+    return replace(config, **overrides)
+
+
+def web_config(**overrides: Any) -> ServerConfig:
+    """A single-process server with the signaling service on a free loopback port, for browser
+    and web-protocol tests (``server.signal.port``; ``server.signal.url``)."""
+    config = make_config(services=("control", "auth", "presence", "media", "signal"))
+    config = replace(
+        config,
+        signal=SignalConfig(addr="127.0.0.1:0", ping_interval_s=5.0),
+        node=replace(config.node, subscriber_answer_timeout_s=5.0),
+    )
     return replace(config, **overrides)
 
 

@@ -71,9 +71,11 @@ __all__ = [
     "RtpPacket",
     "RtpSink",
     "TurnServer",
+    "add_remote_candidate",
     "apply_ice_policy",
     "hook_sender",
     "install_codec_counters",
+    "label_sender",
     "negotiated_codec",
     "parse_sdp",
     "pin_encoder_bitrate",
@@ -83,6 +85,7 @@ __all__ = [
     "send_remb",
     "tap_receiver",
     "turn_server_from_url",
+    "without_empty_bundle",
 ]
 
 
@@ -184,6 +187,50 @@ def parse_sdp(sdp: str) -> list[OfferedMedia]:
     if not media:
         raise ValueError("no audio or video m-section")
     return media
+
+
+def without_empty_bundle(sdp: str) -> str:
+    """Drop the bare ``a=group:BUNDLE`` line aiortc writes into an offer with no m-sections:
+    Chrome refuses such an offer (a BUNDLE group naming a mid of no m-section), and accepts
+    the same offer without the line."""
+    lines = sdp.split("\r\n")
+    kept = [line for line in lines if line.strip() != "a=group:BUNDLE"]
+    return sdp if len(kept) == len(lines) else "\r\n".join(kept)
+
+
+def label_sender(transceiver: RTCRtpTransceiver, track_id: str) -> None:
+    """Make the m-section's ``a=msid`` name ``track_id`` as both stream and track, so that a
+    browser sees one MediaStream per remote track with the track's id (Mux's web SDK maps
+    remote tracks by ``streams[0].id``). Call before createOffer; a reused m-section gets its
+    new track's id."""
+    transceiver.sender._stream_id = track_id
+    transceiver.sender._track_id = track_id
+
+
+async def add_remote_candidate(
+    pc: RTCPeerConnection, candidate: str, sdp_mid: str, sdp_mline_index: int
+) -> bool:
+    """Add a trickled remote candidate (the attribute value, "candidate:..."); an empty one
+    ends the remote candidates. Only UDP candidates are used (aioice has no ICE-TCP): others
+    are skipped. Returns whether a candidate was added. Raises ValueError when it does not
+    parse."""
+    from aiortc.sdp import candidate_from_sdp
+
+    text = candidate.strip()
+    if not text:
+        await pc.addIceCandidate(None)
+        return False
+    text = text.removeprefix("a=").removeprefix("candidate:")
+    try:
+        parsed = candidate_from_sdp(text)
+    except (AssertionError, ValueError, IndexError) as exc:
+        raise ValueError("candidate does not parse") from exc
+    if parsed.protocol.lower() != "udp":
+        return False
+    parsed.sdpMid = sdp_mid or None
+    parsed.sdpMLineIndex = sdp_mline_index if not sdp_mid else None
+    await pc.addIceCandidate(parsed)
+    return True
 
 
 # --- receive side --------------------------------------------------------------------------

@@ -14,16 +14,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import grpc
 from aiortc import RTCPeerConnection
 from grpc_health.v1 import health_pb2
 
 from spaces import errors, ids, logs, metrics, turn
 from spaces.config import ServerConfig
-from spaces.media import session as media_session
 from spaces.media.aiortc_adapter import (
     IcePolicy,
     TurnServer,
@@ -33,16 +31,16 @@ from spaces.media.aiortc_adapter import (
     turn_server_from_url,
 )
 from spaces.media.room import Room
-from spaces.media.session import close_reason_for
+from spaces.media.session import Session, close_reason_for
 from spaces.presence import credentials
 from spaces.routing.registry import NodeHeartbeat
+from spaces.session import events as ev
 from spaces.store.base import Claim, Store
 from spaces.tasks import cancel_and_wait, spawn, wait_event
-from spaces.v1 import media_pb2, media_pb2_grpc, node_pb2
+from spaces.v1 import media_pb2, node_pb2
 
 logger = logging.getLogger(__name__)
 
-HELLO_TIMEOUT_S = 10.0
 REMB_INTERVAL_S = 1.0
 MEDIA_SERVICE = media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name
 VERSION = "0.1.0"
@@ -63,8 +61,8 @@ class MediaNode:
         self._health = health
         self._public_address = public_address or (lambda: config.node.advertise_address)
         self.state = node_pb2.NODE_STATE_STARTING
-        self.rooms: dict[str, Room] = {}
-        self.sessions: dict[str, media_session.Session] = {}
+        self.rooms: dict[str, Room[Session]] = {}
+        self.sessions: dict[str, Session] = {}
         self.ice_policy = IcePolicy(
             bind_addresses=config.node.ice_bind_addresses,
             advertise_ip=config.node.ice_advertise_ip,
@@ -98,9 +96,6 @@ class MediaNode:
             return minted.username, minted.credential
 
         return turn_server_from_url(url, credentials)
-
-    def register(self, server: grpc.aio.Server) -> None:
-        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaServicer(self), server)
 
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None:
         apply_ice_policy(pc, self.ice_policy)
@@ -142,8 +137,9 @@ class MediaNode:
 
     # --- sessions --------------------------------------------------------------------------
 
-    async def admit(self, ticket: str) -> media_session.Session:
-        """Claim the reservation named by a Join ticket and seat the session in its room."""
+    async def admit(self, ticket: str, options: ev.SessionOptions | None = None) -> Session:
+        """Claim the reservation named by a Join ticket and make its session (the caller seats
+        it in its room, with no await in between: see ``enter``)."""
         if self.state != node_pb2.NODE_STATE_SERVING:
             raise errors.NodeDraining()
         credential = credentials.parse(ticket)
@@ -170,13 +166,13 @@ class MediaNode:
             raise errors.NodeDraining()
         room = self.rooms.get(claim.participant.space_id)
         if room is None:
-            room = self.rooms[claim.participant.space_id] = Room(
+            room = self.rooms[claim.participant.space_id] = Room[Session](
                 claim.participant.space_id, self._room_empty
             )
         room.epoch = claim.epoch
         room.space_record = claim.space_record
         room.active_session_id = claim.space.active_session_id
-        session = media_session.Session(self, room, claim)
+        session = Session(self, room, claim, options)
         self.sessions[session.connection_id] = session
         self._update_gauges()
         return session
@@ -189,13 +185,30 @@ class MediaNode:
         except errors.StoreUnavailable:
             logger.warning("could not release %s: its lease will lapse", connection_id)
 
-    def session_closed(self, session: media_session.Session) -> None:
+    def enter(self, session: Session) -> ev.Joined:
+        """Seat an admitted session in its room and start it; returns its Joined event.
+
+        The snapshot and the seat in the room in one step, with no await between them (nor
+        since ``admit`` picked the room): whoever arrives later is announced to this session,
+        and the room cannot be emptied and dropped while this session is on its way in."""
+        for earlier in list(session.room.sessions.values()):
+            if earlier.participant_id == session.participant_id and isinstance(earlier, Session):
+                # This connection resumed that one: the store has already let it go, and its
+                # kick may still be on the way. Close it here; until then the room never shows
+                # this participant its own earlier connection (Room.others, desired_tracks).
+                spawn(earlier.close(ev.CLOSE_REPLACED, "resumed elsewhere"))
+        session.start()
+        joined = session.joined_event()
+        session.room.add(session)
+        return joined
+
+    def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.connection_id, None)
         self._update_gauges()
         if not self.sessions and self.state == node_pb2.NODE_STATE_DRAINING:
             self._drained.set()
 
-    def _room_empty(self, room: Room) -> None:
+    def _room_empty(self, room: Room[Session]) -> None:
         if self.rooms.get(room.space_id) is room:
             del self.rooms[room.space_id]
             room.close()
@@ -220,7 +233,7 @@ class MediaNode:
                 except Exception:
                     logger.exception("space %s: lease renewal failed", room.space_id)
 
-    async def renew_room(self, room: Room) -> None:
+    async def renew_room(self, room: Room[Session]) -> None:
         sessions = [s for s in room.sessions.values() if not s.closed]
         if not sessions:
             return
@@ -247,9 +260,7 @@ class MediaNode:
                 await session.close(close_reason_for(reason), f"connection {reason}")
         if result.moved:
             for session in list(room.sessions.values()):
-                await session.close(
-                    media_pb2.CLOSE_REASON_MIGRATE, "space moved to another media node"
-                )
+                await session.close(ev.CLOSE_MIGRATE, "space moved to another media node")
 
     # --- publisher bitrate ------------------------------------------------------------------
 
@@ -281,7 +292,7 @@ class MediaNode:
             room = self.rooms.get(command.close_space.space_id)
             if room is not None:
                 for session in list(room.sessions.values()):
-                    await session.close(media_pb2.CLOSE_REASON_SPACE_DELETED, "space deleted")
+                    await session.close(ev.CLOSE_SPACE_DELETED, "space deleted")
 
     # --- drain -----------------------------------------------------------------------------
 
@@ -304,9 +315,7 @@ class MediaNode:
         if self.sessions:
             await wait_event(self._drained, grace_s)
         for session in list(self.sessions.values()):
-            await session.close(
-                media_pb2.CLOSE_REASON_MIGRATE, "media node is shutting down: join again"
-            )
+            await session.close(ev.CLOSE_MIGRATE, "media node is shutting down: join again")
         # Ready to exit: `spaces drain` (the Kubernetes preStop hook) waits for this.
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -329,7 +338,7 @@ class MediaNode:
             # now, and tell clients not to rejoin.
             self.state = node_pb2.NODE_STATE_DRAINING
             for session in list(self.sessions.values()):
-                await session.close(media_pb2.CLOSE_REASON_SERVER_STOPPING, "server is stopping")
+                await session.close(ev.CLOSE_SERVER_STOPPING, "server is stopping")
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         else:
             await self.drain()
@@ -341,68 +350,3 @@ class MediaNode:
         except errors.StoreUnavailable:
             pass
         logger.info("media node %s stopped", self.node_id)
-
-
-class MediaServicer(media_pb2_grpc.MediaServiceServicer):
-    def __init__(self, node: MediaNode) -> None:
-        self._node = node
-
-    async def Session(
-        self,
-        request_iterator: AsyncIterator[media_pb2.ClientMessage],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[media_pb2.ServerMessage]:
-        try:
-            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_S)
-        except (TimeoutError, StopAsyncIteration) as exc:
-            raise errors.InvalidTicket("send hello with the ticket from Join first") from exc
-        if first.WhichOneof("message") != "hello":
-            raise errors.InvalidTicket("send hello with the ticket from Join first")
-        session = await self._node.admit(first.hello.ticket)
-        logs.bind(space_id=session.space_id, connection_id=session.connection_id)
-        for earlier in list(session.room.sessions.values()):
-            if earlier.participant_id == session.participant_id:
-                # This connection resumed that one: the store has already let it go, and its
-                # kick may still be on the way. Close it here; until then the room never shows
-                # this participant its own earlier connection (Room.others, desired_tracks).
-                spawn(earlier.close(media_pb2.CLOSE_REASON_REPLACED, "resumed elsewhere"))
-        session.start()
-        # The snapshot and the seat in the room in one step, with no await between them (nor
-        # since admit() picked the room): whoever arrives later is announced to this session,
-        # and the room cannot be emptied and dropped while this session is on its way in.
-        joined = session.joined_message()
-        session.room.add(session)
-        reader: asyncio.Task[None] | None = None
-        try:
-            yield joined
-            reader = asyncio.create_task(
-                self._read(session, request_iterator), name="session-reader"
-            )
-            while True:
-                message = await session.outgoing()
-                if message is None:
-                    break
-                yield message
-        finally:
-            if reader is not None:
-                reader.cancel()
-            # A stream that ends without LeaveSession frees the participant_id at once; the
-            # client may still resume it with its secret.
-            await session.close(media_pb2.CLOSE_REASON_LEFT, "session stream ended", "disconnected")
-
-    async def _read(
-        self,
-        session: media_session.Session,
-        request_iterator: AsyncIterator[media_pb2.ClientMessage],
-    ) -> None:
-        try:
-            async for message in request_iterator:
-                await session.handle(message)
-                if session.closed:
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.debug("session %s: stream read ended: %s", session.connection_id, exc)
-        if not session.closed:
-            await session.close(media_pb2.CLOSE_REASON_LEFT, "session stream ended", "disconnected")

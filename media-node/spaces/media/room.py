@@ -1,9 +1,12 @@
 """A room: one space as hosted on this node. Who is here, what they publish, who gets what.
 
-The room owns the published tracks (each with its forwarder), broadcasts signaling events,
-numbers custom events, tracks active speakers, and decides each session's subscriptions:
+The room owns the published tracks (each with its forwarder), broadcasts session events,
+numbers custom events, tracks active speakers, and decides each member's subscriptions:
 automatic mode keeps up to N participants, preferring recent speakers and unmuted publishers;
-manual mode keeps the participants the client named.
+manual mode keeps the participants (or some of their tracks) the client named.
+
+The room knows its members only through the :class:`Member` protocol, so it imports nothing of
+the session that implements it.
 """
 
 from __future__ import annotations
@@ -13,19 +16,56 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from spaces.media.aiortc_adapter import Codec
 from spaces.media.forwarding import TrackForwarder
 from spaces.media.speakers import SpeakerDetector
-from spaces.v1 import media_pb2
-
-if TYPE_CHECKING:
-    from spaces.media.session import Session
+from spaces.session import events as ev
 
 logger = logging.getLogger(__name__)
 
 SPEAKER_INTERVAL_S = 0.3
+
+
+class Member(Protocol):
+    """What the room needs of a session."""
+
+    participant_id: str
+    connection_id: str
+    role: str
+    display_name: str
+    joined_at_ms: int
+    max_subscriptions: int
+    manual: ManualSubscription | None
+
+    def send(self, event: ev.ServerEvent) -> None: ...
+
+    def set_desired(self, track_ids: set[str]) -> None: ...
+
+    def drop_subscription(self, track_id: str) -> None: ...
+
+
+M = TypeVar("M", bound=Member)
+
+
+@dataclass
+class ManualSubscription:
+    """What a member in manual mode asked to receive."""
+
+    participants: set[str] = field(default_factory=set)
+    """participant_ids: everything they publish."""
+    tracks: dict[str, set[str]] = field(default_factory=dict)
+    """participant_id -> only these track ids."""
+
+    def wants(self, participant_id: str, track_id: str) -> bool:
+        if participant_id in self.participants:
+            return True
+        chosen = self.tracks.get(participant_id)
+        return chosen is not None and track_id in chosen
+
+    def names(self, participant_id: str) -> bool:
+        return participant_id in self.participants or participant_id in self.tracks
 
 
 @dataclass
@@ -33,10 +73,10 @@ class PublishedTrack:
     """One track a participant publishes, with the forwarder that fans it out."""
 
     id: str
-    owner: Session
+    owner: Member
     mid: str
     kind: str
-    source: int
+    source: str
     codec: Codec
     forwarder: TrackForwarder
     receiver: Any = None
@@ -47,11 +87,11 @@ class PublishedTrack:
     name: str = ""
     published_at: float = field(default_factory=time.monotonic)
 
-    def message(self) -> media_pb2.Track:
-        return media_pb2.Track(
+    def view(self) -> ev.Track:
+        return ev.Track(
             id=self.id,
-            kind=media_pb2.TRACK_KIND_AUDIO if self.kind == "audio" else media_pb2.TRACK_KIND_VIDEO,
-            source=self.source,  # type: ignore[arg-type]
+            kind=self.kind,
+            source=self.source,
             muted=self.muted,
             width=self.width,
             height=self.height,
@@ -60,11 +100,11 @@ class PublishedTrack:
         )
 
 
-class Room:
-    def __init__(self, space_id: str, on_empty: Callable[[Room], None]) -> None:
+class Room(Generic[M]):
+    def __init__(self, space_id: str, on_empty: Callable[[Room[M]], None]) -> None:
         self.space_id = space_id
-        self.sessions: dict[str, Session] = {}
-        """connection_id -> session, in join order."""
+        self.sessions: dict[str, M] = {}
+        """connection_id -> member, in join order."""
         self.tracks: dict[str, PublishedTrack] = {}
         self.speakers = SpeakerDetector()
         self.epoch = ""
@@ -73,47 +113,47 @@ class Room:
         self._custom_event_seq = 0
         self._on_empty = on_empty
         self._last_speakers: list[str] = []
+        self._speaking_track: dict[str, str] = {}
+        """participant_id -> the audio track its level was last read from."""
         self._speaker_task: asyncio.Task[None] | None = None
 
     # --- membership ------------------------------------------------------------------------
 
-    def add(self, session: Session) -> None:
-        self.sessions[session.connection_id] = session
-        self.broadcast(
-            media_pb2.ServerMessage(
-                participant_joined=media_pb2.ParticipantJoined(participant=session.remote_view())
-            ),
-            exclude=session,
+    def view(self, member: Member) -> ev.Participant:
+        return ev.Participant(
+            participant_id=member.participant_id,
+            connection_id=member.connection_id,
+            role=member.role,
+            display_name=member.display_name,
+            tracks=tuple(t.view() for t in self.tracks_of(member)),
+            joined_at_ms=member.joined_at_ms,
         )
+
+    def add(self, member: M) -> None:
+        self.sessions[member.connection_id] = member
+        self.broadcast(ev.ParticipantJoined(self.view(member)), exclude=member)
         if self._speaker_task is None:
             self._speaker_task = asyncio.create_task(self._speaker_loop(), name="speakers")
         self.reconcile()
 
-    def others(self, session: Session) -> list[media_pb2.RemoteParticipant]:
+    def others(self, member: Member) -> tuple[ev.Participant, ...]:
         """Everyone else. A participant's earlier connection, still closing after this one
         resumed it, is not someone else."""
-        return [
-            s.remote_view()
+        return tuple(
+            self.view(s)
             for s in self.sessions.values()
-            if s.participant_id != session.participant_id
-        ]
-
-    def remove(self, session: Session, reason: str) -> None:
-        if self.sessions.pop(session.connection_id, None) is None:
-            return
-        for track in [t for t in self.tracks.values() if t.owner is session]:
-            self.unpublish(track, announce=False)
-        if not any(s.participant_id == session.participant_id for s in self.sessions.values()):
-            self.speakers.forget(session.participant_id)
-        self.broadcast(
-            media_pb2.ServerMessage(
-                participant_left=media_pb2.ParticipantLeft(
-                    participant_id=session.participant_id,
-                    connection_id=session.connection_id,
-                    reason=reason,
-                )
-            )
+            if s.participant_id != member.participant_id
         )
+
+    def remove(self, member: Member, reason: str) -> None:
+        if self.sessions.pop(member.connection_id, None) is None:
+            return
+        for track in [t for t in self.tracks.values() if t.owner is member]:
+            self.unpublish(track, announce=False)
+        if not any(s.participant_id == member.participant_id for s in self.sessions.values()):
+            self.speakers.forget(member.participant_id)
+            self._speaking_track.pop(member.participant_id, None)
+        self.broadcast(ev.ParticipantLeft(member.participant_id, member.connection_id, reason))
         self.reconcile()
         if not self.sessions:
             if self._speaker_task is not None:
@@ -121,25 +161,32 @@ class Room:
                 self._speaker_task = None
             self._on_empty(self)
 
-    def broadcast(self, message: media_pb2.ServerMessage, exclude: Session | None = None) -> None:
-        for session in list(self.sessions.values()):
-            if session is not exclude:
-                session.send(message)
+    def broadcast(self, event: ev.ServerEvent, exclude: Member | None = None) -> None:
+        for member in list(self.sessions.values()):
+            if member is not exclude:
+                member.send(event)
+
+    def find(self, participant_id: str = "", connection_id: str = "") -> M | None:
+        """A member by connection_id, or the newest connection of a participant_id."""
+        if connection_id:
+            return self.sessions.get(connection_id)
+        found = None
+        for member in self.sessions.values():
+            if member.participant_id == participant_id:
+                found = member
+        return found
 
     # --- tracks ----------------------------------------------------------------------------
 
-    def tracks_of(self, session: Session) -> list[PublishedTrack]:
-        return [t for t in self.tracks.values() if t.owner is session]
+    def tracks_of(self, member: Member) -> list[PublishedTrack]:
+        return [t for t in self.tracks.values() if t.owner is member]
 
     def publish(self, track: PublishedTrack) -> None:
+        owner = track.owner
         self.tracks[track.id] = track
         self.broadcast(
-            media_pb2.ServerMessage(
-                track_published=media_pb2.TrackPublished(
-                    participant_id=track.owner.participant_id, track=track.message()
-                )
-            ),
-            exclude=track.owner,
+            ev.TrackPublished(owner.participant_id, owner.connection_id, track.view()),
+            exclude=owner,
         )
         self.reconcile()
 
@@ -147,16 +194,13 @@ class Room:
         if self.tracks.pop(track.id, None) is None:
             return
         track.forwarder.close()
-        for session in self.sessions.values():
-            session.drop_subscription(track.id)
+        for member in self.sessions.values():
+            member.drop_subscription(track.id)
         if announce:
+            owner = track.owner
             self.broadcast(
-                media_pb2.ServerMessage(
-                    track_unpublished=media_pb2.TrackUnpublished(
-                        participant_id=track.owner.participant_id, track_id=track.id
-                    )
-                ),
-                exclude=track.owner,
+                ev.TrackUnpublished(owner.participant_id, owner.connection_id, track.id),
+                exclude=owner,
             )
             self.reconcile()
 
@@ -165,60 +209,88 @@ class Room:
             return
         track.muted = muted
         track.forwarder.set_paused(muted)
+        owner = track.owner
         self.broadcast(
-            media_pb2.ServerMessage(
-                track_muted=media_pb2.TrackMuted(
-                    participant_id=track.owner.participant_id, track_id=track.id, muted=muted
-                )
-            ),
-            exclude=track.owner,
+            ev.TrackMuted(owner.participant_id, owner.connection_id, track.id, muted),
+            exclude=owner,
         )
         self.reconcile()
 
-    # --- custom events ---------------------------------------------------------------------
+    # --- custom events and names ------------------------------------------------------------
 
-    def custom_event(self, session: Session, payload: str) -> int:
-        """Deliver to everyone (the sender included), numbered per space, in order."""
+    def custom_event(self, member: Member, payload: str, event_id: str, request_id: int) -> int:
+        """Deliver to everyone (the sender included, its copy answering ``request_id``),
+        numbered per space, in order."""
         self._custom_event_seq += 1
-        self.broadcast(
-            media_pb2.ServerMessage(
-                custom_event=media_pb2.CustomEvent(
-                    participant_id=session.participant_id,
+        seq = self._custom_event_seq
+        for other in list(self.sessions.values()):
+            other.send(
+                ev.CustomEventDelivered(
+                    participant_id=member.participant_id,
+                    connection_id=member.connection_id,
                     payload=payload,
-                    seq=self._custom_event_seq,
+                    seq=seq,
+                    event_id=event_id,
+                    request_id=request_id if other is member else 0,
                 )
             )
-        )
-        return self._custom_event_seq
+        return seq
+
+    def display_name_changed(self, member: Member, request_id: int) -> None:
+        for other in list(self.sessions.values()):
+            other.send(
+                ev.DisplayNameChanged(
+                    member.participant_id,
+                    member.connection_id,
+                    member.display_name,
+                    request_id=request_id if other is member else 0,
+                )
+            )
 
     # --- subscriptions ---------------------------------------------------------------------
 
-    def _rank(self, candidate: Session, order: int) -> tuple[float, int, int]:
+    def _rank(self, candidate: Member, order: int) -> tuple[float, int, int]:
         spoke = self.speakers.last_spoke.get(candidate.participant_id, 0.0)
         unmuted = any(not t.muted for t in self.tracks_of(candidate))
         return (-spoke, 0 if unmuted else 1, order)
 
-    def desired_tracks(self, session: Session) -> set[str]:
+    def desired_tracks(self, member: Member) -> set[str]:
         publishers = [
             (i, s)
             for i, s in enumerate(self.sessions.values())
-            if s.participant_id != session.participant_id and self.tracks_of(s)
+            if s.participant_id != member.participant_id and self.tracks_of(s)
         ]
-        if session.manual_subscriptions is not None:
-            chosen = [s for _, s in publishers if s.participant_id in session.manual_subscriptions]
-        else:
-            ranked = sorted(publishers, key=lambda item: self._rank(item[1], item[0]))
-            chosen = [s for _, s in ranked[: session.max_subscriptions]]
+        manual = member.manual
+        if manual is not None:
+            return {
+                t.id
+                for _, s in publishers
+                for t in self.tracks_of(s)
+                if manual.wants(s.participant_id, t.id)
+            }
+        ranked = sorted(publishers, key=lambda item: self._rank(item[1], item[0]))
+        chosen = [s for _, s in ranked[: member.max_subscriptions]]
         return {t.id for s in chosen for t in self.tracks_of(s)}
 
     def reconcile(self) -> None:
-        for session in list(self.sessions.values()):
-            session.set_desired(self.desired_tracks(session))
+        for member in list(self.sessions.values()):
+            member.set_desired(self.desired_tracks(member))
 
     # --- active speakers -------------------------------------------------------------------
 
-    def observe_audio_level(self, participant_id: str, dbov: int) -> None:
+    def observe_audio_level(self, participant_id: str, dbov: int, track_id: str = "") -> None:
         self.speakers.observe(participant_id, dbov)
+        if track_id:
+            self._speaking_track[participant_id] = track_id
+
+    def _speaker(self, participant_id: str, level: float) -> ev.Speaker:
+        member = self.find(participant_id)
+        return ev.Speaker(
+            participant_id=participant_id,
+            connection_id=member.connection_id if member is not None else "",
+            level=level,
+            track_id=self._speaking_track.get(participant_id, ""),
+        )
 
     async def _speaker_loop(self) -> None:
         while True:
@@ -228,14 +300,7 @@ class Room:
             if ids != self._last_speakers:
                 self._last_speakers = ids
                 self.broadcast(
-                    media_pb2.ServerMessage(
-                        active_speakers=media_pb2.ActiveSpeakers(
-                            speakers=[
-                                media_pb2.Speaker(participant_id=pid, level=level)
-                                for pid, level in current
-                            ]
-                        )
-                    )
+                    ev.ActiveSpeakers(tuple(self._speaker(pid, level) for pid, level in current))
                 )
                 # A new speaker may deserve a place among limited auto subscriptions.
                 publishers = sum(1 for s in self.sessions.values() if self.tracks_of(s))

@@ -1,86 +1,81 @@
-"""One participant's session on a media node: the signaling stream and its two peer connections.
+"""One participant's session on a media node: the session core and its two peer connections.
 
-* The **publishing** connection is offered by the client. Each PublishOffer carries the full list
-  of tracks it sends (mid -> source); what is missing is unpublished. The node answers with one
+The core is independent of any wire. It takes :data:`spaces.session.events.ClientEvent` values
+(``handle``) and emits :data:`spaces.session.events.ServerEvent` values (``outgoing``); the gRPC
+stream (``spaces.media.grpc_adapter``) and, through the signaling service, the web protocol of
+Mux's SDK are thin adapters around it.
+
+* The **publishing** connection is offered by the client. Each Publish carries the full list of
+  tracks it sends (mid -> source); what is missing is unpublished. The node answers with one
   codec per track and taps each receiver into a forwarder.
 * The **subscribing** connection is offered by the node. The room decides which tracks this
-  session should receive; the node adds, reuses or deactivates sendonly transceivers and sends a
-  versioned SubscriberOffer, one at a time.
+  session should receive; the node adds, reuses or deactivates sendonly transceivers (each
+  m-section's msid names the track it carries) and sends a versioned offer, one at a time.
 
-Errors in a request come back as a non-fatal SessionError and the session continues; closing
-sends a Closing message that says whether the client should join again.
+Errors in a request come back as a non-fatal RequestFailed and the session continues; closing
+sends a Closing event that says whether the client should join again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
 from spaces import errors, ids
+from spaces.config import ServerConfig
 from spaces.media.aiortc_adapter import (
     Codec,
     PlaceholderTrack,
     RtpSink,
+    add_remote_candidate,
     hook_sender,
+    label_sender,
     parse_sdp,
     prefer_codec,
     request_keyframe,
     restrict_codecs,
     tap_receiver,
+    without_empty_bundle,
 )
 from spaces.media.forwarding import DownTrack, SenderState, TrackForwarder
-from spaces.media.room import PublishedTrack, Room
-from spaces.store.base import Claim
-from spaces.store.codec import ROLES_BY_NAME
+from spaces.media.room import ManualSubscription, PublishedTrack, Room
+from spaces.session import events as ev
+from spaces.store.base import Claim, Store
 from spaces.tasks import spawn, wait_event
-from spaces.v1 import media_pb2
 
 if TYPE_CHECKING:
     from aiortc import RTCRtpTransceiver
-
-    from spaces.media.node import MediaNode
 
 logger = logging.getLogger(__name__)
 
 MAX_SDP_BYTES = 128 * 1024
 OUTBOX_LIMIT = 1024
-ANSWER_TIMEOUT_S = 20.0
 MAX_SUBSCRIPTIONS_CEILING = 20
+MAX_CANDIDATE_CHARS = 512
+TRACK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+EVENT_ID_MAX_CHARS = 64
 
-VIDEO_SOURCES = {media_pb2.TRACK_SOURCE_CAMERA, media_pb2.TRACK_SOURCE_SCREENSHARE}
-AUDIO_SOURCES = {media_pb2.TRACK_SOURCE_MICROPHONE, media_pb2.TRACK_SOURCE_SCREENSHAREAUDIO}
-
-CLOSE_REJOIN: dict[int, bool] = {
-    media_pb2.CLOSE_REASON_MIGRATE: True,
-    media_pb2.CLOSE_REASON_LEASE_LOST: True,
-    media_pb2.CLOSE_REASON_TRANSPORT_FAILED: True,
-    media_pb2.CLOSE_REASON_ERROR: True,
-}
-
-STORE_REASONS: dict[str, int] = {
-    "removed": media_pb2.CLOSE_REASON_REMOVED,
-    "replaced": media_pb2.CLOSE_REASON_REPLACED,
-    "duplicate": media_pb2.CLOSE_REASON_REPLACED,
-    "space_deleted": media_pb2.CLOSE_REASON_SPACE_DELETED,
-    "left": media_pb2.CLOSE_REASON_LEFT,
-    "moved": media_pb2.CLOSE_REASON_MIGRATE,
+STORE_REASONS: dict[str, str] = {
+    "removed": ev.CLOSE_REMOVED,
+    "replaced": ev.CLOSE_REPLACED,
+    "duplicate": ev.CLOSE_REPLACED,
+    "space_deleted": ev.CLOSE_SPACE_DELETED,
+    "left": ev.CLOSE_LEFT,
+    "moved": ev.CLOSE_MIGRATE,
 }
 
 
-def close_reason_for(store_reason: str) -> int:
-    """The CloseReason for a connection the store no longer has (see store.keys.gone_key)."""
-    return STORE_REASONS.get(store_reason, media_pb2.CLOSE_REASON_LEASE_LOST)
-
-
-def close_reason_name(reason: int) -> str:
-    """CLOSE_REASON_MIGRATE -> "migrate"."""
-    return media_pb2.CloseReason.Name(reason).removeprefix("CLOSE_REASON_").lower()  # type: ignore[arg-type]
+def close_reason_for(store_reason: str) -> str:
+    """The close reason for a connection the store no longer has (see store.keys.gone_key)."""
+    return STORE_REASONS.get(store_reason, ev.CLOSE_LEASE_LOST)
 
 
 def allowed_codec(codec: Codec) -> bool:
@@ -93,12 +88,12 @@ def allowed_codec(codec: Codec) -> bool:
     return name == "H264" and str(codec.parameters.get("packetization-mode", "0")) == "1"
 
 
-def source_fits(source: int, kind: str) -> bool:
-    if source in VIDEO_SOURCES:
+def source_fits(source: str, kind: str) -> bool:
+    if source in ev.VIDEO_SOURCES:
         return kind == "video"
-    if source in AUDIO_SOURCES:
+    if source in ev.AUDIO_SOURCES:
         return kind == "audio"
-    return source == media_pb2.TRACK_SOURCE_OTHER
+    return source == "other"
 
 
 class RateLimiter:
@@ -119,6 +114,20 @@ class RateLimiter:
         return False
 
 
+class SessionHost(Protocol):
+    """What a session needs of the media node that hosts it."""
+
+    node_id: str
+    config: ServerConfig
+    store: Store
+
+    def apply_ice_policy(self, pc: RTCPeerConnection) -> None: ...
+
+    async def release(self, space_id: str, connection_id: str, reason: str) -> None: ...
+
+    def session_closed(self, session: Session) -> None: ...
+
+
 @dataclass
 class Subscription:
     track: PublishedTrack
@@ -127,9 +136,16 @@ class Subscription:
 
 
 class Session:
-    def __init__(self, node: MediaNode, room: Room, claim: Claim) -> None:
-        self.node = node
-        self.room = room
+    def __init__(
+        self,
+        host: SessionHost,
+        room: Room[Session],
+        claim: Claim,
+        options: ev.SessionOptions | None = None,
+    ) -> None:
+        self.node = host
+        self.room: Room[Session] = room
+        options = options or ev.SessionOptions()
         participant = claim.participant
         self.space_id = participant.space_id
         self.connection_id = participant.connection_id
@@ -139,10 +155,15 @@ class Session:
         self.joined_at_ms = participant.joined_at_ms
         self.record = dict(claim.connection_record)
         """The store's record of this connection, re-asserted if Redis loses its data."""
-        limits = node.config.limits
+        limits = host.config.limits
         self.max_subscriptions = limits.max_subscriptions
-        self.manual_subscriptions: set[str] | None = None
-        self._outbox: asyncio.Queue[media_pb2.ServerMessage | None] = asyncio.Queue()
+        if 1 <= options.max_subscriptions <= MAX_SUBSCRIPTIONS_CEILING:
+            self.max_subscriptions = options.max_subscriptions
+        self.manual: ManualSubscription | None = (
+            ManualSubscription() if options.subscription_mode == ev.SUBSCRIPTION_MANUAL else None
+        )
+        self._offer_at_join = options.offer_subscriber_at_join
+        self._outbox: asyncio.Queue[ev.ServerEvent | None] = asyncio.Queue()
         self._closed = False
         self._events = RateLimiter(limits.custom_events_per_second)
         self._last_name_change = 0.0
@@ -171,47 +192,37 @@ class Session:
         return self._closed
 
     def start(self) -> None:
+        if self._offer_at_join:
+            self._wake.set()
         self._negotiator = asyncio.create_task(self._negotiate_forever(), name="negotiator")
 
-    def send(self, message: media_pb2.ServerMessage) -> None:
+    def send(self, event: ev.ServerEvent) -> None:
         if self._closed:
             return
         if self._outbox.qsize() >= OUTBOX_LIMIT:
             logger.warning("%s is not reading its session stream; closing", self.connection_id)
-            spawn(
-                self.close(media_pb2.CLOSE_REASON_ERROR, "client stopped reading", "disconnected")
-            )
+            spawn(self.close(ev.CLOSE_ERROR, "client stopped reading", "disconnected"))
             return
-        self._outbox.put_nowait(message)
+        self._outbox.put_nowait(event)
 
-    async def outgoing(self) -> media_pb2.ServerMessage | None:
-        """The next message for the client; None once the session is over."""
+    async def outgoing(self) -> ev.ServerEvent | None:
+        """The next event for the client; None once the session is over."""
         return await self._outbox.get()
 
-    def remote_view(self) -> media_pb2.RemoteParticipant:
-        return media_pb2.RemoteParticipant(
+    def joined_event(self) -> ev.Joined:
+        return ev.Joined(
+            space_id=self.space_id,
             participant_id=self.participant_id,
             connection_id=self.connection_id,
-            role=ROLES_BY_NAME.get(self.role, 0),  # type: ignore[arg-type]
+            role=self.role,
             display_name=self.display_name,
-            tracks=[t.message() for t in self.room.tracks_of(self)],
-            joined_at_ms=self.joined_at_ms,
-        )
-
-    def joined_message(self) -> media_pb2.ServerMessage:
-        return media_pb2.ServerMessage(
-            joined=media_pb2.Joined(
-                space_id=self.space_id,
-                participant_id=self.participant_id,
-                connection_id=self.connection_id,
-                role=ROLES_BY_NAME.get(self.role, 0),  # type: ignore[arg-type]
-                display_name=self.display_name,
-                node_id=self.node.node_id,
-                active_session_id=self.room.active_session_id,
-                participants=self.room.others(self),
-                subscription_mode=media_pb2.SUBSCRIPTION_MODE_AUTO,
-                max_subscriptions=self.max_subscriptions,
-            )
+            node_id=self.node.node_id,
+            active_session_id=self.room.active_session_id,
+            participants=self.room.others(self),
+            subscription_mode=(
+                ev.SUBSCRIPTION_MANUAL if self.manual is not None else ev.SUBSCRIPTION_AUTO
+            ),
+            max_subscriptions=self.max_subscriptions,
         )
 
     def _new_pc(self) -> RTCPeerConnection:
@@ -223,9 +234,7 @@ class Session:
         async def on_state() -> None:
             if pc.connectionState == "failed" and not self._closed:
                 await self.close(
-                    media_pb2.CLOSE_REASON_TRANSPORT_FAILED,
-                    "media connection failed",
-                    "transport_failed",
+                    ev.CLOSE_TRANSPORT_FAILED, "media connection failed", "transport_failed"
                 )
             elif pc.connectionState == "connected" and pc is self._subscriber_pc:
                 for sub in self._subs.values():
@@ -234,70 +243,76 @@ class Session:
 
         return pc
 
-    # --- client messages -------------------------------------------------------------------
+    # --- client events ---------------------------------------------------------------------
 
-    async def handle(self, message: media_pb2.ClientMessage) -> None:
-        """One client message. Request errors are answered, not raised."""
+    async def handle(self, event: ev.ClientEvent) -> None:
+        """One client event. Request errors are answered, not raised."""
         if self._closed:
             return  # queued behind the close: nothing may act for a participant who has left
-        request_id = message.request_id
-        kind = message.WhichOneof("message")
+        request_id = getattr(event, "request_id", 0)
         try:
-            if kind == "publish_offer":
-                await self._publish(request_id, message.publish_offer)
-            elif kind == "subscriber_answer":
-                await self._subscriber_answer(message.subscriber_answer)
-            elif kind == "set_muted":
-                self._set_muted(request_id, message.set_muted)
-            elif kind == "set_subscription":
-                self._set_subscription(request_id, message.set_subscription)
-            elif kind == "custom_event":
-                self._custom_event(request_id, message.custom_event.payload)
-            elif kind == "set_display_name":
-                await self._set_display_name(request_id, message.set_display_name.display_name)
-            elif kind == "leave":
-                self._ack(request_id)
-                await self.close(media_pb2.CLOSE_REASON_LEFT, "left", "left")
-            elif kind == "hello":
-                raise errors.FailedPrecondition("already joined: hello is only sent once")
+            if isinstance(event, ev.Publish):
+                await self._publish(event)
+            elif isinstance(event, ev.AnswerSubscriber):
+                await self._subscriber_answer(event)
+            elif isinstance(event, ev.AddIceCandidate):
+                await self._add_candidate(event)
+            elif isinstance(event, ev.SetMuted):
+                self._set_muted(event)
+            elif isinstance(event, ev.SetSubscription):
+                self._set_subscription(event)
+            elif isinstance(event, ev.SendCustomEvent):
+                self._custom_event(event)
+            elif isinstance(event, ev.SetDisplayName):
+                await self._set_display_name(event)
+            elif isinstance(event, ev.Leave):
+                self.send(ev.Ack(request_id))
+                await self.close(ev.CLOSE_LEFT, "left", "left")
             else:
-                raise errors.InvalidArgument("empty or unknown client message")
+                raise errors.InvalidArgument(event.what)
         except errors.SpacesError as exc:
-            self._error(request_id, exc, fatal=False)
+            self._error(request_id, exc)
         except Exception:
             if self._closed:
                 return
             logger.exception("session %s: request failed", self.connection_id)
-            self._error(request_id, errors.Internal(), fatal=False)
+            self._error(request_id, errors.Internal())
 
-    def _ack(self, request_id: int) -> None:
-        self.send(media_pb2.ServerMessage(request_id=request_id, ack=media_pb2.Ack()))
-
-    def _error(self, request_id: int, exc: errors.SpacesError, fatal: bool) -> None:
-        self.send(
-            media_pb2.ServerMessage(
-                request_id=request_id,
-                error=media_pb2.SessionError(code=exc.code_name, message=exc.message, fatal=fatal),
-            )
-        )
+    def _error(self, request_id: int, exc: errors.SpacesError, fatal: bool = False) -> None:
+        self.send(ev.RequestFailed(request_id, exc.code_name, exc.message, fatal))
 
     # --- publishing --------------------------------------------------------------------------
 
-    async def _publish(self, request_id: int, request: media_pb2.PublishOffer) -> None:
+    def _check_track_id(self, track_id: str, mid: str) -> None:
+        if not TRACK_ID.fullmatch(track_id):
+            raise errors.InvalidArgument(
+                f"track mid {mid!r}: track_id must be 1-64 letters, digits, '-' or '_'"
+            )
+        existing = self.room.tracks.get(track_id)
+        if existing is None or existing.owner is self:
+            return
+        if existing.owner.participant_id == self.participant_id:
+            # Republished by this participant's new connection (a reconnect) while its old one
+            # is still closing: the track moves to the new connection.
+            self.room.unpublish(existing)
+            return
+        raise errors.AlreadyExists(f"track id {track_id!r} is already published in this space")
+
+    async def _publish(self, event: ev.Publish) -> None:
         if self.role == "subscriber":
             raise errors.SubscriberCannotPublish()
-        offer = request.offer
-        if offer.type != "offer":
+        if event.sdp_type != "offer":
             raise errors.InvalidSdp('publish_offer must carry an sdp of type "offer"')
-        if len(offer.sdp) > MAX_SDP_BYTES:
+        if len(event.sdp) > MAX_SDP_BYTES:
             raise errors.InvalidSdp("sdp is too large")
         try:
-            media = {m.mid: m for m in parse_sdp(offer.sdp)}
+            media = {m.mid: m for m in parse_sdp(event.sdp)}
         except ValueError as exc:
             raise errors.InvalidSdp(f"invalid sdp: {str(exc).lower()[:120]}") from exc
-        declared: dict[str, media_pb2.PublishedTrack] = {}
-        per_source: dict[int, int] = {}
-        for item in request.tracks:
+        declared: dict[str, ev.TrackDeclaration] = {}
+        per_source: dict[str, int] = {}
+        limit = self.node.config.limits.tracks_per_source
+        for item in event.tracks:
             if item.mid in declared:
                 raise errors.InvalidArgument(f"track mid {item.mid!r} is declared twice")
             section = media.get(item.mid)
@@ -305,6 +320,8 @@ class Session:
                 raise errors.InvalidArgument(
                     f"track mid {item.mid!r} is not a sending m-section of the offer"
                 )
+            if item.source not in ev.SOURCES:
+                raise errors.InvalidArgument(f"track mid {item.mid!r}: unknown source")
             if not source_fits(item.source, section.kind):
                 raise errors.InvalidArgument(
                     f"track mid {item.mid!r}: source does not fit a {section.kind} track"
@@ -313,19 +330,24 @@ class Session:
                 raise errors.UnsupportedCodec()
             if len(item.name) > 128:
                 raise errors.InvalidArgument("track name is longer than 128 characters")
+            if item.track_id:
+                existing = self._published.get(item.mid)
+                if existing is None or existing.id != item.track_id:
+                    self._check_track_id(item.track_id, item.mid)
             per_source[item.source] = per_source.get(item.source, 0) + 1
-            if per_source[item.source] > self.node.config.limits.tracks_per_source:
-                raise errors.TrackLimitReached(
-                    f"at most {self.node.config.limits.tracks_per_source} track(s) per source"
-                )
+            if per_source[item.source] > limit:
+                raise errors.TrackLimitReached(f"at most {limit} track(s) per source")
             declared[item.mid] = item
+        ids_declared = [d.track_id for d in declared.values() if d.track_id]
+        if len(ids_declared) != len(set(ids_declared)):
+            raise errors.InvalidArgument("a track_id is declared twice")
 
         pc = self._publisher_pc
         fresh = pc is None
         if pc is None:
             pc = self._publisher_pc = self._new_pc()
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=event.sdp, type="offer"))
         except Exception as exc:
             if fresh:
                 self._publisher_pc = None
@@ -334,7 +356,7 @@ class Session:
 
         added: list[PublishedTrack] = []
         removed: list[PublishedTrack] = []
-        results: list[media_pb2.PublishedTrackResult] = []
+        results: list[tuple[str, ev.Track]] = []
         for transceiver in pc.getTransceivers():
             mid = transceiver.mid or ""
             wanted = declared.get(mid)
@@ -348,18 +370,21 @@ class Session:
             codec = restrict_codecs(transceiver, allowed_codec)
             if codec is None:  # checked above; kept for safety against aiortc's matching
                 raise errors.UnsupportedCodec()
-            if existing is not None and existing.codec.mime_type == codec.mime_type:
+            same_id = not wanted.track_id or (
+                existing is not None and existing.id == wanted.track_id
+            )
+            if existing is not None and existing.codec.mime_type == codec.mime_type and same_id:
                 existing.width, existing.height = wanted.width, wanted.height
                 if existing.muted != wanted.muted:
                     self.room.set_muted(existing, wanted.muted)
-                results.append(media_pb2.PublishedTrackResult(mid=mid, track=existing.message()))
+                results.append((mid, existing.view()))
                 continue
             if existing is not None:
                 removed.append(self._published.pop(mid))
             track = self._new_track(transceiver, wanted, codec)
             self._published[mid] = track
             added.append(track)
-            results.append(media_pb2.PublishedTrackResult(mid=mid, track=track.message()))
+            results.append((mid, track.view()))
 
         answer = await pc.createAnswer()
         self.node.apply_ice_policy(pc)
@@ -368,19 +393,13 @@ class Session:
             # Closed while negotiating (kicked, drained, lease lost): the room has already
             # dropped this session's tracks, and must not get new ones from it.
             return
-        local = pc.localDescription
-        self.send(
-            media_pb2.ServerMessage(
-                request_id=request_id,
-                publish_answer=media_pb2.PublishAnswer(
-                    answer=media_pb2.SessionDescription(type=local.type, sdp=local.sdp),
-                    tracks=results,
-                ),
-            )
-        )
+        self.send(ev.PublishAnswered(event.request_id, pc.localDescription.sdp, tuple(results)))
         for track in removed:
             self.room.unpublish(track)
         for track in added:
+            if track.id in self.room.tracks:
+                # Published meanwhile under the same id by an earlier connection's last gasp.
+                self.room.unpublish(self.room.tracks[track.id])
             self.room.publish(track)
         if added or removed:
             logger.info(
@@ -394,35 +413,39 @@ class Session:
     def _new_track(
         self,
         transceiver: RTCRtpTransceiver,
-        declared: media_pb2.PublishedTrack,
+        declared: ev.TrackDeclaration,
         codec: Codec,
     ) -> PublishedTrack:
         receiver = transceiver.receiver
         kind = transceiver.kind
         participant_id = self.participant_id
         room = self.room
+        track_id = declared.track_id or "TR" + ids.new_session_id()[:22]
         forwarder: TrackForwarder
 
         def send_pli() -> None:
             if forwarder.ssrc:
                 request_keyframe(receiver, forwarder.ssrc)
 
-        def on_level(dbov: int) -> None:
-            room.observe_audio_level(participant_id, dbov)
+        on_level: Callable[[int], None] | None = None
+        if kind == "audio":
+
+            def on_level(dbov: int) -> None:
+                room.observe_audio_level(participant_id, dbov, track_id)
 
         forwarder = TrackForwarder(
-            track_id="TR" + ids.new_session_id()[:22],
+            track_id=track_id,
             kind=kind,
             codec_name=codec.name,
             clock_rate=codec.clock_rate,
             send_pli=send_pli,
             keyframe_interval_s=self.node.config.node.keyframe_interval_ms / 1000,
-            on_audio_level=on_level if kind == "audio" else None,
+            on_audio_level=on_level,
         )
         forwarder.set_paused(declared.muted)
         tap_receiver(receiver, forwarder.on_packet, estimate_bandwidth=False)
         return PublishedTrack(
-            id=forwarder.track_id,
+            id=track_id,
             owner=self,
             mid=transceiver.mid or "",
             kind=kind,
@@ -436,28 +459,50 @@ class Session:
             name=declared.name,
         )
 
-    def _set_muted(self, request_id: int, request: media_pb2.SetMuted) -> None:
-        track = self.room.tracks.get(request.track_id)
+    def _set_muted(self, event: ev.SetMuted) -> None:
+        track = self.room.tracks.get(event.track_id)
         if track is None or track.owner is not self:
             raise errors.TrackNotFound("track not found among your published tracks")
-        self.room.set_muted(track, request.muted)
-        self._ack(request_id)
+        self.room.set_muted(track, event.muted)
+        self.send(ev.Ack(event.request_id))
+
+    async def _add_candidate(self, event: ev.AddIceCandidate) -> None:
+        pc = (
+            self._publisher_pc
+            if event.connection == ev.PUBLISHER_CONNECTION
+            else self._subscriber_pc
+            if event.connection == ev.SUBSCRIBER_CONNECTION
+            else None
+        )
+        if event.connection not in (ev.PUBLISHER_CONNECTION, ev.SUBSCRIBER_CONNECTION):
+            raise errors.InvalidArgument("ice candidate names no peer connection")
+        if len(event.candidate) > MAX_CANDIDATE_CHARS:
+            raise errors.InvalidArgument("ice candidate is too long")
+        if pc is None or pc.remoteDescription is None:
+            return  # nothing to add it to (yet): the candidates in the answer are enough
+        try:
+            await add_remote_candidate(pc, event.candidate, event.sdp_mid, event.sdp_mline_index)
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"invalid ice candidate: {exc}") from exc
 
     # --- events and names ------------------------------------------------------------------
 
-    def _custom_event(self, request_id: int, payload: str) -> None:
+    def _custom_event(self, event: ev.SendCustomEvent) -> None:
         if self.role == "subscriber":
             raise errors.SubscriberCannotSendEvents()
         limit = self.node.config.limits.custom_event_max_bytes
-        if len(payload.encode()) > limit:
+        if len(event.payload.encode()) > limit:
             raise errors.CustomEventTooLarge(f"custom event payload is larger than {limit} bytes")
+        if len(event.event_id) > EVENT_ID_MAX_CHARS:
+            raise errors.InvalidArgument("custom event id is longer than 64 characters")
         if not self._events.allow():
             raise errors.CustomEventRateLimited()
-        self.room.custom_event(self, payload)
-        self._ack(request_id)
+        self.room.custom_event(self, event.payload, event.event_id, event.request_id)
+        self.send(ev.Ack(event.request_id))
 
-    async def _set_display_name(self, request_id: int, name: str) -> None:
+    async def _set_display_name(self, event: ev.SetDisplayName) -> None:
         limits = self.node.config.limits
+        name = event.display_name
         if len(name) > limits.display_name_max_chars:
             raise errors.DisplayNameTooLong(
                 f"display_name is longer than {limits.display_name_max_chars} characters"
@@ -471,30 +516,36 @@ class Session:
         self.display_name = name
         self.record["name"] = name
         await self.node.store.set_display_name(self.space_id, self.connection_id, name)
-        self.room.broadcast(
-            media_pb2.ServerMessage(
-                display_name_changed=media_pb2.DisplayNameChanged(
-                    participant_id=self.participant_id, display_name=name
-                )
-            )
-        )
-        self._ack(request_id)
+        self.room.display_name_changed(self, event.request_id)
+        self.send(ev.Ack(event.request_id))
 
     # --- subscribing -----------------------------------------------------------------------
 
-    def _set_subscription(self, request_id: int, request: media_pb2.SetSubscription) -> None:
-        if request.max_subscriptions:
-            if not 1 <= request.max_subscriptions <= MAX_SUBSCRIPTIONS_CEILING:
+    def _set_subscription(self, event: ev.SetSubscription) -> None:
+        if event.max_subscriptions:
+            if not 1 <= event.max_subscriptions <= MAX_SUBSCRIPTIONS_CEILING:
                 raise errors.InvalidArgument("max_subscriptions must be between 1 and 20")
-            self.max_subscriptions = request.max_subscriptions
-        if request.mode == media_pb2.SUBSCRIPTION_MODE_MANUAL:
-            self.manual_subscriptions = set(request.participant_ids)
-        elif request.mode == media_pb2.SUBSCRIPTION_MODE_AUTO:
-            self.manual_subscriptions = None
-        elif request.mode != media_pb2.SUBSCRIPTION_MODE_UNSPECIFIED:
-            raise errors.InvalidArgument("unknown subscription mode")
+            self.max_subscriptions = event.max_subscriptions
+        successes: list[ev.SubscriptionEntry] = []
+        failures: list[ev.SubscriptionEntry] = []
+        if event.mode == ev.SUBSCRIPTION_MANUAL:
+            manual = ManualSubscription(participants=set(event.participant_ids))
+            for entry in event.entries:
+                member = self.room.find(entry.participant_id, entry.connection_id)
+                if member is None or member is self:
+                    failures.append(entry)
+                    continue
+                successes.append(entry)
+                if entry.track_ids:
+                    manual.tracks.setdefault(member.participant_id, set()).update(entry.track_ids)
+                else:
+                    manual.participants.add(member.participant_id)
+            self.manual = manual
+        elif event.mode == ev.SUBSCRIPTION_AUTO:
+            self.manual = None
         self.set_desired(self.room.desired_tracks(self))
-        self._ack(request_id)
+        self.send(ev.SubscriptionUpdated(event.request_id, tuple(successes), tuple(failures)))
+        self.send(ev.Ack(event.request_id))
 
     def set_desired(self, track_ids: set[str]) -> None:
         if track_ids != self._desired or track_ids != set(self._subs):
@@ -511,16 +562,15 @@ class Session:
         self._wake.set()
 
     async def _negotiate_forever(self) -> None:
+        timeout = self.node.config.node.subscriber_answer_timeout_s
         while not self._closed:
             if self._awaiting_version is not None:
                 # One offer at a time: wait for its answer (changes meanwhile stay in _wake
                 # for the next offer; waiting on _wake here would spin while it is set).
-                remaining = ANSWER_TIMEOUT_S - (time.monotonic() - self._awaiting_since)
+                remaining = timeout - (time.monotonic() - self._awaiting_since)
                 if remaining <= 0:
                     await self.close(
-                        media_pb2.CLOSE_REASON_ERROR,
-                        "no answer to the subscriber offer",
-                        "disconnected",
+                        ev.CLOSE_ERROR, "no answer to the subscriber offer", "disconnected"
                     )
                     return
                 await wait_event(self._answered, remaining)
@@ -535,9 +585,7 @@ class Session:
                 if self._closed:
                     return
                 logger.exception("session %s: subscriber negotiation failed", self.connection_id)
-                await self.close(
-                    media_pb2.CLOSE_REASON_ERROR, "subscriber negotiation failed", "disconnected"
-                )
+                await self.close(ev.CLOSE_ERROR, "subscriber negotiation failed", "disconnected")
 
     async def _offer_changes(self) -> None:
         room_tracks = self.room.tracks
@@ -545,7 +593,8 @@ class Session:
         current = set(self._subs)
         remove = current - desired
         add = [room_tracks[tid] for tid in desired - current]
-        if not remove and not add:
+        first = self._subscriber_pc is None
+        if not remove and not add and not (first and self._offer_at_join):
             return
         for tid in remove:
             sub = self._subs.pop(tid)
@@ -564,6 +613,8 @@ class Session:
             else:
                 transceiver = pc.addTransceiver(PlaceholderTrack(track.kind), direction="sendonly")
             prefer_codec(transceiver, track.codec)
+            # The m-section's msid names the track (Mux's web SDK maps remote tracks by it).
+            label_sender(transceiver, track.id)
             self._subs[track.id] = Subscription(track=track, transceiver=transceiver)
         self.node.apply_ice_policy(pc)
         offer = await pc.createOffer()
@@ -572,45 +623,38 @@ class Session:
         self._awaiting_version = self._offer_version
         self._awaiting_since = time.monotonic()
         self._answered.clear()
-        local = pc.localDescription
         self.send(
-            media_pb2.ServerMessage(
-                subscriber_offer=media_pb2.SubscriberOffer(
-                    offer=media_pb2.SessionDescription(type=local.type, sdp=local.sdp),
-                    tracks=[
-                        media_pb2.SubscribedTrack(
-                            mid=sub.transceiver.mid or "",
-                            participant_id=sub.track.owner.participant_id,
-                            track_id=sub.track.id,
-                            kind=(
-                                media_pb2.TRACK_KIND_AUDIO
-                                if sub.track.kind == "audio"
-                                else media_pb2.TRACK_KIND_VIDEO
-                            ),
-                            source=sub.track.source,  # type: ignore[arg-type]
-                        )
-                        for sub in self._subs.values()
-                    ],
-                    version=self._offer_version,
-                )
+            ev.SubscriberOffered(
+                version=self._offer_version,
+                sdp=without_empty_bundle(pc.localDescription.sdp),
+                tracks=tuple(
+                    ev.SubscribedTrack(
+                        mid=sub.transceiver.mid or "",
+                        participant_id=sub.track.owner.participant_id,
+                        connection_id=sub.track.owner.connection_id,
+                        track_id=sub.track.id,
+                        kind=sub.track.kind,
+                        source=sub.track.source,
+                    )
+                    for sub in self._subs.values()
+                ),
             )
         )
 
-    async def _subscriber_answer(self, request: media_pb2.SubscriberAnswer) -> None:
+    async def _subscriber_answer(self, event: ev.AnswerSubscriber) -> None:
         pc = self._subscriber_pc
-        if pc is None or request.version != self._awaiting_version:
+        if pc is None or event.version != self._awaiting_version:
             return  # an answer to an offer that was superseded
-        if request.answer.type != "answer" or len(request.answer.sdp) > MAX_SDP_BYTES:
+        if event.sdp_type != "answer" or len(event.sdp) > MAX_SDP_BYTES:
             raise errors.InvalidSdp('subscriber_answer must carry an sdp of type "answer"')
         try:
-            parse_sdp(request.answer.sdp)
-            await pc.setRemoteDescription(
-                RTCSessionDescription(sdp=request.answer.sdp, type="answer")
-            )
+            if self._subs:
+                parse_sdp(event.sdp)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=event.sdp, type="answer"))
         except Exception as exc:
             # The subscribing connection cannot continue with a broken answer.
             await self.close(
-                media_pb2.CLOSE_REASON_ERROR,
+                ev.CLOSE_ERROR,
                 f"invalid subscriber answer: {str(exc).lower()[:120]}",
                 "disconnected",
             )
@@ -635,26 +679,16 @@ class Session:
 
     # --- ending ------------------------------------------------------------------------------
 
-    async def close(self, reason: int, message: str = "", release: str | None = None) -> None:
+    async def close(self, reason: str, message: str = "", release: str | None = None) -> None:
         """End the session: tell the client why, leave the room, close the peer connections,
         and, when ``release`` names a store reason, free the participant_id at once. The work
         runs in its own task, so a caller being cancelled cannot leave it half done."""
         if not self._closed:
             self._closed = True
-            logger.info(
-                "session %s closing: %s %s", self.connection_id, close_reason_name(reason), message
-            )
-            self._outbox.put_nowait(
-                media_pb2.ServerMessage(
-                    closing=media_pb2.Closing(
-                        reason=reason,  # type: ignore[arg-type]
-                        message=message,
-                        rejoin=CLOSE_REJOIN.get(reason, False),
-                    )
-                )
-            )
+            logger.info("session %s closing: %s %s", self.connection_id, reason, message)
+            self._outbox.put_nowait(ev.Closing(reason, message))
             self._outbox.put_nowait(None)
-            self.room.remove(self, close_reason_name(reason))
+            self.room.remove(self, reason)
             for sub in self._subs.values():
                 if sub.downtrack is not None:
                     sub.track.forwarder.remove(sub.downtrack)

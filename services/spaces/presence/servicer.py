@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -118,6 +119,9 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
             await self._liveness.check(request.unreachable_node_id)
 
         connection_id = ids.new_connection_id()
+        token_hash = hashlib.sha256(request.token.encode()).hexdigest()
+        if len(request.reconnect_participant_id) > ids.MAX_PARTICIPANT_ID_CHARS:
+            raise errors.InvalidArgument("reconnect_participant_id is too long")
         ticket = credentials.issue(claims.space_id, connection_id)
         resume_secret = credentials.issue(claims.space_id, connection_id)
         participant_id = claims.participant_id or ids.new_participant_id()
@@ -146,6 +150,8 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
                         resume_connection_id=resume.connection_id if resume else "",
                         presented_resume_hash=resume.hash if resume else "",
                         signing_key_id=peeked.key_id if known is not None else "",
+                        token_hash=token_hash,
+                        reconnect_participant_id=request.reconnect_participant_id,
                     )
                 )
                 break

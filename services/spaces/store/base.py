@@ -55,6 +55,14 @@ class Reservation:
     signing_key_id: str = ""
     """When set, the join fails (TokenUnknownKey) unless this signing key still exists: lets
     presence verify signatures with a cached public key and still honour revocation at once."""
+    token_hash: str = ""
+    """SHA-256 of the join token, kept with the connection: a reconnect presenting the same
+    token may take the connection over (``reconnect_participant_id``)."""
+    reconnect_participant_id: str = ""
+    """A client reconnecting with only its token: take over this participant's connection if
+    it was admitted with the same token, or get the participant_id back once it is gone (for
+    gone_ttl). Otherwise the join proceeds as a new one (and meets a live holder as a
+    duplicate)."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ def conn_key(space_id: str, connection_id: str) -> str:
     """HASH: pid, cid, role ("publisher"|"subscriber"), name, state ("pending"|"connected"),
     node, joined (unix ms), ticket (sha256 hex, "" once used), resume (sha256 hex of the
     resume secret), gen ("1" when the server generated pid), counted ("1" when included in the
-    space's connected count), resumed ("1" when it took over an earlier connection)."""
+    space's connected count), resumed ("1" when it took over an earlier connection), tokres
+    (sha256 hex of the join token: a reconnect with the same token may take it over)."""
     return f"sp:{{{space_id}}}:c:{connection_id}"
 
 
@@ -46,8 +47,9 @@ def placement_key(space_id: str) -> str:
 
 
 def resumable_key(space_id: str) -> str:
-    """HASH connection_id -> "<participant_id> <resume sha256>", expiring like gone_key: lets a
-    client that lost its connection (not one that was removed) resume it after its release,
+    """HASH connection_id -> "<participant_id> <resume sha256>", and "t:<participant_id>" ->
+    "<token sha256>", expiring like gone_key: lets a client that lost its connection (not one
+    that was removed) resume it after its release, by its resume secret or by its token,
     keeping a server-generated participant_id."""
     return f"sp:{{{space_id}}}:resumable"
 
@@ -157,6 +159,10 @@ local function drop_conn(S, space_id, conn, reason, now, keep_count)
   redis.call('PEXPIRE', S .. ':gone', GONE_TTL)
   if NOT_RESUMABLE[reason] == nil and h.resume then
     redis.call('HSET', S .. ':resumable', conn, h.pid .. ' ' .. h.resume)
+    redis.call('PEXPIRE', S .. ':resumable', GONE_TTL)
+  end
+  if NOT_RESUMABLE[reason] == nil and h.tokres and h.tokres ~= '' then
+    redis.call('HSET', S .. ':resumable', 't:' .. h.pid, h.tokres)
     redis.call('PEXPIRE', S .. ':resumable', GONE_TTL)
   end
   if h.counted == '1' and not keep_count then
@@ -273,7 +279,8 @@ JOIN = r"""
 --       10 expected current placement ("" = none), 11 pending lease ms, 12 placement lease ms,
 --       13 default participant limit, 14 connection to resume ("" = none),
 --       15 sha256 of the presented resume secret, 16 signing key id that must still exist
---       ("" = not checked)
+--       ("" = not checked), 17 participant_id to reconnect by token ("" = none),
+--       18 sha256 of the join token (kept as the connection's tokres)
 -- Returns {"ok", participant_id, joined_ms, expires_ms, replaced_conn, replaced_node}
 --      or {"moved", current_node} (placement changed since it was read: choose again)
 --      or {"err", "space_not_found" | "unknown_key" | "duplicate" | "full" | "bad_resume"}.
@@ -314,6 +321,22 @@ if ARGV[14] ~= '' then
       redis.call('HDEL', S .. ':resumable', ARGV[14])
     end
   end
+elseif ARGV[17] ~= '' and ARGV[18] ~= '' and (ARGV[8] == '1' or ARGV[17] == pid) then
+  -- Reconnect by token: its own connection (admitted with the same token) is taken over, or
+  -- its participant_id given back once that connection is gone.
+  local holder = redis.call('GET', S .. ':pid:' .. ARGV[17])
+  if holder then
+    local old = redis.call('HMGET', S .. ':c:' .. holder, 'tokres', 'node', 'counted')
+    if old[1] and old[1] == ARGV[18] then
+      pid = ARGV[17]
+      counted = old[3] or '0'
+      replaced_conn, replaced_node = holder, old[2] or ''
+      drop_conn(S, sid, holder, 'replaced', now, true)
+    end
+  elseif redis.call('HGET', S .. ':resumable', 't:' .. ARGV[17]) == ARGV[18] then
+    pid = ARGV[17]
+    redis.call('HDEL', S .. ':resumable', 't:' .. ARGV[17])
+  end
 end
 if redis.call('EXISTS', S .. ':pid:' .. pid) == 1 then
   settle(S, sid, now)
@@ -329,7 +352,7 @@ local expires = now + tonumber(ARGV[11])
 redis.call('HSET', S .. ':c:' .. ARGV[2], 'pid', pid, 'cid', ARGV[2], 'role', ARGV[4],
            'name', ARGV[5], 'state', 'pending', 'node', ARGV[9], 'joined', now,
            'ticket', ARGV[6], 'resume', ARGV[7], 'gen', ARGV[8], 'counted', counted,
-           'resumed', replaced_conn ~= '' and '1' or '0')
+           'resumed', replaced_conn ~= '' and '1' or '0', 'tokres', ARGV[18])
 redis.call('SET', S .. ':pid:' .. pid, ARGV[2], 'PX', ARGV[11])
 redis.call('ZADD', S .. ':leases', expires, ARGV[2])
 redis.call('SET', S .. ':node', ARGV[9], 'PX', ARGV[12])

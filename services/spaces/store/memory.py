@@ -161,6 +161,10 @@ class MemoryStore:
             self._resumable.setdefault(space_id, {})[conn] = _Expiring(
                 f"{h['pid']} {h['resume']}", now + self._gone_ttl_ms
             )
+        if reason not in NOT_RESUMABLE and h.get("tokres"):
+            self._resumable.setdefault(space_id, {})["t:" + h["pid"]] = _Expiring(
+                h["tokres"], now + self._gone_ttl_ms
+            )
         if h.get("counted") == "1" and not keep_count:
             state.record["connected"] = str(int(state.record.get("connected", "0")) - 1)
         if h.get("state") == "connected":
@@ -352,6 +356,25 @@ class MemoryStore:
                         raise errors.BadResumeSecret()
                     pid = gone_pid
                     del self._resumable[sid][r.resume_connection_id]
+        elif (
+            r.reconnect_participant_id
+            and r.token_hash
+            and (r.generated_participant_id or r.reconnect_participant_id == pid)
+        ):
+            wanted = r.reconnect_participant_id
+            holder = self._pid_holder(state, wanted, now)
+            old = state.conns.get(holder) if holder is not None else None
+            if old is not None and old.get("tokres") == r.token_hash:
+                # Its own connection, still held: take it over.
+                pid = wanted
+                counted = old.get("counted", "0")
+                replaced_conn, replaced_node = old["cid"], old.get("node", "")
+                self._drop_conn(state, sid, replaced_conn, "replaced", now, keep_count=True)
+            elif holder is None:
+                gone = self._resumable.get(sid, {}).get("t:" + wanted)
+                if gone is not None and gone.expires_ms > now and gone.value == r.token_hash:
+                    pid = wanted
+                    del self._resumable[sid]["t:" + wanted]
         if self._pid_holder(state, pid, now) is not None:
             self._settle(sid, now)
             raise errors.DuplicateParticipant()
@@ -373,6 +396,7 @@ class MemoryStore:
             "gen": "1" if r.generated_participant_id else "0",
             "counted": counted,
             "resumed": "1" if replaced_conn else "0",
+            "tokres": r.token_hash,
         }
         state.pids[pid] = _Expiring(r.connection_id, expires)
         state.leases[r.connection_id] = expires

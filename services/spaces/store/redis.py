@@ -325,6 +325,8 @@ class RedisStore:
                 r.resume_connection_id,
                 r.presented_resume_hash,
                 r.signing_key_id,
+                r.reconnect_participant_id,
+                r.token_hash,
             ],
         )
         if reply[0] == "moved":

@@ -81,6 +81,27 @@ SUBSCRIPTION_MODE_MANUAL: SubscriptionMode.ValueType  # 2
 """Only the participants named with Subscribe."""
 Global___SubscriptionMode: _TypeAlias = SubscriptionMode  # noqa: Y015
 
+class _PeerConnectionRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PeerConnectionRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PeerConnectionRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PEER_CONNECTION_ROLE_UNSPECIFIED: _PeerConnectionRole.ValueType  # 0
+    PEER_CONNECTION_ROLE_PUBLISHER: _PeerConnectionRole.ValueType  # 1
+    """The client-offered connection that carries what the client publishes."""
+    PEER_CONNECTION_ROLE_SUBSCRIBER: _PeerConnectionRole.ValueType  # 2
+    """The node-offered connection that carries what the client receives."""
+
+class PeerConnectionRole(_PeerConnectionRole, metaclass=_PeerConnectionRoleEnumTypeWrapper): ...
+
+PEER_CONNECTION_ROLE_UNSPECIFIED: PeerConnectionRole.ValueType  # 0
+PEER_CONNECTION_ROLE_PUBLISHER: PeerConnectionRole.ValueType  # 1
+"""The client-offered connection that carries what the client publishes."""
+PEER_CONNECTION_ROLE_SUBSCRIBER: PeerConnectionRole.ValueType  # 2
+"""The node-offered connection that carries what the client receives."""
+Global___PeerConnectionRole: _TypeAlias = PeerConnectionRole  # noqa: Y015
+
 class _CloseReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -219,6 +240,7 @@ class PublishedTrack(_message.Message):
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    TRACK_ID_FIELD_NUMBER: _builtins.int
     mid: _builtins.str
     """The m-section's mid in the accompanying offer."""
     source: Global___TrackSource.ValueType
@@ -226,6 +248,11 @@ class PublishedTrack(_message.Message):
     width: _builtins.int
     height: _builtins.int
     name: _builtins.str
+    track_id: _builtins.str
+    """A client-chosen track id (letters, digits, '-' and '_', at most 64), unique in the space;
+    empty: the node assigns one. Mux's web SDK names its tracks and keeps the names across
+    reconnects.
+    """
     def __init__(
         self,
         *,
@@ -235,10 +262,11 @@ class PublishedTrack(_message.Message):
         width: _builtins.int = ...,
         height: _builtins.int = ...,
         name: _builtins.str = ...,
+        track_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "mid", b"mid", "muted", b"muted", "name", b"name", "source", b"source", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "mid", b"mid", "muted", b"muted", "name", b"name", "source", b"source", "track_id", b"track_id", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -257,6 +285,7 @@ class ClientMessage(_message.Message):
     CUSTOM_EVENT_FIELD_NUMBER: _builtins.int
     SET_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     LEAVE_FIELD_NUMBER: _builtins.int
+    ICE_CANDIDATE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """Echoed in the Ack or Error that answers this message."""
     @_builtins.property
@@ -283,6 +312,10 @@ class ClientMessage(_message.Message):
     def leave(self) -> Global___LeaveSession:
         """Leave cleanly: the participant_id is free at once."""
 
+    @_builtins.property
+    def ice_candidate(self) -> Global___IceCandidate:
+        """A trickled ICE candidate of one of the client's peer connections."""
+
     def __init__(
         self,
         *,
@@ -295,12 +328,13 @@ class ClientMessage(_message.Message):
         custom_event: Global___CustomEventRequest | None = ...,
         set_display_name: Global___SetDisplayName | None = ...,
         leave: Global___LeaveSession | None = ...,
+        ice_candidate: Global___IceCandidate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["custom_event", b"custom_event", "hello", b"hello", "leave", b"leave", "message", b"message", "publish_offer", b"publish_offer", "set_display_name", b"set_display_name", "set_muted", b"set_muted", "set_subscription", b"set_subscription", "subscriber_answer", b"subscriber_answer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["custom_event", b"custom_event", "hello", b"hello", "ice_candidate", b"ice_candidate", "leave", b"leave", "message", b"message", "publish_offer", b"publish_offer", "set_display_name", b"set_display_name", "set_muted", b"set_muted", "set_subscription", b"set_subscription", "subscriber_answer", b"subscriber_answer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_event", b"custom_event", "hello", b"hello", "leave", b"leave", "message", b"message", "publish_offer", b"publish_offer", "request_id", b"request_id", "set_display_name", b"set_display_name", "set_muted", b"set_muted", "set_subscription", b"set_subscription", "subscriber_answer", b"subscriber_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_event", b"custom_event", "hello", b"hello", "ice_candidate", b"ice_candidate", "leave", b"leave", "message", b"message", "publish_offer", b"publish_offer", "request_id", b"request_id", "set_display_name", b"set_display_name", "set_muted", b"set_muted", "set_subscription", b"set_subscription", "subscriber_answer", b"subscriber_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "publish_offer", "subscriber_answer", "set_muted", "set_subscription", "custom_event", "set_display_name", "leave"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "publish_offer", "subscriber_answer", "set_muted", "set_subscription", "custom_event", "set_display_name", "leave", "ice_candidate"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -312,22 +346,63 @@ class Hello(_message.Message):
 
     TICKET_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_MODE_FIELD_NUMBER: _builtins.int
+    MAX_SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    OFFER_SUBSCRIBER_AT_JOIN_FIELD_NUMBER: _builtins.int
     ticket: _builtins.str
     client: _builtins.str
     """The SDK's version string, for logs."""
+    subscription_mode: Global___SubscriptionMode.ValueType
+    """How to subscribe from the start (UNSPECIFIED: automatic)."""
+    max_subscriptions: _builtins.int
+    """Automatic mode: at most this many participants (1..20); 0: the node's default."""
+    offer_subscriber_at_join: _builtins.bool
+    """Send a SubscriberOffer right after Joined, even one with no media yet."""
     def __init__(
         self,
         *,
         ticket: _builtins.str = ...,
         client: _builtins.str = ...,
+        subscription_mode: Global___SubscriptionMode.ValueType = ...,
+        max_subscriptions: _builtins.int = ...,
+        offer_subscriber_at_join: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "max_subscriptions", b"max_subscriptions", "offer_subscriber_at_join", b"offer_subscriber_at_join", "subscription_mode", b"subscription_mode", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class IceCandidate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    SDP_MID_FIELD_NUMBER: _builtins.int
+    SDP_MLINE_INDEX_FIELD_NUMBER: _builtins.int
+    connection: Global___PeerConnectionRole.ValueType
+    candidate: _builtins.str
+    """The candidate attribute value ("candidate:..."); empty means end of candidates."""
+    sdp_mid: _builtins.str
+    sdp_mline_index: _builtins.int
+    def __init__(
+        self,
+        *,
+        connection: Global___PeerConnectionRole.ValueType = ...,
+        candidate: _builtins.str = ...,
+        sdp_mid: _builtins.str = ...,
+        sdp_mline_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "connection", b"connection", "sdp_mid", b"sdp_mid", "sdp_mline_index", b"sdp_mline_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IceCandidate: _TypeAlias = IceCandidate  # noqa: Y015
 
 @_typing.final
 class SessionDescription(_message.Message):
@@ -431,12 +506,17 @@ class SetSubscription(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     PARTICIPANT_IDS_FIELD_NUMBER: _builtins.int
     MAX_SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
     mode: Global___SubscriptionMode.ValueType
     max_subscriptions: _builtins.int
     """Auto mode: at most this many participants (1..20); 0 keeps the current value."""
     @_builtins.property
     def participant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Manual mode: the participants to receive."""
+        """Manual mode: the participants to receive (everything they publish)."""
+
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubscriptionEntry]:
+        """Manual mode: participants (or connections) to receive, optionally only some tracks."""
 
     def __init__(
         self,
@@ -444,30 +524,64 @@ class SetSubscription(_message.Message):
         mode: Global___SubscriptionMode.ValueType = ...,
         participant_ids: _abc.Iterable[_builtins.str] | None = ...,
         max_subscriptions: _builtins.int = ...,
+        entries: _abc.Iterable[Global___SubscriptionEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_subscriptions", b"max_subscriptions", "mode", b"mode", "participant_ids", b"participant_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "max_subscriptions", b"max_subscriptions", "mode", b"mode", "participant_ids", b"participant_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetSubscription: _TypeAlias = SetSubscription  # noqa: Y015
 
 @_typing.final
+class SubscriptionEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    TRACK_IDS_FIELD_NUMBER: _builtins.int
+    participant_id: _builtins.str
+    """One of participant_id or connection_id names who to receive."""
+    connection_id: _builtins.str
+    @_builtins.property
+    def track_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these of their tracks; empty: all of them."""
+
+    def __init__(
+        self,
+        *,
+        participant_id: _builtins.str = ...,
+        connection_id: _builtins.str = ...,
+        track_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "participant_id", b"participant_id", "track_ids", b"track_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscriptionEntry: _TypeAlias = SubscriptionEntry  # noqa: Y015
+
+@_typing.final
 class CustomEventRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     payload: _builtins.str
     """At most 4096 bytes (UTF-8)."""
+    event_id: _builtins.str
+    """A client-chosen id (at most 64 characters), echoed in the delivered CustomEvent."""
     def __init__(
         self,
         *,
         payload: _builtins.str = ...,
+        event_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,6 +640,7 @@ class ServerMessage(_message.Message):
     CUSTOM_EVENT_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_CHANGED_FIELD_NUMBER: _builtins.int
     CLOSING_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_UPDATED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """For Ack, Error and answers: the request_id of the ClientMessage they answer."""
     @_builtins.property
@@ -558,6 +673,10 @@ class ServerMessage(_message.Message):
     def closing(self) -> Global___Closing:
         """The session is ending; the stream closes after this message."""
 
+    @_builtins.property
+    def subscription_updated(self) -> Global___SubscriptionUpdated:
+        """The answer to SetSubscription."""
+
     def __init__(
         self,
         *,
@@ -576,12 +695,13 @@ class ServerMessage(_message.Message):
         custom_event: Global___CustomEvent | None = ...,
         display_name_changed: Global___DisplayNameChanged | None = ...,
         closing: Global___Closing | None = ...,
+        subscription_updated: Global___SubscriptionUpdated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "subscriber_offer", b"subscriber_offer", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "request_id", b"request_id", "subscriber_offer", b"subscriber_offer", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "request_id", b"request_id", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["joined", "ack", "error", "publish_answer", "subscriber_offer", "participant_joined", "participant_left", "track_published", "track_unpublished", "track_muted", "active_speakers", "custom_event", "display_name_changed", "closing"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["joined", "ack", "error", "publish_answer", "subscriber_offer", "participant_joined", "participant_left", "track_published", "track_unpublished", "track_muted", "active_speakers", "custom_event", "display_name_changed", "closing", "subscription_updated"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -768,11 +888,13 @@ class SubscribedTrack(_message.Message):
     TRACK_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
     mid: _builtins.str
     participant_id: _builtins.str
     track_id: _builtins.str
     kind: Global___TrackKind.ValueType
     source: Global___TrackSource.ValueType
+    connection_id: _builtins.str
     def __init__(
         self,
         *,
@@ -781,10 +903,11 @@ class SubscribedTrack(_message.Message):
         track_id: _builtins.str = ...,
         kind: Global___TrackKind.ValueType = ...,
         source: Global___TrackSource.ValueType = ...,
+        connection_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "mid", b"mid", "participant_id", b"participant_id", "source", b"source", "track_id", b"track_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "kind", b"kind", "mid", b"mid", "participant_id", b"participant_id", "source", b"source", "track_id", b"track_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -841,7 +964,9 @@ class TrackPublished(_message.Message):
 
     PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
     TRACK_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
     participant_id: _builtins.str
+    connection_id: _builtins.str
     @_builtins.property
     def track(self) -> Global___Track: ...
     def __init__(
@@ -849,10 +974,11 @@ class TrackPublished(_message.Message):
         *,
         participant_id: _builtins.str = ...,
         track: Global___Track | None = ...,
+        connection_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["track", b"track"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant_id", b"participant_id", "track", b"track"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "participant_id", b"participant_id", "track", b"track"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -864,17 +990,20 @@ class TrackUnpublished(_message.Message):
 
     PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
     TRACK_ID_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
     participant_id: _builtins.str
     track_id: _builtins.str
+    connection_id: _builtins.str
     def __init__(
         self,
         *,
         participant_id: _builtins.str = ...,
         track_id: _builtins.str = ...,
+        connection_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant_id", b"participant_id", "track_id", b"track_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "participant_id", b"participant_id", "track_id", b"track_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -887,19 +1016,22 @@ class TrackMuted(_message.Message):
     PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
     TRACK_ID_FIELD_NUMBER: _builtins.int
     MUTED_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
     participant_id: _builtins.str
     track_id: _builtins.str
     muted: _builtins.bool
+    connection_id: _builtins.str
     def __init__(
         self,
         *,
         participant_id: _builtins.str = ...,
         track_id: _builtins.str = ...,
         muted: _builtins.bool = ...,
+        connection_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["muted", b"muted", "participant_id", b"participant_id", "track_id", b"track_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "muted", b"muted", "participant_id", b"participant_id", "track_id", b"track_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -933,18 +1065,25 @@ class Speaker(_message.Message):
 
     PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
     LEVEL_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    TRACK_ID_FIELD_NUMBER: _builtins.int
     participant_id: _builtins.str
     level: _builtins.float
     """0 (silence) .. 1 (full scale), smoothed."""
+    connection_id: _builtins.str
+    track_id: _builtins.str
+    """The audio track the level was read from."""
     def __init__(
         self,
         *,
         participant_id: _builtins.str = ...,
         level: _builtins.float = ...,
+        connection_id: _builtins.str = ...,
+        track_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "participant_id", b"participant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "level", b"level", "participant_id", b"participant_id", "track_id", b"track_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -952,25 +1091,34 @@ Global___Speaker: _TypeAlias = Speaker  # noqa: Y015
 
 @_typing.final
 class CustomEvent(_message.Message):
+    """Delivered to everyone in the space, the sender included (its copy carries the request_id)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     participant_id: _builtins.str
     payload: _builtins.str
     seq: _builtins.int
     """Per space, increasing by one for every delivered event."""
+    connection_id: _builtins.str
+    event_id: _builtins.str
+    """The sender's CustomEventRequest.event_id."""
     def __init__(
         self,
         *,
         participant_id: _builtins.str = ...,
         payload: _builtins.str = ...,
         seq: _builtins.int = ...,
+        connection_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant_id", b"participant_id", "payload", b"payload", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "event_id", b"event_id", "participant_id", b"participant_id", "payload", b"payload", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -978,25 +1126,60 @@ Global___CustomEvent: _TypeAlias = CustomEvent  # noqa: Y015
 
 @_typing.final
 class DisplayNameChanged(_message.Message):
+    """Delivered to everyone in the space, the participant itself included (its copy carries the
+    request_id).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
     participant_id: _builtins.str
     display_name: _builtins.str
+    connection_id: _builtins.str
     def __init__(
         self,
         *,
         participant_id: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        connection_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "participant_id", b"participant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "display_name", b"display_name", "participant_id", b"participant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DisplayNameChanged: _TypeAlias = DisplayNameChanged  # noqa: Y015
+
+@_typing.final
+class SubscriptionUpdated(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUCCESSES_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def successes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubscriptionEntry]:
+        """The entries (participants or connections) that are in the space and now subscribed."""
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubscriptionEntry]:
+        """The entries that name nobody in the space."""
+
+    def __init__(
+        self,
+        *,
+        successes: _abc.Iterable[Global___SubscriptionEntry] | None = ...,
+        failures: _abc.Iterable[Global___SubscriptionEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "successes", b"successes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscriptionUpdated: _TypeAlias = SubscriptionUpdated  # noqa: Y015
 
 @_typing.final
 class Closing(_message.Message):

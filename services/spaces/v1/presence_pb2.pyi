@@ -26,6 +26,7 @@ class JoinRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     RESUME_SECRET_FIELD_NUMBER: _builtins.int
+    RECONNECT_PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
     UNREACHABLE_NODE_ID_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The JWT signed by the customer's server."""
@@ -34,6 +35,12 @@ class JoinRequest(_message.Message):
     resume_secret: _builtins.str
     """The resume_secret of this participant's previous connection: takes that connection over
     instead of being refused by its own stale reservation.
+    """
+    reconnect_participant_id: _builtins.str
+    """A client that lost its connection and holds only its token (the web protocol's
+    reconnect_id): takes over this participant's connection, or gets the participant_id back
+    once the connection is gone, when that connection was admitted with this same token.
+    Otherwise the join proceeds as a new one.
     """
     unreachable_node_id: _builtins.str
     """The media node (JoinResponse.node_id) this client could not reach or lost its session
@@ -47,11 +54,12 @@ class JoinRequest(_message.Message):
         token: _builtins.str = ...,
         display_name: _builtins.str = ...,
         resume_secret: _builtins.str = ...,
+        reconnect_participant_id: _builtins.str = ...,
         unreachable_node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "resume_secret", b"resume_secret", "token", b"token", "unreachable_node_id", b"unreachable_node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "reconnect_participant_id", b"reconnect_participant_id", "resume_secret", b"resume_secret", "token", b"token", "unreachable_node_id", b"unreachable_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,127 @@
+// Injected into every browser test page (tests/support/browser.py). Not part of the product.
+//
+// - setColor(r, g, b): getUserMedia's video becomes a synthetic camera painting that colour
+//   (with a moving bar, so every frame is new), so receivers can tell senders apart.
+// - watch(key, element): count the frames a <video> presents (requestVideoFrameCallback) and
+//   sample the colour at its centre.
+// - stats(): {key: {frames, color: [r, g, b], width, height}} of everything watched.
+"use strict";
+window.harness = (() => {
+  const watched = new Map();
+  const events = [];
+  let color = [128, 128, 128];
+  let realGetUserMedia = null;
+
+  function syntheticCamera(width, height) {
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    const ctx = canvas.getContext("2d");
+    let tick = 0;
+    const paint = () => {
+      ctx.fillStyle = `rgb(${color[0]},${color[1]},${color[2]})`;
+      ctx.fillRect(0, 0, width, height);
+      ctx.fillStyle = "rgb(255,255,255)";
+      ctx.fillRect((tick * 8) % width, height - 16, 32, 16);
+      tick += 1;
+    };
+    paint();
+    setInterval(paint, 33);
+    return canvas.captureStream(30).getVideoTracks()[0];
+  }
+
+  function setColor(r, g, b) {
+    color = [r, g, b];
+    if (realGetUserMedia) return;
+    realGetUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+    navigator.mediaDevices.getUserMedia = async (constraints) => {
+      const stream = new MediaStream();
+      if (constraints && constraints.audio) {
+        const audio = await realGetUserMedia({ audio: true });
+        audio.getAudioTracks().forEach((t) => stream.addTrack(t));
+      }
+      if (constraints && constraints.video) {
+        stream.addTrack(syntheticCamera(640, 360));
+      }
+      return stream;
+    };
+  }
+
+  function sample(video, entry) {
+    if (!video.videoWidth) return;
+    const canvas = entry.canvas || (entry.canvas = document.createElement("canvas"));
+    canvas.width = 16;
+    canvas.height = 16;
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    const sx = Math.max(0, video.videoWidth / 2 - 8);
+    const sy = Math.max(0, video.videoHeight / 2 - 8);
+    ctx.drawImage(video, sx, sy, 16, 16, 0, 0, 16, 16);
+    const d = ctx.getImageData(8, 8, 1, 1).data;
+    entry.color = [d[0], d[1], d[2]];
+    entry.width = video.videoWidth;
+    entry.height = video.videoHeight;
+  }
+
+  function watch(key, video) {
+    const entry = { frames: 0, color: null, width: 0, height: 0, firstFrameAt: 0, video };
+    watched.set(key, entry);
+    video.muted = true;
+    video.autoplay = true;
+    video.playsInline = true;
+    if (!video.isConnected) document.body.appendChild(video);
+    video.play().catch(() => {});
+    const onFrame = () => {
+      if (watched.get(key) !== entry) return;
+      entry.frames += 1;
+      if (!entry.firstFrameAt) entry.firstFrameAt = performance.now();
+      if (entry.frames % 5 === 1) sample(video, entry);
+      video.requestVideoFrameCallback(onFrame);
+    };
+    video.requestVideoFrameCallback(onFrame);
+    return entry;
+  }
+
+  function watchTrack(key, mediaStreamTrack) {
+    const video = document.createElement("video");
+    video.srcObject = new MediaStream([mediaStreamTrack]);
+    return watch(key, video);
+  }
+
+  function stats() {
+    const out = {};
+    for (const [key, e] of watched) {
+      out[key] = { frames: e.frames, color: e.color, width: e.width, height: e.height, firstFrameAt: e.firstFrameAt };
+    }
+    return out;
+  }
+
+  function record(kind, detail) {
+    events.push({ kind, detail, at: performance.now() });
+  }
+
+  // Every WebSocket message in both directions, and every socket's close code.
+  const wire = [];
+  const RealWebSocket = window.WebSocket;
+  class RecordingWebSocket extends RealWebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      wire.push({ dir: "open", url: String(url), at: performance.now() });
+      this.addEventListener("message", (e) => wire.push({ dir: "in", data: String(e.data), at: performance.now() }));
+      this.addEventListener("close", (e) => wire.push({ dir: "close", code: e.code, at: performance.now() }));
+    }
+    send(data) {
+      wire.push({ dir: "out", data: String(data), at: performance.now() });
+      return super.send(data);
+    }
+  }
+  window.WebSocket = RecordingWebSocket;
+
+  function messages(dir, key) {
+    return wire
+      .filter((m) => m.dir === dir)
+      .map((m) => JSON.parse(m.data))
+      .filter((m) => !key || m[key] !== undefined);
+  }
+
+  return { setColor, watch, watchTrack, stats, record, events, watched, wire, messages };
+})();
