@@ -81,8 +81,11 @@ class NodeDirectory:
         ], now
 
     async def counts(self) -> dict[str, int]:
-        """Nodes by state as placement sees them: serving, draining, starting, stale."""
-        view, now = await self._current()
+        """Nodes by state as placement would see them now: serving, draining, starting, stale.
+        Read from the store, not the cache (and not into it: a read made for the metrics must
+        not hold an older view for placement)."""
+        view = await self._store.list_nodes(self._config.record_ttl_ms)
+        now = view.now_ms
         counts = dict.fromkeys(("serving", "draining", "starting", "stale"), 0)
         for node in view.nodes:
             if not is_fresh(node, now, self._config.stale_ms):
