@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 NETNS := tests/in-netns
 
-.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn clean
+.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn media-tools clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -73,11 +73,18 @@ coturn: ## Install Debian's coturn if turnserver is missing (the TURN tests star
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn; }
 
-test: $(STAMP) redis coturn checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
+media-tools: ## Install Debian's nginx + libnginx-mod-rtmp and ffmpeg if missing (the broadcast tests' RTMP receiver)
+	@{ [ -f /usr/lib/nginx/modules/ngx_rtmp_module.so ] && command -v ffprobe >/dev/null 2>&1; } || { \
+		echo "nginx-rtmp or ffprobe not found: installing nginx, libnginx-mod-rtmp and ffmpeg"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			nginx-light libnginx-mod-rtmp ffmpeg; }
+
+test: $(STAMP) redis coturn media-tools checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
 	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-faults: $(STAMP) redis ## Only the fault-tolerance tests (also part of `make test`)
-	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
+test-faults: $(STAMP) redis media-tools ## Only the fault-tolerance tests (also part of `make test`)
+	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py tests/test_broadcast_faults.py $(PYTEST_ARGS)
 
 test-slow: $(STAMP) redis ## The soaks: 30-min cluster churn (SPACES_SOAK_SECONDS) + session soak (SPACES_SESSION_SOAK_SECONDS)
 	$(NETNS) $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
@@ -88,10 +95,10 @@ run: $(STAMP) ## Start everything in one process on the embedded in-memory store
 cluster: $(STAMP) redis ## Start Redis, 2 API processes (one API address for every service) and 2 media nodes
 	$(BIN)/spaces cluster
 
-bench: $(STAMP) redis ## Run the full benchmark suite (minutes); writes bench/results/*.json
+bench: $(STAMP) redis media-tools ## Run the full benchmark suite (minutes); writes bench/results/*.json
 	$(BIN)/python -m bench all
 
-bench-quick: $(STAMP) redis ## A tiny run of every benchmark (what the tests run)
+bench-quick: $(STAMP) redis media-tools ## A tiny run of every benchmark (what the tests run)
 	$(BIN)/python -m bench all --quick
 
 clean: ## Remove the venv and caches

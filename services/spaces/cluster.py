@@ -181,6 +181,7 @@ class LocalCluster:
     each serve all of them."""
     redis_appendonly: bool = False
     """Redis with an append-only file (a graceful restart keeps the data)."""
+    broadcasters: int = 0
     base_port: int = 0
     """0 picks free ports; otherwise ports are consecutive from here."""
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
@@ -226,7 +227,12 @@ class LocalCluster:
                 self.add(f"api-{i}", ["serve", "--services", ",".join(API_SERVICES)])
         for i in range(self.nodes):
             self.add_node(f"media-{i}")
+        for i in range(self.broadcasters):
+            self.add_broadcaster(f"broadcaster-{i}")
         return self
+
+    def add_broadcaster(self, name: str, **extra_env: str) -> ServiceProcess:
+        return self.add(name, ["broadcaster"], SPACES_BROADCASTER_ID=name, **extra_env)
 
     def add(self, name: str, args: list[str], **extra_env: str) -> ServiceProcess:
         port = self._port()
@@ -298,7 +304,11 @@ class LocalCluster:
 
 def run_cluster(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
-        replicas=args.replicas, nodes=args.nodes, base_port=args.base_port, split=args.split
+        replicas=args.replicas,
+        nodes=args.nodes,
+        broadcasters=args.broadcasters,
+        base_port=args.base_port,
+        split=args.split,
     )
     stopping = False
 

@@ -23,6 +23,8 @@ from spaces.store import open_store
 from spaces.store.base import Store
 from spaces.tasks import spawn
 from spaces.v1 import (
+    broadcast_pb2,
+    broadcast_pb2_grpc,
     media_pb2,
     media_pb2_grpc,
     presence_pb2,
@@ -45,6 +47,7 @@ SERVICE_NAMES = {
     "presence": presence_pb2.DESCRIPTOR.services_by_name["PresenceService"].full_name,
     "media": media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name,
     "webhooks": webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    "broadcasts": broadcast_pb2.DESCRIPTOR.services_by_name["BroadcastService"].full_name,
 }
 ADMIN_SERVICES = {"control", "auth", "presence", "webhooks"}
 HTTP_SERVICES = {"signal"}
@@ -73,6 +76,7 @@ class SpacesServer:
         self.media_node: Any = None
         self.webhooks: Any = None
         self.signal: Any = None
+        self.broadcaster: Any = None
         self._stopping = False
         self._hurried = False
 
@@ -119,6 +123,12 @@ class SpacesServer:
         if "control" in config.services:
             space_pb2_grpc.add_SpaceServiceServicer_to_server(SpaceServicer(self.store), server)
             names.append(SERVICE_NAMES["control"])
+            from spaces.broadcast.servicer import BroadcastServicer
+
+            broadcast_pb2_grpc.add_BroadcastServiceServicer_to_server(
+                BroadcastServicer(self.store, config.broadcast), server
+            )
+            names.append(SERVICE_NAMES["broadcasts"])
         if "auth" in config.services:
             signing_key_pb2_grpc.add_SigningKeyServiceServicer_to_server(
                 SigningKeyServicer(self.store), server
@@ -127,6 +137,7 @@ class SpacesServer:
         await self._add_presence(server, names)
         await self._add_media(server, names)
         await self._add_webhooks(server, names)
+        self._add_broadcaster()
 
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names += [
@@ -230,6 +241,16 @@ class SpacesServer:
         presence = self.config.signal.presence_addr or self.address
         self.signal = SignalComponent(self.config, presence)
         self._components.append(self.signal)
+
+    def _add_broadcaster(self) -> None:
+        if "broadcaster" not in self.config.services:
+            return
+        from spaces.broadcast.worker import BroadcasterPool
+
+        self.broadcaster = BroadcasterPool(
+            self.config, self.store, health=self._health, local_address=lambda: self.address
+        )
+        self._components.append(self.broadcaster)
 
     def hurry(self) -> None:
         """Stop now (a second Ctrl-C): cut the media node's drain and the RPC grace short."""

@@ -36,6 +36,7 @@ from spaces.media.aiortc_adapter import (
     PlaceholderTrack,
     RtpSink,
     add_remote_candidate,
+    check_answer,
     hook_sender,
     label_sender,
     parse_sdp,
@@ -151,6 +152,8 @@ class Session:
         self.connection_id = participant.connection_id
         self.participant_id = participant.participant_id
         self.role = claim.connection_record.get("role", "publisher")
+        self.hidden = claim.connection_record.get("hidden") == "1"
+        """A broadcaster worker's subscriber: never shown to others, never announced."""
         self.display_name = participant.display_name
         self.joined_at_ms = participant.joined_at_ms
         self.record = dict(claim.connection_record)
@@ -397,9 +400,20 @@ class Session:
         for track in removed:
             self.room.unpublish(track)
         for track in added:
-            if track.id in self.room.tracks:
-                # Published meanwhile under the same id by an earlier connection's last gasp.
-                self.room.unpublish(self.room.tracks[track.id])
+            taken = self.room.tracks.get(track.id)
+            if taken is not None and taken.owner.participant_id != self.participant_id:
+                # Someone else published this id while the offer was being answered: theirs
+                # stays, and this one is not forwarded (the client is told).
+                self._published.pop(track.mid, None)
+                track.forwarder.close()
+                self._error(
+                    event.request_id,
+                    errors.AlreadyExists(f"track id {track.id!r} is already published"),
+                )
+                continue
+            if taken is not None:
+                # This participant's earlier connection, still closing, published it last.
+                self.room.unpublish(taken)
             self.room.publish(track)
         if added or removed:
             logger.info(
@@ -648,8 +662,7 @@ class Session:
         if event.sdp_type != "answer" or len(event.sdp) > MAX_SDP_BYTES:
             raise errors.InvalidSdp('subscriber_answer must carry an sdp of type "answer"')
         try:
-            if self._subs:
-                parse_sdp(event.sdp)
+            check_answer(event.sdp, pc.localDescription.sdp)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=event.sdp, type="answer"))
         except Exception as exc:
             # The subscribing connection cannot continue with a broken answer.

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,15 @@ class DisplayNameChanged:
 
 
 @dataclass(frozen=True)
+class BroadcastStateChanged:
+    """A broadcast of the space was started or stopped (also sent right after joining while the
+    space is being broadcast)."""
+
+    broadcasting: bool
+    broadcast_ids: list[str]
+
+
+@dataclass(frozen=True)
 class Reconnecting:
     reason: str
     attempt: int
@@ -174,6 +183,7 @@ SpaceEvent = (
     | ActiveSpeakersChanged
     | CustomEventReceived
     | DisplayNameChanged
+    | BroadcastStateChanged
     | Reconnecting
     | Reconnected
     | ReconnectFailed
@@ -400,17 +410,23 @@ class Space:
         max_subscriptions: int = 0,
         decode: bool = True,
         ice_transport_policy: str = "all",
+        join: Callable[[], Awaitable[presence_pb2.JoinResponse]] | None = None,
     ) -> None:
         """``ice_addresses``: local addresses ICE may use (default: every non-loopback
         address, or loopback when the server is on loopback). ``publish_bitrate``: pin video
         encoders to this bitrate instead of following the server's estimate. ``decode=False``:
         receive RTP packets only (``RemoteTrack.packet_listeners``), never decoding; for load
-        generators and recorders. ``ice_transport_policy="relay"``: send media only through
-        the TURN server that Join hands out (as a browser's ``iceTransportPolicy``)."""
+        generators and recorders. ``join``: get each session's ticket from this coroutine
+        instead of PresenceService.Join (Spaces' own broadcaster workers, which hold no JWT).
+        ``ice_transport_policy="relay"``: send media only through the TURN server that Join
+        hands out (as a browser's ``iceTransportPolicy``)."""
         if ice_transport_policy not in ("all", "relay"):
             raise ValueError('ice_transport_policy must be "all" or "relay"')
         self._ice_transport_policy = RTCIceTransportPolicy(ice_transport_policy)
         self.token = token
+        self._join = join
+        self.broadcasting = False
+        """True while a broadcast of the space is ACTIVE (BroadcastStateChanged)."""
         self.address = address
         self.display_name = display_name
         self._credentials = credentials
@@ -534,15 +550,18 @@ class Space:
         if self._presence_channel is None:
             self._presence_channel = self._channel(self.address)
         presence = presence_pb2_grpc.PresenceServiceStub(self._presence_channel)
-        response = await presence.Join(
-            presence_pb2.JoinRequest(
-                token=self.token,
-                display_name=self.display_name,
-                resume_secret=self._resume_secret,
-                unreachable_node_id=self._lost_node,
-            ),
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        if self._join is not None:
+            response = await self._join()
+        else:
+            response = await presence.Join(
+                presence_pb2.JoinRequest(
+                    token=self.token,
+                    display_name=self.display_name,
+                    resume_secret=self._resume_secret,
+                    unreachable_node_id=self._lost_node,
+                ),
+                timeout=REQUEST_TIMEOUT_S,
+            )
         self._lost_node = ""  # reported; a new failure reports again
         self.join_response = response
         self._resume_secret = response.resume_secret
@@ -748,6 +767,10 @@ class Space:
         elif kind == "custom_event":
             event_c = message.custom_event
             self._emit(CustomEventReceived(event_c.participant_id, event_c.payload, event_c.seq))
+        elif kind == "broadcast_state":
+            state = message.broadcast_state
+            self.broadcasting = state.broadcasting
+            self._emit(BroadcastStateChanged(state.broadcasting, list(state.broadcast_ids)))
         elif kind == "display_name_changed":
             event_d = message.display_name_changed
             participant = self.participants.get(event_d.participant_id)

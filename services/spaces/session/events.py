@@ -339,6 +339,15 @@ class SubscriptionUpdated:
 
 
 @dataclass(frozen=True, slots=True)
+class BroadcastStateChanged:
+    """Whether the space is being broadcast (media.proto BroadcastState): sent after Joined
+    while a broadcast is ACTIVE, and whenever the set of ACTIVE broadcasts changes."""
+
+    broadcasting: bool
+    broadcast_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Closing:
     reason: str
     message: str = ""
@@ -350,6 +359,7 @@ class Closing:
 
 ServerEvent = (
     Joined
+    | BroadcastStateChanged
     | Ack
     | RequestFailed
     | PublishAnswered
