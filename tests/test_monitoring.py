@@ -100,8 +100,9 @@ def test_the_dashboard_covers_what_an_operator_watches() -> None:
     dashboard = json.loads((MONITORING / "spaces-dashboard.json").read_text())
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
-    # A place for broadcast health, until BroadcastService's metrics land.
+    # Broadcast health, from the broadcaster workers' metrics.
     assert any(p["title"] == "Broadcasts" and p["type"] == "row" for p in dashboard["panels"])
+    assert {"spaces_broadcasts_active", "spaces_broadcast_errors_total"} <= used
 
 
 def test_the_alert_rules_are_well_formed_and_cover_the_failures() -> None:
