@@ -7,7 +7,8 @@ descriptors, asyncio tasks) and what Redis holds. They must be flat within 10%, 
 be left behind.
 
 `make test` runs a short version (SHORT_S); `make test-slow` runs SPACES_SOAK_SECONDS (default
-1800: 30 minutes). SPACES_SOAK_REPORT names a JSON file for the figures (docs/soak.md)."""
+1800: 30 minutes). SPACES_SOAK_REPORT names a JSON file for the figures (docs/soak.md);
+SPACES_SOAK_TRACE a file that gets the long-lived processes' RSS after every round."""
 
 from __future__ import annotations
 
@@ -316,10 +317,18 @@ async def test_churn_with_restarts_leaves_processes_and_redis_flat(
         chaos = Chaos(cluster, seconds)
         began = time.monotonic()
         chaos_task = asyncio.create_task(chaos.run(began, seconds))
+        trace = os.environ.get("SPACES_SOAK_TRACE")
         while time.monotonic() - began < seconds or not chaos_task.done():
             await churn.round()
             if chaos_task.done():
                 chaos_task.result()  # raise what went wrong
+            if trace:
+                # The long-lived processes' memory every round (not quiesced: a trend only).
+                sample = {"t": round(time.monotonic() - began, 1), "round": churn.rounds}
+                for name, process in long_lived.items():
+                    sample[name] = footprint(process, cluster.redis.port)["rss_mb"]
+                with open(trace, "a") as out:  # noqa: ASYNC230 - a line per round
+                    out.write(json.dumps(sample) + "\n")
         await churn.quiesce(redis)
         end = {name: footprint(p, cluster.redis.port) for name, p in long_lived.items()}
         end_redis = await redis_snapshot(redis)
