@@ -111,6 +111,15 @@ async def video(page: Page) -> dict[str, Any]:
     return result
 
 
+def assert_every_frame_is(entry: dict[str, Any], expected: tuple[int, int, int], what: str) -> None:
+    """Every presented frame that could be sampled is ``expected``'s colour (only the first
+    callback or two may come before the element holds a frame)."""
+    colors = entry["colors"]
+    assert len(colors) >= entry["frames"] - 2 > 0, (what, entry["frames"], len(colors))
+    wrong = [c for c in colors if not close_to(c, expected)]
+    assert not wrong, (what, expected, wrong[:5], len(colors))
+
+
 async def until_frames(page: Page, key: str, count: int, timeout: float = 20.0) -> None:
     async def check() -> bool:
         return (await frames(page)).get(key, 0) >= count
@@ -139,7 +148,313 @@ async def test_three_pages_each_decode_the_other_two_with_the_right_colours(worl
                 continue
             entry = seen[f"{sender}/camera"]
             assert entry["frames"] >= 30
-            # Every presented frame is the sender's colour: never another page's.
-            assert entry["colors"], (viewer, sender)
-            wrong = [c for c in entry["colors"] if not close_to(c, expected)]
-            assert not wrong, (viewer, sender, wrong[:5], len(entry["colors"]))
+            assert_every_frame_is(entry, expected, f"{viewer} sees {sender}")
+
+async def test_a_browser_and_a_python_sdk_participant_exchange_media(world: World) -> None:
+    from spaces.sdk import Space
+    from spaces.sdk.media import TestPatternTrack, ToneTrack, read_pattern, same_color
+
+    page = await world.joined("browser", RED)
+    python = Space(world.tenant.token(world.space_id, "python"), world.server.address)
+    await python.join()
+    try:
+        await python.local.publish(TestPatternTrack(BLUE), "camera")
+        await python.local.publish(ToneTrack(440), "microphone")
+        # The browser decodes the Python participant's video, in its colour.
+        await until_frames(page, "python/camera", 30)
+        assert_every_frame_is((await video(page))["python/camera"], BLUE, "browser sees python")
+        # The Python participant decodes the browser's camera and microphone.
+        camera = await eventually(lambda: python.remote_track("browser", "camera"), timeout=10)
+        microphone = await eventually(lambda: python.remote_track("browser", "microphone"))
+        await eventually(lambda: camera.frames_received >= 30, timeout=20)
+        await eventually(lambda: microphone.frames_received >= 30, timeout=20)
+        color, _ = read_pattern(camera.last_frame)
+        assert same_color(color, RED, tolerance=COLOR_TOLERANCE), color
+    finally:
+        await python.leave()
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+async def seen(page: Page, event: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = await page.js("name => app.seen(name)", event)
+    return result
+
+
+async def until_seen(page: Page, event: str, match: Any = None, timeout: float = 10.0) -> Any:
+    async def check() -> Any:
+        found = [e for e in await seen(page, event) if match is None or match(e)]
+        return found or None
+
+    try:
+        return await eventually(check, timeout=timeout, interval=0.1)
+    except AssertionError:
+        raise AssertionError(f"{page.name} never saw {event}: {await seen(page, event)}") from None
+
+
+async def test_mute_and_unmute_reach_the_other_pages(world: World) -> None:
+    alice = await world.joined("alice", RED)
+    bob = await world.joined("bob", GREEN)
+    carol = await world.joined("carol", BLUE)
+    for page in (bob, carol):
+        await until_frames(page, "alice/camera", 5)
+    camera = await alice.js("() => app.tracks.camera.tid")
+    microphone = await alice.js("() => app.tracks.microphone.tid")
+
+    def about(tid: str, muted: bool) -> Any:
+        return lambda e: (
+            e["participant"] == "alice" and e["track"]["tid"] == tid and e["track"]["muted"] is muted
+        )
+
+    await alice.js("() => { app.tracks.camera.mute(); app.tracks.microphone.mute(); }")
+    for page in (bob, carol):
+        await until_seen(page, "ParticipantTrackMuted", about(camera, True))
+        await until_seen(page, "ParticipantTrackMuted", about(microphone, True))
+        muted = await page.js(
+            "() => [...app.space.remoteParticipants.values()].find(p => p.id === 'alice')"
+            ".getTracks().map(t => [t.source, t.muted])"
+        )
+        assert sorted(muted) == [["camera", True], ["microphone", True]]
+    await alice.js("() => app.tracks.camera.unMute()")
+    for page in (bob, carol):
+        await until_seen(page, "ParticipantTrackUnmuted", about(camera, False))
+    # Only the camera was unmuted; the page that muted is never told about itself.
+    assert not [e for e in await seen(bob, "ParticipantTrackUnmuted") if e["track"]["tid"] == microphone]
+    assert not await seen(alice, "ParticipantTrackMuted")
+    # A participant who joins now sees the state as it is.
+    dave = await world.joined("dave", publish=False)
+    tracks = await dave.js(
+        "() => [...app.space.remoteParticipants.values()].find(p => p.id === 'alice')"
+        ".getTracks().map(t => [t.source, t.muted])"
+    )
+    assert sorted(tracks) == [["camera", False], ["microphone", True]]
+
+
+async def test_custom_events_arrive_in_order_with_sequence_numbers_and_the_rate_limit_errs(
+    world: World,
+) -> None:
+    alice = await world.joined("alice", RED, publish=False)
+    bob = await world.joined("bob", GREEN, publish=False)
+    sent = await alice.js(
+        """async () => {
+            const out = [];
+            for (let i = 0; i < 5; i++) out.push(await app.local.publishCustomEvent(`hello ${i}`));
+            return out;
+        }"""
+    )
+    numbers = [e["sequenceNumber"] for e in sent]
+    assert [e["payload"] for e in sent] == [f"hello {i}" for i in range(5)]
+    assert numbers == list(range(numbers[0], numbers[0] + 5))
+    received = await until_seen(
+        bob, "ParticipantCustomEventPublished", lambda e: e["custom"]["payload"] == "hello 4"
+    )
+    got = [e for e in await seen(bob, "ParticipantCustomEventPublished")]
+    assert [(e["participant"], e["custom"]["payload"], e["custom"]["sequenceNumber"]) for e in got] == [
+        ("alice", f"hello {i}", numbers[i]) for i in range(5)
+    ], received
+    # A burst beyond the per-second limit: the server refuses the excess with its request
+    # error (CustomEventRateLimited, 6), and what it accepted still arrives in order.
+    results = await alice.js(
+        """() => Promise.all(Array.from({length: 25}, (_, i) =>
+            app.call(() => app.local.publishCustomEvent(`burst ${i}`))))"""
+    )
+    accepted = [r["ok"] for r in results if "ok" in r]
+    refused = [r["error"] for r in results if "error" in r]
+    assert refused and accepted, results
+    assert {(e["name"], e["code"]) for e in refused} == {("PublishCustomEventError", 6)}, refused
+    assert all("rate" in e["message"] for e in refused), refused
+    last = accepted[-1]["payload"]
+    await until_seen(bob, "ParticipantCustomEventPublished", lambda e: e["custom"]["payload"] == last)
+    burst = [e["custom"] for e in await seen(bob, "ParticipantCustomEventPublished")][5:]
+    assert [e["payload"] for e in burst] == [e["payload"] for e in accepted]
+    assert [e["sequenceNumber"] for e in burst] == [e["sequenceNumber"] for e in accepted]
+    assert [e["sequenceNumber"] for e in burst] == sorted(e["sequenceNumber"] for e in burst)
+
+
+async def test_a_display_name_change_arrives(world: World) -> None:
+    alice = await world.joined("alice", RED, publish=False, displayName="Alice")
+    bob = await world.joined("bob", GREEN, publish=False)
+    # The name given at join is what the others see.
+    joined = await until_seen(bob, "ParticipantJoined", lambda e: e["participant"] == "alice")
+    assert joined[0]["displayName"] == "Alice"
+    result = await alice.js("() => app.call(async () => (await app.local.setDisplayName('Alice Smith')).displayName)")
+    assert result == {"ok": "Alice Smith"}
+    changed = await until_seen(bob, "ParticipantDisplayNameChanged", lambda e: e["participant"] == "alice")
+    assert changed[0]["displayName"] == "Alice Smith"
+    # The page that changed it hears it too, as Mux's SDK does.
+    mine = await until_seen(alice, "ParticipantDisplayNameChanged")
+    assert mine[0]["participant"] == "alice" and mine[0]["displayName"] == "Alice Smith"
+    # Changed again at once: the server's rate limit is a SetDisplayNameError (type 8).
+    again = await alice.js("() => app.call(() => app.local.setDisplayName('Too Soon'))")
+    assert again["error"]["name"] == "SetDisplayNameError" and again["error"]["code"] == 8, again
+
+
+async def test_screen_share_is_a_second_video_track_with_source_screenshare(world: World) -> None:
+    alice = await world.joined("alice", RED)
+    bob = await world.joined("bob", GREEN, publish=False)
+    await until_frames(bob, "alice/camera", 5)
+    shared = await alice.js("() => app.publish({screen: true})")
+    assert [(t["kind"], t["source"]) for t in shared] == [(2, "screenshare")], shared
+    published = await until_seen(
+        bob, "ParticipantTrackPublished", lambda e: e["track"]["source"] == "screenshare"
+    )
+    assert published[0]["participant"] == "alice" and published[0]["track"]["kind"] == 2
+    await until_frames(bob, "alice/screenshare", 30)
+    await until_frames(bob, "alice/camera", 60)
+    # Two video tracks from one participant: the camera's colour and the fake screen differ.
+    seen_video = await video(bob)
+    assert_every_frame_is(seen_video["alice/camera"], RED, "camera")
+    screen = seen_video["alice/screenshare"]["colors"]
+    assert screen and not any(close_to(c, RED) for c in screen)
+    sources = await bob.js(
+        "() => [...app.space.remoteParticipants.values()][0].getVideoTracks().map(t => t.source)"
+    )
+    assert sorted(sources) == ["camera", "screenshare"]
+    # Unpublished: the others see it go.
+    await alice.js("() => app.local.unpublishTracks([app.tracks.screenshare], {stop: true})")
+    gone = await until_seen(bob, "ParticipantTrackUnpublished")
+    assert gone[0]["track"]["source"] == "screenshare"
+
+
+async def test_a_subscriber_token_cannot_publish_and_still_receives(world: World) -> None:
+    alice = await world.joined("alice", RED)
+    viewer = await world.joined("viewer", GREEN, role="subscriber", publish=False)
+    assert await viewer.js("() => app.local.role") == 2
+    refused = await viewer.js("() => app.publish({audio: true, video: true})")
+    assert refused["error"]["name"] == "PublishTrackError", refused
+    assert "subscriber" in refused["error"]["message"], refused
+    event = await viewer.js("() => app.call(() => app.local.publishCustomEvent('hi'))")
+    assert event["error"]["name"] == "PublishCustomEventError", event
+    # The server refused: nobody sees a track (or an event) from the subscriber ...
+    await until_frames(viewer, "alice/camera", 30)
+    assert not [e for e in await seen(alice, "ParticipantTrackPublished") if e["participant"] == "viewer"]
+    assert not await seen(alice, "ParticipantCustomEventPublished")
+    # ... and the refusal was the server's: the wire carried the offer and its error.
+    wire = await viewer.js("() => harness.messages('out').map(m => Object.keys(m)[0])")
+    assert "offer" in wire, wire
+    errors = await viewer.js("() => harness.messages('in', 'error').map(m => m.error)")
+    assert any(e.get("request_error") for e in errors), errors
+
+
+# --- uniqueness, reconnect, kick and delete -------------------------------------------------
+
+
+async def socket_log(page: Page) -> list[dict[str, Any]]:
+    """Every socket the page opened ("open", with its URL) and closed ("close", with its code)."""
+    result: list[dict[str, Any]] = await page.js(
+        "() => harness.wire.filter(m => m.dir !== 'in' && m.dir !== 'out')"
+    )
+    return result
+
+
+async def test_a_duplicate_participant_id_gets_error_3_and_the_first_page_keeps_its_media(
+    world: World,
+) -> None:
+    first = await world.joined("dup", RED)
+    other = await world.joined("other", GREEN)
+    await until_frames(first, "other/camera", 10)
+    await until_frames(other, "dup/camera", 10)
+    second = await world.page("dup-again", BLUE)
+    token = world.tenant.token(world.space_id, "dup")
+    result = await second.js("t => app.join(t)", token)
+    assert result["error"]["name"] == "JWTError", result
+    assert result["error"]["code"] == 3 and result["error"]["fatal"] is True, result
+    assert result["error"]["message"], result
+    # The first page was never disturbed: no reconnect, and media keeps flowing both ways.
+    before_first = (await frames(first))["other/camera"]
+    before_other = (await frames(other))["dup/camera"]
+    await until_frames(first, "other/camera", before_first + 30)
+    await until_frames(other, "dup/camera", before_other + 30)
+    assert not await seen(first, "LocalParticipantReconnecting")
+    assert [e["dir"] for e in await socket_log(first)] == ["open"]
+    participants = await world.admin.participants(world.space_id)
+    assert sorted(p.participant_id for p in participants) == ["dup", "other"]
+
+
+async def test_a_dropped_socket_reconnects_keeps_its_id_and_receives_media_within_5s(
+    world: World,
+) -> None:
+    alice = await world.joined("alice", RED)
+    bob = await world.joined("bob", GREEN)
+    await until_frames(alice, "bob/camera", 10)
+    await until_frames(bob, "alice/camera", 10)
+    tids = await alice.js("() => app.local.getTracks().map(t => t.tid).sort()")
+    (bridge,) = world.server.signal.bridges_of("alice")
+    old_connection = bridge.connection_id
+    await bridge.drop()
+    await until_seen(alice, "LocalParticipantReconnected", timeout=10)
+    assert await alice.js("() => [app.local.id, app.space.state]") == ["alice", "joined"]
+    assert await alice.js("() => app.local.connectionId") != old_connection
+    # The reconnect asked the server for its own participant back, at once.
+    sockets = await socket_log(alice)
+    assert [s["dir"] for s in sockets] == ["open", "close", "open"], sockets
+    assert sockets[1]["code"] == 4001
+    assert "reconnect_id=alice" in sockets[2]["url"] and "reconnect_attempt=1" in sockets[2]["url"]
+    # Media again, within 5 s of the drop, in both directions; the same tracks (same tids).
+    reconnecting = (await seen(alice, "LocalParticipantReconnecting"))[0]["at"]
+
+    async def first_frame_after_drop() -> float:
+        entry = (await alice.js("() => app.video()"))["bob/camera"]
+        return float(entry["firstFrameAt"]) if entry["firstFrameAt"] > reconnecting else 0.0
+
+    first_frame = await eventually(first_frame_after_drop, timeout=10)
+    assert first_frame - reconnecting <= 5000, first_frame - reconnecting
+    assert await alice.js("() => app.local.getTracks().map(t => t.tid).sort()") == tids
+    republished = await until_seen(
+        bob, "ParticipantJoined", lambda e: e["participant"] == "alice" and e["connection"] != old_connection
+    )
+    assert republished
+    before = (await frames(bob))["alice/camera"]
+    await until_frames(bob, "alice/camera", before + 10, timeout=5)
+    remote_tids = await bob.js(
+        "() => [...app.space.remoteParticipants.values()].find(p => p.id === 'alice')"
+        ".getTracks().map(t => t.tid).sort()"
+    )
+    assert remote_tids == tids
+    assert_every_frame_is((await video(alice))["bob/camera"], GREEN, "alice sees bob again")
+    participants = await world.admin.participants(world.space_id)
+    assert sorted(p.participant_id for p in participants) == ["alice", "bob"]
+
+
+async def test_a_kick_closes_the_page_with_4000_and_it_does_not_come_back(world: World) -> None:
+    from spaces.v1 import presence_pb2
+
+    alice = await world.joined("alice", RED)
+    bob = await world.joined("bob", GREEN)
+    await until_frames(bob, "alice/camera", 5)
+    await world.admin.presence.RemoveParticipant(
+        presence_pb2.RemoveParticipantRequest(space_id=world.space_id, participant_id="alice"),
+        metadata=world.admin.md,
+    )
+    ended = await until_seen(alice, "LocalParticipantDisconnected")
+    assert ended[0]["error"]["name"] == "DisconnectedError" and ended[0]["error"]["code"] == 4000
+    assert await alice.js("() => app.space.state") == "closed"
+    await until_seen(bob, "ParticipantLeft", lambda e: e["participant"] == "alice")
+    # It stays out: no reconnect, no second socket, and the server has only bob.
+    await asyncio.sleep(2.0)
+    sockets = await socket_log(alice)
+    assert [(s["dir"], s.get("code")) for s in sockets] == [("open", None), ("close", 4000)]
+    assert not await seen(alice, "LocalParticipantReconnecting")
+    assert [p.participant_id for p in await world.admin.participants(world.space_id)] == ["bob"]
+
+
+async def test_a_forced_delete_closes_every_page_with_4000_and_none_comes_back(
+    world: World,
+) -> None:
+    from spaces.v1 import space_pb2
+
+    pages = [await world.joined("alice", RED), await world.joined("bob", GREEN, publish=False)]
+    await until_frames(pages[1], "alice/camera", 5)
+    await world.admin.spaces.DeleteSpace(
+        space_pb2.DeleteSpaceRequest(id=world.space_id, force=True), metadata=world.admin.md
+    )
+    for page in pages:
+        ended = await until_seen(page, "LocalParticipantDisconnected")
+        assert ended[0]["error"]["code"] == 4000, ended
+        assert "deleted" in ended[0]["error"]["message"], ended
+    await asyncio.sleep(2.0)
+    for page in pages:
+        sockets = await socket_log(page)
+        assert [(s["dir"], s.get("code")) for s in sockets] == [("open", None), ("close", 4000)]
+        assert await page.js("() => app.space.state") == "closed"

@@ -60,9 +60,11 @@ window.app = (() => {
       if (videos.get(key) !== entry) return;
       entry.frames += 1;
       if (!entry.firstFrameAt) entry.firstFrameAt = performance.now();
+      // The very first callback may come before the element holds the frame (readyState 0):
+      // such a frame is counted, and not sampled.
       const w = video.videoWidth;
       const h = video.videoHeight;
-      if (w && h) {
+      if (w && h && video.readyState >= 2) {
         ctx.drawImage(video, w / 2 - 2, h / 2 - 2, 4, 4, 0, 0, 4, 4);
         const d = ctx.getImageData(2, 2, 1, 1).data;
         entry.colors.push([d[0], d[1], d[2]]);
