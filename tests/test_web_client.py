@@ -337,6 +337,49 @@ async def test_a_subscriber_token_cannot_publish_and_still_receives(world: World
     assert any(e.get("request_error") for e in errors), errors
 
 
+async def test_manual_subscription_receives_only_what_it_subscribes_to(world: World) -> None:
+    alice = await world.joined("alice", RED)
+    auto = await world.joined("auto", GREEN, publish=False)
+    manual = await world.joined("manual", BLUE, publish=False, subscriptionMode="MANUAL")
+    await until_frames(auto, "alice/camera", 10)
+    # Automatic mode got alice's media; manual mode got only the announcement.
+    assert await seen(manual, "ParticipantTrackPublished")
+    assert not await seen(manual, "ParticipantTrackSubscribed")
+    assert await frames(manual) == {}
+    wrong_mode = await auto.js(
+        "() => app.call(() => [...app.space.remoteParticipants.values()][0].subscribe())"
+    )
+    assert wrong_mode["error"]["name"] == "SubscriptionError", wrong_mode
+    subscribe = """() => app.call(() => [...app.space.remoteParticipants.values()]
+        .find(p => p.id === 'alice').subscribe())"""
+    assert await manual.js(subscribe) == {"ok": None}
+    subscribed = await seen(manual, "ParticipantTrackSubscribed")
+    assert sorted(e["track"]["source"] for e in subscribed) == ["camera", "microphone"]
+    await until_frames(manual, "alice/camera", 30)
+    assert_every_frame_is((await video(manual))["alice/camera"], RED, "manual sees alice")
+    unsubscribe = subscribe.replace(".subscribe()", ".unsubscribe()")
+    assert await manual.js(unsubscribe) == {"ok": None}
+    gone = await until_seen(manual, "ParticipantTrackUnsubscribed", timeout=10)
+    assert {e["track"]["source"] for e in gone} <= {"camera", "microphone"}
+    await until_seen(
+        manual, "ParticipantTrackUnsubscribed", lambda e: e["track"]["source"] == "camera"
+    )
+    assert await manual.js("() => app.local && [...app.space.remoteParticipants.values()][0]"
+                           ".getTracks().some(t => t.hasMedia())") is False
+
+
+async def test_active_speakers_reach_every_page(world: World) -> None:
+    # Bob first: the node announces speakers when they change (a page that joins while the
+    # set stays the same hears of it at the next change).
+    bob = await world.joined("bob", GREEN, publish=False)
+    alice = await world.joined("alice", RED)
+    # Chromium's fake microphone beeps: the node hears it in the audio-level extension.
+    speakers = await until_seen(bob, "ActiveSpeakersChanged", lambda e: "alice" in e["speakers"])
+    assert speakers[0]["speakers"] == ["alice"]
+    mine = await until_seen(alice, "ActiveSpeakersChanged", lambda e: "alice" in e["speakers"])
+    assert mine
+
+
 # --- uniqueness, reconnect, kick and delete -------------------------------------------------
 
 
@@ -458,3 +501,78 @@ async def test_a_forced_delete_closes_every_page_with_4000_and_none_comes_back(
         sockets = await socket_log(page)
         assert [(s["dir"], s.get("code")) for s in sockets] == [("open", None), ("close", 4000)]
         assert await page.js("() => app.space.state") == "closed"
+
+
+# --- the meeting page -----------------------------------------------------------------------
+
+
+async def meeting_page(world: World, name: str, color: tuple[int, int, int], path: str) -> Page:
+    page = await Page.open(world.browser, world.origin, name, color, path=path)
+    world.pages.append(page)
+    await page.page.fill("#name", name)
+    await page.page.click("#join-dev")
+    await page.page.wait_for_selector(".tile.local", timeout=15_000)
+    return page
+
+
+async def remote_tile_frames(page: Page, name: str, count: int) -> dict[str, Any]:
+    """Watch the video of ``name``'s camera tile (as the page shows it) until it presented
+    ``count`` frames; returns the harness's stats for it."""
+    selector = f'.tile[data-kind="camera"]:not(.local) video'
+    await page.page.wait_for_function(
+        """([selector, name]) => [...document.querySelectorAll(selector)].some(v =>
+            v.closest('.tile').querySelector('.name').textContent === name && v.srcObject)""",
+        arg=[selector, name],
+        timeout=15_000,
+    )
+    await page.js(
+        """([selector, name]) => {
+            const video = [...document.querySelectorAll(selector)].find(v =>
+                v.closest('.tile').querySelector('.name').textContent === name);
+            harness.watch(name, video);
+        }""",
+        [selector, name],
+    )
+
+    async def enough() -> Any:
+        stats = (await page.js("() => harness.stats()"))[name]
+        return stats if stats["frames"] >= count else None
+
+    try:
+        result: dict[str, Any] = await eventually(enough, timeout=20, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"{page.name}: {await page.js('() => harness.stats()')}\n{page.log()}") from None
+    return result
+
+
+async def test_the_meeting_page_joins_two_tabs_through_the_dev_token_button(world: World) -> None:
+    first = await meeting_page(world, "Ann", RED, "/")
+    # The page put its space in its address: "open this URL in two browser tabs".
+    url = first.page.url
+    assert "?space=" in url, url
+    space_id = url.split("?space=", 1)[1]
+    assert await first.js("() => document.querySelector('#invite-link').href") == url
+    second = await meeting_page(world, "Ben", GREEN, "/?space=" + space_id)
+    assert second.page.url == url
+    for page, other, color in ((first, "Ben", GREEN), (second, "Ann", RED)):
+        stats = await remote_tile_frames(page, other, 30)
+        assert close_to(stats["color"], color), (page.name, stats)
+        names = await page.js(
+            "() => [...document.querySelectorAll('.tile .name')].map(n => n.textContent).sort()"
+        )
+        assert names == sorted([f"{page.name} (you)", other]), names
+    participants = await world.admin.participants(space_id)
+    assert sorted(p.display_name for p in participants) == ["Ann", "Ben"]
+    # The fake microphone beeps: Ann's tile lights up as the active speaker in Ben's tab.
+    ann_speaks = """() => [...document.querySelectorAll('.tile.speaking .name')]
+        .some(n => n.textContent === 'Ann')"""
+    await second.page.wait_for_function(ann_speaks, timeout=15_000)
+    # Mute state reaches the other tab's tile.
+    await first.page.click("#microphone")
+    await second.page.wait_for_function(
+        """() => [...document.querySelectorAll('.tile')].some(t =>
+            t.querySelector('.name').textContent === 'Ann' &&
+            t.querySelector('.state').textContent.includes('mic off'))""",
+        timeout=10_000,
+    )
+    assert await first.js("() => document.querySelector('#microphone').textContent") == "Mic off"
