@@ -9,10 +9,12 @@ browser context with a synthetic camera of its own colour (tests/support/harness
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -22,7 +24,8 @@ from tests.support.system import Admin, Tenant, eventually, start_server, web_co
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-WEBAPP = Path(__file__).parent / "support" / "webapp.js"
+ROOT = Path(__file__).resolve().parent.parent
+WEBAPP = ROOT / "tests" / "support" / "webapp.js"
 RED = (220, 40, 40)
 GREEN = (40, 200, 40)
 BLUE = (40, 40, 220)
@@ -150,6 +153,7 @@ async def test_three_pages_each_decode_the_other_two_with_the_right_colours(worl
             assert entry["frames"] >= 30
             assert_every_frame_is(entry, expected, f"{viewer} sees {sender}")
 
+
 async def test_a_browser_and_a_python_sdk_participant_exchange_media(world: World) -> None:
     from spaces.sdk import Space
     from spaces.sdk.media import TestPatternTrack, ToneTrack, read_pattern, same_color
@@ -204,7 +208,9 @@ async def test_mute_and_unmute_reach_the_other_pages(world: World) -> None:
 
     def about(tid: str, muted: bool) -> Any:
         return lambda e: (
-            e["participant"] == "alice" and e["track"]["tid"] == tid and e["track"]["muted"] is muted
+            e["participant"] == "alice"
+            and e["track"]["tid"] == tid
+            and e["track"]["muted"] is muted
         )
 
     await alice.js("() => { app.tracks.camera.mute(); app.tracks.microphone.mute(); }")
@@ -220,7 +226,9 @@ async def test_mute_and_unmute_reach_the_other_pages(world: World) -> None:
     for page in (bob, carol):
         await until_seen(page, "ParticipantTrackUnmuted", about(camera, False))
     # Only the camera was unmuted; the page that muted is never told about itself.
-    assert not [e for e in await seen(bob, "ParticipantTrackUnmuted") if e["track"]["tid"] == microphone]
+    assert not [
+        e for e in await seen(bob, "ParticipantTrackUnmuted") if e["track"]["tid"] == microphone
+    ]
     assert not await seen(alice, "ParticipantTrackMuted")
     # A participant who joins now sees the state as it is.
     dave = await world.joined("dave", publish=False)
@@ -250,9 +258,9 @@ async def test_custom_events_arrive_in_order_with_sequence_numbers_and_the_rate_
         bob, "ParticipantCustomEventPublished", lambda e: e["custom"]["payload"] == "hello 4"
     )
     got = [e for e in await seen(bob, "ParticipantCustomEventPublished")]
-    assert [(e["participant"], e["custom"]["payload"], e["custom"]["sequenceNumber"]) for e in got] == [
-        ("alice", f"hello {i}", numbers[i]) for i in range(5)
-    ], received
+    assert [
+        (e["participant"], e["custom"]["payload"], e["custom"]["sequenceNumber"]) for e in got
+    ] == [("alice", f"hello {i}", numbers[i]) for i in range(5)], received
     # A burst beyond the per-second limit: the server refuses the excess with its request
     # error (CustomEventRateLimited, 6), and what it accepted still arrives in order.
     results = await alice.js(
@@ -265,7 +273,9 @@ async def test_custom_events_arrive_in_order_with_sequence_numbers_and_the_rate_
     assert {(e["name"], e["code"]) for e in refused} == {("PublishCustomEventError", 6)}, refused
     assert all("rate" in e["message"] for e in refused), refused
     last = accepted[-1]["payload"]
-    await until_seen(bob, "ParticipantCustomEventPublished", lambda e: e["custom"]["payload"] == last)
+    await until_seen(
+        bob, "ParticipantCustomEventPublished", lambda e: e["custom"]["payload"] == last
+    )
     burst = [e["custom"] for e in await seen(bob, "ParticipantCustomEventPublished")][5:]
     assert [e["payload"] for e in burst] == [e["payload"] for e in accepted]
     assert [e["sequenceNumber"] for e in burst] == [e["sequenceNumber"] for e in accepted]
@@ -278,9 +288,13 @@ async def test_a_display_name_change_arrives(world: World) -> None:
     # The name given at join is what the others see.
     joined = await until_seen(bob, "ParticipantJoined", lambda e: e["participant"] == "alice")
     assert joined[0]["displayName"] == "Alice"
-    result = await alice.js("() => app.call(async () => (await app.local.setDisplayName('Alice Smith')).displayName)")
+    result = await alice.js(
+        "() => app.call(async () => (await app.local.setDisplayName('Alice Smith')).displayName)"
+    )
     assert result == {"ok": "Alice Smith"}
-    changed = await until_seen(bob, "ParticipantDisplayNameChanged", lambda e: e["participant"] == "alice")
+    changed = await until_seen(
+        bob, "ParticipantDisplayNameChanged", lambda e: e["participant"] == "alice"
+    )
     assert changed[0]["displayName"] == "Alice Smith"
     # The page that changed it hears it too, as Mux's SDK does.
     mine = await until_seen(alice, "ParticipantDisplayNameChanged")
@@ -328,7 +342,9 @@ async def test_a_subscriber_token_cannot_publish_and_still_receives(world: World
     assert event["error"]["name"] == "PublishCustomEventError", event
     # The server refused: nobody sees a track (or an event) from the subscriber ...
     await until_frames(viewer, "alice/camera", 30)
-    assert not [e for e in await seen(alice, "ParticipantTrackPublished") if e["participant"] == "viewer"]
+    assert not [
+        e for e in await seen(alice, "ParticipantTrackPublished") if e["participant"] == "viewer"
+    ]
     assert not await seen(alice, "ParticipantCustomEventPublished")
     # ... and the refusal was the server's: the wire carried the offer and its error.
     wire = await viewer.js("() => harness.messages('out').map(m => Object.keys(m)[0])")
@@ -338,7 +354,7 @@ async def test_a_subscriber_token_cannot_publish_and_still_receives(world: World
 
 
 async def test_manual_subscription_receives_only_what_it_subscribes_to(world: World) -> None:
-    alice = await world.joined("alice", RED)
+    await world.joined("alice", RED)
     auto = await world.joined("auto", GREEN, publish=False)
     manual = await world.joined("manual", BLUE, publish=False, subscriptionMode="MANUAL")
     await until_frames(auto, "alice/camera", 10)
@@ -364,8 +380,13 @@ async def test_manual_subscription_receives_only_what_it_subscribes_to(world: Wo
     await until_seen(
         manual, "ParticipantTrackUnsubscribed", lambda e: e["track"]["source"] == "camera"
     )
-    assert await manual.js("() => app.local && [...app.space.remoteParticipants.values()][0]"
-                           ".getTracks().some(t => t.hasMedia())") is False
+    assert (
+        await manual.js(
+            "() => app.local && [...app.space.remoteParticipants.values()][0]"
+            ".getTracks().some(t => t.hasMedia())"
+        )
+        is False
+    )
 
 
 async def test_active_speakers_reach_every_page(world: World) -> None:
@@ -445,7 +466,9 @@ async def test_a_dropped_socket_reconnects_keeps_its_id_and_receives_media_withi
     assert first_frame - reconnecting <= 5000, first_frame - reconnecting
     assert await alice.js("() => app.local.getTracks().map(t => t.tid).sort()") == tids
     republished = await until_seen(
-        bob, "ParticipantJoined", lambda e: e["participant"] == "alice" and e["connection"] != old_connection
+        bob,
+        "ParticipantJoined",
+        lambda e: e["participant"] == "alice" and e["connection"] != old_connection,
     )
     assert republished
     before = (await frames(bob))["alice/camera"]
@@ -518,7 +541,7 @@ async def meeting_page(world: World, name: str, color: tuple[int, int, int], pat
 async def remote_tile_frames(page: Page, name: str, count: int) -> dict[str, Any]:
     """Watch the video of ``name``'s camera tile (as the page shows it) until it presented
     ``count`` frames; returns the harness's stats for it."""
-    selector = f'.tile[data-kind="camera"]:not(.local) video'
+    selector = '.tile[data-kind="camera"]:not(.local) video'
     await page.page.wait_for_function(
         """([selector, name]) => [...document.querySelectorAll(selector)].some(v =>
             v.closest('.tile').querySelector('.name').textContent === name && v.srcObject)""",
@@ -541,7 +564,9 @@ async def remote_tile_frames(page: Page, name: str, count: int) -> dict[str, Any
     try:
         result: dict[str, Any] = await eventually(enough, timeout=20, interval=0.2)
     except AssertionError:
-        raise AssertionError(f"{page.name}: {await page.js('() => harness.stats()')}\n{page.log()}") from None
+        raise AssertionError(
+            f"{page.name}: {await page.js('() => harness.stats()')}\n{page.log()}"
+        ) from None
     return result
 
 
@@ -576,3 +601,42 @@ async def test_the_meeting_page_joins_two_tabs_through_the_dev_token_button(worl
         timeout=10_000,
     )
     assert await first.js("() => document.querySelector('#microphone').textContent") == "Mic off"
+
+
+# --- the files ------------------------------------------------------------------------------
+
+
+async def test_the_client_its_types_and_the_meeting_page_are_served(server: SpacesServer) -> None:
+    origin = str(server.signal.url).rstrip("/")
+    expected = {
+        "/sdk/spaces.js": ("text/javascript", "spaces.js"),
+        "/sdk/spaces.d.ts": ("application/typescript", "spaces.d.ts"),
+        "/": ("text/html", "index.html"),
+        "/meeting.js": ("text/javascript", "meeting.js"),
+        "/meeting.css": ("text/css", "meeting.css"),
+    }
+    async with aiohttp.ClientSession() as http:
+        for path, (content_type, name) in expected.items():
+            async with http.get(origin + path) as reply:
+                assert reply.status == 200, path
+                assert reply.content_type == content_type, (path, reply.content_type)
+                assert await reply.read() == (ROOT / "web" / name).read_bytes(), path
+
+
+async def test_every_export_of_the_client_is_declared_in_its_types() -> None:
+    js = (ROOT / "web" / "spaces.js").read_text()
+    dts = (ROOT / "web" / "spaces.d.ts").read_text()
+    exported = set(re.findall(r"^export (?:async )?(?:const|class|function) (\w+)", js, re.M))
+    declared = set(re.findall(r"^export declare (?:const|class|function) (\w+)", dts, re.M))
+    for text, names in ((js, exported), (dts, declared)):
+        names.update(re.findall(r"^export \{ \w+ as (\w+) \};", text, re.M))
+    assert len(exported) > 30
+    assert exported == declared, exported ^ declared
+    # Mux's names, so that moving an app is a change of import.
+    for name in (
+        "Space", "SpaceEvent", "ParticipantEvent", "LocalParticipant", "RemoteParticipant",
+        "LocalTrack", "RemoteTrack", "TrackSource", "TrackKind", "SubscriptionMode",
+        "getUserMedia", "getDisplayMedia", "getLocalTracksFromMediaStream", "JWTError",
+        "ConnectionError", "DisconnectedError", "PublishCustomEventError", "SetDisplayNameError",
+    ):  # fmt: skip
+        assert name in exported, name
