@@ -535,6 +535,9 @@ async def meeting_page(world: World, name: str, color: tuple[int, int, int], pat
     await page.page.fill("#name", name)
     await page.page.click("#join-dev")
     await page.page.wait_for_selector(".tile.local", timeout=15_000)
+    # In the meeting, the lobby is gone and the controls are there.
+    assert await page.page.is_hidden("#lobby")
+    assert await page.page.is_visible("#controls")
     return page
 
 
