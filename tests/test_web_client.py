@@ -643,3 +643,26 @@ async def test_every_export_of_the_client_is_declared_in_its_types() -> None:
         "ConnectionError", "DisconnectedError", "PublishCustomEventError", "SetDisplayNameError",
     ):  # fmt: skip
         assert name in exported, name
+
+
+async def test_an_app_on_another_origin_imports_the_client_and_joins(world: World) -> None:
+    """The README's migration: an app served from its own origin imports the client from the
+    Spaces server (a cross-origin module import needs CORS), which connects back to it."""
+    publisher = await world.joined("alice", RED)
+    port = world.server.signal.port
+    app = await Page.open(world.browser, f"http://localhost:{port}", "app", GREEN)
+    world.pages.append(app)
+    result = await app.js(
+        """async ([module, token]) => {
+            const { Space, SpaceEvent } = await import(module);
+            const space = new Space(token);
+            const subscribed = new Promise(resolve =>
+                space.on(SpaceEvent.ParticipantTrackSubscribed, (p, t) => resolve(p.id + "/" + t.source)));
+            const me = await space.join();
+            return [location.origin, me.id, await subscribed];
+        }""",
+        [f"http://127.0.0.1:{port}/sdk/spaces.js", world.tenant.token(world.space_id, "app")],
+    )
+    assert result[0] == f"http://localhost:{port}"
+    assert result[1] == "app" and result[2] in ("alice/camera", "alice/microphone"), result
+    await until_seen(publisher, "ParticipantJoined", lambda e: e["participant"] == "app")
