@@ -604,6 +604,15 @@ async def test_the_meeting_page_joins_two_tabs_through_the_dev_token_button(worl
         timeout=10_000,
     )
     assert await first.js("() => document.querySelector('#microphone').textContent") == "Mic off"
+    # A third tab joins the same space with a pasted token instead.
+    third = await Page.open(world.browser, world.origin, "Cat", BLUE, path="/")
+    world.pages.append(third)
+    await third.page.fill("#name", "Cat")
+    await third.page.fill("#token", world.tenant.token(space_id, "cat"))
+    await third.page.click("#join-token")
+    await third.page.wait_for_selector(".tile.local", timeout=15_000)
+    stats = await remote_tile_frames(third, "Ann", 10)
+    assert close_to(stats["color"], RED), stats
 
 
 # --- the files ------------------------------------------------------------------------------
@@ -656,8 +665,8 @@ async def test_an_app_on_another_origin_imports_the_client_and_joins(world: Worl
         """async ([module, token]) => {
             const { Space, SpaceEvent } = await import(module);
             const space = new Space(token);
-            const subscribed = new Promise(resolve =>
-                space.on(SpaceEvent.ParticipantTrackSubscribed, (p, t) => resolve(p.id + "/" + t.source)));
+            const subscribed = new Promise(resolve => space.on(
+                SpaceEvent.ParticipantTrackSubscribed, (p, t) => resolve(p.id + "/" + t.source)));
             const me = await space.join();
             return [location.origin, me.id, await subscribed];
         }""",
@@ -666,3 +675,27 @@ async def test_an_app_on_another_origin_imports_the_client_and_joins(world: Worl
     assert result[0] == f"http://localhost:{port}"
     assert result[1] == "app" and result[2] in ("alice/camera", "alice/microphone"), result
     await until_seen(publisher, "ParticipantJoined", lambda e: e["participant"] == "app")
+
+
+async def test_the_readme_browser_example_works(world: World) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## From a browser", 1)[1]
+    match = re.search(r"```html\n(.*?)```", section, re.S)
+    assert match, "README.md lost its browser example"
+    origin = world.origin.rstrip("/")
+    token = world.tenant.token(world.space_id, "readme")
+    html = match.group(1).replace("http://127.0.0.1:8080", origin)
+    html = html.replace('<script type="module">', f'<script type="module">const token = "{token}";')
+    other = await world.joined("other", GREEN)
+    page = await Page.open(world.browser, world.origin, "readme", RED)
+    world.pages.append(page)
+    await page.page.set_content(html)
+    # The example attaches what it receives, and publishes camera and microphone.
+    await page.page.wait_for_function("() => document.querySelector('video')", timeout=15_000)
+    await page.js("() => harness.watch('other', document.querySelector('video'))")
+    await eventually(
+        lambda: page.js("() => harness.stats().other.frames >= 10"), timeout=15, interval=0.2
+    )
+    assert close_to((await page.js("() => harness.stats().other"))["color"], GREEN)
+    await until_frames(other, "readme/camera", 10)
+    assert_every_frame_is((await video(other))["readme/camera"], RED, "other sees the example")
