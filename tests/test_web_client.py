@@ -404,6 +404,15 @@ async def test_active_speakers_reach_every_page(world: World) -> None:
 # --- uniqueness, reconnect, kick and delete -------------------------------------------------
 
 
+async def exchanging(world: World, a: str, b: str) -> tuple[Page, Page]:
+    """Two publishing pages (red and green) that each decoded 10 frames of the other."""
+    first = await world.joined(a, RED)
+    second = await world.joined(b, GREEN)
+    await until_frames(first, f"{b}/camera", 10)
+    await until_frames(second, f"{a}/camera", 10)
+    return first, second
+
+
 async def socket_log(page: Page) -> list[dict[str, Any]]:
     """Every socket the page opened ("open", with its URL) and closed ("close", with its code)."""
     result: list[dict[str, Any]] = await page.js(
@@ -415,10 +424,7 @@ async def socket_log(page: Page) -> list[dict[str, Any]]:
 async def test_a_duplicate_participant_id_gets_error_3_and_the_first_page_keeps_its_media(
     world: World,
 ) -> None:
-    first = await world.joined("dup", RED)
-    other = await world.joined("other", GREEN)
-    await until_frames(first, "other/camera", 10)
-    await until_frames(other, "dup/camera", 10)
+    first, other = await exchanging(world, "dup", "other")
     second = await world.page("dup-again", BLUE)
     token = world.tenant.token(world.space_id, "dup")
     result = await second.js("t => app.join(t)", token)
@@ -439,10 +445,7 @@ async def test_a_duplicate_participant_id_gets_error_3_and_the_first_page_keeps_
 async def test_a_dropped_socket_reconnects_keeps_its_id_and_receives_media_within_5s(
     world: World,
 ) -> None:
-    alice = await world.joined("alice", RED)
-    bob = await world.joined("bob", GREEN)
-    await until_frames(alice, "bob/camera", 10)
-    await until_frames(bob, "alice/camera", 10)
+    alice, bob = await exchanging(world, "alice", "bob")
     tids = await alice.js("() => app.local.getTracks().map(t => t.tid).sort()")
     (bridge,) = world.server.signal.bridges_of("alice")
     old_connection = bridge.connection_id

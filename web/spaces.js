@@ -1259,13 +1259,15 @@ export class Space extends Emitter {
     try {
       await pc.setRemoteDescription({ type: "answer", sdp: await answered });
     } catch (error) {
+      // The connection ended meanwhile: the reconnect publishes every track again.
+      if (conn.closed) return;
       // Refused (a subscriber's token, a limit): take the offer back so the connection can
       // negotiate again; a connection that never got an answer is simply dropped.
       for (const track of fresh) conn.sending.delete(track);
       if (created) {
         pc.close();
         conn.pub = null;
-      } else if (!conn.closed && pc.signalingState === "have-local-offer") {
+      } else if (pc.signalingState === "have-local-offer") {
         await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
         for (const t of pc.getTransceivers()) {
           if (!t.currentDirection) t.direction = "inactive";
