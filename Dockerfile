@@ -17,10 +17,11 @@ RUN python -m venv /opt/spaces
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY media-node ./media-node
+COPY web ./web
 # Byte-compiled here, because the runtime root filesystem is read-only. The import check fails
 # the build if the wheel left a package out.
 RUN /opt/spaces/bin/pip install . \
-    && /opt/spaces/bin/python -c "import spaces.cli, spaces.server, spaces.media.node" \
+    && /opt/spaces/bin/python -c "import spaces.cli, spaces.server, spaces.media.node, spaces.signal.service; spaces.signal.service.web_asset('spaces.js')" \
     && /opt/spaces/bin/spaces --help > /dev/null \
     && /opt/spaces/bin/pip uninstall --yes pip setuptools wheel
 
@@ -40,8 +41,9 @@ ENV PATH=/opt/spaces/bin:$PATH \
 # Numeric, so Kubernetes can verify runAsNonRoot without looking the name up.
 USER 10001:10001
 WORKDIR /tmp
-# 50051: gRPC (every service, health, reflection). 9464: Prometheus /metrics.
-# Media nodes also use a UDP range (SPACES_UDP_PORT_RANGE) on the host network.
-EXPOSE 50051 9464
+# 50051: gRPC (every service, health, reflection). 9464: Prometheus /metrics. 8080: the
+# signaling service for browsers (SPACES_SIGNAL_ADDR). Media nodes also use a UDP range
+# (SPACES_UDP_PORT_RANGE) on the host network.
+EXPOSE 50051 9464 8080
 ENTRYPOINT ["spaces"]
 CMD ["serve"]

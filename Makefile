@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 NETNS := tests/in-netns
 
-.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis web-deps clean
+.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis media-tools web-deps clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -59,6 +59,13 @@ redis: ## Install Debian's redis-server if the binary is missing (the tests star
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
 
+media-tools: ## Install Debian's nginx + libnginx-mod-rtmp and ffmpeg if missing (the broadcast tests' RTMP receiver)
+	@{ [ -f /usr/lib/nginx/modules/ngx_rtmp_module.so ] && command -v ffprobe >/dev/null 2>&1; } || { \
+		echo "nginx-rtmp or ffprobe not found: installing nginx, libnginx-mod-rtmp and ffmpeg"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			nginx-light libnginx-mod-rtmp ffmpeg; }
+
 web-deps: $(STAMP) ## What the browser tests need: Debian's chromium and npm (if missing), and @mux/spaces-web in .cache/
 	@[ -x "$${SPACES_CHROMIUM:-/usr/bin/chromium}" ] || { \
 		echo "chromium not found: installing Debian's chromium package"; \
@@ -71,11 +78,11 @@ web-deps: $(STAMP) ## What the browser tests need: Debian's chromium and npm (if
 	@# npm needs the registry, so this runs here, outside the tests' network namespace.
 	@$(BIN)/python -c 'from tests.support.browser import mux_sdk; mux_sdk()'
 
-test: $(STAMP) redis web-deps checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
+test: $(STAMP) redis media-tools web-deps checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
 	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-faults: $(STAMP) redis ## Only the fault-tolerance tests (also part of `make test`)
-	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py $(PYTEST_ARGS)
+test-faults: $(STAMP) redis media-tools ## Only the fault-tolerance tests (also part of `make test`)
+	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py tests/test_broadcast_faults.py $(PYTEST_ARGS)
 
 test-slow: $(STAMP) redis ## The soak test (marked slow; SPACES_SOAK_SECONDS, default 120)
 	$(NETNS) $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
@@ -86,10 +93,10 @@ run: $(STAMP) ## Start everything in one process on the embedded in-memory store
 cluster: $(STAMP) redis ## Start Redis, 2 replicas of each API service and 2 media nodes as local processes
 	$(BIN)/spaces cluster
 
-bench: $(STAMP) redis web-deps ## Run the full benchmark suite (minutes); writes bench/results/*.json
+bench: $(STAMP) redis media-tools web-deps ## Run the full benchmark suite (minutes); writes bench/results/*.json
 	$(BIN)/python -m bench all
 
-bench-quick: $(STAMP) redis web-deps ## A tiny run of every benchmark (what the tests run)
+bench-quick: $(STAMP) redis media-tools web-deps ## A tiny run of every benchmark (what the tests run)
 	$(BIN)/python -m bench all --quick
 
 clean: ## Remove the venv and caches

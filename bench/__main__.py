@@ -33,11 +33,11 @@ class Benchmark:
 
 
 def benchmarks() -> dict[str, Benchmark]:
-    from bench import browser_join, fanout, join, latency, meetings
+    from bench import broadcast, browser_join, fanout, join, latency, meetings
 
     return {
         m.NAME: Benchmark(m.NAME, m.SUMMARY, m.run, m.render)
-        for m in (join, fanout, latency, meetings, browser_join)
+        for m in (join, fanout, latency, meetings, broadcast, browser_join)
     }
 
 

@@ -34,12 +34,16 @@ def is_figure(value: Any) -> bool:
 def test_help_lists_every_benchmark() -> None:
     result = run_bench("--help", timeout=60)
     assert result.returncode == 0, result.stderr
-    for name in ("join", "fanout", "latency", "meetings", "browser-join", "all"):
+    for name in ("join", "fanout", "latency", "meetings", "broadcast", "browser-join", "all"):
         assert name in result.stdout
 
 
 # name -> paths (dotted, into the JSON result) that must hold numbers
 FIGURES = {
+    "broadcast": [
+        "summary.cores_720p_3",
+        "summary.encode_only_720p",
+    ],
     "join": [
         "summary.joins_per_s_one_presence",
         "summary.latency_ms_at_rate.p50",

@@ -564,6 +564,11 @@ def test_production_takes_the_redis_url_from_a_secret(production: list[dict[str,
     secrets = {s["metadata"]["name"] for s in of_kind(production, "Secret")}
     for workload in spaces_workloads(production):
         env = container_env(only_container(workload), production)
+        if only_container(workload).get("args") == ["serve", "--services", "signal"]:
+            # The signaling service never touches Redis (it joins through presence): it gets
+            # no Redis credentials at all.
+            assert "SPACES_REDIS_URL" not in env
+            continue
         redis_url = env["SPACES_REDIS_URL"]
         assert redis_url.secret is not None, workload["metadata"]["name"]
         assert not redis_url.optional
@@ -597,16 +602,20 @@ def test_dev_is_self_contained(dev: list[dict[str, Any]]) -> None:
 # --- network policy ----------------------------------------------------------------------------
 
 
-def test_only_presence_grpc_is_open_to_clients(rendered: list[dict[str, Any]]) -> None:
+def test_only_presence_grpc_and_signal_http_are_open_to_clients(
+    rendered: list[dict[str, Any]],
+) -> None:
+    public_ports = {"spaces-presence": "grpc", "spaces-signal": "http"}
     for policy in of_kind(rendered, "NetworkPolicy"):
         for rule in policy["spec"].get("ingress", []):
             if not open_to_everyone(rule):
                 continue
             selector = policy["spec"]["podSelector"]
             selected = [w for w in workloads(rendered) if selector_matches(selector, pod_labels(w))]
-            assert [w["metadata"]["name"] for w in selected] == ["spaces-presence"], policy
-            grpc = container_port(only_container(selected[0]), "grpc")
-            assert rule_ports(rule) == {grpc}, policy["metadata"]["name"]
+            names = [w["metadata"]["name"] for w in selected]
+            assert len(names) == 1 and names[0] in public_ports, policy
+            port = container_port(only_container(selected[0]), public_ports[names[0]])
+            assert rule_ports(rule) == {port}, policy["metadata"]["name"]
     presence = pod_labels(api_deployment(rendered, "presence"))
     assert any(open_to_everyone(r) for r in ingress_rules_for(rendered, presence))
 
@@ -703,7 +712,20 @@ def test_dockerfile_runs_spaces_and_exposes_its_ports() -> None:
     entrypoints = [rest for keyword, rest in stage if keyword == "ENTRYPOINT"]
     assert entrypoints and yaml.safe_load(entrypoints[-1]) == ["spaces"]
     exposed = {int(p.split("/")[0]) for k, rest in stage if k == "EXPOSE" for p in rest.split()}
-    assert {50051, 9464} <= exposed
+    assert {50051, 9464, 8080} <= exposed
+
+
+def test_dockerfile_copies_every_source_root_of_the_package() -> None:
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    roots = {path.split("/")[0] for path in config["tool"]["setuptools"]["package-dir"].values()}
+    copied = {
+        rest.split()[0].rstrip("/")
+        for keyword, rest in dockerfile_instructions()
+        if keyword == "COPY" and not rest.startswith("--from")
+    }
+    assert roots <= copied, roots - copied
 
 
 def test_dockerignore_keeps_the_venv_git_and_caches_out_of_the_build() -> None:
@@ -714,3 +736,103 @@ def test_dockerignore_keeps_the_venv_git_and_caches_out_of_the_build() -> None:
     }
     for required in (".venv", ".git", ".pytest_cache", ".mypy_cache", "bench/results"):
         assert required in patterns or required.split("/")[0] in patterns, required
+
+
+def test_broadcasters_are_an_autoscaled_deployment_that_drains(
+    rendered: list[dict[str, Any]],
+) -> None:
+    worker = named(rendered, "Deployment", "spaces-broadcaster")
+    container = only_container(worker)
+    assert container["args"] == ["broadcaster"]
+    assert not pod_spec(worker).get("hostNetwork")
+    # Sized from bench/broadcast.py (docs/benchmarks.md): at least a core per pod requested.
+    assert container["resources"]["requests"]["cpu"] == "1"
+    hpa = [
+        h
+        for h in of_kind(rendered, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "spaces-broadcaster"
+    ]
+    assert hpa
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] >= 15
+
+
+def test_production_keeps_two_broadcasters_so_one_can_take_over(
+    production: list[dict[str, Any]],
+) -> None:
+    hpa = [
+        h
+        for h in of_kind(production, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "spaces-broadcaster"
+    ]
+    assert hpa[0]["spec"]["minReplicas"] >= 2
+
+
+# --- signaling service -------------------------------------------------------------------------
+
+
+def test_signal_is_an_autoscaled_deployment_reaching_presence(
+    rendered: list[dict[str, Any]],
+) -> None:
+    from spaces.config import host_of
+
+    deployment = named(rendered, "Deployment", "spaces-signal")
+    container = only_container(deployment)
+    assert container["args"] == ["serve", "--services", "signal"]
+    assert not pod_spec(deployment).get("hostNetwork")
+    assert "replicas" not in deployment["spec"]
+    env = container_env(container, rendered)
+    http = container_port(container, "http")
+    assert port_of(literal(env, "SPACES_SIGNAL_ADDR", "")) == http
+    assert host_of(literal(env, "SPACES_SIGNAL_ADDR", "")) == "0.0.0.0"
+    presence = literal(env, "SPACES_PRESENCE_ADDR", "")
+    presence_service = named(rendered, "Service", "spaces-presence")
+    assert host_of(presence) == presence_service["metadata"]["name"]
+    assert port_of(presence) in {p["port"] for p in presence_service["spec"]["ports"]}
+    # The config this environment builds is valid for a signal-only process.
+    ServerConfig.from_env(
+        {k: v.value for k, v in env.items() if v.value is not None}, services="signal"
+    )
+    hpas = [
+        h
+        for h in of_kind(rendered, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "spaces-signal"
+    ]
+    assert len(hpas) == 1 and hpas[0]["spec"]["minReplicas"] >= 1
+    pdbs = [
+        p
+        for p in of_kind(rendered, "PodDisruptionBudget")
+        if selector_matches(p["spec"]["selector"], pod_labels(deployment))
+    ]
+    assert len(pdbs) == 1 and pdbs[0]["spec"]["maxUnavailable"] == 1
+    service = named(rendered, "Service", "spaces-signal")
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels(deployment))
+    assert any(p["targetPort"] in ("http", http) for p in service["spec"]["ports"])
+
+
+def test_production_serves_browsers_over_tls_with_websocket_timeouts(
+    production: list[dict[str, Any]],
+) -> None:
+    ingress = named(production, "Ingress", "spaces-signal")
+    spec = ingress["spec"]
+    assert spec["tls"] and spec["tls"][0]["secretName"]
+    hosts = {h for t in spec["tls"] for h in t["hosts"]}
+    backends = []
+    for rule in spec["rules"]:
+        assert rule["host"] in hosts  # every host it serves has a certificate
+        for path in rule["http"]["paths"]:
+            backends.append(path["backend"]["service"])
+    assert backends and all(b["name"] == "spaces-signal" for b in backends)
+    service_ports = {p["name"] for p in named(production, "Service", "spaces-signal")["spec"]["ports"]}
+    assert all(b["port"]["name"] in service_ports for b in backends)
+    annotations = ingress["metadata"]["annotations"]
+    # A WebSocket lives as long as a meeting: well beyond the proxy's default 60 s.
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= 3600
+    hpa = [
+        h
+        for h in of_kind(production, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "spaces-signal"
+    ]
+    assert hpa[0]["spec"]["minReplicas"] >= 3
+    docs = OPERATIONS.read_text()
+    assert "Behind a proxy" in docs and "proxy-read-timeout" in docs

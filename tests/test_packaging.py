@@ -13,11 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def source_packages() -> set[str]:
     found = set()
-    for root, prefix in ((ROOT / "services", ""), (ROOT / "media-node", "")):
+    roots = ((ROOT / "services", ""), (ROOT / "media-node", ""), (ROOT / "web", "spaces.web"))
+    for root, prefix in roots:
         for init in root.rglob("__init__.py"):
             parts = init.parent.relative_to(root).parts
             if "__pycache__" not in parts:
-                found.add(prefix + ".".join(parts))
+                found.add(".".join(p for p in (prefix, *parts) if p))
     return found
 
 
@@ -53,6 +54,9 @@ def test_the_built_wheel_contains_every_module(tmp_path: Path) -> None:
         "spaces/sdk/client.py",
         "spaces/v1/media_pb2.py",
         "spaces/sdk/py.typed",
+        "spaces/web/spaces.js",
+        "spaces/web/spaces.d.ts",
+        "spaces/web/index.html",
     ):
         assert module in names, module
 

@@ -985,3 +985,231 @@ async def test_a_cancelled_store_call_stops_at_once(store: Store) -> None:
             task.cancel()
             await asyncio.wait({task}, timeout=1)
     assert ignored == 0
+
+
+# --- broadcasts -----------------------------------------------------------------------------
+
+from spaces.store.base import BroadcastSpec, HiddenReservation  # noqa: E402
+from spaces.v1 import broadcast_pb2  # noqa: E402
+
+
+def broadcast_spec(space_id: str, bid: str = "", **kw: object) -> BroadcastSpec:
+    values: dict[str, object] = {
+        "space_id": space_id,
+        "broadcast_id": bid or "b" + secrets.token_hex(6),
+        "layout": "gallery",
+        "resolution": "1280x720",
+        "rtmp_url": "rtmp://127.0.0.1:1935/live",
+        "stream_key": "secret-key",
+        "background_source": "inline",
+        "background": b"\x89PNG fake",
+        "background_sha256": "ab" * 32,
+        "passthrough": "show-1",
+    }
+    values.update(kw)
+    return BroadcastSpec(**values)  # type: ignore[arg-type]
+
+
+async def test_broadcast_reads_back_idle_without_its_stream_key(store: Store) -> None:
+    space_id = await new_space(store)
+    created = await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    got = await store.get_broadcast(space_id, "b1")
+    assert created == got
+    assert got.status == broadcast_pb2.BROADCAST_STATUS_IDLE
+    assert got.layout == broadcast_pb2.BROADCAST_LAYOUT_GALLERY
+    assert got.resolution == broadcast_pb2.BROADCAST_RESOLUTION_1280X720
+    assert got.rtmp_url == "rtmp://127.0.0.1:1935/live"
+    assert got.passthrough == "show-1"
+    assert "secret-key" not in str(got)
+    space = await store.get_space(space_id)
+    assert [b.id for b in space.broadcasts] == ["b1"]
+    with pytest.raises(errors.BroadcastNotFound):
+        await store.get_broadcast(space_id, "nope")
+    with pytest.raises(errors.SpaceNotFound):
+        await store.get_broadcast("nope", "b1")
+
+
+async def test_broadcast_limit_per_space_is_enforced(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 2)
+    await store.create_broadcast(broadcast_spec(space_id, "b2"), 2)
+    with pytest.raises(errors.BroadcastLimitReached):
+        await store.create_broadcast(broadcast_spec(space_id, "b3"), 2)
+    assert [b.id for b in await store.list_broadcasts(space_id)] == ["b1", "b2"]
+    with pytest.raises(errors.SpaceNotFound):
+        await store.create_broadcast(broadcast_spec("missing"), 2)
+
+
+async def test_start_needs_an_active_space_and_delete_needs_an_idle_broadcast(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    with pytest.raises(errors.SpaceIdle):
+        await store.start_broadcast(space_id, "b1")
+    assert await store.broadcasts_due(10) == []
+    await connect(store, space_id, "alice")
+    started, node = await store.start_broadcast(space_id, "b1")
+    assert started.status == broadcast_pb2.BROADCAST_STATUS_ACTIVE
+    assert node == "n1"
+    assert started.started_at_ms > 0
+    again, _ = await store.start_broadcast(space_id, "b1")
+    assert again.started_at_ms == started.started_at_ms  # starting an active one changes nothing
+    with pytest.raises(errors.BroadcastActive):
+        await store.delete_broadcast(space_id, "b1")
+    stopped, _ = await store.stop_broadcast(space_id, "b1")
+    assert stopped.status == broadcast_pb2.BROADCAST_STATUS_IDLE
+    await store.delete_broadcast(space_id, "b1")
+    assert await store.list_broadcasts(space_id) == []
+
+
+async def test_broadcast_events_are_emitted_in_order_without_the_key(store: Store) -> None:
+    space_id = await new_space(store)
+    mark = await store.latest_event_id()
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    await connect(store, space_id, "alice")
+    await store.start_broadcast(space_id, "b1")
+    await store.stop_broadcast(space_id, "b1")
+    await store.delete_broadcast(space_id, "b1")
+    events = [e for e in await events_after(store, mark) if e.WhichOneof("subject") == "broadcast"]
+    assert [(e.type, e.reason) for e in events] == [
+        (event_pb2.EVENT_TYPE_BROADCAST_CREATED, ""),
+        (event_pb2.EVENT_TYPE_BROADCAST_ACTIVE, "started"),
+        (event_pb2.EVENT_TYPE_BROADCAST_IDLE, "stopped"),
+        (event_pb2.EVENT_TYPE_BROADCAST_DELETED, ""),
+    ]
+    assert all(e.broadcast.id == "b1" and e.space_id == space_id for e in events)
+    assert "secret-key" not in str(events)
+
+
+async def test_space_going_idle_stops_its_broadcast_in_the_same_step(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    r = await connect(store, space_id, "alice")
+    await store.start_broadcast(space_id, "b1")
+    assert await store.broadcasts_due(10) == [(space_id, "b1")]
+    mark = await store.latest_event_id()
+    await store.leave(space_id, r.connection_id, "left")
+    got = await store.get_broadcast(space_id, "b1")
+    assert got.status == broadcast_pb2.BROADCAST_STATUS_IDLE
+    events = await events_after(store, mark)
+    kinds = [e.type for e in events]
+    idle = kinds.index(event_pb2.EVENT_TYPE_BROADCAST_IDLE)
+    assert events[idle].reason == "space_idle"
+    assert kinds.index(event_pb2.EVENT_TYPE_SPACE_IDLE) > idle
+    space_idle = events[kinds.index(event_pb2.EVENT_TYPE_SPACE_IDLE)]
+    assert [b.status for b in space_idle.space.broadcasts] == [broadcast_pb2.BROADCAST_STATUS_IDLE]
+    assert await store.broadcasts_due(10) == []
+
+
+async def test_a_broadcast_lease_is_exclusive_until_it_lapses(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    await connect(store, space_id, "alice")
+    await store.start_broadcast(space_id, "b1")
+    job = await store.claim_broadcast(space_id, "b1", "w1 t1", "w1", 300)
+    assert job is not None
+    assert (job.rtmp_url, job.stream_key, job.background, job.run) == (
+        "rtmp://127.0.0.1:1935/live",
+        "secret-key",
+        b"\x89PNG fake",
+        "1",
+    )
+    assert await store.claim_broadcast(space_id, "b1", "w2 t2", "w2", 300) is None
+    assert (await store.get_broadcast(space_id, "b1")).worker_id == "w1"
+    assert await store.broadcasts_due(10) == []
+    assert await store.renew_broadcast(space_id, "b1", "w1 t1", 300, "1", True, "") == "ok"
+    assert (await store.get_broadcast(space_id, "b1")).streaming
+    await asyncio.sleep(0.45)  # w1 stops renewing (it died): its lease lapses
+    lapsed = await store.get_broadcast(space_id, "b1")
+    assert lapsed.worker_id == "" and not lapsed.streaming
+    assert await store.broadcasts_due(10) == [(space_id, "b1")]
+    assert await store.claim_broadcast(space_id, "b1", "w2 t2", "w2", 5_000) is not None
+    assert await store.renew_broadcast(space_id, "b1", "w1 t1", 300, "1", True, "") == "lost"
+    assert not await store.release_broadcast(space_id, "b1", "w1 t1")
+    assert (await store.get_broadcast(space_id, "b1")).worker_id == "w2"
+
+
+async def test_release_hands_a_broadcast_over_at_once(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    await connect(store, space_id, "alice")
+    await store.start_broadcast(space_id, "b1")
+    assert await store.claim_broadcast(space_id, "b1", "w1 t1", "w1", 60_000) is not None
+    assert await store.broadcasts_due(10) == []
+    assert await store.release_broadcast(space_id, "b1", "w1 t1")
+    assert await store.broadcasts_due(10) == [(space_id, "b1")]
+    assert await store.claim_broadcast(space_id, "b1", "w2 t2", "w2", 60_000) is not None
+
+
+async def test_stopped_or_restarted_broadcast_tells_its_worker_to_stop(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    await connect(store, space_id, "alice")
+    await store.start_broadcast(space_id, "b1")
+    job = await store.claim_broadcast(space_id, "b1", "w1 t1", "w1", 60_000)
+    assert job is not None
+    await store.stop_broadcast(space_id, "b1")
+    assert await store.renew_broadcast(space_id, "b1", "w1 t1", 60_000, job.run, True, "") == (
+        "stopped"
+    )
+    await store.start_broadcast(space_id, "b1")  # a new run, due for any worker
+    assert await store.renew_broadcast(space_id, "b1", "w1 t1", 60_000, job.run, True, "") == (
+        "stopped"
+    )
+    again = await store.claim_broadcast(space_id, "b1", "w1 t9", "w1", 60_000)
+    assert again is not None and again.run == "2"
+
+
+async def test_hidden_subscriber_is_invisible_and_counts_for_nothing(store: Store) -> None:
+    space_id = await new_space(store, max_participants=1)
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    r = await connect(store, space_id, "alice")
+    await store.start_broadcast(space_id, "b1")
+    with pytest.raises(errors.BroadcastLeaseLost):
+        await store.join_hidden(
+            HiddenReservation(space_id, "chid", "bcaster", "broadcast", "tk", 5_000, "b1", "w1 t1")
+        )
+    await store.claim_broadcast(space_id, "b1", "w1 t1", "w1", 60_000)
+    mark = await store.latest_event_id()
+    node, _ = await store.join_hidden(
+        HiddenReservation(space_id, "chid", "bcaster", "broadcast", "tk", 5_000, "b1", "w1 t1")
+    )
+    assert node == "n1"
+    claim = await store.claim(space_id, "chid", "tk", "n1", 10_000, 15_000, "sess")
+    assert claim.connection_record["hidden"] == "1"
+    assert [p.participant_id for p in await store.list_participants(space_id)] == ["alice"]
+    assert (await store.get_space(space_id)).participant_count == 1
+    with pytest.raises(errors.ParticipantNotFound):
+        await store.get_participant(space_id, "bcaster")
+    with pytest.raises(errors.ParticipantNotFound):
+        await store.remove_participant(space_id, "bcaster", "removed")
+    # The space is full for participants (limit 1), the hidden subscriber notwithstanding.
+    with pytest.raises(errors.ParticipantLimitReached):
+        await connect(store, space_id, "bob")
+    # The last participant leaving makes the space idle although the hidden one is still there.
+    await store.leave(space_id, r.connection_id, "left")
+    assert (await store.get_space(space_id)).status == space_pb2.SPACE_STATUS_IDLE
+    await store.leave(space_id, "chid", "left")
+    events = await events_after(store, mark)
+    assert not [e for e in events if e.participant.participant_id == "bcaster"]
+    # The broadcast stopped with its space, and its lease with it: no more hidden joins.
+    with pytest.raises(errors.BroadcastLeaseLost):
+        await store.join_hidden(
+            HiddenReservation(space_id, "chid2", "bc2", "broadcast", "tk2", 5_000, "b1", "w1 t1")
+        )
+    assert (await store.get_space(space_id)).status == space_pb2.SPACE_STATUS_IDLE
+
+
+async def test_forced_delete_stops_and_deletes_broadcasts(store: Store) -> None:
+    space_id = await new_space(store)
+    await store.create_broadcast(broadcast_spec(space_id, "b1"), 1)
+    await connect(store, space_id, "alice")
+    await store.start_broadcast(space_id, "b1")
+    mark = await store.latest_event_id()
+    await store.delete_space(space_id, force=True)
+    kinds = [e.type for e in await events_after(store, mark)]
+    assert event_pb2.EVENT_TYPE_BROADCAST_IDLE in kinds
+    assert kinds.index(event_pb2.EVENT_TYPE_BROADCAST_DELETED) < kinds.index(
+        event_pb2.EVENT_TYPE_SPACE_DELETED
+    )
+    assert await store.broadcasts_due(10) == []
+    assert await store.claim_broadcast(space_id, "b1", "w1 t1", "w1", 1000) is None

@@ -60,6 +60,20 @@ def cmd_media_node(args: argparse.Namespace) -> int:
     return _run_server(config)
 
 
+def cmd_broadcaster(args: argparse.Namespace) -> int:
+    try:
+        config = ServerConfig.from_env(services="broadcaster")
+    except ValueError as exc:
+        print(f"spaces: {exc}", file=sys.stderr)
+        return 2
+    if not config.redis_url:
+        print(
+            "spaces: broadcaster needs SPACES_REDIS_URL (`spaces serve` runs one)", file=sys.stderr
+        )
+        return 2
+    return _run_server(config)
+
+
 def _read_json_or_value(value: str, *fields: str) -> str:
     """``value`` itself, or the first of ``fields`` in a JSON file (e.g. grpcurl's output)."""
     path = Path(value)
@@ -184,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("media-node", help="run a media node (needs SPACES_REDIS_URL)")
     node.set_defaults(func=cmd_media_node)
 
+    broadcaster = sub.add_parser(
+        "broadcaster", help="run a broadcaster worker (needs SPACES_REDIS_URL)"
+    )
+    broadcaster.set_defaults(func=cmd_broadcaster)
+
     token = sub.add_parser("token", help="sign a join token (JWT) with a signing key")
     token.add_argument("--key", help="JSON file from CreateSigningKey (id and privateKey)")
     token.add_argument("--key-id", help="signing key id (or SPACES_SIGNING_KEY_ID)")
@@ -229,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--base-port", type=int, default=50100)
     cluster.add_argument("--nodes", type=int, default=2)
     cluster.add_argument("--replicas", type=int, default=2)
+    cluster.add_argument("--broadcasters", type=int, default=1)
     cluster.set_defaults(func=cmd_cluster)
     return parser
 

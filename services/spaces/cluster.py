@@ -161,6 +161,7 @@ class LocalCluster:
 
     replicas: int = 2
     nodes: int = 2
+    broadcasters: int = 0
     base_port: int = 0
     """0 picks free ports; otherwise ports are consecutive from here."""
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
@@ -200,7 +201,12 @@ class LocalCluster:
                 self.add(f"{service}-{i}", ["serve", "--services", service])
         for i in range(self.nodes):
             self.add_node(f"media-{i}")
+        for i in range(self.broadcasters):
+            self.add_broadcaster(f"broadcaster-{i}")
         return self
+
+    def add_broadcaster(self, name: str, **extra_env: str) -> ServiceProcess:
+        return self.add(name, ["broadcaster"], SPACES_BROADCASTER_ID=name, **extra_env)
 
     def add(self, name: str, args: list[str], **extra_env: str) -> ServiceProcess:
         port = self._port()
@@ -256,7 +262,12 @@ class LocalCluster:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    cluster = LocalCluster(replicas=args.replicas, nodes=args.nodes, base_port=args.base_port)
+    cluster = LocalCluster(
+        replicas=args.replicas,
+        nodes=args.nodes,
+        broadcasters=args.broadcasters,
+        base_port=args.base_port,
+    )
     stopping = False
 
     def interrupt(signum: int, frame: object) -> None:

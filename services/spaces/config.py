@@ -14,9 +14,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-ALL_SERVICES = frozenset({"control", "auth", "presence", "media", "webhooks", "signal"})
+ALL_SERVICES = frozenset(
+    {"control", "auth", "presence", "media", "webhooks", "signal", "broadcaster"}
+)
 """Services `spaces serve` can run. `media` is the embedded media node; `signal` the WebSocket
-signaling service for browsers."""
+signaling service for browsers; `broadcaster` a broadcaster worker (BroadcastService itself is
+part of `control`)."""
 
 DEFAULT_GRPC_ADDR = "127.0.0.1:50051"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
@@ -202,6 +205,49 @@ class SignalConfig:
 
 
 @dataclass(frozen=True)
+class BroadcastConfig:
+    """Broadcasts (BroadcastService) and the broadcaster workers that stream them."""
+
+    per_space: int = 1
+    """Broadcasts a space may have (Mux allowed one)."""
+    background_max_bytes: int = 4 * 1024 * 1024
+    background_fetch_timeout_ms: int = 5_000
+    worker_id: str = ""
+    """Unique per worker; defaults to the host name plus a random suffix."""
+    max_broadcasts: int = 2
+    """Broadcasts one worker streams at once (each is a composer process)."""
+    lease_ms: int = 5_000
+    """A worker that stops renewing loses its broadcasts after this long ("one lease period")."""
+    renew_interval_ms: int = 1_000
+    poll_interval_ms: int = 1_000
+    """How often an idle worker looks for broadcasts to claim."""
+    video_encoder: str = "libx264"
+    """Any H.264 encoder of the FFmpeg that PyAV loads (h264_nvenc, h264_qsv, h264_vaapi, ...)."""
+    video_options: tuple[tuple[str, str], ...] = (("preset", "veryfast"),)
+    """Encoder options (FFmpeg's -x264opts style names for libx264: preset, tune, profile...)."""
+    video_kbps: int = 0
+    """Video bitrate; 0 picks one by resolution (1080p 4500, 720p 2500)."""
+    audio_kbps: int = 128
+    rtmp_timeout_ms: int = 5_000
+    """Connecting, and any one write: a server that accepts nothing for this long has stalled."""
+    watchdog_ms: int = 15_000
+    """A composer that reports no progress for this long is killed and started again."""
+    retry_initial_ms: int = 1_000
+    retry_max_ms: int = 30_000
+    """Backoff between attempts against a failing RTMP server (doubling, with jitter)."""
+
+    def __post_init__(self) -> None:
+        if self.per_space < 1 or self.max_broadcasts < 1:
+            raise ValueError("broadcasts per space and per worker must be at least 1")
+        if self.renew_interval_ms * 2 > self.lease_ms:
+            raise ValueError("broadcast lease renew interval must be at most half the lease")
+        if self.rtmp_timeout_ms <= 0 or self.watchdog_ms <= self.rtmp_timeout_ms:
+            raise ValueError("the composer watchdog must outlast the rtmp timeout")
+        if not 0 < self.retry_initial_ms <= self.retry_max_ms:
+            raise ValueError("broadcast retry backoff must be positive and at most its maximum")
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     cert_file: str = ""
     key_file: str = ""
@@ -235,6 +281,7 @@ class ServerConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
+    broadcast: BroadcastConfig = field(default_factory=BroadcastConfig)
     event_stream_maxlen: int = 100_000
     """Events retained for WatchEvents resumption and webhook delivery."""
     shutdown_grace_s: float = 5.0
@@ -256,6 +303,10 @@ class ServerConfig:
         ):
             raise ValueError(
                 "the signal service needs SPACES_PRESENCE_ADDR, or presence in one process"
+            )
+        if "broadcaster" in self.services and not self.redis_url and "media" not in self.services:
+            raise ValueError(
+                "a broadcaster without Redis must run with a media node in one process"
             )
 
     @property
@@ -346,7 +397,32 @@ class ServerConfig:
             ping_interval_s=float(get("SPACES_SIGNAL_PING_SECONDS", "20")),
             dev_tokens=get("SPACES_DEV_TOKENS", "1") not in ("0", "false", "no"),
         )
+        broadcast = BroadcastConfig(
+            per_space=int(get("SPACES_BROADCASTS_PER_SPACE", str(BroadcastConfig.per_space))),
+            worker_id=get("SPACES_BROADCASTER_ID") or default_node_id(),
+            max_broadcasts=int(
+                get("SPACES_BROADCASTER_MAX_BROADCASTS", str(BroadcastConfig.max_broadcasts))
+            ),
+            lease_ms=seconds_ms("SPACES_BROADCAST_LEASE_SECONDS", BroadcastConfig.lease_ms),
+            renew_interval_ms=seconds_ms(
+                "SPACES_BROADCAST_RENEW_SECONDS", BroadcastConfig.renew_interval_ms
+            ),
+            video_encoder=get("SPACES_BROADCAST_VIDEO_ENCODER", BroadcastConfig.video_encoder),
+            video_options=parse_options(get("SPACES_BROADCAST_VIDEO_OPTIONS", "preset=veryfast")),
+            video_kbps=int(get("SPACES_BROADCAST_VIDEO_KBPS", "0")),
+            audio_kbps=int(get("SPACES_BROADCAST_AUDIO_KBPS", str(BroadcastConfig.audio_kbps))),
+            rtmp_timeout_ms=seconds_ms(
+                "SPACES_BROADCAST_RTMP_TIMEOUT_SECONDS", BroadcastConfig.rtmp_timeout_ms
+            ),
+            watchdog_ms=seconds_ms(
+                "SPACES_BROADCAST_WATCHDOG_SECONDS", BroadcastConfig.watchdog_ms
+            ),
+            retry_max_ms=seconds_ms(
+                "SPACES_BROADCAST_RETRY_MAX_SECONDS", BroadcastConfig.retry_max_ms
+            ),
+        )
         return cls(
+            broadcast=broadcast,
             grpc_addr=grpc_addr,
             redis_url=redis_url,
             admin_key=get("SPACES_ADMIN_KEY"),
@@ -367,6 +443,18 @@ class ServerConfig:
             signal=signal,
             shutdown_grace_s=float(get("SPACES_SHUTDOWN_GRACE_SECONDS", "5")),
         )
+
+
+def parse_options(raw: str) -> tuple[tuple[str, str], ...]:
+    """ "preset=veryfast,tune=zerolatency" -> (("preset", "veryfast"), ("tune", "zerolatency"))."""
+    out = []
+    for item in raw.split(","):
+        if item.strip():
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError("encoder options must look like preset=veryfast,tune=film")
+            out.append((name.strip(), value.strip()))
+    return tuple(out)
 
 
 def parse_port_range(raw: str) -> tuple[int, int]:

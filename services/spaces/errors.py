@@ -253,6 +253,37 @@ class NodeDraining(Unavailable):
     message = "media node is draining: join again to be placed on another node"
 
 
+# --- broadcasts ------------------------------------------------------------------------------
+
+
+class BroadcastNotFound(NotFound):
+    message = "broadcast not found"
+
+
+class BroadcastActive(FailedPrecondition):
+    message = "broadcast is active: stop it before deleting it"
+
+
+class SpaceIdle(FailedPrecondition):
+    message = "space is idle: start a broadcast once a participant has joined the space"
+
+
+class BroadcastLimitReached(ResourceExhausted):
+    message = "this space has as many broadcasts as allowed: delete one first"
+
+
+class BroadcastLeaseLost(FailedPrecondition):
+    message = "this worker no longer holds the broadcast"
+
+
+class InvalidRtmpUrl(InvalidArgument):
+    message = "rtmp_url must be rtmp:// or rtmps://host[:port]/app[/stream key]"
+
+
+class InvalidBackground(InvalidArgument):
+    message = "background must be a png or jpeg image"
+
+
 # --- webhooks --------------------------------------------------------------------------------
 
 

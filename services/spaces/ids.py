@@ -75,3 +75,7 @@ def validate_participant_id(value: str) -> str:
 
 def new_webhook_endpoint_id() -> str:
     return _random_id(32)
+
+
+def new_broadcast_id() -> str:
+    return "b" + _random_id(23)

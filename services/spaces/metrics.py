@@ -66,3 +66,29 @@ def start_metrics_server(addr: str) -> int:
     bound = int(server.server_address[1])
     logger.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
     return bound
+
+
+BROADCASTS_ACTIVE = Gauge(
+    "spaces_broadcasts_active", "Broadcasts this broadcaster worker streams (holds a lease on)"
+)
+BROADCAST_CLAIMS = Counter("spaces_broadcast_claims_total", "Broadcasts this worker claimed")
+BROADCAST_HANDOVERS = Counter(
+    "spaces_broadcast_handovers_total", "Broadcasts this worker released while draining"
+)
+BROADCAST_FRAMES = Counter(
+    "spaces_broadcast_frames_total",
+    "Video frames composed for broadcasts, and frames dropped (late compose, or a full encoder "
+    "queue while the RTMP server is slow)",
+    ["result"],
+)
+BROADCAST_ERRORS = Counter(
+    "spaces_broadcast_errors_total",
+    "Broadcast failures by kind: encoder, rtmp (refused or dropped), rtmp_stall, "
+    "composer_exit, watchdog",
+    ["kind"],
+)
+BROADCAST_CPU = Gauge(
+    "spaces_broadcast_cpu_cores",
+    "CPU of each broadcast's composer process, in cores",
+    ["broadcast_id"],
+)

@@ -22,6 +22,8 @@ from spaces.interceptors import ErrorInterceptor
 from spaces.store import open_store
 from spaces.store.base import Store
 from spaces.v1 import (
+    broadcast_pb2,
+    broadcast_pb2_grpc,
     media_pb2,
     media_pb2_grpc,
     presence_pb2,
@@ -44,6 +46,7 @@ SERVICE_NAMES = {
     "presence": presence_pb2.DESCRIPTOR.services_by_name["PresenceService"].full_name,
     "media": media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name,
     "webhooks": webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    "broadcasts": broadcast_pb2.DESCRIPTOR.services_by_name["BroadcastService"].full_name,
 }
 ADMIN_SERVICES = {"control", "auth", "presence", "webhooks"}
 HTTP_SERVICES = {"signal"}
@@ -72,6 +75,7 @@ class SpacesServer:
         self.media_node: Any = None
         self.webhooks: Any = None
         self.signal: Any = None
+        self.broadcaster: Any = None
         self._stopping = False
 
     @property
@@ -117,6 +121,12 @@ class SpacesServer:
         if "control" in config.services:
             space_pb2_grpc.add_SpaceServiceServicer_to_server(SpaceServicer(self.store), server)
             names.append(SERVICE_NAMES["control"])
+            from spaces.broadcast.servicer import BroadcastServicer
+
+            broadcast_pb2_grpc.add_BroadcastServiceServicer_to_server(
+                BroadcastServicer(self.store, config.broadcast), server
+            )
+            names.append(SERVICE_NAMES["broadcasts"])
         if "auth" in config.services:
             signing_key_pb2_grpc.add_SigningKeyServiceServicer_to_server(
                 SigningKeyServicer(self.store), server
@@ -125,6 +135,7 @@ class SpacesServer:
         await self._add_presence(server, names)
         await self._add_media(server, names)
         await self._add_webhooks(server, names)
+        self._add_broadcaster()
 
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names += [
@@ -227,6 +238,16 @@ class SpacesServer:
         presence = self.config.signal.presence_addr or self.address
         self.signal = SignalComponent(self.config, presence)
         self._components.append(self.signal)
+
+    def _add_broadcaster(self) -> None:
+        if "broadcaster" not in self.config.services:
+            return
+        from spaces.broadcast.worker import BroadcasterPool
+
+        self.broadcaster = BroadcasterPool(
+            self.config, self.store, health=self._health, local_address=lambda: self.address
+        )
+        self._components.append(self.broadcaster)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: readiness NOT_SERVING first, then drain the media node, stop

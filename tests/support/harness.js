@@ -54,7 +54,7 @@ window.harness = (() => {
     canvas.height = 16;
     const ctx = canvas.getContext("2d", { willReadFrequently: true });
     const sx = Math.max(0, video.videoWidth / 2 - 8);
-    const sy = Math.max(0, video.videoHeight / 2 - 8);
+    const sy = Math.max(0, video.videoHeight / 4 - 8);
     ctx.drawImage(video, sx, sy, 16, 16, 0, 0, 16, 16);
     const d = ctx.getImageData(8, 8, 1, 1).data;
     entry.color = [d[0], d[1], d[2]];

@@ -72,6 +72,7 @@ __all__ = [
     "RtpSink",
     "add_remote_candidate",
     "apply_ice_policy",
+    "check_answer",
     "hook_sender",
     "install_codec_counters",
     "label_sender",
@@ -185,6 +186,26 @@ def parse_sdp(sdp: str) -> list[OfferedMedia]:
     if not media:
         raise ValueError("no audio or video m-section")
     return media
+
+
+def check_answer(answer: str, offer: str) -> None:
+    """An answer must be a session description with exactly the offer's m-sections, in its
+    order (RFC 3264), each with ICE credentials and a DTLS fingerprint when it carries media.
+    Raises ValueError otherwise; aiortc alone accepts text that is not SDP at all."""
+    from aiortc import sdp as aiortc_sdp
+
+    if not answer.lstrip().startswith("v=0"):
+        raise ValueError("not a session description")
+    try:
+        offered = aiortc_sdp.SessionDescription.parse(offer)
+        answered = aiortc_sdp.SessionDescription.parse(answer)
+    except Exception as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+    if [m.kind for m in answered.media] != [m.kind for m in offered.media]:
+        raise ValueError("the answer's m-sections do not match the offer's")
+    for m in answered.media:
+        if m.port != 0 and (not m.ice.usernameFragment or not m.dtls or not m.dtls.fingerprints):
+            raise ValueError("m-section without ICE credentials or DTLS fingerprint")
 
 
 def without_empty_bundle(sdp: str) -> str:

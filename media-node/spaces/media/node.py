@@ -27,6 +27,7 @@ from spaces.media.aiortc_adapter import (
     install_codec_counters,
     send_remb,
 )
+from spaces.media.broadcasts import BroadcastStates
 from spaces.media.room import Room
 from spaces.media.session import Session, close_reason_for
 from spaces.presence import credentials
@@ -72,6 +73,7 @@ class MediaNode:
         self._cpu = (time.process_time(), time.monotonic())
         self.load = 0.0
         self._drained = asyncio.Event()
+        self.broadcasts = BroadcastStates(store, self.rooms)
         install_codec_counters(metrics.DECODERS_CREATED.inc, metrics.ENCODERS_CREATED.inc)
 
     # --- wiring ----------------------------------------------------------------------------
@@ -111,6 +113,7 @@ class MediaNode:
             asyncio.create_task(self._renew_forever(), name="lease-renewal"),
             asyncio.create_task(self._commands_forever(), name="node-commands"),
             asyncio.create_task(self._announce_bitrate_forever(), name="remb"),
+            asyncio.create_task(self.broadcasts.forever(), name="broadcast-state"),
         ]
         logger.info("media node %s serving at %s", self.node_id, self._public_address())
 
@@ -148,6 +151,7 @@ class MediaNode:
             room = self.rooms[claim.participant.space_id] = Room[Session](
                 claim.participant.space_id, self._room_empty
             )
+            self.broadcasts.refresh_soon(room.space_id)
         room.epoch = claim.epoch
         room.space_record = claim.space_record
         room.active_session_id = claim.space.active_session_id
@@ -179,6 +183,7 @@ class MediaNode:
         session.start()
         joined = session.joined_event()
         session.room.add(session)
+        self.broadcasts.greet(session)
         return joined
 
     def session_closed(self, session: Session) -> None:
@@ -264,6 +269,9 @@ class MediaNode:
             session = self.sessions.get(command.kick.connection_id)
             if session is not None and session.space_id == command.kick.space_id:
                 await session.close(close_reason_for(command.kick.reason), command.kick.reason)
+        elif which == "broadcasts_changed":
+            if command.broadcasts_changed.space_id in self.rooms:
+                await self.broadcasts.refresh(command.broadcasts_changed.space_id)
         elif which == "close_space":
             room = self.rooms.get(command.close_space.space_id)
             if room is not None:

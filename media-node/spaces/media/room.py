@@ -38,6 +38,8 @@ class Member(Protocol):
     joined_at_ms: int
     max_subscriptions: int
     manual: ManualSubscription | None
+    hidden: bool
+    """A broadcaster worker's subscriber: never announced to others or listed."""
 
     def send(self, event: ev.ServerEvent) -> None: ...
 
@@ -131,7 +133,12 @@ class Room(Generic[M]):
 
     def add(self, member: M) -> None:
         self.sessions[member.connection_id] = member
-        self.broadcast(ev.ParticipantJoined(self.view(member)), exclude=member)
+        if not member.hidden:
+            self.broadcast(ev.ParticipantJoined(self.view(member)), exclude=member)
+        current = self.speakers.speakers()
+        if current:
+            # A late joiner would otherwise learn who speaks only at the next change.
+            member.send(ev.ActiveSpeakers(tuple(self._speaker(p, lv) for p, lv in current)))
         if self._speaker_task is None:
             self._speaker_task = asyncio.create_task(self._speaker_loop(), name="speakers")
         self.reconcile()
@@ -142,7 +149,7 @@ class Room(Generic[M]):
         return tuple(
             self.view(s)
             for s in self.sessions.values()
-            if s.participant_id != member.participant_id
+            if s.participant_id != member.participant_id and not s.hidden
         )
 
     def remove(self, member: Member, reason: str) -> None:
@@ -153,7 +160,8 @@ class Room(Generic[M]):
         if not any(s.participant_id == member.participant_id for s in self.sessions.values()):
             self.speakers.forget(member.participant_id)
             self._speaking_track.pop(member.participant_id, None)
-        self.broadcast(ev.ParticipantLeft(member.participant_id, member.connection_id, reason))
+        if not member.hidden:
+            self.broadcast(ev.ParticipantLeft(member.participant_id, member.connection_id, reason))
         self.reconcile()
         if not self.sessions:
             if self._speaker_task is not None:

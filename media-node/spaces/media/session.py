@@ -36,6 +36,7 @@ from spaces.media.aiortc_adapter import (
     PlaceholderTrack,
     RtpSink,
     add_remote_candidate,
+    check_answer,
     hook_sender,
     label_sender,
     parse_sdp,
@@ -151,6 +152,8 @@ class Session:
         self.connection_id = participant.connection_id
         self.participant_id = participant.participant_id
         self.role = claim.connection_record.get("role", "publisher")
+        self.hidden = claim.connection_record.get("hidden") == "1"
+        """A broadcaster worker's subscriber: never shown to others, never announced."""
         self.display_name = participant.display_name
         self.joined_at_ms = participant.joined_at_ms
         self.record = dict(claim.connection_record)
@@ -648,8 +651,7 @@ class Session:
         if event.sdp_type != "answer" or len(event.sdp) > MAX_SDP_BYTES:
             raise errors.InvalidSdp('subscriber_answer must carry an sdp of type "answer"')
         try:
-            if self._subs:
-                parse_sdp(event.sdp)
+            check_answer(event.sdp, pc.localDescription.sdp)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=event.sdp, type="answer"))
         except Exception as exc:
             # The subscribing connection cannot continue with a broken answer.

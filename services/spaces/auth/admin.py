@@ -12,7 +12,12 @@ from spaces import errors
 from spaces.interceptors import replace_behavior
 
 ADMIN_SERVICES = frozenset(
-    {"spaces.v1.SpaceService", "spaces.v1.SigningKeyService", "spaces.v1.WebhookService"}
+    {
+        "spaces.v1.SpaceService",
+        "spaces.v1.SigningKeyService",
+        "spaces.v1.WebhookService",
+        "spaces.v1.BroadcastService",
+    }
 )
 ADMIN_METHODS = frozenset(
     {

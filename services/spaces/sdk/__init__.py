@@ -6,6 +6,7 @@ tracks, receive remote ones, iterate ``space.events()``; reconnects on its own.
 """
 
 from spaces.sdk.client import (
+    BroadcastStateChanged,
     LocalParticipant,
     LocalTrack,
     RemoteParticipant,
@@ -18,6 +19,7 @@ from spaces.sdk.tokens import sign_token
 from spaces.sdk.webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
+    "BroadcastStateChanged",
     "LocalParticipant",
     "LocalTrack",
     "RemoteParticipant",

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,15 @@ class DisplayNameChanged:
 
 
 @dataclass(frozen=True)
+class BroadcastStateChanged:
+    """A broadcast of the space was started or stopped (also sent right after joining while the
+    space is being broadcast)."""
+
+    broadcasting: bool
+    broadcast_ids: list[str]
+
+
+@dataclass(frozen=True)
 class Reconnecting:
     reason: str
     attempt: int
@@ -174,6 +183,7 @@ SpaceEvent = (
     | ActiveSpeakersChanged
     | CustomEventReceived
     | DisplayNameChanged
+    | BroadcastStateChanged
     | Reconnecting
     | Reconnected
     | ReconnectFailed
@@ -399,13 +409,18 @@ class Space:
         publish_bitrate: int = 0,
         max_subscriptions: int = 0,
         decode: bool = True,
+        join: Callable[[], Awaitable[presence_pb2.JoinResponse]] | None = None,
     ) -> None:
         """``ice_addresses``: local addresses ICE may use (default: every non-loopback
         address, or loopback when the server is on loopback). ``publish_bitrate``: pin video
         encoders to this bitrate instead of following the server's estimate. ``decode=False``:
         receive RTP packets only (``RemoteTrack.packet_listeners``), never decoding; for load
-        generators and recorders."""
+        generators and recorders. ``join``: get each session's ticket from this coroutine
+        instead of PresenceService.Join (Spaces' own broadcaster workers, which hold no JWT)."""
         self.token = token
+        self._join = join
+        self.broadcasting = False
+        """True while a broadcast of the space is ACTIVE (BroadcastStateChanged)."""
         self.address = address
         self.display_name = display_name
         self._credentials = credentials
@@ -522,14 +537,17 @@ class Space:
         if self._presence_channel is None:
             self._presence_channel = self._channel(self.address)
         presence = presence_pb2_grpc.PresenceServiceStub(self._presence_channel)
-        response = await presence.Join(
-            presence_pb2.JoinRequest(
-                token=self.token,
-                display_name=self.display_name,
-                resume_secret=self._resume_secret,
-            ),
-            timeout=REQUEST_TIMEOUT_S,
-        )
+        if self._join is not None:
+            response = await self._join()
+        else:
+            response = await presence.Join(
+                presence_pb2.JoinRequest(
+                    token=self.token,
+                    display_name=self.display_name,
+                    resume_secret=self._resume_secret,
+                ),
+                timeout=REQUEST_TIMEOUT_S,
+            )
         self.join_response = response
         self._resume_secret = response.resume_secret
         self.participant_id = response.participant_id
@@ -729,6 +747,10 @@ class Space:
         elif kind == "custom_event":
             event_c = message.custom_event
             self._emit(CustomEventReceived(event_c.participant_id, event_c.payload, event_c.seq))
+        elif kind == "broadcast_state":
+            state = message.broadcast_state
+            self.broadcasting = state.broadcasting
+            self._emit(BroadcastStateChanged(state.broadcasting, list(state.broadcast_ids)))
         elif kind == "display_name_changed":
             event_d = message.display_name_changed
             participant = self.participants.get(event_d.participant_id)

@@ -337,6 +337,15 @@ class SubscriptionUpdated:
 
 
 @dataclass(frozen=True, slots=True)
+class BroadcastStateChanged:
+    """Whether the space is being broadcast (media.proto BroadcastState): sent after Joined
+    while a broadcast is ACTIVE, and whenever the set of ACTIVE broadcasts changes."""
+
+    broadcasting: bool
+    broadcast_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Closing:
     reason: str
     message: str = ""
@@ -348,6 +357,7 @@ class Closing:
 
 ServerEvent = (
     Joined
+    | BroadcastStateChanged
     | Ack
     | RequestFailed
     | PublishAnswered

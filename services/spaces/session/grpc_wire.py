@@ -434,6 +434,12 @@ def server_message(event: ev.ServerEvent) -> media_pb2.ServerMessage:
                 rejoin=event.rejoin,
             )
         )
+    if isinstance(event, ev.BroadcastStateChanged):
+        return M(
+            broadcast_state=media_pb2.BroadcastState(
+                broadcasting=event.broadcasting, broadcast_ids=list(event.broadcast_ids)
+            )
+        )
     raise TypeError(f"not a server event: {event!r}")
 
 
@@ -442,6 +448,10 @@ def server_event(message: media_pb2.ServerMessage) -> ev.ServerEvent | None:
     message this version does not know."""
     rid = message.request_id
     kind = message.WhichOneof("message")
+    if kind == "broadcast_state":
+        return ev.BroadcastStateChanged(
+            message.broadcast_state.broadcasting, tuple(message.broadcast_state.broadcast_ids)
+        )
     if kind == "joined":
         j = message.joined
         return ev.Joined(

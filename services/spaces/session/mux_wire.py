@@ -41,6 +41,10 @@ DISPLAY_NAME_FAILED = 7
 DISPLAY_NAME_RATE_LIMITED = 8
 INVALID_PROTOCOL_VERSION = 9
 
+BROADCASTING = 1
+IDLE = 2
+"""``broadcast_state_update`` values: the SDK treats 1 as broadcasting, anything else as not."""
+
 CLOSE_NO_RECONNECT = 4000
 """The client must not reconnect (Mux's SDK honours this code)."""
 CLOSE_RECONNECT = 4001
@@ -210,6 +214,7 @@ class MuxWire:
     """Manual mode: connection_id -> track ids (empty: all of them)."""
     _requests: dict[int, _Request] = field(default_factory=dict)
     _next_request: int = 0
+    _broadcasting: bool = False
     joined: bool = False
     """True once ``joined`` was sent."""
 
@@ -408,6 +413,9 @@ class MuxWire:
         if isinstance(event, ev.Joined):
             self._joined = event
             return []
+        if isinstance(event, ev.BroadcastStateChanged) and not self.joined:
+            self._broadcasting = event.broadcasting  # told in joined.broadcasting
+            return []
         if isinstance(event, ev.SubscriberOffered):
             self._offer_version = event.version
             if not self.joined:
@@ -451,7 +459,7 @@ class MuxWire:
                     "camera_encodings": [dict(e) for e in info.camera_encodings],
                     "screenshare_encodings": [dict(e) for e in info.screenshare_encodings],
                 },
-                "broadcasting": False,
+                "broadcasting": self._broadcasting,
                 "watchrtc_token": "",
             }
         }
@@ -539,6 +547,9 @@ class MuxWire:
                 }
             }
             return [self._answering(event.request_id, reply)]
+        if isinstance(event, ev.BroadcastStateChanged):
+            # The SDK dispatches on the first truthy key: "not broadcasting" cannot be 0.
+            return [{"broadcast_state_update": BROADCASTING if event.broadcasting else IDLE}]
         if isinstance(event, ev.Ack):
             self._requests.pop(event.request_id, None)
             return []

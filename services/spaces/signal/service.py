@@ -74,10 +74,16 @@ class SignalComponent:
 
     @property
     def dev_tokens(self) -> bool:
-        """The meeting page's token helper: embedded mode on a loopback listener only."""
+        """The meeting page's token helper: the single-process embedded mode (no Redis, presence
+        in this process) on a loopback listener only."""
         signal = self._config.signal
         host = signal.addr.rpartition(":")[0].strip("[]")
-        return signal.dev_tokens and self._config.embedded and is_loopback_host(host)
+        return (
+            signal.dev_tokens
+            and self._config.embedded
+            and "presence" in self._config.services
+            and is_loopback_host(host)
+        )
 
     @property
     def url(self) -> str:
@@ -99,7 +105,9 @@ class SignalComponent:
 
     async def start(self) -> None:
         signal = self._config.signal
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await self._runner.setup()
         host, _, port = signal.addr.rpartition(":")
         context = None
@@ -123,11 +131,13 @@ class SignalComponent:
         self.port = sockets[0].getsockname()[1] if sockets else int(port)
         self._ready = True
         logger.info(
-            "signaling service on %s (presence at %s)%s",
+            "signaling service on %s (WebSocket %sv1, presence at %s)",
             self.url,
+            self.url.replace("http", "ws", 1),
             self._presence_address,
-            "; open it in a browser" if self.dev_tokens else "",
         )
+        if self.dev_tokens:
+            logger.info("meeting page: %s  (open it in two browser tabs)", self.url)
 
     async def stop(self) -> None:
         """Not ready first; then every browser is closed with a retryable code, so it

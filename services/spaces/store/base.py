@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
+from spaces.v1 import broadcast_pb2, event_pb2, node_pb2, participant_pb2, space_pb2
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,58 @@ class SpaceDeletion:
 
 
 @dataclass(frozen=True)
+class BroadcastSpec:
+    """A validated CreateBroadcast, as the store keeps it (keys.broadcast_key)."""
+
+    space_id: str
+    broadcast_id: str
+    layout: str
+    """Mux's name: "gallery", "active-speaker" or "crop"."""
+    resolution: str
+    """Mux's name, e.g. "1920x1080"."""
+    rtmp_url: str
+    """Without the stream key."""
+    stream_key: str
+    background_source: str
+    """The URL, the file path, "inline", or "" for none."""
+    background: bytes
+    """The validated image (PNG or JPEG); empty for none."""
+    background_sha256: str
+    passthrough: str
+
+
+@dataclass(frozen=True)
+class BroadcastJob:
+    """What a worker gets when it claims a broadcast: everything it needs to stream one run."""
+
+    space_id: str
+    broadcast_id: str
+    run: str
+    """The broadcast's start count: a Stop and a new Start make a new run."""
+    layout: str
+    resolution: str
+    rtmp_url: str
+    stream_key: str
+    background: bytes
+    holder: str
+    """The lease value this worker holds ("<worker_id> <token>")."""
+
+
+@dataclass(frozen=True)
+class HiddenReservation:
+    """A broadcaster worker's hidden subscriber connection (see keys.JOIN_HIDDEN)."""
+
+    space_id: str
+    connection_id: str
+    participant_id: str
+    display_name: str
+    ticket_hash: str
+    pending_ms: int
+    broadcast_id: str
+    holder: str
+
+
+@dataclass(frozen=True)
 class NodeView:
     """The registry as read at one instant of store time."""
 
@@ -199,6 +251,64 @@ class Store(Protocol):
     async def publish_node_command(self, node_id: str, command: node_pb2.NodeCommand) -> None: ...
     def node_commands(self, node_id: str) -> AsyncIterator[node_pb2.NodeCommand]:
         """Commands for one node, until cancelled. Survives store reconnects."""
+        ...
+
+    # --- broadcasts (keys.py, "broadcasts", documents the records and scripts)
+    async def create_broadcast(self, spec: BroadcastSpec, limit: int) -> broadcast_pb2.Broadcast:
+        """BroadcastLimitReached beyond ``limit`` broadcasts in the space."""
+        ...
+
+    async def get_broadcast(self, space_id: str, broadcast_id: str) -> broadcast_pb2.Broadcast: ...
+    async def list_broadcasts(self, space_id: str) -> list[broadcast_pb2.Broadcast]:
+        """In creation order; SpaceNotFound for an unknown space."""
+        ...
+
+    async def delete_broadcast(self, space_id: str, broadcast_id: str) -> None:
+        """BroadcastActive while it is ACTIVE."""
+        ...
+
+    async def start_broadcast(
+        self, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        """ACTIVE, if the space is (else SpaceIdle); returns it and the space's node ("")."""
+        ...
+
+    async def stop_broadcast(
+        self, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        """IDLE; returns it and the space's node ("")."""
+        ...
+
+    async def broadcasts_due(self, limit: int) -> list[tuple[str, str]]:
+        """(space_id, broadcast_id) of ACTIVE broadcasts no worker holds a live lease on."""
+        ...
+
+    async def claim_broadcast(
+        self, space_id: str, broadcast_id: str, holder: str, worker_id: str, lease_ms: int
+    ) -> BroadcastJob | None:
+        """SET NX PX on the broadcast's lease; None if it is held or no longer ACTIVE."""
+        ...
+
+    async def renew_broadcast(
+        self,
+        space_id: str,
+        broadcast_id: str,
+        holder: str,
+        lease_ms: int,
+        run: str,
+        streaming: bool,
+        error: str,
+    ) -> str:
+        """ "ok", "lost" (another worker holds it) or "stopped" (idle, deleted or restarted)."""
+        ...
+
+    async def release_broadcast(self, space_id: str, broadcast_id: str, holder: str) -> bool:
+        """Compare-and-delete of the lease; the broadcast is due for a claim at once."""
+        ...
+
+    async def join_hidden(self, reservation: HiddenReservation) -> tuple[str, int]:
+        """Reserve a hidden subscriber on the space's node for the broadcast's lease holder:
+        (node_id, ticket expiry ms). SpaceIdle or BroadcastLeaseLost otherwise."""
         ...
 
     # --- events

@@ -5,9 +5,10 @@ the same way."""
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping
 
-from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
+from spaces.v1 import broadcast_pb2, event_pb2, node_pb2, participant_pb2, space_pb2
 
 Record = Mapping[str, str]
 
@@ -26,7 +27,29 @@ EVENT_TYPES = {
     "participant_joined": event_pb2.EVENT_TYPE_PARTICIPANT_JOINED,
     "participant_left": event_pb2.EVENT_TYPE_PARTICIPANT_LEFT,
     "node_state_changed": event_pb2.EVENT_TYPE_NODE_STATE_CHANGED,
+    "broadcast_created": event_pb2.EVENT_TYPE_BROADCAST_CREATED,
+    "broadcast_active": event_pb2.EVENT_TYPE_BROADCAST_ACTIVE,
+    "broadcast_idle": event_pb2.EVENT_TYPE_BROADCAST_IDLE,
+    "broadcast_deleted": event_pb2.EVENT_TYPE_BROADCAST_DELETED,
 }
+
+LAYOUT_NAMES = {
+    broadcast_pb2.BROADCAST_LAYOUT_GALLERY: "gallery",
+    broadcast_pb2.BROADCAST_LAYOUT_ACTIVE_SPEAKER: "active-speaker",
+    broadcast_pb2.BROADCAST_LAYOUT_CROP: "crop",
+}
+"""Layouts by Mux's names, as stored and sent in webhooks."""
+LAYOUTS_BY_NAME = {v: k for k, v in LAYOUT_NAMES.items()}
+RESOLUTION_NAMES = {
+    broadcast_pb2.BROADCAST_RESOLUTION_1920X1080: "1920x1080",
+    broadcast_pb2.BROADCAST_RESOLUTION_1280X720: "1280x720",
+    broadcast_pb2.BROADCAST_RESOLUTION_1080X1920: "1080x1920",
+    broadcast_pb2.BROADCAST_RESOLUTION_720X1280: "720x1280",
+    broadcast_pb2.BROADCAST_RESOLUTION_1080X1080: "1080x1080",
+    broadcast_pb2.BROADCAST_RESOLUTION_720X720: "720x720",
+}
+"""Mux's resolution names, as stored and sent in webhooks."""
+RESOLUTIONS_BY_NAME = {v: k for k, v in RESOLUTION_NAMES.items()}
 
 
 def flat_to_dict(flat: list[bytes] | list[str]) -> dict[str, str]:
@@ -49,6 +72,45 @@ def space_from_record(h: Record, participant_count: int | None = None) -> space_
         active_session_id=h.get("session", ""),
         max_participants=int(h.get("max", "0") or 0),
         participant_count=count,
+        broadcasts=[broadcast_from_record(b) for b in _broadcast_list(h.get("broadcasts", ""))],
+    )
+
+
+def _broadcast_list(text: str) -> list[dict[str, str]]:
+    """The JSON list of broadcast records an event's space carries (Lua's cjson writes an empty
+    list as {})."""
+    if not text:
+        return []
+    data = json.loads(text)
+    return [{k: str(v) for k, v in b.items()} for b in data] if isinstance(data, list) else []
+
+
+def broadcast_from_record(h: Record, holder: str | None = None) -> broadcast_pb2.Broadcast:
+    """A broadcast record (keys.broadcast_key) -> Broadcast. ``holder`` is its lease's value
+    when read with it: without a live lease no worker streams it, whatever the record says."""
+    active = h.get("status") == "active"
+    worker = h.get("worker", "") if active else ""
+    if holder is not None:
+        worker = holder.partition(" ")[0] if active else ""
+    return broadcast_pb2.Broadcast(
+        id=h.get("id", ""),
+        space_id=h.get("space", ""),
+        created_at=int(h.get("created_at", "0") or 0),
+        status=(
+            broadcast_pb2.BROADCAST_STATUS_ACTIVE if active else broadcast_pb2.BROADCAST_STATUS_IDLE
+        ),
+        layout=LAYOUTS_BY_NAME.get(h.get("layout", ""), broadcast_pb2.BROADCAST_LAYOUT_GALLERY),
+        resolution=RESOLUTIONS_BY_NAME.get(
+            h.get("res", ""), broadcast_pb2.BROADCAST_RESOLUTION_1920X1080
+        ),
+        rtmp_url=h.get("url", ""),
+        background=h.get("bg", ""),
+        background_sha256=h.get("bgsha", ""),
+        passthrough=h.get("pass", ""),
+        worker_id=worker,
+        last_error=h.get("err", "") if active else "",
+        started_at_ms=int(h.get("started", "0") or 0),
+        streaming=active and bool(worker) and h.get("streaming") == "1",
     )
 
 
@@ -90,6 +152,8 @@ def event_from_entry(entry_id: str, fields: Record) -> event_pb2.Event:
         event.participant.CopyFrom(participant_from_record(space_id, subject))
     elif kind == "node":
         event.node.CopyFrom(node_from_entry(subject))
+    elif kind == "broadcast":
+        event.broadcast.CopyFrom(broadcast_from_record(subject))
     return event
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 def space_key(space_id: str) -> str:
     """HASH: id, created_at (unix s), passthrough, status ("idle"|"active"), session
     (active_session_id, "" while idle), max (participant limit, 0 = default), seq (creation
-    order), connected (count of connections counted as connected)."""
+    order), connected (count of connections counted as connected), hidden (count of hidden
+    connections: broadcaster workers, which count for nothing), bcseq (broadcasts created)."""
     return f"sp:{{{space_id}}}"
 
 
@@ -31,7 +32,8 @@ def conn_key(space_id: str, connection_id: str) -> str:
     node, joined (unix ms), ticket (sha256 hex, "" once used), resume (sha256 hex of the
     resume secret), gen ("1" when the server generated pid), counted ("1" when included in the
     space's connected count), resumed ("1" when it took over an earlier connection), tokres
-    (sha256 hex of the join token: a reconnect with the same token may take it over)."""
+    (sha256 hex of the join token: a reconnect with the same token may take it over), hidden
+    ("1" for a broadcaster worker's subscriber: never listed, announced or counted)."""
     return f"sp:{{{space_id}}}:c:{connection_id}"
 
 
@@ -52,6 +54,34 @@ def resumable_key(space_id: str) -> str:
     that was removed) resume it after its release, by its resume secret or by its token,
     keeping a server-generated participant_id."""
     return f"sp:{{{space_id}}}:resumable"
+
+
+def broadcasts_key(space_id: str) -> str:
+    """ZSET broadcast_id -> creation sequence (the space hash's ``bcseq``): the space's
+    broadcasts, in creation order."""
+    return f"sp:{{{space_id}}}:bcs"
+
+
+def broadcast_key(space_id: str, broadcast_id: str) -> str:
+    """HASH: id, space, created_at (unix s), status ("idle"|"active"), layout ("gallery"|
+    "active-speaker"|"crop"), res ("1920x1080", ...), url (RTMP URL without the key), key (the
+    stream key: never emitted in events), bg (background source: URL, path, "inline" or ""),
+    bgsha (sha256 hex), pass (passthrough), started (unix ms of the last start), run (starts so
+    far: a worker streams one run), worker (worker id of the last claim), err (the worker's last
+    error), streaming ("1" while frames reach the RTMP server)."""
+    return f"sp:{{{space_id}}}:bc:{broadcast_id}"
+
+
+def broadcast_background_key(space_id: str, broadcast_id: str) -> str:
+    """STRING: the background image (PNG or JPEG), base64; absent without a background."""
+    return f"sp:{{{space_id}}}:bc:{broadcast_id}:bg"
+
+
+def broadcast_lease_key(space_id: str, broadcast_id: str) -> str:
+    """STRING "<worker_id> <token>", with PX = the broadcast lease: the worker streaming it.
+    Written only with SET NX PX (claim) or by its holder (renew), deleted only by
+    compare-and-delete on the whole value (release) or when the broadcast goes idle."""
+    return f"sp:{{{space_id}}}:bc:{broadcast_id}:lease"
 
 
 def gone_key(space_id: str) -> str:
@@ -79,6 +109,11 @@ SIGNING_KEYS = "keys"
 SIGNING_KEYS_SEQ = "keys:seq"
 NODES = "nodes"
 """ZSET node_id -> last heartbeat (Redis time, unix ms)."""
+BROADCAST_QUEUE = "broadcasts"
+"""ZSET "<space_id> <broadcast_id>" -> when a worker may claim it (unix ms): every ACTIVE
+broadcast, scored by its lease's expiry (the start time while unclaimed). Workers read the due
+ones (score <= now) and claim each with one per-space script; it is the only global key the
+broadcast scripts touch besides EVENTS (like LEASE_INDEX for connections)."""
 
 
 def signing_key_key(key_id: str) -> str:
@@ -103,6 +138,7 @@ def node_channel(node_id: str) -> str:
 LIB = r"""
 local EVENTS = 'events'
 local LEASE_INDEX = 'leases'
+local BROADCAST_QUEUE = 'broadcasts'
 local MAXLEN = {maxlen}
 local GONE_TTL = {gone_ttl}
 -- Removed, replaced, deleted or deliberately left connections cannot be resumed.
@@ -138,11 +174,53 @@ local function emit(etype, space_id, now, reason, kind, flat)
   redis.call(unpack(args))
 end
 
+-- A broadcast's fields without its stream key (events and replies never carry the key).
+local function broadcast_flat(bk)
+  local flat = redis.call('HGETALL', bk)
+  local out = {}
+  for i = 1, #flat, 2 do
+    if flat[i] ~= 'key' then
+      out[#out + 1] = flat[i]
+      out[#out + 1] = flat[i + 1]
+    end
+  end
+  return out
+end
+
+local function visible_count(S)
+  return redis.call('ZCARD', S .. ':leases') - tonumber(redis.call('HGET', S, 'hidden') or '0')
+end
+
 local function emit_space(etype, S, space_id, now, reason)
   local _, flat = hgetall(S)
   flat[#flat + 1] = 'count'
-  flat[#flat + 1] = tostring(redis.call('ZCARD', S .. ':leases'))
+  flat[#flat + 1] = tostring(visible_count(S))
+  local list = {}
+  for _, bid in ipairs(redis.call('ZRANGE', S .. ':bcs', 0, -1)) do
+    local b = {}
+    local bflat = broadcast_flat(S .. ':bc:' .. bid)
+    for i = 1, #bflat, 2 do b[bflat[i]] = bflat[i + 1] end
+    list[#list + 1] = b
+  end
+  if #list > 0 then
+    flat[#flat + 1] = 'broadcasts'
+    flat[#flat + 1] = cjson.encode(list)
+  end
   emit(etype, space_id, now, reason, 'space', flat)
+end
+
+local function emit_broadcast(etype, S, space_id, bid, now, reason)
+  emit(etype, space_id, now, reason, 'broadcast', broadcast_flat(S .. ':bc:' .. bid))
+end
+
+-- An ACTIVE broadcast stops: its lease and its place in the claim queue go with it, so the
+-- worker streaming it learns at its next renewal.
+local function broadcast_idle(S, space_id, bid, now, reason)
+  local bk = S .. ':bc:' .. bid
+  redis.call('HSET', bk, 'status', 'idle', 'worker', '', 'streaming', '0')
+  redis.call('DEL', bk .. ':lease')
+  redis.call('ZREM', BROADCAST_QUEUE, space_id .. ' ' .. bid)
+  emit_broadcast('broadcast_idle', S, space_id, bid, now, reason)
 end
 
 -- Remove one connection. Compare-and-delete on the participant_id guard, so a late removal
@@ -168,7 +246,9 @@ local function drop_conn(S, space_id, conn, reason, now, keep_count)
   if h.counted == '1' and not keep_count then
     redis.call('HINCRBY', S, 'connected', -1)
   end
-  if h.state == 'connected' then
+  if h.hidden == '1' then
+    redis.call('HINCRBY', S, 'hidden', -1)
+  elseif h.state == 'connected' then
     emit('participant_left', space_id, now, reason, 'participant', flat)
   end
   return h
@@ -181,6 +261,12 @@ local function settle(S, space_id, now)
     local connected = tonumber(redis.call('HGET', S, 'connected') or '0')
     if connected <= 0 and redis.call('HGET', S, 'status') == 'active' then
       redis.call('HSET', S, 'status', 'idle', 'session', '', 'connected', 0)
+      -- A broadcast follows its space: it stops in the same step as the space goes idle.
+      for _, bid in ipairs(redis.call('ZRANGE', S .. ':bcs', 0, -1)) do
+        if redis.call('HGET', S .. ':bc:' .. bid, 'status') == 'active' then
+          broadcast_idle(S, space_id, bid, now, 'space_idle')
+        end
+      end
       emit_space('space_idle', S, space_id, now, '')
     end
   end
@@ -263,8 +349,16 @@ for _, conn in ipairs(redis.call('ZRANGE', S .. ':leases', 0, -1)) do
   end
 end
 settle(S, sid, now)
+for _, bid in ipairs(redis.call('ZRANGE', S .. ':bcs', 0, -1)) do
+  local bk = S .. ':bc:' .. bid
+  if redis.call('HGET', bk, 'status') == 'active' then
+    broadcast_idle(S, sid, bid, now, 'space_deleted')
+  end
+  emit_broadcast('broadcast_deleted', S, sid, bid, now, 'space_deleted')
+  redis.call('DEL', bk, bk .. ':bg', bk .. ':lease')
+end
 emit_space('space_deleted', S, sid, now, '')
-redis.call('DEL', S, S .. ':leases', S .. ':node', S .. ':resumable')
+redis.call('DEL', S, S .. ':leases', S .. ':node', S .. ':resumable', S .. ':bcs')
 redis.call('ZREM', 'spaces', sid)
 redis.call('ZREM', LEASE_INDEX, sid)
 return out
@@ -344,7 +438,7 @@ if redis.call('EXISTS', S .. ':pid:' .. pid) == 1 then
 end
 local limit = tonumber(redis.call('HGET', S, 'max') or '0')
 if limit == 0 then limit = tonumber(ARGV[13]) end
-if redis.call('ZCARD', S .. ':leases') >= limit then
+if visible_count(S) >= limit then
   settle(S, sid, now)
   return {'err', 'full'}
 end
@@ -391,15 +485,18 @@ redis.call('HSET', ck, 'state', 'connected', 'ticket', '')
 redis.call('ZADD', S .. ':leases', expires, ARGV[2])
 local pk = S .. ':pid:' .. h.pid
 if redis.call('GET', pk) == ARGV[2] then redis.call('PEXPIRE', pk, ARGV[5]) end
-if h.counted ~= '1' then
+local hidden = h.hidden == '1'
+if h.counted ~= '1' and not hidden then
   redis.call('HINCRBY', S, 'connected', 1)
   redis.call('HSET', ck, 'counted', '1')
 end
-activate(S, sid, now, ARGV[7])
+if not hidden then activate(S, sid, now, ARGV[7]) end
 redis.call('PEXPIRE', S .. ':node', ARGV[6])
 local _, cflat = hgetall(ck)
-emit('participant_joined', sid, now, h.resumed == '1' and 'resumed' or 'joined',
-     'participant', cflat)
+if not hidden then
+  emit('participant_joined', sid, now, h.resumed == '1' and 'resumed' or 'joined',
+       'participant', cflat)
+end
 settle(S, sid, now)
 local _, sflat = hgetall(S)
 local out = {'ok', epoch(), expires}
@@ -471,12 +568,18 @@ for _, c in ipairs(snap['conns']) do
   elseif reassert and c['pid'] then
     local pk = S .. ':pid:' .. c['pid']
     if redis.call('SET', pk, cid, 'NX', 'PX', ARGV[3]) then
+      local hidden = c['hidden'] == '1'
       redis.call('HSET', ck, 'pid', c['pid'], 'cid', cid, 'role', c['role'], 'name', c['name'],
                  'state', 'connected', 'node', node, 'joined', c['joined'], 'ticket', '',
-                 'resume', c['resume'], 'gen', c['gen'] or '0', 'counted', '1', 'resumed', '0')
+                 'resume', c['resume'], 'gen', c['gen'] or '0',
+                 'counted', hidden and '0' or '1', 'resumed', '0', 'hidden', hidden and '1' or '0')
       redis.call('ZADD', S .. ':leases', expires, cid)
-      redis.call('HINCRBY', S, 'connected', 1)
-      activate(S, sid, now, snap['space']['session'] or '')
+      if hidden then
+        redis.call('HINCRBY', S, 'hidden', 1)
+      else
+        redis.call('HINCRBY', S, 'connected', 1)
+        activate(S, sid, now, snap['space']['session'] or '')
+      end
     else
       lost = 'duplicate'
     end
@@ -522,7 +625,9 @@ local S = KEYS[1]
 local sid = ARGV[1]
 if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
 local conn = redis.call('GET', S .. ':pid:' .. ARGV[2])
-if not conn then return {'err', 'participant_not_found'} end
+if not conn or redis.call('HGET', S .. ':c:' .. conn, 'hidden') == '1' then
+  return {'err', 'participant_not_found'}
+end
 local now = now_ms()
 local _, flat = hgetall(S .. ':c:' .. conn)
 drop_conn(S, sid, conn, ARGV[3], now, false)
@@ -602,6 +707,203 @@ end
 return out
 """
 
+# --- broadcasts ---------------------------------------------------------------------------------
+# A broadcast's record, background and lease live under its space's hash tag; ACTIVE broadcasts
+# are also in the global BROADCAST_QUEUE, which workers read to find work. Every state change
+# emits its event in the same step. A broadcast stops by itself in settle() when its space goes
+# idle, so "ACTIVE on an idle space" never exists, not even for an instant.
+
+CREATE_BROADCAST = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 broadcast_id, 3 per-space limit, 4 layout, 5 resolution, 6 rtmp url,
+--       7 stream key, 8 background source, 9 background sha256, 10 background base64 ("" = none),
+--       11 passthrough
+-- Returns the broadcast's fields (no key) or {"err", "space_not_found" | "broadcast_limit"}.
+local S = KEYS[1]
+local sid, bid = ARGV[1], ARGV[2]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+if redis.call('ZCARD', S .. ':bcs') >= tonumber(ARGV[3]) then return {'err', 'broadcast_limit'} end
+local now = now_ms()
+local bk = S .. ':bc:' .. bid
+redis.call('HSET', bk, 'id', bid, 'space', sid, 'created_at', math.floor(now / 1000),
+           'status', 'idle', 'layout', ARGV[4], 'res', ARGV[5], 'url', ARGV[6], 'key', ARGV[7],
+           'bg', ARGV[8], 'bgsha', ARGV[9], 'pass', ARGV[11], 'started', 0, 'run', 0,
+           'worker', '', 'err', '', 'streaming', '0')
+if ARGV[10] ~= '' then redis.call('SET', bk .. ':bg', ARGV[10]) end
+redis.call('ZADD', S .. ':bcs', redis.call('HINCRBY', S, 'bcseq', 1), bid)
+emit_broadcast('broadcast_created', S, sid, bid, now, '')
+return broadcast_flat(bk)
+"""
+
+START_BROADCAST = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 broadcast_id
+-- Returns {"ok", node_id or "", <broadcast fields>}
+--      or {"err", "space_not_found" | "broadcast_not_found" | "space_idle"}.
+local S = KEYS[1]
+local sid, bid = ARGV[1], ARGV[2]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+local bk = S .. ':bc:' .. bid
+if redis.call('EXISTS', bk) == 0 then return {'err', 'broadcast_not_found'} end
+local now = now_ms()
+-- Lapsed leases first: a space whose last participant's node died is idle, not active.
+reap(S, sid, now)
+settle(S, sid, now)
+if redis.call('HGET', S, 'status') ~= 'active' then return {'err', 'space_idle'} end
+if redis.call('HGET', bk, 'status') ~= 'active' then
+  redis.call('HSET', bk, 'status', 'active', 'started', now, 'err', '', 'streaming', '0',
+             'worker', '')
+  redis.call('HINCRBY', bk, 'run', 1)
+  redis.call('ZADD', BROADCAST_QUEUE, now, sid .. ' ' .. bid)
+  emit_broadcast('broadcast_active', S, sid, bid, now, 'started')
+end
+local out = {'ok', redis.call('GET', S .. ':node') or ''}
+for _, v in ipairs(broadcast_flat(bk)) do out[#out + 1] = v end
+return out
+"""
+
+STOP_BROADCAST = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 broadcast_id
+-- Returns {"ok", node_id or "", <broadcast fields>}
+--      or {"err", "space_not_found" | "broadcast_not_found"}.
+local S = KEYS[1]
+local sid, bid = ARGV[1], ARGV[2]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+local bk = S .. ':bc:' .. bid
+if redis.call('EXISTS', bk) == 0 then return {'err', 'broadcast_not_found'} end
+if redis.call('HGET', bk, 'status') == 'active' then
+  broadcast_idle(S, sid, bid, now_ms(), 'stopped')
+end
+local out = {'ok', redis.call('GET', S .. ':node') or ''}
+for _, v in ipairs(broadcast_flat(bk)) do out[#out + 1] = v end
+return out
+"""
+
+DELETE_BROADCAST = r"""
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 broadcast_id
+-- Returns {"ok"} or {"err", "space_not_found" | "broadcast_not_found" | "broadcast_active"}.
+local S = KEYS[1]
+local sid, bid = ARGV[1], ARGV[2]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+local bk = S .. ':bc:' .. bid
+if redis.call('EXISTS', bk) == 0 then return {'err', 'broadcast_not_found'} end
+if redis.call('HGET', bk, 'status') == 'active' then return {'err', 'broadcast_active'} end
+emit_broadcast('broadcast_deleted', S, sid, bid, now_ms(), '')
+redis.call('DEL', bk, bk .. ':bg', bk .. ':lease')
+redis.call('ZREM', S .. ':bcs', bid)
+return {'ok'}
+"""
+
+DUE_BROADCASTS = r"""
+-- KEYS: none (reads BROADCAST_QUEUE only)
+-- ARGV: 1 max entries
+-- Returns the "<space_id> <broadcast_id>" members due for a claim (score <= now).
+return redis.call('ZRANGEBYSCORE', BROADCAST_QUEUE, '-inf', now_ms(), 'LIMIT', 0,
+                  tonumber(ARGV[1]))
+"""
+
+CLAIM_BROADCAST = r"""
+-- A worker claims an ACTIVE broadcast: SET NX PX on its lease.
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 broadcast_id, 3 holder ("<worker_id> <token>"), 4 worker_id, 5 lease ms
+-- Returns {"ok", background base64 or "", <broadcast fields, with the key>}
+--      or {"held"} (another worker holds it) or {"gone"} (no longer ACTIVE: off the queue).
+local S = KEYS[1]
+local sid, bid = ARGV[1], ARGV[2]
+local bk = S .. ':bc:' .. bid
+local member = sid .. ' ' .. bid
+if redis.call('HGET', bk, 'status') ~= 'active' then
+  redis.call('ZREM', BROADCAST_QUEUE, member)
+  return {'gone'}
+end
+local now = now_ms()
+if not redis.call('SET', bk .. ':lease', ARGV[3], 'NX', 'PX', ARGV[5]) then
+  local ttl = redis.call('PTTL', bk .. ':lease')
+  redis.call('ZADD', BROADCAST_QUEUE, now + math.max(ttl, 0), member)
+  return {'held'}
+end
+redis.call('HSET', bk, 'worker', ARGV[4], 'streaming', '0')
+redis.call('ZADD', BROADCAST_QUEUE, now + tonumber(ARGV[5]), member)
+local out = {'ok', redis.call('GET', bk .. ':bg') or ''}
+for _, v in ipairs(redis.call('HGETALL', bk)) do out[#out + 1] = v end
+return out
+"""
+
+RENEW_BROADCAST = r"""
+-- The holder renews its lease and reports how the stream goes.
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 broadcast_id, 3 holder, 4 lease ms, 5 run it streams, 6 streaming
+--       ("1"|"0"), 7 last error ("" = none)
+-- Returns "ok", "lost" (another worker holds it now) or "stopped" (idle, deleted, or started
+-- again as a new run).
+local S = KEYS[1]
+local sid, bid = ARGV[1], ARGV[2]
+local bk = S .. ':bc:' .. bid
+local lease = bk .. ':lease'
+local current = redis.call('GET', lease)
+local b = redis.call('HMGET', bk, 'status', 'run')
+if b[1] ~= 'active' or b[2] ~= ARGV[5] then
+  if current == ARGV[3] then redis.call('DEL', lease) end
+  return 'stopped'
+end
+if current and current ~= ARGV[3] then return 'lost' end
+-- Lapsed while nobody else claimed it (a slow renewal): the holder keeps it.
+redis.call('SET', lease, ARGV[3], 'PX', ARGV[4])
+redis.call('ZADD', BROADCAST_QUEUE, now_ms() + tonumber(ARGV[4]), sid .. ' ' .. bid)
+redis.call('HSET', bk, 'streaming', ARGV[6], 'err', ARGV[7])
+return 'ok'
+"""
+
+RELEASE_BROADCAST = r"""
+-- Compare-and-delete of a broadcast's lease: a draining worker hands it over (due at once).
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 broadcast_id, 3 holder
+-- Returns 1 when it was released, 0 when the caller no longer held it.
+local S = KEYS[1]
+local sid, bid = ARGV[1], ARGV[2]
+local bk = S .. ':bc:' .. bid
+if redis.call('GET', bk .. ':lease') ~= ARGV[3] then return 0 end
+redis.call('DEL', bk .. ':lease')
+redis.call('HSET', bk, 'worker', '', 'streaming', '0')
+if redis.call('HGET', bk, 'status') == 'active' then
+  redis.call('ZADD', BROADCAST_QUEUE, now_ms(), sid .. ' ' .. bid)
+end
+return 1
+"""
+
+JOIN_HIDDEN = r"""
+-- A broadcaster worker reserves a hidden subscriber connection on the space's current node: a
+-- ticket only the lease holder can get. Hidden connections are never listed or announced, never
+-- make a space active, and do not count against the participant limit.
+-- KEYS[1] = sp:{S}
+-- ARGV: 1 space_id, 2 connection_id, 3 participant_id, 4 display name, 5 ticket sha256,
+--       6 pending lease ms, 7 broadcast id, 8 broadcast lease holder
+-- Returns {"ok", node_id, expires_ms}
+--      or {"err", "space_not_found" | "space_idle" | "lease_lost"}.
+local S = KEYS[1]
+local sid = ARGV[1]
+if redis.call('EXISTS', S) == 0 then return {'err', 'space_not_found'} end
+local now = now_ms()
+reap(S, sid, now)
+settle(S, sid, now)
+if redis.call('GET', S .. ':bc:' .. ARGV[7] .. ':lease') ~= ARGV[8] then
+  return {'err', 'lease_lost'}
+end
+local node = redis.call('GET', S .. ':node')
+if redis.call('HGET', S, 'status') ~= 'active' or not node then return {'err', 'space_idle'} end
+local expires = now + tonumber(ARGV[6])
+redis.call('HSET', S .. ':c:' .. ARGV[2], 'pid', ARGV[3], 'cid', ARGV[2], 'role', 'subscriber',
+           'name', ARGV[4], 'state', 'pending', 'node', node, 'joined', now, 'ticket', ARGV[5],
+           'resume', '', 'gen', '1', 'counted', '0', 'resumed', '0', 'hidden', '1')
+redis.call('SET', S .. ':pid:' .. ARGV[3], ARGV[2], 'PX', ARGV[6])
+redis.call('ZADD', S .. ':leases', expires, ARGV[2])
+redis.call('HINCRBY', S, 'hidden', 1)
+settle(S, sid, now)
+return {'ok', node, expires}
+"""
+
 ALL_SCRIPTS = {
     "create_space": CREATE_SPACE,
     "update_space": UPDATE_SPACE,
@@ -616,6 +918,15 @@ ALL_SCRIPTS = {
     "heartbeat": HEARTBEAT,
     "remove_node": REMOVE_NODE,
     "list_nodes": LIST_NODES,
+    "create_broadcast": CREATE_BROADCAST,
+    "start_broadcast": START_BROADCAST,
+    "stop_broadcast": STOP_BROADCAST,
+    "delete_broadcast": DELETE_BROADCAST,
+    "due_broadcasts": DUE_BROADCASTS,
+    "claim_broadcast": CLAIM_BROADCAST,
+    "renew_broadcast": RENEW_BROADCAST,
+    "release_broadcast": RELEASE_BROADCAST,
+    "join_hidden": JOIN_HIDDEN,
 }
 
 

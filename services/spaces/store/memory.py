@@ -9,6 +9,7 @@ in the middle, which makes it atomic on the event loop, as a script is on Redis.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -18,8 +19,11 @@ from spaces import errors
 from spaces.store import keys
 from spaces.store.base import (
     Admission,
+    BroadcastJob,
+    BroadcastSpec,
     Claim,
     DeadLetterRecord,
+    HiddenReservation,
     JoinContext,
     NodeView,
     PlacementMoved,
@@ -32,6 +36,7 @@ from spaces.store.base import (
     WebhookJob,
 )
 from spaces.store.codec import (
+    broadcast_from_record,
     event_from_entry,
     node_from_text,
     node_to_text,
@@ -39,7 +44,7 @@ from spaces.store.codec import (
     space_from_record,
 )
 from spaces.tasks import wait_event
-from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
+from spaces.v1 import broadcast_pb2, event_pb2, node_pb2, participant_pb2, space_pb2
 
 Hash = dict[str, str]
 NOT_RESUMABLE = frozenset({"removed", "replaced", "space_deleted", "left", "duplicate"})
@@ -60,6 +65,14 @@ class _SpaceState:
     conns: dict[str, Hash] = field(default_factory=dict)
     pids: dict[str, _Expiring] = field(default_factory=dict)
     placement: _Expiring | None = None
+    broadcasts: dict[str, Hash] = field(default_factory=dict)
+    """broadcast_id -> record (keys.broadcast_key), in creation order."""
+    backgrounds: dict[str, bytes] = field(default_factory=dict)
+    broadcast_leases: dict[str, _Expiring] = field(default_factory=dict)
+    """broadcast_id -> lease holder ("<worker_id> <token>")."""
+
+    def visible_count(self) -> int:
+        return len(self.leases) - int(self.record.get("hidden", "0") or 0)
 
 
 class MemoryStore:
@@ -91,6 +104,8 @@ class MemoryStore:
         self._last_event: tuple[int, int] = (0, 0)
         self._event_signal = asyncio.Event()
         self._epoch = str(int(self._clock() * 1_000_000))
+        self._broadcast_queue: dict[tuple[str, str], int] = {}
+        """(space_id, broadcast_id) -> when a worker may claim it (keys.BROADCAST_QUEUE)."""
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -128,8 +143,40 @@ class MemoryStore:
 
     def _emit_space(self, etype: str, state: _SpaceState, space_id: str, now: int) -> None:
         subject = dict(state.record)
-        subject["count"] = str(len(state.leases))
+        subject["count"] = str(state.visible_count())
+        if state.broadcasts:
+            subject["broadcasts"] = json.dumps([_public(b) for b in state.broadcasts.values()])
         self._emit(etype, space_id, now, "", "space", subject)
+
+    def _emit_broadcast(
+        self, etype: str, state: _SpaceState, space_id: str, bid: str, now: int, reason: str
+    ) -> None:
+        self._emit(etype, space_id, now, reason, "broadcast", _public(state.broadcasts[bid]))
+
+    def _broadcast_idle(
+        self, state: _SpaceState, space_id: str, bid: str, now: int, reason: str
+    ) -> None:
+        state.broadcasts[bid].update(status="idle", worker="", streaming="0")
+        state.broadcast_leases.pop(bid, None)
+        self._broadcast_queue.pop((space_id, bid), None)
+        self._emit_broadcast("broadcast_idle", state, space_id, bid, now, reason)
+
+    def _lease_holder(self, state: _SpaceState, bid: str, now: int) -> str | None:
+        lease = state.broadcast_leases.get(bid)
+        if lease is None or lease.expires_ms <= now:
+            state.broadcast_leases.pop(bid, None)
+            return None
+        return lease.value
+
+    def _broadcast_view(self, state: _SpaceState, bid: str, now: int) -> broadcast_pb2.Broadcast:
+        holder = self._lease_holder(state, bid, now) or ""
+        return broadcast_from_record(state.broadcasts[bid], holder)
+
+    def _space_view(self, state: _SpaceState) -> space_pb2.Space:
+        space = space_from_record(state.record, state.visible_count())
+        now = self._now()
+        space.broadcasts.extend(self._broadcast_view(state, b, now) for b in state.broadcasts)
+        return space
 
     def _pid_holder(self, state: _SpaceState, pid: str, now: int) -> str | None:
         guard = state.pids.get(pid)
@@ -166,7 +213,9 @@ class MemoryStore:
             )
         if h.get("counted") == "1" and not keep_count:
             state.record["connected"] = str(int(state.record.get("connected", "0")) - 1)
-        if h.get("state") == "connected":
+        if h.get("hidden") == "1":
+            state.record["hidden"] = str(int(state.record.get("hidden", "0")) - 1)
+        elif h.get("state") == "connected":
             self._emit("participant_left", space_id, now, reason, "participant", h)
         return h
 
@@ -177,6 +226,10 @@ class MemoryStore:
             return
         if int(state.record.get("connected", "0")) <= 0 and state.record["status"] == "active":
             state.record.update(status="idle", session="", connected="0")
+            # A broadcast follows its space: it stops in the same step as the space goes idle.
+            for bid, b in state.broadcasts.items():
+                if b["status"] == "active":
+                    self._broadcast_idle(state, space_id, bid, now, "space_idle")
             self._emit_space("space_idle", state, space_id, now)
         if state.leases:
             self._lease_index[space_id] = min(state.leases.values())
@@ -239,18 +292,14 @@ class MemoryStore:
         return space_from_record(state.record, 0)
 
     async def get_space(self, space_id: str) -> space_pb2.Space:
-        state = self._state(space_id)
-        return space_from_record(state.record, len(state.leases))
+        return self._space_view(self._state(space_id))
 
     async def list_spaces(
         self, limit: int, after_seq: int
     ) -> tuple[list[space_pb2.Space], int | None]:
         ordered = sorted((seq, sid) for sid, seq in self._space_seq.items() if seq > after_seq)
         page = ordered[:limit]
-        spaces = [
-            space_from_record(self._spaces[sid].record, len(self._spaces[sid].leases))
-            for _, sid in page
-        ]
+        spaces = [self._space_view(self._spaces[sid]) for _, sid in page]
         return spaces, (page[-1][0] if len(ordered) > limit else None)
 
     async def update_space(
@@ -262,7 +311,7 @@ class MemoryStore:
         if max_participants is not None:
             state.record["max"] = str(max_participants)
         self._emit_space("space_updated", state, space_id, self._now())
-        return space_from_record(state.record, len(state.leases))
+        return self._space_view(state)
 
     async def delete_space(self, space_id: str, force: bool) -> SpaceDeletion:
         state = self._state(space_id)
@@ -278,6 +327,11 @@ class MemoryStore:
             if h is not None:
                 removed.append((conn, h.get("node", "")))
         self._settle(space_id, now)
+        for bid, b in list(state.broadcasts.items()):
+            if b["status"] == "active":
+                self._broadcast_idle(state, space_id, bid, now, "space_deleted")
+            self._emit_broadcast("broadcast_deleted", state, space_id, bid, now, "space_deleted")
+        state.broadcasts.clear()
         self._emit_space("space_deleted", state, space_id, now)
         del self._spaces[space_id]
         self._resumable.pop(space_id, None)
@@ -378,7 +432,7 @@ class MemoryStore:
             self._settle(sid, now)
             raise errors.DuplicateParticipant()
         limit = int(state.record.get("max", "0") or 0) or r.default_max_participants
-        if len(state.leases) >= limit:
+        if state.visible_count() >= limit:
             self._settle(sid, now)
             raise errors.ParticipantLimitReached()
         expires = now + r.pending_ms
@@ -434,18 +488,21 @@ class MemoryStore:
         state.leases[connection_id] = expires
         if self._pid_holder(state, h["pid"], now) == connection_id:
             state.pids[h["pid"]].expires_ms = now + session_ms
-        if h.get("counted") != "1":
+        hidden = h.get("hidden") == "1"
+        if h.get("counted") != "1" and not hidden:
             state.record["connected"] = str(int(state.record.get("connected", "0")) + 1)
             h["counted"] = "1"
-        self._activate(state, space_id, now, session_id)
+        if not hidden:
+            self._activate(state, space_id, now, session_id)
         assert state.placement is not None
         state.placement.expires_ms = now + placement_ms
-        reason = "resumed" if h.get("resumed") == "1" else "joined"
-        self._emit("participant_joined", space_id, now, reason, "participant", h)
+        if not hidden:
+            reason = "resumed" if h.get("resumed") == "1" else "joined"
+            self._emit("participant_joined", space_id, now, reason, "participant", h)
         self._settle(space_id, now)
         return Claim(
             participant=participant_from_record(space_id, h, expires),
-            space=space_from_record(state.record, len(state.leases)),
+            space=space_from_record(state.record, state.visible_count()),
             epoch=self._epoch,
             lease_expires_at_ms=expires,
             connection_record=dict(h),
@@ -530,7 +587,7 @@ class MemoryStore:
         state = self._state(space_id)
         now = self._now()
         conn = self._pid_holder(state, participant_id, now)
-        if conn is None:
+        if conn is None or state.conns.get(conn, {}).get("hidden") == "1":
             raise errors.ParticipantNotFound()
         snapshot = dict(state.conns.get(conn, {}))
         self._drop_conn(state, space_id, conn, reason, now)
@@ -543,7 +600,7 @@ class MemoryStore:
         state = self._state(space_id)
         conn = self._pid_holder(state, participant_id, self._now())
         h = state.conns.get(conn) if conn else None
-        if conn is None or h is None:
+        if conn is None or h is None or h.get("hidden") == "1":
             raise errors.ParticipantNotFound()
         return participant_from_record(space_id, h, state.leases.get(conn, 0))
 
@@ -552,6 +609,7 @@ class MemoryStore:
         found = [
             participant_from_record(space_id, h, state.leases.get(cid, 0))
             for cid, h in state.conns.items()
+            if h.get("hidden") != "1"
         ]
         found.sort(key=lambda p: (p.joined_at_ms, p.connection_id))
         return found
@@ -623,6 +681,192 @@ class MemoryStore:
                 yield await queue.get()
         finally:
             self._subscribers[node_id].remove(queue)
+
+    # --- broadcasts (mirrors keys.py, "broadcasts") ------------------------------------------
+
+    def _broadcast_state(self, space_id: str, bid: str) -> _SpaceState:
+        state = self._state(space_id)
+        if bid not in state.broadcasts:
+            raise errors.BroadcastNotFound()
+        return state
+
+    async def create_broadcast(self, spec: BroadcastSpec, limit: int) -> broadcast_pb2.Broadcast:
+        state = self._state(spec.space_id)
+        if len(state.broadcasts) >= limit:
+            raise errors.BroadcastLimitReached()
+        now = self._now()
+        state.record["bcseq"] = str(int(state.record.get("bcseq", "0")) + 1)
+        state.broadcasts[spec.broadcast_id] = {
+            "id": spec.broadcast_id,
+            "space": spec.space_id,
+            "created_at": str(now // 1000),
+            "status": "idle",
+            "layout": spec.layout,
+            "res": spec.resolution,
+            "url": spec.rtmp_url,
+            "key": spec.stream_key,
+            "bg": spec.background_source,
+            "bgsha": spec.background_sha256,
+            "pass": spec.passthrough,
+            "started": "0",
+            "run": "0",
+            "worker": "",
+            "err": "",
+            "streaming": "0",
+        }
+        if spec.background:
+            state.backgrounds[spec.broadcast_id] = spec.background
+        self._emit_broadcast("broadcast_created", state, spec.space_id, spec.broadcast_id, now, "")
+        return broadcast_from_record(state.broadcasts[spec.broadcast_id])
+
+    async def get_broadcast(self, space_id: str, broadcast_id: str) -> broadcast_pb2.Broadcast:
+        state = self._broadcast_state(space_id, broadcast_id)
+        return self._broadcast_view(state, broadcast_id, self._now())
+
+    async def list_broadcasts(self, space_id: str) -> list[broadcast_pb2.Broadcast]:
+        return list(self._space_view(self._state(space_id)).broadcasts)
+
+    async def delete_broadcast(self, space_id: str, broadcast_id: str) -> None:
+        state = self._broadcast_state(space_id, broadcast_id)
+        if state.broadcasts[broadcast_id]["status"] == "active":
+            raise errors.BroadcastActive()
+        self._emit_broadcast("broadcast_deleted", state, space_id, broadcast_id, self._now(), "")
+        del state.broadcasts[broadcast_id]
+        state.backgrounds.pop(broadcast_id, None)
+        state.broadcast_leases.pop(broadcast_id, None)
+
+    async def start_broadcast(
+        self, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        state = self._broadcast_state(space_id, broadcast_id)
+        now = self._now()
+        self._reap_space(state, space_id, now)
+        self._settle(space_id, now)
+        if state.record["status"] != "active":
+            raise errors.SpaceIdle()
+        b = state.broadcasts[broadcast_id]
+        if b["status"] != "active":
+            b.update(status="active", started=str(now), err="", streaming="0", worker="")
+            b["run"] = str(int(b["run"]) + 1)
+            self._broadcast_queue[(space_id, broadcast_id)] = now
+            self._emit_broadcast("broadcast_active", state, space_id, broadcast_id, now, "started")
+        return broadcast_from_record(b), self._placement(state, now)
+
+    async def stop_broadcast(
+        self, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        state = self._broadcast_state(space_id, broadcast_id)
+        now = self._now()
+        if state.broadcasts[broadcast_id]["status"] == "active":
+            self._broadcast_idle(state, space_id, broadcast_id, now, "stopped")
+        return broadcast_from_record(state.broadcasts[broadcast_id]), self._placement(state, now)
+
+    async def broadcasts_due(self, limit: int) -> list[tuple[str, str]]:
+        now = self._now()
+        due = sorted((at, key) for key, at in self._broadcast_queue.items() if at <= now)
+        return [key for _, key in due[:limit]]
+
+    async def claim_broadcast(
+        self, space_id: str, broadcast_id: str, holder: str, worker_id: str, lease_ms: int
+    ) -> BroadcastJob | None:
+        state = self._spaces.get(space_id)
+        b = state.broadcasts.get(broadcast_id) if state else None
+        if state is None or b is None or b["status"] != "active":
+            self._broadcast_queue.pop((space_id, broadcast_id), None)
+            return None
+        now = self._now()
+        if self._lease_holder(state, broadcast_id, now) is not None:
+            held = state.broadcast_leases[broadcast_id]
+            self._broadcast_queue[(space_id, broadcast_id)] = held.expires_ms
+            return None
+        state.broadcast_leases[broadcast_id] = _Expiring(holder, now + lease_ms)
+        b.update(worker=worker_id, streaming="0")
+        self._broadcast_queue[(space_id, broadcast_id)] = now + lease_ms
+        return BroadcastJob(
+            space_id=space_id,
+            broadcast_id=broadcast_id,
+            run=b["run"],
+            layout=b["layout"],
+            resolution=b["res"],
+            rtmp_url=b["url"],
+            stream_key=b["key"],
+            background=state.backgrounds.get(broadcast_id, b""),
+            holder=holder,
+        )
+
+    async def renew_broadcast(
+        self,
+        space_id: str,
+        broadcast_id: str,
+        holder: str,
+        lease_ms: int,
+        run: str,
+        streaming: bool,
+        error: str,
+    ) -> str:
+        state = self._spaces.get(space_id)
+        b = state.broadcasts.get(broadcast_id) if state else None
+        if state is None or b is None:
+            return "stopped"
+        now = self._now()
+        current = self._lease_holder(state, broadcast_id, now)
+        if b["status"] != "active" or b["run"] != run:
+            if current == holder:
+                del state.broadcast_leases[broadcast_id]
+            return "stopped"
+        if current is not None and current != holder:
+            return "lost"
+        state.broadcast_leases[broadcast_id] = _Expiring(holder, now + lease_ms)
+        self._broadcast_queue[(space_id, broadcast_id)] = now + lease_ms
+        b.update(streaming="1" if streaming else "0", err=error)
+        return "ok"
+
+    async def release_broadcast(self, space_id: str, broadcast_id: str, holder: str) -> bool:
+        state = self._spaces.get(space_id)
+        b = state.broadcasts.get(broadcast_id) if state else None
+        if state is None or b is None:
+            return False
+        now = self._now()
+        if self._lease_holder(state, broadcast_id, now) != holder:
+            return False
+        del state.broadcast_leases[broadcast_id]
+        b.update(worker="", streaming="0")
+        if b["status"] == "active":
+            self._broadcast_queue[(space_id, broadcast_id)] = now
+        return True
+
+    async def join_hidden(self, reservation: HiddenReservation) -> tuple[str, int]:
+        r = reservation
+        state = self._state(r.space_id)
+        now = self._now()
+        self._reap_space(state, r.space_id, now)
+        self._settle(r.space_id, now)
+        if self._lease_holder(state, r.broadcast_id, now) != r.holder:
+            raise errors.BroadcastLeaseLost()
+        node = self._placement(state, now)
+        if state.record["status"] != "active" or not node:
+            raise errors.SpaceIdle()
+        expires = now + r.pending_ms
+        state.conns[r.connection_id] = {
+            "pid": r.participant_id,
+            "cid": r.connection_id,
+            "role": "subscriber",
+            "name": r.display_name,
+            "state": "pending",
+            "node": node,
+            "joined": str(now),
+            "ticket": r.ticket_hash,
+            "resume": "",
+            "gen": "1",
+            "counted": "0",
+            "resumed": "0",
+            "hidden": "1",
+        }
+        state.pids[r.participant_id] = _Expiring(r.connection_id, expires)
+        state.leases[r.connection_id] = expires
+        state.record["hidden"] = str(int(state.record.get("hidden", "0")) + 1)
+        self._settle(r.space_id, now)
+        return node, expires
 
     # --- events ----------------------------------------------------------------------------
 
@@ -931,6 +1175,11 @@ class MemoryStore:
         for consumer in idle:
             del wh.consumers[consumer]
         return len(idle)
+
+
+def _public(broadcast: Hash) -> Hash:
+    """A broadcast record without its stream key (what events carry)."""
+    return {k: v for k, v in broadcast.items() if k != "key"}
 
 
 def _parse_event_id(event_id: str) -> tuple[int, int]:

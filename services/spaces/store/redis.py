@@ -8,6 +8,7 @@ the client reconnects on the next call, so a Redis restart needs no service rest
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -25,8 +26,11 @@ from spaces import errors
 from spaces.store import keys
 from spaces.store.base import (
     Admission,
+    BroadcastJob,
+    BroadcastSpec,
     Claim,
     DeadLetterRecord,
+    HiddenReservation,
     JoinContext,
     NodeView,
     PlacementMoved,
@@ -39,6 +43,7 @@ from spaces.store.base import (
     WebhookJob,
 )
 from spaces.store.codec import (
+    broadcast_from_record,
     command_from_text,
     command_to_text,
     event_from_entry,
@@ -48,7 +53,7 @@ from spaces.store.codec import (
     participant_from_record,
     space_from_record,
 )
-from spaces.v1 import event_pb2, node_pb2, participant_pb2, space_pb2
+from spaces.v1 import broadcast_pb2, event_pb2, node_pb2, participant_pb2, space_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,11 @@ _SCRIPT_ERRORS: dict[str, type[errors.SpacesError]] = {
     "moved": errors.TicketWrongNode,
     "participant_not_found": errors.ParticipantNotFound,
     "unknown_key": errors.TokenUnknownKey,
+    "broadcast_not_found": errors.BroadcastNotFound,
+    "broadcast_active": errors.BroadcastActive,
+    "broadcast_limit": errors.BroadcastLimitReached,
+    "space_idle": errors.SpaceIdle,
+    "lease_lost": errors.BroadcastLeaseLost,
 }
 
 
@@ -167,16 +177,47 @@ class RedisStore:
         return space_from_record(flat_to_dict(flat), 0)
 
     async def get_space(self, space_id: str) -> space_pb2.Space:
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.hgetall(keys.space_key(space_id))
-                pipe.zcard(keys.leases_key(space_id))
-                return await pipe.execute()
-
-        record, count = await self._call(run)
-        if not record:
+        spaces = await self._spaces_with_broadcasts([space_id])
+        if not spaces:
             raise errors.SpaceNotFound()
-        return space_from_record(record, int(count))
+        return spaces[0]
+
+    async def _spaces_with_broadcasts(self, space_ids: Sequence[str]) -> list[space_pb2.Space]:
+        """Spaces (those that exist, in order) with their visible count and their broadcasts:
+        two pipelined round trips."""
+
+        async def run() -> tuple[list[Any], list[Any]]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for space_id in space_ids:
+                    pipe.hgetall(keys.space_key(space_id))
+                    pipe.zcard(keys.leases_key(space_id))
+                    pipe.zrange(keys.broadcasts_key(space_id), 0, -1)
+                first = await pipe.execute()
+            async with self._client.pipeline(transaction=False) as pipe:
+                for i, space_id in enumerate(space_ids):
+                    for bid in first[3 * i + 2]:
+                        pipe.hgetall(keys.broadcast_key(space_id, bid))
+                        pipe.get(keys.broadcast_lease_key(space_id, bid))
+                second = await pipe.execute() if any(first[2::3]) else []
+            return first, second
+
+        first, second = await self._call(run)
+        out: list[space_pb2.Space] = []
+        at = 0
+        for i in range(len(space_ids)):
+            record, count, bids = first[3 * i], int(first[3 * i + 1]), first[3 * i + 2]
+            found = second[at : at + 2 * len(bids)]
+            at += 2 * len(bids)
+            if not record:
+                continue
+            space = space_from_record(record, count - int(record.get("hidden", "0") or 0))
+            space.broadcasts.extend(
+                broadcast_from_record(found[j], found[j + 1] or "")
+                for j in range(0, len(found), 2)
+                if found[j]
+            )
+            out.append(space)
+        return out
 
     async def list_spaces(
         self, limit: int, after_seq: int
@@ -188,20 +229,7 @@ class RedisStore:
         )
         more = len(page) > limit
         page = page[:limit]
-
-        async def run() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for space_id, _ in page:
-                    pipe.hgetall(keys.space_key(space_id))
-                    pipe.zcard(keys.leases_key(space_id))
-                return await pipe.execute()
-
-        replies = await self._call(run) if page else []
-        spaces = [
-            space_from_record(replies[i], int(replies[i + 1]))
-            for i in range(0, len(replies), 2)
-            if replies[i]
-        ]
+        spaces = await self._spaces_with_broadcasts([space_id for space_id, _ in page])
         return spaces, (int(page[-1][1]) if more and page else None)
 
     async def update_space(
@@ -219,9 +247,7 @@ class RedisStore:
             ],
         )
         _raise_script_error(reply)
-        record = flat_to_dict(reply)
-        count = await self._call(lambda: self._client.zcard(keys.leases_key(space_id)))
-        return space_from_record(record, int(count))
+        return await self.get_space(space_id)
 
     async def delete_space(self, space_id: str, force: bool) -> SpaceDeletion:
         reply = await self._script(
@@ -432,7 +458,7 @@ class RedisStore:
             return record, expires
 
         record, expires = await self._call(run)
-        if not record:
+        if not record or record.get("hidden") == "1":
             if not await self._call(lambda: self._client.exists(keys.space_key(space_id))):
                 raise errors.SpaceNotFound()
             raise errors.ParticipantNotFound()
@@ -456,7 +482,7 @@ class RedisStore:
         found = [
             participant_from_record(space_id, record, int(score))
             for (_, score), record in zip(leases, records, strict=True)
-            if record
+            if record and record.get("hidden") != "1"
         ]
         found.sort(key=lambda p: (p.joined_at_ms, p.connection_id))
         return found
@@ -528,6 +554,141 @@ class RedisStore:
                 await pubsub.aclose()
             except Exception:
                 pass
+
+    # --- broadcasts --------------------------------------------------------------------------
+
+    async def create_broadcast(self, spec: BroadcastSpec, limit: int) -> broadcast_pb2.Broadcast:
+        reply = await self._script(
+            "create_broadcast",
+            [keys.space_key(spec.space_id)],
+            [
+                spec.space_id,
+                spec.broadcast_id,
+                limit,
+                spec.layout,
+                spec.resolution,
+                spec.rtmp_url,
+                spec.stream_key,
+                spec.background_source,
+                spec.background_sha256,
+                base64.b64encode(spec.background).decode() if spec.background else "",
+                spec.passthrough,
+            ],
+        )
+        _raise_script_error(reply)
+        return broadcast_from_record(flat_to_dict(reply))
+
+    async def get_broadcast(self, space_id: str, broadcast_id: str) -> broadcast_pb2.Broadcast:
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.broadcast_key(space_id, broadcast_id))
+                pipe.get(keys.broadcast_lease_key(space_id, broadcast_id))
+                pipe.exists(keys.space_key(space_id))
+                return await pipe.execute()
+
+        record, holder, exists = await self._call(run)
+        if not exists:
+            raise errors.SpaceNotFound()
+        if not record:
+            raise errors.BroadcastNotFound()
+        return broadcast_from_record(record, holder or "")
+
+    async def list_broadcasts(self, space_id: str) -> list[broadcast_pb2.Broadcast]:
+        return list((await self.get_space(space_id)).broadcasts)
+
+    async def delete_broadcast(self, space_id: str, broadcast_id: str) -> None:
+        reply = await self._script(
+            "delete_broadcast", [keys.space_key(space_id)], [space_id, broadcast_id]
+        )
+        _raise_script_error(reply)
+
+    async def _start_stop(
+        self, script: str, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        reply = await self._script(script, [keys.space_key(space_id)], [space_id, broadcast_id])
+        _raise_script_error(reply)
+        return broadcast_from_record(flat_to_dict(reply[2:])), str(reply[1])
+
+    async def start_broadcast(
+        self, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        return await self._start_stop("start_broadcast", space_id, broadcast_id)
+
+    async def stop_broadcast(
+        self, space_id: str, broadcast_id: str
+    ) -> tuple[broadcast_pb2.Broadcast, str]:
+        return await self._start_stop("stop_broadcast", space_id, broadcast_id)
+
+    async def broadcasts_due(self, limit: int) -> list[tuple[str, str]]:
+        members = await self._script("due_broadcasts", [], [limit])
+        return [(m.partition(" ")[0], m.partition(" ")[2]) for m in members]
+
+    async def claim_broadcast(
+        self, space_id: str, broadcast_id: str, holder: str, worker_id: str, lease_ms: int
+    ) -> BroadcastJob | None:
+        reply = await self._script(
+            "claim_broadcast",
+            [keys.space_key(space_id)],
+            [space_id, broadcast_id, holder, worker_id, lease_ms],
+        )
+        if reply[0] != "ok":
+            return None
+        record = flat_to_dict(reply[2:])
+        return BroadcastJob(
+            space_id=space_id,
+            broadcast_id=broadcast_id,
+            run=record.get("run", "0"),
+            layout=record.get("layout", "gallery"),
+            resolution=record.get("res", "1920x1080"),
+            rtmp_url=record.get("url", ""),
+            stream_key=record.get("key", ""),
+            background=base64.b64decode(reply[1]) if reply[1] else b"",
+            holder=holder,
+        )
+
+    async def renew_broadcast(
+        self,
+        space_id: str,
+        broadcast_id: str,
+        holder: str,
+        lease_ms: int,
+        run: str,
+        streaming: bool,
+        error: str,
+    ) -> str:
+        return str(
+            await self._script(
+                "renew_broadcast",
+                [keys.space_key(space_id)],
+                [space_id, broadcast_id, holder, lease_ms, run, "1" if streaming else "0", error],
+            )
+        )
+
+    async def release_broadcast(self, space_id: str, broadcast_id: str, holder: str) -> bool:
+        return bool(
+            await self._script(
+                "release_broadcast", [keys.space_key(space_id)], [space_id, broadcast_id, holder]
+            )
+        )
+
+    async def join_hidden(self, reservation: HiddenReservation) -> tuple[str, int]:
+        r = reservation
+        reply = await self._script(
+            "join_hidden",
+            [keys.space_key(r.space_id)],
+            [
+                r.space_id,
+                r.connection_id,
+                r.participant_id,
+                r.display_name,
+                r.ticket_hash,
+                r.pending_ms,
+                r.broadcast_id,
+                r.holder,
+            ],
+        )
+        _raise_script_error(reply)
+        return str(reply[1]), int(reply[2])
 
     # --- events ----------------------------------------------------------------------------
 

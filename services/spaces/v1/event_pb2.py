@@ -22,20 +22,21 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from spaces.v1 import broadcast_pb2 as spaces_dot_v1_dot_broadcast__pb2
 from spaces.v1 import node_pb2 as spaces_dot_v1_dot_node__pb2
 from spaces.v1 import participant_pb2 as spaces_dot_v1_dot_participant__pb2
 from spaces.v1 import space_pb2 as spaces_dot_v1_dot_space__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15spaces/v1/event.proto\x12\tspaces.v1\x1a\x14spaces/v1/node.proto\x1a\x1bspaces/v1/participant.proto\x1a\x15spaces/v1/space.proto\"\xee\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04type\x18\x02 \x01(\x0e\x32\x14.spaces.v1.EventType\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x10\n\x08space_id\x18\x04 \x01(\t\x12!\n\x05space\x18\x05 \x01(\x0b\x32\x10.spaces.v1.SpaceH\x00\x12-\n\x0bparticipant\x18\x06 \x01(\x0b\x32\x16.spaces.v1.ParticipantH\x00\x12\x1f\n\x04node\x18\x07 \x01(\x0b\x32\x0f.spaces.v1.NodeH\x00\x12\x0e\n\x06reason\x18\x08 \x01(\tB\t\n\x07subject*\xa0\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_TYPE_SPACE_CREATED\x10\x01\x12\x1c\n\x18\x45VENT_TYPE_SPACE_UPDATED\x10\x02\x12\x1b\n\x17\x45VENT_TYPE_SPACE_ACTIVE\x10\x03\x12\x19\n\x15\x45VENT_TYPE_SPACE_IDLE\x10\x04\x12\x1c\n\x18\x45VENT_TYPE_SPACE_DELETED\x10\x05\x12!\n\x1d\x45VENT_TYPE_PARTICIPANT_JOINED\x10\x06\x12\x1f\n\x1b\x45VENT_TYPE_PARTICIPANT_LEFT\x10\x07\x12!\n\x1d\x45VENT_TYPE_NODE_STATE_CHANGED\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15spaces/v1/event.proto\x12\tspaces.v1\x1a\x19spaces/v1/broadcast.proto\x1a\x14spaces/v1/node.proto\x1a\x1bspaces/v1/participant.proto\x1a\x15spaces/v1/space.proto\"\x99\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04type\x18\x02 \x01(\x0e\x32\x14.spaces.v1.EventType\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x10\n\x08space_id\x18\x04 \x01(\t\x12!\n\x05space\x18\x05 \x01(\x0b\x32\x10.spaces.v1.SpaceH\x00\x12-\n\x0bparticipant\x18\x06 \x01(\x0b\x32\x16.spaces.v1.ParticipantH\x00\x12\x1f\n\x04node\x18\x07 \x01(\x0b\x32\x0f.spaces.v1.NodeH\x00\x12)\n\tbroadcast\x18\t \x01(\x0b\x32\x14.spaces.v1.BroadcastH\x00\x12\x0e\n\x06reason\x18\x08 \x01(\tB\t\n\x07subject*\xa4\x03\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_TYPE_SPACE_CREATED\x10\x01\x12\x1c\n\x18\x45VENT_TYPE_SPACE_UPDATED\x10\x02\x12\x1b\n\x17\x45VENT_TYPE_SPACE_ACTIVE\x10\x03\x12\x19\n\x15\x45VENT_TYPE_SPACE_IDLE\x10\x04\x12\x1c\n\x18\x45VENT_TYPE_SPACE_DELETED\x10\x05\x12!\n\x1d\x45VENT_TYPE_PARTICIPANT_JOINED\x10\x06\x12\x1f\n\x1b\x45VENT_TYPE_PARTICIPANT_LEFT\x10\x07\x12!\n\x1d\x45VENT_TYPE_NODE_STATE_CHANGED\x10\x08\x12 \n\x1c\x45VENT_TYPE_BROADCAST_CREATED\x10\t\x12\x1f\n\x1b\x45VENT_TYPE_BROADCAST_ACTIVE\x10\n\x12\x1d\n\x19\x45VENT_TYPE_BROADCAST_IDLE\x10\x0b\x12 \n\x1c\x45VENT_TYPE_BROADCAST_DELETED\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spaces.v1.event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=352
-  _globals['_EVENTTYPE']._serialized_end=640
-  _globals['_EVENT']._serialized_start=111
-  _globals['_EVENT']._serialized_end=349
+  _globals['_EVENTTYPE']._serialized_start=422
+  _globals['_EVENTTYPE']._serialized_end=842
+  _globals['_EVENT']._serialized_start=138
+  _globals['_EVENT']._serialized_end=419
 # @@protoc_insertion_point(module_scope)

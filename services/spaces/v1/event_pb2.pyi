@@ -6,6 +6,7 @@ isort:skip_file
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from spaces.v1 import broadcast_pb2 as _broadcast_pb2
 from spaces.v1 import node_pb2 as _node_pb2
 from spaces.v1 import participant_pb2 as _participant_pb2
 from spaces.v1 import space_pb2 as _space_pb2
@@ -35,6 +36,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_PARTICIPANT_JOINED: _EventType.ValueType  # 6
     EVENT_TYPE_PARTICIPANT_LEFT: _EventType.ValueType  # 7
     EVENT_TYPE_NODE_STATE_CHANGED: _EventType.ValueType  # 8
+    EVENT_TYPE_BROADCAST_CREATED: _EventType.ValueType  # 9
+    EVENT_TYPE_BROADCAST_ACTIVE: _EventType.ValueType  # 10
+    EVENT_TYPE_BROADCAST_IDLE: _EventType.ValueType  # 11
+    """reason: "stopped" (StopBroadcast) or "space_idle" (its space went idle)."""
+    EVENT_TYPE_BROADCAST_DELETED: _EventType.ValueType  # 12
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -47,6 +53,11 @@ EVENT_TYPE_SPACE_DELETED: EventType.ValueType  # 5
 EVENT_TYPE_PARTICIPANT_JOINED: EventType.ValueType  # 6
 EVENT_TYPE_PARTICIPANT_LEFT: EventType.ValueType  # 7
 EVENT_TYPE_NODE_STATE_CHANGED: EventType.ValueType  # 8
+EVENT_TYPE_BROADCAST_CREATED: EventType.ValueType  # 9
+EVENT_TYPE_BROADCAST_ACTIVE: EventType.ValueType  # 10
+EVENT_TYPE_BROADCAST_IDLE: EventType.ValueType  # 11
+"""reason: "stopped" (StopBroadcast) or "space_idle" (its space went idle)."""
+EVENT_TYPE_BROADCAST_DELETED: EventType.ValueType  # 12
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -62,6 +73,7 @@ class Event(_message.Message):
     SPACE_FIELD_NUMBER: _builtins.int
     PARTICIPANT_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    BROADCAST_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stream id, "<ms>-<seq>"; pass it as WatchEventsRequest.after_id to resume."""
@@ -79,6 +91,8 @@ class Event(_message.Message):
     def participant(self) -> _participant_pb2.Participant: ...
     @_builtins.property
     def node(self) -> _node_pb2.Node: ...
+    @_builtins.property
+    def broadcast(self) -> _broadcast_pb2.Broadcast: ...
     def __init__(
         self,
         *,
@@ -89,13 +103,14 @@ class Event(_message.Message):
         space: _space_pb2.Space | None = ...,
         participant: _participant_pb2.Participant | None = ...,
         node: _node_pb2.Node | None = ...,
+        broadcast: _broadcast_pb2.Broadcast | None = ...,
         reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "participant", b"participant", "space", b"space", "subject", b"subject"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast", "node", b"node", "participant", b"participant", "space", b"space", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "id", b"id", "node", b"node", "participant", b"participant", "reason", b"reason", "space", b"space", "space_id", b"space_id", "subject", b"subject", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast", "created_at_ms", b"created_at_ms", "id", b"id", "node", b"node", "participant", b"participant", "reason", b"reason", "space", b"space", "space_id", b"space_id", "subject", b"subject", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["space", "participant", "node"]  # noqa: Y015
+    _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["space", "participant", "node", "broadcast"]  # noqa: Y015
     _WhichOneofArgType_subject: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_subject) -> _WhichOneofReturnType_subject | None: ...
 

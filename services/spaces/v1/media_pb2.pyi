@@ -637,6 +637,7 @@ class ServerMessage(_message.Message):
     DISPLAY_NAME_CHANGED_FIELD_NUMBER: _builtins.int
     CLOSING_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_UPDATED_FIELD_NUMBER: _builtins.int
+    BROADCAST_STATE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """For Ack, Error and answers: the request_id of the ClientMessage they answer."""
     @_builtins.property
@@ -673,6 +674,10 @@ class ServerMessage(_message.Message):
     def subscription_updated(self) -> Global___SubscriptionUpdated:
         """The answer to SetSubscription."""
 
+    @_builtins.property
+    def broadcast_state(self) -> Global___BroadcastState:
+        """Whether the space is being broadcast (see BroadcastState)."""
+
     def __init__(
         self,
         *,
@@ -692,12 +697,13 @@ class ServerMessage(_message.Message):
         display_name_changed: Global___DisplayNameChanged | None = ...,
         closing: Global___Closing | None = ...,
         subscription_updated: Global___SubscriptionUpdated | None = ...,
+        broadcast_state: Global___BroadcastState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "broadcast_state", b"broadcast_state", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "request_id", b"request_id", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "broadcast_state", b"broadcast_state", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "request_id", b"request_id", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["joined", "ack", "error", "publish_answer", "subscriber_offer", "participant_joined", "participant_left", "track_published", "track_unpublished", "track_muted", "active_speakers", "custom_event", "display_name_changed", "closing", "subscription_updated"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["joined", "ack", "error", "publish_answer", "subscriber_offer", "participant_joined", "participant_left", "track_published", "track_unpublished", "track_muted", "active_speakers", "custom_event", "display_name_changed", "closing", "subscription_updated", "broadcast_state"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -1202,3 +1208,36 @@ class Closing(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Closing: _TypeAlias = Closing  # noqa: Y015
+
+@_typing.final
+class BroadcastState(_message.Message):
+    """Sent right after Joined while the space is being broadcast, and again whenever that changes:
+    a broadcast of the space was started or stopped (StartBroadcast, StopBroadcast, or the space
+    going idle). It follows the broadcasts' status in BroadcastService, not the RTMP connection:
+    while a worker takes over a broadcast from one that died, the space is still broadcasting.
+    The web protocol carries it as `broadcast_state_update` (and `joined.broadcasting`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROADCASTING_FIELD_NUMBER: _builtins.int
+    BROADCAST_IDS_FIELD_NUMBER: _builtins.int
+    broadcasting: _builtins.bool
+    """True while at least one broadcast of the space is ACTIVE."""
+    @_builtins.property
+    def broadcast_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ACTIVE broadcasts, in creation order."""
+
+    def __init__(
+        self,
+        *,
+        broadcasting: _builtins.bool = ...,
+        broadcast_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast_ids", b"broadcast_ids", "broadcasting", b"broadcasting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BroadcastState: _TypeAlias = BroadcastState  # noqa: Y015

@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14spaces/v1/node.proto\x12\tspaces.v1\"\xcd\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.spaces.v1.NodeState\x12\x0c\n\x04load\x18\x04 \x01(\x01\x12\x10\n\x08sessions\x18\x05 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\r\x12\x0e\n\x06spaces\x18\x07 \x01(\r\x12\x15\n\rupdated_at_ms\x18\x08 \x01(\x03\x12\x15\n\rstarted_at_ms\x18\t \x01(\x03\x12\x0f\n\x07version\x18\n \x01(\t\"q\n\x0bNodeCommand\x12)\n\x04kick\x18\x01 \x01(\x0b\x32\x19.spaces.v1.KickConnectionH\x00\x12,\n\x0b\x63lose_space\x18\x02 \x01(\x0b\x32\x15.spaces.v1.CloseSpaceH\x00\x42\t\n\x07\x63ommand\"I\n\x0eKickConnection\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\nCloseSpace\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x89\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_STATE_STARTING\x10\x01\x12\x16\n\x12NODE_STATE_SERVING\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x16\n\x12NODE_STATE_STOPPED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14spaces/v1/node.proto\x12\tspaces.v1\"\xcd\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.spaces.v1.NodeState\x12\x0c\n\x04load\x18\x04 \x01(\x01\x12\x10\n\x08sessions\x18\x05 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\r\x12\x0e\n\x06spaces\x18\x07 \x01(\r\x12\x15\n\rupdated_at_ms\x18\x08 \x01(\x03\x12\x15\n\rstarted_at_ms\x18\t \x01(\x03\x12\x0f\n\x07version\x18\n \x01(\t\"\xad\x01\n\x0bNodeCommand\x12)\n\x04kick\x18\x01 \x01(\x0b\x32\x19.spaces.v1.KickConnectionH\x00\x12,\n\x0b\x63lose_space\x18\x02 \x01(\x0b\x32\x15.spaces.v1.CloseSpaceH\x00\x12:\n\x12\x62roadcasts_changed\x18\x03 \x01(\x0b\x32\x1c.spaces.v1.BroadcastsChangedH\x00\x42\t\n\x07\x63ommand\"%\n\x11\x42roadcastsChanged\x12\x10\n\x08space_id\x18\x01 \x01(\t\"I\n\x0eKickConnection\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\".\n\nCloseSpace\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x89\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_STATE_STARTING\x10\x01\x12\x16\n\x12NODE_STATE_SERVING\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x16\n\x12NODE_STATE_STOPPED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spaces.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=482
-  _globals['_NODESTATE']._serialized_end=619
+  _globals['_NODESTATE']._serialized_start=582
+  _globals['_NODESTATE']._serialized_end=719
   _globals['_NODE']._serialized_start=36
   _globals['_NODE']._serialized_end=241
-  _globals['_NODECOMMAND']._serialized_start=243
-  _globals['_NODECOMMAND']._serialized_end=356
-  _globals['_KICKCONNECTION']._serialized_start=358
-  _globals['_KICKCONNECTION']._serialized_end=431
-  _globals['_CLOSESPACE']._serialized_start=433
-  _globals['_CLOSESPACE']._serialized_end=479
+  _globals['_NODECOMMAND']._serialized_start=244
+  _globals['_NODECOMMAND']._serialized_end=417
+  _globals['_BROADCASTSCHANGED']._serialized_start=419
+  _globals['_BROADCASTSCHANGED']._serialized_end=456
+  _globals['_KICKCONNECTION']._serialized_start=458
+  _globals['_KICKCONNECTION']._serialized_end=531
+  _globals['_CLOSESPACE']._serialized_start=533
+  _globals['_CLOSESPACE']._serialized_end=579
 # @@protoc_insertion_point(module_scope)

@@ -101,25 +101,52 @@ class NodeCommand(_message.Message):
 
     KICK_FIELD_NUMBER: _builtins.int
     CLOSE_SPACE_FIELD_NUMBER: _builtins.int
+    BROADCASTS_CHANGED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def kick(self) -> Global___KickConnection: ...
     @_builtins.property
     def close_space(self) -> Global___CloseSpace: ...
+    @_builtins.property
+    def broadcasts_changed(self) -> Global___BroadcastsChanged: ...
     def __init__(
         self,
         *,
         kick: Global___KickConnection | None = ...,
         close_space: Global___CloseSpace | None = ...,
+        broadcasts_changed: Global___BroadcastsChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close_space", b"close_space", "command", b"command", "kick", b"kick"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcasts_changed", b"broadcasts_changed", "close_space", b"close_space", "command", b"command", "kick", b"kick"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_space", b"close_space", "command", b"command", "kick", b"kick"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcasts_changed", b"broadcasts_changed", "close_space", b"close_space", "command", b"command", "kick", b"kick"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["kick", "close_space"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["kick", "close_space", "broadcasts_changed"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
 Global___NodeCommand: _TypeAlias = NodeCommand  # noqa: Y015
+
+@_typing.final
+class BroadcastsChanged(_message.Message):
+    """A broadcast of the space was started or stopped: re-read the space's broadcast state and tell
+    its sessions (media.proto BroadcastState).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPACE_ID_FIELD_NUMBER: _builtins.int
+    space_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        space_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["space_id", b"space_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BroadcastsChanged: _TypeAlias = BroadcastsChanged  # noqa: Y015
 
 @_typing.final
 class KickConnection(_message.Message):

@@ -22,33 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from spaces.v1 import broadcast_pb2 as spaces_dot_v1_dot_broadcast__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15spaces/v1/space.proto\x12\tspaces.v1\"\xb4\x01\n\x05Space\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x03\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.spaces.v1.SpaceStatus\x12\x13\n\x0bpassthrough\x18\x04 \x01(\t\x12\x19\n\x11\x61\x63tive_session_id\x18\x05 \x01(\t\x12\x18\n\x10max_participants\x18\x06 \x01(\r\x12\x19\n\x11participant_count\x18\x07 \x01(\r\"C\n\x12\x43reateSpaceRequest\x12\x13\n\x0bpassthrough\x18\x01 \x01(\t\x12\x18\n\x10max_participants\x18\x02 \x01(\r\"\x1d\n\x0fGetSpaceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x11ListSpacesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListSpacesResponse\x12 \n\x06spaces\x18\x01 \x03(\x0b\x32\x10.spaces.v1.Space\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"~\n\x12UpdateSpaceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x0bpassthrough\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1d\n\x10max_participants\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x0e\n\x0c_passthroughB\x13\n\x11_max_participants\"/\n\x12\x44\x65leteSpaceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"+\n\x13\x44\x65leteSpaceResponse\x12\x14\n\x0c\x64isconnected\x18\x01 \x01(\r*[\n\x0bSpaceStatus\x12\x1c\n\x18SPACE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11SPACE_STATUS_IDLE\x10\x01\x12\x17\n\x13SPACE_STATUS_ACTIVE\x10\x02\x32\xe1\x02\n\x0cSpaceService\x12>\n\x0b\x43reateSpace\x12\x1d.spaces.v1.CreateSpaceRequest\x1a\x10.spaces.v1.Space\x12\x38\n\x08GetSpace\x12\x1a.spaces.v1.GetSpaceRequest\x1a\x10.spaces.v1.Space\x12I\n\nListSpaces\x12\x1c.spaces.v1.ListSpacesRequest\x1a\x1d.spaces.v1.ListSpacesResponse\x12>\n\x0bUpdateSpace\x12\x1d.spaces.v1.UpdateSpaceRequest\x1a\x10.spaces.v1.Space\x12L\n\x0b\x44\x65leteSpace\x12\x1d.spaces.v1.DeleteSpaceRequest\x1a\x1e.spaces.v1.DeleteSpaceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15spaces/v1/space.proto\x12\tspaces.v1\x1a\x19spaces/v1/broadcast.proto\"\xde\x01\n\x05Space\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x03\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.spaces.v1.SpaceStatus\x12\x13\n\x0bpassthrough\x18\x04 \x01(\t\x12\x19\n\x11\x61\x63tive_session_id\x18\x05 \x01(\t\x12\x18\n\x10max_participants\x18\x06 \x01(\r\x12\x19\n\x11participant_count\x18\x07 \x01(\r\x12(\n\nbroadcasts\x18\x08 \x03(\x0b\x32\x14.spaces.v1.Broadcast\"C\n\x12\x43reateSpaceRequest\x12\x13\n\x0bpassthrough\x18\x01 \x01(\t\x12\x18\n\x10max_participants\x18\x02 \x01(\r\"\x1d\n\x0fGetSpaceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x11ListSpacesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListSpacesResponse\x12 \n\x06spaces\x18\x01 \x03(\x0b\x32\x10.spaces.v1.Space\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"~\n\x12UpdateSpaceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x0bpassthrough\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1d\n\x10max_participants\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x0e\n\x0c_passthroughB\x13\n\x11_max_participants\"/\n\x12\x44\x65leteSpaceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"+\n\x13\x44\x65leteSpaceResponse\x12\x14\n\x0c\x64isconnected\x18\x01 \x01(\r*[\n\x0bSpaceStatus\x12\x1c\n\x18SPACE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11SPACE_STATUS_IDLE\x10\x01\x12\x17\n\x13SPACE_STATUS_ACTIVE\x10\x02\x32\xe1\x02\n\x0cSpaceService\x12>\n\x0b\x43reateSpace\x12\x1d.spaces.v1.CreateSpaceRequest\x1a\x10.spaces.v1.Space\x12\x38\n\x08GetSpace\x12\x1a.spaces.v1.GetSpaceRequest\x1a\x10.spaces.v1.Space\x12I\n\nListSpaces\x12\x1c.spaces.v1.ListSpacesRequest\x1a\x1d.spaces.v1.ListSpacesResponse\x12>\n\x0bUpdateSpace\x12\x1d.spaces.v1.UpdateSpaceRequest\x1a\x10.spaces.v1.Space\x12L\n\x0b\x44\x65leteSpace\x12\x1d.spaces.v1.DeleteSpaceRequest\x1a\x1e.spaces.v1.DeleteSpaceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spaces.v1.space_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPACESTATUS']._serialized_start=678
-  _globals['_SPACESTATUS']._serialized_end=769
-  _globals['_SPACE']._serialized_start=37
-  _globals['_SPACE']._serialized_end=217
-  _globals['_CREATESPACEREQUEST']._serialized_start=219
-  _globals['_CREATESPACEREQUEST']._serialized_end=286
-  _globals['_GETSPACEREQUEST']._serialized_start=288
-  _globals['_GETSPACEREQUEST']._serialized_end=317
-  _globals['_LISTSPACESREQUEST']._serialized_start=319
-  _globals['_LISTSPACESREQUEST']._serialized_end=373
-  _globals['_LISTSPACESRESPONSE']._serialized_start=375
-  _globals['_LISTSPACESRESPONSE']._serialized_end=454
-  _globals['_UPDATESPACEREQUEST']._serialized_start=456
-  _globals['_UPDATESPACEREQUEST']._serialized_end=582
-  _globals['_DELETESPACEREQUEST']._serialized_start=584
-  _globals['_DELETESPACEREQUEST']._serialized_end=631
-  _globals['_DELETESPACERESPONSE']._serialized_start=633
-  _globals['_DELETESPACERESPONSE']._serialized_end=676
-  _globals['_SPACESERVICE']._serialized_start=772
-  _globals['_SPACESERVICE']._serialized_end=1125
+  _globals['_SPACESTATUS']._serialized_start=747
+  _globals['_SPACESTATUS']._serialized_end=838
+  _globals['_SPACE']._serialized_start=64
+  _globals['_SPACE']._serialized_end=286
+  _globals['_CREATESPACEREQUEST']._serialized_start=288
+  _globals['_CREATESPACEREQUEST']._serialized_end=355
+  _globals['_GETSPACEREQUEST']._serialized_start=357
+  _globals['_GETSPACEREQUEST']._serialized_end=386
+  _globals['_LISTSPACESREQUEST']._serialized_start=388
+  _globals['_LISTSPACESREQUEST']._serialized_end=442
+  _globals['_LISTSPACESRESPONSE']._serialized_start=444
+  _globals['_LISTSPACESRESPONSE']._serialized_end=523
+  _globals['_UPDATESPACEREQUEST']._serialized_start=525
+  _globals['_UPDATESPACEREQUEST']._serialized_end=651
+  _globals['_DELETESPACEREQUEST']._serialized_start=653
+  _globals['_DELETESPACEREQUEST']._serialized_end=700
+  _globals['_DELETESPACERESPONSE']._serialized_start=702
+  _globals['_DELETESPACERESPONSE']._serialized_end=745
+  _globals['_SPACESERVICE']._serialized_start=841
+  _globals['_SPACESERVICE']._serialized_end=1194
 # @@protoc_insertion_point(module_scope)

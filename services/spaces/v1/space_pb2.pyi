@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from spaces.v1 import broadcast_pb2 as _broadcast_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -53,6 +54,7 @@ class Space(_message.Message):
     ACTIVE_SESSION_ID_FIELD_NUMBER: _builtins.int
     MAX_PARTICIPANTS_FIELD_NUMBER: _builtins.int
     PARTICIPANT_COUNT_FIELD_NUMBER: _builtins.int
+    BROADCASTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-generated id; the `sub` claim of join tokens."""
     created_at: _builtins.int
@@ -66,6 +68,10 @@ class Space(_message.Message):
     """Participant limit for this space; 0 means the server default."""
     participant_count: _builtins.int
     """Connections currently admitted (pending or connected)."""
+    @_builtins.property
+    def broadcasts(self) -> _containers.RepeatedCompositeFieldContainer[_broadcast_pb2.Broadcast]:
+        """The space's broadcasts, in creation order (as Mux listed them)."""
+
     def __init__(
         self,
         *,
@@ -76,10 +82,11 @@ class Space(_message.Message):
         active_session_id: _builtins.str = ...,
         max_participants: _builtins.int = ...,
         participant_count: _builtins.int = ...,
+        broadcasts: _abc.Iterable[_broadcast_pb2.Broadcast] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_session_id", b"active_session_id", "created_at", b"created_at", "id", b"id", "max_participants", b"max_participants", "participant_count", b"participant_count", "passthrough", b"passthrough", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_session_id", b"active_session_id", "broadcasts", b"broadcasts", "created_at", b"created_at", "id", b"id", "max_participants", b"max_participants", "participant_count", b"participant_count", "passthrough", b"passthrough", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

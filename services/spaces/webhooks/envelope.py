@@ -14,8 +14,8 @@ import uuid
 from typing import Any
 
 from spaces.store.base import WebhookJob
-from spaces.store.codec import ROLE_NAMES
-from spaces.v1 import event_pb2, participant_pb2, space_pb2
+from spaces.store.codec import LAYOUT_NAMES, RESOLUTION_NAMES, ROLE_NAMES
+from spaces.v1 import broadcast_pb2, event_pb2, participant_pb2, space_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +27,14 @@ EVENT_NAMES: dict[int, str] = {
     event_pb2.EVENT_TYPE_SPACE_DELETED: "video.space.deleted",
     event_pb2.EVENT_TYPE_PARTICIPANT_JOINED: "video.space.participant.joined",
     event_pb2.EVENT_TYPE_PARTICIPANT_LEFT: "video.space.participant.left",
+    event_pb2.EVENT_TYPE_BROADCAST_CREATED: "video.space.broadcast.created",
+    event_pb2.EVENT_TYPE_BROADCAST_ACTIVE: "video.space.broadcast.active",
+    event_pb2.EVENT_TYPE_BROADCAST_IDLE: "video.space.broadcast.idle",
+    event_pb2.EVENT_TYPE_BROADCAST_DELETED: "video.space.broadcast.deleted",
 }
 """Stream event type -> Mux event name. Node events are internal and never webhooks."""
 
-BROADCAST_EVENT_NAMES = frozenset(
-    {
-        "video.space.broadcast.created",
-        "video.space.broadcast.active",
-        "video.space.broadcast.idle",
-        "video.space.broadcast.deleted",
-    }
-)
-"""Reserved for the broadcast feature: endpoints may subscribe to them already."""
-
-KNOWN_EVENT_NAMES = frozenset(EVENT_NAMES.values()) | BROADCAST_EVENT_NAMES
+KNOWN_EVENT_NAMES = frozenset(EVENT_NAMES.values())
 
 _ENVELOPE_IDS = uuid.UUID("6c1b3f0e-5d0a-4f43-9a52-0d7c9a1e2b11")
 """Namespace for envelope ids: a stable UUID per stream entry, so every retry and every replica
@@ -68,7 +62,7 @@ def space_data(space: space_pb2.Space) -> dict[str, Any]:
         "created_at": str(space.created_at),
         "type": "server",
         "status": "active" if active else "idle",
-        "broadcasts": [],
+        "broadcasts": [broadcast_data(b) for b in space.broadcasts],
         "max_participants": space.max_participants,
         "participant_count": space.participant_count,
     }
@@ -77,6 +71,26 @@ def space_data(space: space_pb2.Space) -> dict[str, Any]:
         data["passthrough"] = space.passthrough
     if space.active_session_id:
         data["active_session_id"] = space.active_session_id
+    return data
+
+
+def broadcast_data(broadcast: broadcast_pb2.Broadcast) -> dict[str, Any]:
+    """A Broadcast as Mux showed it (layout and resolution by name), with Spaces' own fields
+    (the RTMP URL without its stream key, the worker streaming it). Never the stream key."""
+    active = broadcast.status == broadcast_pb2.BROADCAST_STATUS_ACTIVE
+    data: dict[str, Any] = {
+        "id": broadcast.id,
+        "space_id": broadcast.space_id,
+        "created_at": str(broadcast.created_at),
+        "status": "active" if active else "idle",
+        "layout": LAYOUT_NAMES.get(broadcast.layout, "gallery"),
+        "resolution": RESOLUTION_NAMES.get(broadcast.resolution, "1920x1080"),
+        "rtmp_url": broadcast.rtmp_url,
+    }
+    if broadcast.background:
+        data["background"] = broadcast.background if broadcast.background != "inline" else ""
+    if broadcast.passthrough:
+        data["passthrough"] = broadcast.passthrough
     return data
 
 
@@ -99,15 +113,19 @@ def envelope(event: event_pb2.Event) -> dict[str, Any] | None:
     if name is None:
         return None
     subject = event.WhichOneof("subject")
+    obj = {"id": event.space_id, "type": "space"}
     if subject == "space":
         data = space_data(event.space)
+    elif subject == "broadcast":
+        data = broadcast_data(event.broadcast)
+        obj = {"id": event.broadcast.id, "type": "broadcast"}
     elif subject == "participant":
         data = participant_data(event.participant, event.reason)
     else:
         return None
     return {
         "type": name,
-        "object": {"id": event.space_id, "type": "space"},
+        "object": obj,
         "id": envelope_id(event.id),
         "created_at": iso_time(event.created_at_ms),
         "data": data,

@@ -1,0 +1,1 @@
+"""Broadcasts: BroadcastService, the broadcaster worker pool, and the composer it runs."""

@@ -1,0 +1,291 @@
+"""The composer's output: a clock-driven compose thread, and RTMP attempts with backoff.
+
+PyAV's RTMP write blocks with no timeout when the server stops reading (neither ``timeout``
+nor ``rw_timeout`` bound a write), so the encoder and muxer run in a thread of their own, fed
+through a bounded queue, and a watchdog notices when a connect or a write makes no progress for
+``rtmp_timeout``. A blocked thread cannot be stopped, so the composer process then exits; its
+worker starts it again with backoff (the process is the unit a watchdog can kill). A server that
+refuses or drops the connection is retried in place, with backoff, and the compose clock keeps
+running, so the next connection starts at a clean timestamp 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fractions
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+
+from spaces.broadcast.compose import (
+    AUDIO_FRAME,
+    SAMPLE_RATE,
+    VIDEO_DELAY_S,
+    Compositor,
+    Mixer,
+    Scene,
+    audio_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+FPS = 30
+QUEUE_FRAMES = 45
+"""Composed frames waiting for the encoder (1.5 s); beyond it, video frames are dropped."""
+
+
+def default_kbps(width: int, height: int) -> int:
+    pixels = width * height
+    if pixels >= 1920 * 1080 * 0.9:
+        return 4500
+    if pixels >= 1280 * 720 * 0.9:
+        return 2500
+    return 1500
+
+
+@dataclass
+class OutputSettings:
+    url: str
+    width: int
+    height: int
+    encoder: str = "libx264"
+    encoder_options: dict[str, str] = field(default_factory=lambda: {"preset": "veryfast"})
+    video_kbps: int = 0
+    audio_kbps: int = 128
+    rtmp_timeout_s: float = 5.0
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 30.0
+
+
+@dataclass
+class Stats:
+    frames_composed: int = 0
+    frames_dropped: int = 0
+    encoder_errors: int = 0
+    rtmp_errors: int = 0
+    connects: int = 0
+    streaming: bool = False
+    last_error: str = ""
+    progress_at: float = field(default_factory=time.monotonic)
+    """When the output last made progress (a connect, a write) or last began an attempt."""
+    busy: bool = False
+    """True while a connect or write is in flight (what the stall watchdog watches)."""
+
+
+class Stalled(Exception):
+    pass
+
+
+class Pipeline:
+    """Compose at FPS on the wall clock; encode and push to RTMP, reconnecting with backoff."""
+
+    def __init__(
+        self,
+        settings: OutputSettings,
+        compositor: Compositor,
+        scene: Scene,
+        mixer: Mixer,
+        on_stall: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.compositor = compositor
+        self.scene = scene
+        self.mixer = mixer
+        self.stats = Stats()
+        self._on_stall = on_stall
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=QUEUE_FRAMES * 3)
+        self._stop = threading.Event()
+        self._attempt_ok = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for target, name in (
+            (self._compose_loop, "compose"),
+            (self._output_loop, "rtmp-output"),
+            (self._watchdog, "rtmp-watchdog"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        for thread in self._threads:
+            thread.join(timeout)
+
+    # --- composing ----------------------------------------------------------------------
+
+    def _compose_loop(self) -> None:
+        """Video frame n is the scene at t0 + n/FPS; audio keeps pace sample for sample. A late
+        tick skips frames (counted as dropped) rather than shifting the timeline."""
+        t0 = time.monotonic()
+        n = 0
+        samples = 0
+        while not self._stop.is_set():
+            due = t0 + n / FPS
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+                now = time.monotonic()
+            behind = int((now - due) * FPS)
+            if behind > 0:
+                self.stats.frames_dropped += behind
+                n += behind
+            try:
+                frame = self.compositor.render(self.scene, now, now - VIDEO_DELAY_S)
+            except Exception:
+                logger.exception("compose failed")
+                self.stats.encoder_errors += 1
+                n += 1
+                continue
+            frame.pts = n
+            frame.time_base = fractions.Fraction(1, FPS)
+            self._offer(("v", frame))
+            self.stats.frames_composed += 1
+            n += 1
+            target = int((now - t0) * SAMPLE_RATE)
+            while samples + AUDIO_FRAME <= target + AUDIO_FRAME:
+                self._offer(("a", audio_frame(self.mixer.pull(AUDIO_FRAME), samples)))
+                samples += AUDIO_FRAME
+
+    def _offer(self, item: tuple[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if item[0] == "v":
+                self.stats.frames_dropped += 1
+
+    # --- output -------------------------------------------------------------------------
+
+    def _output_loop(self) -> None:
+        backoff = self.settings.retry_initial_s
+        while not self._stop.is_set():
+            self._drain_queue()
+            try:
+                self._attempt()
+            except Stalled:
+                return
+            except Exception as exc:
+                self.stats.rtmp_errors += 1
+                self.stats.last_error = f"rtmp: {_describe(exc)}"
+                logger.warning("rtmp output failed: %s; retrying in %.1fs", _describe(exc), backoff)
+            self.stats.streaming = False
+            self.stats.busy = False
+            if self._attempt_ok.is_set():
+                backoff = self.settings.retry_initial_s  # it had worked: try again at once
+                self._attempt_ok.clear()
+            delay = backoff * random.uniform(0.8, 1.2)
+            backoff = min(backoff * 2, self.settings.retry_max_s)
+            if self._stop.wait(delay):
+                return
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _progress(self) -> None:
+        self.stats.progress_at = time.monotonic()
+
+    def _attempt(self) -> None:
+        s = self.settings
+        self.stats.busy = True
+        self._progress()
+        container = av.open(
+            s.url,
+            mode="w",
+            format="flv",
+            options={"flvflags": "no_duration_filesize"},
+            timeout=s.rtmp_timeout_s,
+        )
+        try:
+            video = container.add_stream(s.encoder, rate=FPS)
+            video.width, video.height, video.pix_fmt = s.width, s.height, "yuv420p"
+            kbps = s.video_kbps or default_kbps(s.width, s.height)
+            video.bit_rate = kbps * 1000
+            video.codec_context.gop_size = FPS * 2  # a keyframe every 2 s, as live services ask
+            video.options = {
+                **s.encoder_options,
+                "maxrate": f"{kbps}k",
+                "bufsize": f"{kbps * 2}k",
+            }
+            video.time_base = fractions.Fraction(1, FPS)
+            audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="stereo")
+            audio.bit_rate = s.audio_kbps * 1000
+            self.stats.connects += 1
+            first_video: int | None = None
+            first_audio: int | None = None
+            self.stats.busy = False
+            self._progress()
+            while not self._stop.is_set():
+                try:
+                    item = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    break
+                kind, frame = item
+                # Each connection starts at 0: rebase the composer's clock to it.
+                if kind == "v":
+                    first_video = frame.pts if first_video is None else first_video
+                    frame.pts -= first_video
+                    try:
+                        packets = video.encode(frame)
+                    except av.error.FFmpegError:
+                        self.stats.encoder_errors += 1
+                        raise
+                else:
+                    if first_video is None:
+                        continue  # audio starts with the first video frame
+                    first_audio = frame.pts if first_audio is None else first_audio
+                    frame.pts -= first_audio
+                    packets = audio.encode(frame)
+                for packet in packets:
+                    self.stats.busy = True
+                    self._progress()
+                    container.mux(packet)
+                    self.stats.busy = False
+                    self._progress()
+                if kind == "v" and first_video is not None:
+                    self.stats.streaming = True
+                    self.stats.last_error = ""
+                    self._attempt_ok.set()
+        finally:
+            self.stats.streaming = False
+            if self._stop.is_set() and not self.stats.busy:
+                with contextlib.suppress(Exception):
+                    for stream in container.streams:
+                        for packet in stream.encode(None):
+                            container.mux(packet)
+            with contextlib.suppress(Exception):
+                container.close()
+
+    def _watchdog(self) -> None:
+        limit = self.settings.rtmp_timeout_s
+        while not self._stop.wait(0.25):
+            stats = self.stats
+            if stats.busy and time.monotonic() - stats.progress_at > limit:
+                stats.rtmp_errors += 1
+                stats.streaming = False
+                stats.last_error = f"rtmp: no progress for {limit:.0f}s (server stalled)"
+                logger.warning("rtmp output stalled for %.1fs", limit)
+                self._on_stall(stats.last_error)
+                return
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.lower()[:200]
