@@ -151,7 +151,9 @@ function listen(s) {
     for (const p of s.remoteParticipants.values()) render(p);
   });
   s.on(SpaceEvent.LocalParticipantReconnectFailed, (error) => leave(`Disconnected: ${error.message}`));
-  s.on(SpaceEvent.LocalParticipantDisconnected, (error) => leave(`The server ended the session: ${error.message}`));
+  s.on(SpaceEvent.LocalParticipantDisconnected, (error) =>
+    leave(`The server ended the session: ${error.message}`),
+  );
 }
 
 function tile(participant, kind) {
@@ -163,7 +165,8 @@ function tile(participant, kind) {
     el.dataset.participant = participant.id;
     el.dataset.kind = kind;
     el.classList.toggle("local", participant === local);
-    el.innerHTML = '<video autoplay playsinline muted></video><figcaption><span class="name"></span><span class="state"></span></figcaption>';
+    el.innerHTML =
+      '<video autoplay playsinline muted></video><figcaption><span class="name"></span><span class="state"></span></figcaption>';
     $("grid").append(el);
     tiles.set(key, el);
   }
@@ -217,8 +220,16 @@ function controls() {
   const camera = mine[TrackSource.Camera];
   const microphone = mine[TrackSource.Microphone];
   set("camera", !!camera && !camera.muted, camera && !camera.muted ? "Camera on" : "Camera off");
-  set("microphone", !!microphone && !microphone.muted, microphone && !microphone.muted ? "Mic on" : "Mic off");
-  set("screen", !!mine[TrackSource.Screenshare], mine[TrackSource.Screenshare] ? "Stop sharing" : "Share screen");
+  set(
+    "microphone",
+    !!microphone && !microphone.muted,
+    microphone && !microphone.muted ? "Mic on" : "Mic off",
+  );
+  set(
+    "screen",
+    !!mine[TrackSource.Screenshare],
+    mine[TrackSource.Screenshare] ? "Stop sharing" : "Share screen",
+  );
 }
 
 // --- controls -------------------------------------------------------------------------------

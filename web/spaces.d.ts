@@ -94,7 +94,11 @@ export type SubscriptionMode = (typeof SubscriptionMode)[keyof typeof Subscripti
 export declare const ParticipantRole: { readonly Publisher: 1; readonly Subscriber: 2 };
 export type ParticipantRole = (typeof ParticipantRole)[keyof typeof ParticipantRole];
 
-export declare const ParticipantStatus: { readonly Connected: 1; readonly Disconnected: 2; readonly Reconnected: 3 };
+export declare const ParticipantStatus: {
+  readonly Connected: 1;
+  readonly Disconnected: 2;
+  readonly Reconnected: 3;
+};
 export type ParticipantStatus = (typeof ParticipantStatus)[keyof typeof ParticipantStatus];
 
 export declare const CustomEventScope: { readonly UNKNOWN: 0; readonly SESSION: 1 };
@@ -307,4 +311,7 @@ export interface CreateLocalMediaOptions {
 export declare function getUserMedia(options?: CreateLocalMediaOptions): Promise<LocalTrack[]>;
 /** A screen share: sources screenshare and screenshareaudio (at most 2560x1440 at 15 fps). */
 export declare function getDisplayMedia(options?: CreateLocalMediaOptions): Promise<LocalTrack[]>;
-export declare function getLocalTracksFromMediaStream(streamName: string, stream: MediaStream): Promise<LocalTrack[]>;
+export declare function getLocalTracksFromMediaStream(
+  streamName: string,
+  stream: MediaStream,
+): Promise<LocalTrack[]>;

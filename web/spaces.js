@@ -169,7 +169,10 @@ class Emitter {
 
   off(event, listener) {
     const list = this.#listeners.get(event) ?? [];
-    this.#listeners.set(event, list.filter((l) => l !== listener && l.listener !== listener));
+    this.#listeners.set(
+      event,
+      list.filter((l) => l !== listener && l.listener !== listener),
+    );
     return this;
   }
 
@@ -392,7 +395,8 @@ export class RemoteParticipant extends Participant {
   #space;
 
   constructor(space, entry) {
-    const role = entry.role === ParticipantRole.Subscriber ? ParticipantRole.Subscriber : ParticipantRole.Publisher;
+    const role =
+      entry.role === ParticipantRole.Subscriber ? ParticipantRole.Subscriber : ParticipantRole.Publisher;
     super(entry.participant_id, entry.connection_id, role, entry.display_name || "");
     this.#space = space;
     this.status = ParticipantStatus.Connected;
@@ -470,11 +474,18 @@ function optionName(option) {
 export async function getUserMedia(options = { audio: true, video: true }) {
   const stream = await navigator.mediaDevices.getUserMedia({
     audio: constraints(options.audio, {}),
-    video: constraints(options.video, { width: { ideal: 1280, max: 1280 }, height: { ideal: 720, max: 720 } }),
+    video: constraints(options.video, {
+      width: { ideal: 1280, max: 1280 },
+      height: { ideal: 720, max: 720 },
+    }),
   });
   return [
-    ...stream.getAudioTracks().map((t) => new LocalTrack(t, { source: TrackSource.Microphone, name: optionName(options.audio) })),
-    ...stream.getVideoTracks().map((t) => new LocalTrack(t, { source: TrackSource.Camera, name: optionName(options.video) })),
+    ...stream
+      .getAudioTracks()
+      .map((t) => new LocalTrack(t, { source: TrackSource.Microphone, name: optionName(options.audio) })),
+    ...stream
+      .getVideoTracks()
+      .map((t) => new LocalTrack(t, { source: TrackSource.Camera, name: optionName(options.video) })),
   ];
 }
 
@@ -490,8 +501,14 @@ export async function getDisplayMedia(options = { video: true }) {
     }),
   });
   return [
-    ...stream.getAudioTracks().map((t) => new LocalTrack(t, { source: TrackSource.ScreenshareAudio, name: optionName(options.audio) })),
-    ...stream.getVideoTracks().map((t) => new LocalTrack(t, { source: TrackSource.Screenshare, name: optionName(options.video) })),
+    ...stream
+      .getAudioTracks()
+      .map(
+        (t) => new LocalTrack(t, { source: TrackSource.ScreenshareAudio, name: optionName(options.audio) }),
+      ),
+    ...stream
+      .getVideoTracks()
+      .map((t) => new LocalTrack(t, { source: TrackSource.Screenshare, name: optionName(options.video) })),
   ];
 }
 
@@ -754,7 +771,12 @@ export class Space extends Emitter {
         fn(value);
       };
       const timer = setTimeout(() => {
-        settle(reject, new ConnectionError(`no answer from ${this.#backend} within ${CONNECT_TIMEOUT_MS / 1000} s`, { retry: true }));
+        settle(
+          reject,
+          new ConnectionError(`no answer from ${this.#backend} within ${CONNECT_TIMEOUT_MS / 1000} s`, {
+            retry: true,
+          }),
+        );
         conn.close(1000, "timeout");
       }, CONNECT_TIMEOUT_MS);
       conn.ws.onmessage = (event) => {
@@ -779,6 +801,8 @@ export class Space extends Emitter {
                 conn.close(1000, "join failed");
                 return;
               }
+              // Joined only now: a close while `joined` was being applied failed the join.
+              conn.joined = true;
               settle(resolve);
             } else if (conn.joined) {
               await this.#dispatch(conn, message);
@@ -789,7 +813,13 @@ export class Space extends Emitter {
       conn.ws.onclose = (event) => {
         if (!conn.joined) {
           conn.close(event.code);
-          settle(reject, new ConnectionError(`the connection closed (${event.code}) before joining`, { code: event.code, retry: event.code !== CLOSE_NO_RECONNECT }));
+          settle(
+            reject,
+            new ConnectionError(`the connection closed (${event.code}) before joining`, {
+              code: event.code,
+              retry: event.code !== CLOSE_NO_RECONNECT,
+            }),
+          );
           return;
         }
         this.#onClose(conn, event);
@@ -798,7 +828,6 @@ export class Space extends Emitter {
   }
 
   async #onJoined(conn, joined) {
-    conn.joined = true;
     const local = this._local;
     local.id = joined.participant_id;
     local.connectionId = joined.connection_id;
@@ -806,7 +835,11 @@ export class Space extends Emitter {
     this.localParticipant = local;
     this.sessionId = joined.session_id;
     this.#limits = joined.limits ?? this.#limits;
-    this.#iceServers = (joined.ice_servers ?? []).map((s) => ({ urls: s.urls, username: s.username || undefined, credential: s.credential || undefined }));
+    this.#iceServers = (joined.ice_servers ?? []).map((s) => ({
+      urls: s.urls,
+      username: s.username || undefined,
+      credential: s.credential || undefined,
+    }));
     if (!!joined.broadcasting !== this.broadcasting) {
       this.broadcasting = !!joined.broadcasting;
       this.emit(SpaceEvent.BroadcastStateChanged, this.broadcasting);
@@ -829,7 +862,10 @@ export class Space extends Emitter {
     if (conn !== this.#conn || this.#state === "left") return;
     const reason = event.reason || "the connection to the space closed";
     if (event.code === CLOSE_NO_RECONNECT || conn.final) {
-      this.#end(SpaceEvent.LocalParticipantDisconnected, new DisconnectedError(reason, { code: event.code, fatal: true }));
+      this.#end(
+        SpaceEvent.LocalParticipantDisconnected,
+        new DisconnectedError(reason, { code: event.code, fatal: true }),
+      );
       return;
     }
     this.#reconnect(reason);
@@ -860,11 +896,16 @@ export class Space extends Emitter {
       }
       if (this.#state !== "reconnecting") return;
       this.#state = "joined";
-      await this.#restore().catch((error) => console.warn("spaces: republishing after a reconnect failed", error));
+      await this.#restore().catch((error) =>
+        console.warn("spaces: republishing after a reconnect failed", error),
+      );
       if (this.#state === "joined") this.emit(SpaceEvent.LocalParticipantReconnected, this._local);
       return;
     }
-    this.#end(SpaceEvent.LocalParticipantReconnectFailed, new DisconnectedError(failure.message, { code: failure.code, fatal: true }));
+    this.#end(
+      SpaceEvent.LocalParticipantReconnectFailed,
+      new DisconnectedError(failure.message, { code: failure.code, fatal: true }),
+    );
   }
 
   /** After a reconnect: the same tracks (same tids) on a new peer connection, and the manual
@@ -885,7 +926,9 @@ export class Space extends Emitter {
   // --- messages from the server -------------------------------------------------------------
 
   async #dispatch(conn, message) {
-    const key = Object.keys(message).find((k) => k !== "request_id" && message[k] !== undefined && message[k] !== null);
+    const key = Object.keys(message).find(
+      (k) => k !== "request_id" && message[k] !== undefined && message[k] !== null,
+    );
     const body = message[key];
     switch (key) {
       case "answer":
@@ -1020,7 +1063,11 @@ export class Space extends Emitter {
     const track = participant?._track(tid);
     if (!track || !track._setMuted(muted)) return;
     participant.emit(muted ? ParticipantEvent.TrackMuted : ParticipantEvent.TrackUnmuted, track);
-    this.emit(muted ? SpaceEvent.ParticipantTrackMuted : SpaceEvent.ParticipantTrackUnmuted, participant, track);
+    this.emit(
+      muted ? SpaceEvent.ParticipantTrackMuted : SpaceEvent.ParticipantTrackUnmuted,
+      participant,
+      track,
+    );
   }
 
   #activeSpeakers(entries) {
@@ -1043,7 +1090,11 @@ export class Space extends Emitter {
   }
 
   #customEvent(conn, body, requestId) {
-    const event = { payload: body.payload, sequenceNumber: body.sequence_num, scope: body.scope ?? CustomEventScope.SESSION };
+    const event = {
+      payload: body.payload,
+      sequenceNumber: body.sequence_num,
+      scope: body.scope ?? CustomEventScope.SESSION,
+    };
     const participant = this.#participant(body.connection_id);
     if (participant) {
       participant.emit(ParticipantEvent.CustomEventPublished, event);
@@ -1090,7 +1141,9 @@ export class Space extends Emitter {
     const pc = body.type === 1 ? conn.sub : conn.pub;
     const c = body.candidate;
     if (!pc || !c?.candidate) return;
-    await pc.addIceCandidate({ candidate: c.candidate, sdpMid: c.sdp_mid, sdpMLineIndex: c.sdp_mline_index }).catch(() => {});
+    await pc
+      .addIceCandidate({ candidate: c.candidate, sdpMid: c.sdp_mid, sdpMLineIndex: c.sdp_mline_index })
+      .catch(() => {});
   }
 
   /** Each m-section of the subscribing connection carries one track; its stream id is the
@@ -1127,7 +1180,8 @@ export class Space extends Emitter {
   }
 
   async _subscribe(participant, subscribe) {
-    if (!this.#manual) throw new SubscriptionError("subscribe() and unsubscribe() need SubscriptionMode.Manual");
+    if (!this.#manual)
+      throw new SubscriptionError("subscribe() and unsubscribe() need SubscriptionMode.Manual");
     if (subscribe) this.#subscribed.add(participant.id);
     else this.#subscribed.delete(participant.id);
     await this.#sendSubscription([participant], subscribe);
@@ -1149,7 +1203,9 @@ export class Space extends Emitter {
       SubscriptionError,
     );
     if (reply?.failures?.length) {
-      throw new SubscriptionError(`cannot ${subscribe ? "subscribe to" : "unsubscribe from"} ${reply.failures.map((f) => f.connection_id).join(", ")}`);
+      throw new SubscriptionError(
+        `cannot ${subscribe ? "subscribe to" : "unsubscribe from"} ${reply.failures.map((f) => f.connection_id).join(", ")}`,
+      );
     }
   }
 
@@ -1157,11 +1213,14 @@ export class Space extends Emitter {
 
   async _publish(tracks) {
     const local = this._local;
-    if (this.#state !== "joined" && this.#state !== "reconnecting") throw new PublishTrackError("join the space before publishing");
+    if (this.#state !== "joined" && this.#state !== "reconnecting")
+      throw new PublishTrackError("join the space before publishing");
     const fresh = tracks.filter((t) => !local._track(t.tid));
     const limit = this.#limits.default_track_limit;
     for (const source of new Set(fresh.map((t) => t.source))) {
-      const count = local.getTracks().filter((t) => t.source === source).length + fresh.filter((t) => t.source === source).length;
+      const count =
+        local.getTracks().filter((t) => t.source === source).length +
+        fresh.filter((t) => t.source === source).length;
       if (count > limit) throw new PublishTrackError(`at most ${limit} ${source} track(s) may be published`);
     }
     for (const track of fresh) {
@@ -1182,7 +1241,9 @@ export class Space extends Emitter {
   _update(tracks) {
     const updated = [];
     for (const replacement of tracks) {
-      const published = this._local.getTracks().find((t) => t.source === replacement.source && t.kind === replacement.kind);
+      const published = this._local
+        .getTracks()
+        .find((t) => t.source === replacement.source && t.kind === replacement.kind);
       if (!published) continue;
       this.#conn?.sending.get(published)?.sender.replaceTrack(replacement.track);
       published._setMedia(replacement.track);
@@ -1247,7 +1308,10 @@ export class Space extends Emitter {
     for (const track of fresh) conn.send({ pending_track: track._declaration(conn.sending.get(track).mid) });
     const id = `r${++conn.nextRequest}`;
     const answered = new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new PublishTrackError("the server did not answer the offer")), NEGOTIATION_TIMEOUT_MS);
+      const timer = setTimeout(
+        () => reject(new PublishTrackError("the server did not answer the offer")),
+        NEGOTIATION_TIMEOUT_MS,
+      );
       const done = (fn) => (value) => {
         clearTimeout(timer);
         if (conn.offer?.id === id) conn.offer = null;
@@ -1283,7 +1347,10 @@ export class Space extends Emitter {
     if (typeof payload !== "string") throw new PublishCustomEventError("the payload must be a string");
     const conn = this.#conn;
     if (!conn?.joined) throw new PublishCustomEventError("not connected to the space");
-    return conn.request({ custom_event: { id: newTrackId(), payload, scope: CustomEventScope.SESSION } }, PublishCustomEventError);
+    return conn.request(
+      { custom_event: { id: newTrackId(), payload, scope: CustomEventScope.SESSION } },
+      PublishCustomEventError,
+    );
   }
 
   async _setDisplayName(displayName) {

@@ -22,7 +22,15 @@ window.app = (() => {
   }
 
   function describe(track) {
-    return track && { tid: track.tid, kind: track.kind, source: track.source, muted: track.muted, hasMedia: track.hasMedia() };
+    return (
+      track && {
+        tid: track.tid,
+        kind: track.kind,
+        source: track.source,
+        muted: track.muted,
+        hasMedia: track.hasMedia(),
+      }
+    );
   }
 
   function record(name, args) {
@@ -85,7 +93,15 @@ window.app = (() => {
     try {
       local = await space.join();
     } catch (error) {
-      return { error: { name: error.name, message: error.message, code: error.code, fatal: error.fatal, retry: error.retry } };
+      return {
+        error: {
+          name: error.name,
+          message: error.message,
+          code: error.code,
+          fatal: error.fatal,
+          retry: error.retry,
+        },
+      };
     }
     return { participantId: local.id, connectionId: local.connectionId, role: local.role };
   }
@@ -118,7 +134,8 @@ window.app = (() => {
 
   function video() {
     const out = {};
-    for (const [key, e] of videos) out[key] = { frames: e.frames, colors: e.colors, firstFrameAt: e.firstFrameAt };
+    for (const [key, e] of videos)
+      out[key] = { frames: e.frames, colors: e.colors, firstFrameAt: e.firstFrameAt };
     return out;
   }
 
