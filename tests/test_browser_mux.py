@@ -29,6 +29,9 @@ JOIN = """async ([token, name]) => {
       harness.watch(participant.id + ":" + track.source, video);
     }
   });
+  space.on("ParticipantTrackUnsubscribed", (participant, track) => {
+    if (track.kind === 2) harness.unwatch(participant.id + ":" + track.source);
+  });
   for (const name of ["LocalParticipantReconnecting", "LocalParticipantReconnected",
                       "LocalParticipantReconnectFailed", "ParticipantLeft", "ParticipantJoined"]) {
     space.on(name, (p) => harness.record(name, p && p.id));
@@ -222,3 +225,129 @@ async def test_a_kicked_mux_page_is_closed_with_4000_and_does_not_return(
     assert len(opened) == 1
     assert server.signal.bridges_of("alice") == []
     await page.close()
+
+
+EVENTS = """() => {
+  const seen = [];
+  for (const name of ["ParticipantTrackUnpublished", "ParticipantTrackUnsubscribed",
+                      "ParticipantTrackMuted", "ParticipantTrackUnmuted",
+                      "ActiveSpeakersChanged", "ParticipantTrackSubscribed"]) {
+    space.on(name, (...args) => {
+      const [first, second] = args;
+      seen.push({
+        name,
+        participant: first && first.id,
+        speakers: Array.isArray(first)
+          ? first.map((s) => s.participant && s.participant.id)
+          : undefined,
+        source: second && second.source,
+      });
+    });
+  }
+  window.seenEvents = seen;
+}"""
+
+
+async def seen(page: Page, name: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = await page.js("window.seenEvents || []")
+    return [e for e in events if e["name"] == name]
+
+
+async def test_unpublish_mute_and_active_speakers_reach_a_mux_page(
+    web: tuple, browser: Any
+) -> None:
+    server, _, tenant, space_id = web
+    alice = await mux_page(browser, server, "alice", RED)
+    bob = await mux_page(browser, server, "bob", BLUE)
+    await bob.js(JOIN, [tenant.token(space_id, "bob"), "Bob"])
+    await bob.js(EVENTS)
+    await alice.js(JOIN, [tenant.token(space_id, "alice"), "Alice"])
+    await eventually(lambda: _all_at_least([(bob, "alice:camera")], 10), timeout=20)
+    # Chromium's fake microphone beeps: alice becomes an active speaker, read from the RTP
+    # audio-level extension without decoding.
+    await eventually(
+        lambda: _any(seen(bob, "ActiveSpeakersChanged"), lambda e: "alice" in e["speakers"]),
+        timeout=15,
+    )
+    await alice.js("space.localParticipant.getVideoTracks()[0].mute()")
+    await eventually(lambda: seen(bob, "ParticipantTrackMuted"), timeout=10)
+    await alice.js("space.localParticipant.getVideoTracks()[0].unMute()")
+    await eventually(lambda: seen(bob, "ParticipantTrackUnmuted"), timeout=10)
+    before = await frames_from(bob, "alice:camera")
+    await eventually(lambda: _grew(bob, "alice:camera", before, 10), timeout=10)
+    await alice.js(
+        "space.localParticipant.unpublishTracks(space.localParticipant.getVideoTracks())"
+    )
+    unpublished = await eventually(lambda: seen(bob, "ParticipantTrackUnpublished"), timeout=10)
+    assert unpublished[0]["participant"] == "alice" and unpublished[0]["source"] == "camera"
+    await alice.close()
+    await bob.close()
+
+
+async def _any(events: Any, predicate: Any) -> bool:
+    return any(predicate(e) for e in await events)
+
+
+async def test_manual_subscription_receives_only_who_it_subscribes(
+    web: tuple, browser: Any
+) -> None:
+    server, _, tenant, space_id = web
+    alice = await mux_page(browser, server, "alice", RED)
+    carol = await mux_page(browser, server, "carol", (30, 200, 30))
+    bob = await mux_page(browser, server, "bob", BLUE)
+    await alice.js(JOIN, [tenant.token(space_id, "alice"), "Alice"])
+    await carol.js(JOIN, [tenant.token(space_id, "carol"), "Carol"])
+    manual = JOIN.replace(
+        "{ displayName: name }", '{ displayName: name, subscriptionMode: "MANUAL" }'
+    )
+    await bob.js(manual, [tenant.token(space_id, "bob"), "Bob"])
+    await asyncio.sleep(2)
+    assert await bob.js("harness.stats()") == {}  # nothing until it subscribes
+    await bob.js(
+        """async () => {
+          const alice = [...space.participants.values()].find((p) => p.id === "alice");
+          await alice.subscribe();
+        }"""
+    )
+    await eventually(lambda: _all_at_least([(bob, "alice:camera")], 30), timeout=20)
+    assert close(await color_of(bob, "alice:camera"), RED)
+    assert "carol:camera" not in await bob.js("harness.stats()")
+    await bob.js(EVENTS)
+    await bob.js(
+        """async () => {
+          const alice = [...space.participants.values()].find((p) => p.id === "alice");
+          await alice.unsubscribe();
+        }"""
+    )
+    await eventually(lambda: seen(bob, "ParticipantTrackUnsubscribed"), timeout=10)
+    for page in (alice, carol, bob):
+        await page.close()
+
+
+async def test_automatic_subscription_keeps_the_requested_number_of_participants(
+    web: tuple, browser: Any
+) -> None:
+    server, _, tenant, space_id = web
+    alice = await mux_page(browser, server, "alice", RED)
+    carol = await mux_page(browser, server, "carol", (30, 200, 30))
+    bob = await mux_page(browser, server, "bob", BLUE)
+    await alice.js(JOIN, [tenant.token(space_id, "alice"), "Alice"])
+    await carol.js(JOIN, [tenant.token(space_id, "carol"), "Carol"])
+    limited = JOIN.replace(
+        "{ displayName: name }", "{ displayName: name, automaticParticipantLimit: 1 }"
+    )
+    await bob.js(limited, [tenant.token(space_id, "bob"), "Bob"])
+    opened = [m for m in await bob.js("harness.wire") if m["dir"] == "open"]
+    assert "managed_subscriptions=1" in opened[0]["url"]
+    await eventually(lambda: _has_frames(bob, 1), timeout=20)
+    for _ in range(10):  # however speakers change, never more than one participant at a time
+        await asyncio.sleep(0.3)
+        stats = await bob.js("harness.stats()")
+        assert len([k for k in stats if k.endswith(":camera")]) == 1, stats
+    for page in (alice, carol, bob):
+        await page.close()
+
+
+async def _has_frames(page: Page, n: int) -> bool:
+    stats = await page.js("harness.stats()")
+    return len([k for k, v in stats.items() if v["frames"] > 10]) >= n

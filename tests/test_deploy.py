@@ -822,7 +822,9 @@ def test_production_serves_browsers_over_tls_with_websocket_timeouts(
         for path in rule["http"]["paths"]:
             backends.append(path["backend"]["service"])
     assert backends and all(b["name"] == "spaces-signal" for b in backends)
-    service_ports = {p["name"] for p in named(production, "Service", "spaces-signal")["spec"]["ports"]}
+    service_ports = {
+        p["name"] for p in named(production, "Service", "spaces-signal")["spec"]["ports"]
+    }
     assert all(b["port"]["name"] in service_ports for b in backends)
     annotations = ingress["metadata"]["annotations"]
     # A WebSocket lives as long as a meeting: well beyond the proxy's default 60 s.

@@ -240,3 +240,57 @@ async def test_leave_acks_closes_frees_the_id_and_empties_the_room(world: World)
     # Closed: nothing more is handled or sent.
     await alice.handle(ev.SendCustomEvent(1, "late"))
     assert of(ev.Ack, await drain(alice)) == []
+
+
+async def offer_sdp(kind: str = "video") -> tuple[Any, str]:
+    """A real offer with one sending m-section (aiortc gathers on loopback only)."""
+    from aiortc import RTCPeerConnection
+
+    from spaces.media.aiortc_adapter import IcePolicy, apply_ice_policy
+    from spaces.sdk.media import TestPatternTrack, ToneTrack
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver(TestPatternTrack((1, 2, 3)) if kind == "video" else ToneTrack(), "sendonly")
+    apply_ice_policy(pc, IcePolicy(bind_addresses=("127.0.0.1",)))
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def test_client_chosen_track_ids_are_unique_in_the_space_and_follow_a_reconnect(
+    world: World,
+) -> None:
+    alice, _ = await world.enter("alice")
+    mallory, _ = await world.enter("mallory")
+    pc, sdp = await offer_sdp()
+    mid = "0"
+    try:
+        await alice.handle(
+            ev.Publish(1, sdp, (ev.TrackDeclaration(mid, "camera", track_id="cam-1"),))
+        )
+        (answer,) = of(ev.PublishAnswered, await drain(alice))
+        assert [t.id for _, t in answer.tracks] == ["cam-1"]
+        assert set(world.room.tracks) == {"cam-1"}
+        # Another participant cannot take the id, and a malformed id is refused.
+        await mallory.handle(
+            ev.Publish(2, sdp, (ev.TrackDeclaration(mid, "camera", track_id="cam-1"),))
+        )
+        await mallory.handle(
+            ev.Publish(3, sdp, (ev.TrackDeclaration(mid, "camera", track_id="no spaces"),))
+        )
+        failed = of(ev.RequestFailed, await drain(mallory))
+        assert [(f.request_id, f.code) for f in failed] == [
+            (2, "ALREADY_EXISTS"),
+            (3, "INVALID_ARGUMENT"),
+        ]
+        assert world.room.tracks["cam-1"].owner is alice
+        # Alice's reconnect (a new connection, the same participant) republishes the same id
+        # while the old connection is still here: the track moves to the new connection.
+        await world.host.store.leave(world.space_id, alice.connection_id, "disconnected")
+        again, _ = await world.enter("alice")
+        await again.handle(
+            ev.Publish(4, sdp, (ev.TrackDeclaration(mid, "camera", track_id="cam-1"),))
+        )
+        assert of(ev.PublishAnswered, await drain(again))
+        assert world.room.tracks["cam-1"].owner is again
+    finally:
+        await pc.close()

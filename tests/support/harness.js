@@ -81,6 +81,10 @@ window.harness = (() => {
     return entry;
   }
 
+  function unwatch(key) {
+    watched.delete(key);
+  }
+
   function watchTrack(key, mediaStreamTrack) {
     const video = document.createElement("video");
     video.srcObject = new MediaStream([mediaStreamTrack]);
@@ -123,5 +127,5 @@ window.harness = (() => {
       .filter((m) => !key || m[key] !== undefined);
   }
 
-  return { setColor, watch, watchTrack, stats, record, events, watched, wire, messages };
+  return { setColor, watch, unwatch, watchTrack, stats, record, events, watched, wire, messages };
 })();

@@ -400,9 +400,20 @@ class Session:
         for track in removed:
             self.room.unpublish(track)
         for track in added:
-            if track.id in self.room.tracks:
-                # Published meanwhile under the same id by an earlier connection's last gasp.
-                self.room.unpublish(self.room.tracks[track.id])
+            taken = self.room.tracks.get(track.id)
+            if taken is not None and taken.owner.participant_id != self.participant_id:
+                # Someone else published this id while the offer was being answered: theirs
+                # stays, and this one is not forwarded (the client is told).
+                self._published.pop(track.mid, None)
+                track.forwarder.close()
+                self._error(
+                    event.request_id,
+                    errors.AlreadyExists(f"track id {track.id!r} is already published"),
+                )
+                continue
+            if taken is not None:
+                # This participant's earlier connection, still closing, published it last.
+                self.room.unpublish(taken)
             self.room.publish(track)
         if added or removed:
             logger.info(
