@@ -486,6 +486,28 @@ async def test_a_dropped_socket_reconnects_keeps_its_id_and_receives_media_withi
     assert sorted(p.participant_id for p in participants) == ["alice", "bob"]
 
 
+async def test_a_reconnect_refused_for_good_is_not_retried(world: World) -> None:
+    """A refusal with fatal && !retry (here: the token's signing key was deleted meanwhile)
+    ends the reconnect at once: LocalParticipantReconnectFailed, and no second attempt."""
+    from spaces.v1 import signing_key_pb2
+
+    alice = await world.joined("alice", RED, publish=False)
+    await world.admin.keys.DeleteSigningKey(
+        signing_key_pb2.DeleteSigningKeyRequest(id=world.tenant.key.id), metadata=world.admin.md
+    )
+    (bridge,) = world.server.signal.bridges_of("alice")
+    await bridge.drop()
+    failed = await until_seen(alice, "LocalParticipantReconnectFailed")
+    assert failed[0]["error"]["name"] == "DisconnectedError", failed
+    assert await alice.js("() => app.space.state") == "closed"
+    # Attempts come 5 s apart: none followed the refusal.
+    await asyncio.sleep(6.0)
+    sockets = [(s["dir"], s.get("code")) for s in await socket_log(alice)]
+    assert sockets == [("open", None), ("close", 4001), ("open", None), ("close", 4000)], sockets
+    refusal = (await alice.js("() => harness.messages('in', 'error')"))[-1]["error"]
+    assert refusal["type"] == 6 and refusal["fatal"] is True and refusal["retry"] is False
+
+
 async def test_a_kick_closes_the_page_with_4000_and_it_does_not_come_back(world: World) -> None:
     from spaces.v1 import presence_pb2
 
