@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 NETNS := tests/in-netns
 
-.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn media-tools clean
+.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn media-tools web-deps clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -80,7 +80,19 @@ media-tools: ## Install Debian's nginx + libnginx-mod-rtmp and ffmpeg if missing
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			nginx-light libnginx-mod-rtmp ffmpeg; }
 
-test: $(STAMP) redis coturn media-tools checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
+web-deps: $(STAMP) ## What the browser tests need: Debian's chromium and npm (if missing), and @mux/spaces-web in .cache/
+	@[ -x "$${SPACES_CHROMIUM:-/usr/bin/chromium}" ] || { \
+		echo "chromium not found: installing Debian's chromium package"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+	@command -v npm >/dev/null 2>&1 || { \
+		echo "npm not found: installing Debian's npm package (for @mux/spaces-web)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm; }
+	@# npm needs the registry, so this runs here, outside the tests' network namespace.
+	@$(BIN)/python -c 'from tests.support.browser import mux_sdk; mux_sdk()'
+
+test: $(STAMP) redis coturn media-tools web-deps checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
 	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-faults: $(STAMP) redis media-tools ## Only the fault-tolerance tests (also part of `make test`)
@@ -95,10 +107,10 @@ run: $(STAMP) ## Start everything in one process on the embedded in-memory store
 cluster: $(STAMP) redis ## Start Redis, 2 API processes (one API address for every service) and 2 media nodes
 	$(BIN)/spaces cluster
 
-bench: $(STAMP) redis media-tools ## Run the full benchmark suite (minutes); writes bench/results/*.json
+bench: $(STAMP) redis media-tools web-deps ## Run the full benchmark suite (minutes); writes bench/results/*.json
 	$(BIN)/python -m bench all
 
-bench-quick: $(STAMP) redis media-tools ## A tiny run of every benchmark (what the tests run)
+bench-quick: $(STAMP) redis media-tools web-deps ## A tiny run of every benchmark (what the tests run)
 	$(BIN)/python -m bench all --quick
 
 clean: ## Remove the venv and caches

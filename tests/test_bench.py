@@ -34,7 +34,7 @@ def is_figure(value: Any) -> bool:
 def test_help_lists_every_benchmark() -> None:
     result = run_bench("--help", timeout=60)
     assert result.returncode == 0, result.stderr
-    for name in ("join", "fanout", "latency", "meetings", "broadcast", "all"):
+    for name in ("join", "fanout", "latency", "meetings", "broadcast", "browser-join", "all"):
         assert name in result.stdout
 
 
@@ -64,6 +64,13 @@ FIGURES = {
         "summary.spaces_p99_ms",
     ],
     "meetings": ["summary.participants_per_core", "summary.node_cores_per_participant"],
+    "browser-join": [
+        "summary.first_frame_ms.p50",
+        "summary.first_frame_ms.p95",
+        "summary.joined_ms.p50",
+        "summary.direct_first_frame_ms.p50",
+        "summary.spaces_vs_direct_p50_ratio",
+    ],
 }
 
 
