@@ -92,10 +92,11 @@ def scrape(process: ServiceProcess) -> dict[str, float]:
 
 
 def redis_connections(pid: int, redis_port: int) -> int:
-    """TCP connections from ``pid`` to Redis: the store's pool, which keeps up to its bound
-    (RedisStore's max_connections) of idle connections after a burst."""
+    """TCP sockets from ``pid`` to Redis, in any state: the store's pool, which keeps up to its
+    bound (RedisStore's max_connections) of idle connections after a burst, and, after a Redis
+    restart, the pool's old connections in CLOSE_WAIT until the pool next touches them."""
     listing = subprocess.run(
-        ["ss", "-tnpH", "state", "established", "dst", f"127.0.0.1:{redis_port}"],
+        ["ss", "-tanpH", "dst", f"127.0.0.1:{redis_port}"],
         capture_output=True,
         text=True,
         check=True,
