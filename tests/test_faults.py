@@ -38,7 +38,9 @@ MEDIA_BACK_S = 3.0
 @pytest.fixture
 async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[LocalCluster]:
     # Split: these tests kill one presence replica and must not take control or auth with it.
-    local = LocalCluster(replicas=2, nodes=2, split=True, env=CLUSTER_ENV, admin_key=ADMIN_KEY)
+    local = LocalCluster(
+        replicas=2, nodes=2, split=True, signals=1, env=CLUSTER_ENV, admin_key=ADMIN_KEY
+    )
     failed_before = request.session.testsfailed
     await asyncio.to_thread(local.start)
     try:
@@ -102,6 +104,46 @@ async def receiving(
     await eventually(lambda: track.frames_received > since + count, timeout=15)
     assert same_color(read_pattern(track.last_frame)[0], COLOR)
     return track
+
+
+async def test_a_browser_whose_media_node_is_killed_is_placed_on_another_within_3s(
+    deployment: Deployment,
+) -> None:
+    """Through the signaling service: the node's SIGKILL breaks the browser's session stream,
+    the browser is told to reconnect (4001) and does, with only its token and reconnect_id. That
+    reconnect cannot name the node it lost, but presence checks the node of the connection it
+    takes over at once, so the space moves now rather than when the node's heartbeat is stale
+    (5 s)."""
+    from tests.support.websocket import Replica, Socket, joined
+
+    d = deployment
+    tenant = await d.tenant()
+    space_id = await d.control.create_space()
+    (url,) = d.cluster.signal_urls()
+    replica = Replica(int(url.rstrip("/").rsplit(":", 1)[1]))
+    token = tenant.token(space_id, "ann")
+    first = await joined(replica, token)
+    dead = first.received[0]["joined"]["sub_sfus"][0]["sfu_id"]
+    survivor = next(n for n in ("media-0", "media-1") if n != dead)
+    d.cluster.by_name(dead).kill()
+    killed_at = time.monotonic()
+    assert await first.closed() == 4001
+    # The client reconnects at once (as Mux's SDK does: the first attempt is immediate).
+    while True:
+        again = await Socket.open(replica, token=token, reconnect_id="ann", reconnect_attempt="1")
+        message = await again.next()
+        if message is not None and "joined" in message:
+            break
+        await again.close()
+        assert time.monotonic() - killed_at < 10, again.received
+        await asyncio.sleep(0.2)
+    elapsed = time.monotonic() - killed_at
+    print(f"browser placed again {elapsed:.2f}s after SIGKILL")
+    assert message["joined"]["sub_sfus"][0]["sfu_id"] == survivor
+    assert message["joined"]["participant_id"] == "ann"
+    assert elapsed < MEDIA_BACK_S, f"placed again only after {elapsed:.2f}s"
+    for socket in (first, again):
+        await socket.close()
 
 
 async def test_media_node_killed_with_live_sessions(deployment: Deployment) -> None:

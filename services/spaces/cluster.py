@@ -127,6 +127,8 @@ class ServiceProcess:
     port: int
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    http_port: int = 0
+    """The HTTP port of a signaling service (0 for the others)."""
 
     @property
     def address(self) -> str:
@@ -182,6 +184,9 @@ class LocalCluster:
     redis_appendonly: bool = False
     """Redis with an append-only file (a graceful restart keeps the data)."""
     broadcasters: int = 0
+    signals: int = 0
+    """Signaling services for browsers (`spaces serve --services signal`), reaching presence
+    through the first API (or presence) process."""
     base_port: int = 0
     """0 picks free ports; otherwise ports are consecutive from here."""
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
@@ -229,7 +234,28 @@ class LocalCluster:
             self.add_node(f"media-{i}")
         for i in range(self.broadcasters):
             self.add_broadcaster(f"broadcaster-{i}")
+        for i in range(self.signals):
+            self.add_signal(f"signal-{i}")
         return self
+
+    def add_signal(self, name: str) -> ServiceProcess:
+        presence = self.api_addresses("presence")[0]
+        http = self._port()
+        process = self.add(
+            name,
+            ["serve", "--services", "signal"],
+            SPACES_PRESENCE_ADDR=presence,
+            SPACES_SIGNAL_ADDR=f"127.0.0.1:{http}",
+        )
+        process.http_port = http
+        return process
+
+    def signal_urls(self) -> list[str]:
+        return [
+            f"http://127.0.0.1:{s.http_port}/"
+            for s in self.services
+            if s.alive() and s.http_port
+        ]
 
     def add_broadcaster(self, name: str, **extra_env: str) -> ServiceProcess:
         return self.add(name, ["broadcaster"], SPACES_BROADCASTER_ID=name, **extra_env)
@@ -296,6 +322,8 @@ class LocalCluster:
                 f"API address  {self.api_addresses()[0]}   "
                 "(control, auth, presence and webhooks: use it for everything)"
             )
+        for url in self.signal_urls():
+            lines.append(f"browsers     {url}   (WebSocket {url.replace('http', 'ws', 1)}v1)")
         lines += [f"redis        {self.redis.url}", f"admin key    {self.admin_key}"]
         for service in self.services:
             lines.append(f"{service.name:<12} {service.address}   (log {service.log_path})")
@@ -307,6 +335,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         nodes=args.nodes,
         broadcasters=args.broadcasters,
+        signals=args.signals,
         base_port=args.base_port,
         split=args.split,
     )

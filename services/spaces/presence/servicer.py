@@ -117,6 +117,10 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
             if len(request.unreachable_node_id) > MAX_NODE_ID_CHARS:
                 raise errors.InvalidArgument("unreachable_node_id is too long")
             await self._liveness.check(request.unreachable_node_id)
+        elif request.reconnect_participant_id and self._liveness is not None:
+            # A reconnect by token (a browser) cannot name the node it lost, but its old
+            # connection does: check that node the same way.
+            await self._check_node_of(claims.space_id, request.reconnect_participant_id)
 
         connection_id = ids.new_connection_id()
         token_hash = hashlib.sha256(request.token.encode()).hexdigest()
@@ -217,6 +221,15 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
                 credential=credential.credential,
             ),
         ]
+
+    async def _check_node_of(self, space_id: str, participant_id: str) -> None:
+        assert self._liveness is not None
+        try:
+            old = await self._store.get_participant(space_id, participant_id)
+        except (errors.ParticipantNotFound, errors.SpaceNotFound, errors.InvalidArgument):
+            return
+        if old.node_id:
+            await self._liveness.check(old.node_id)
 
     async def _kick(self, node_id: str, space_id: str, connection_id: str, reason: str) -> None:
         command = node_pb2.NodeCommand(
