@@ -303,9 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run control, auth, presence and webhooks as separate processes (as on Kubernetes)",
     )
     cluster.add_argument("--broadcasters", type=int, default=1, help="broadcaster workers")
-    cluster.add_argument(
-        "--signals", type=int, default=1, help="signaling services for browsers"
-    )
+    cluster.add_argument("--signals", type=int, default=1, help="signaling services for browsers")
     cluster.set_defaults(func=cmd_cluster)
 
     from spaces.admin_cli import add_admin_commands

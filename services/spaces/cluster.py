@@ -252,9 +252,7 @@ class LocalCluster:
 
     def signal_urls(self) -> list[str]:
         return [
-            f"http://127.0.0.1:{s.http_port}/"
-            for s in self.services
-            if s.alive() and s.http_port
+            f"http://127.0.0.1:{s.http_port}/" for s in self.services if s.alive() and s.http_port
         ]
 
     def add_broadcaster(self, name: str, **extra_env: str) -> ServiceProcess:
