@@ -12,15 +12,23 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 NETNS := tests/in-netns
 
-.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis media-tools clean
+.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn media-tools web-deps clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
+# pip's output goes to .venv/install.log (shown only if it fails); the terminal gets a summary.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@start=$$(date +%s); log=$(VENV)/install.log; \
+	echo "==> setting up $(VENV): the project and its dependencies (first run: about 30 s)"; \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || exit 1; \
+	: > $$log; \
+	step() { echo "    $$1"; shift; "$$@" >> $$log 2>&1 || { \
+		echo "failed: $$*"; tail -n 40 $$log; echo "(full log: $$log)"; exit 1; }; }; \
+	step "upgrading pip" $(BIN)/python -m pip install -q --upgrade pip; \
+	step "installing spaces and its dependencies" $(BIN)/python -m pip install -q -e '.[dev]'; \
+	echo "==> $(VENV) ready in $$(( $$(date +%s) - start )) s ($$($(BIN)/python -m pip list \
+		--format=freeze 2>/dev/null | wc -l) packages; log: $$log)"
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its test dependencies (idempotent)
@@ -59,6 +67,12 @@ redis: ## Install Debian's redis-server (and redis-cli, for the Redis Cluster te
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server redis-tools; }
 
+coturn: ## Install Debian's coturn if turnserver is missing (the TURN tests start their own)
+	@command -v turnserver >/dev/null 2>&1 || [ -x /usr/bin/turnserver ] || { \
+		echo "turnserver not found: installing Debian's coturn package"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn; }
+
 media-tools: ## Install Debian's nginx + libnginx-mod-rtmp and ffmpeg if missing (the broadcast tests' RTMP receiver)
 	@{ [ -f /usr/lib/nginx/modules/ngx_rtmp_module.so ] && command -v ffprobe >/dev/null 2>&1; } || { \
 		echo "nginx-rtmp or ffprobe not found: installing nginx, libnginx-mod-rtmp and ffmpeg"; \
@@ -66,25 +80,37 @@ media-tools: ## Install Debian's nginx + libnginx-mod-rtmp and ffmpeg if missing
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			nginx-light libnginx-mod-rtmp ffmpeg; }
 
-test: $(STAMP) redis media-tools checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
+web-deps: $(STAMP) ## What the browser tests need: Debian's chromium and npm (if missing), and @mux/spaces-web in .cache/
+	@[ -x "$${SPACES_CHROMIUM:-/usr/bin/chromium}" ] || { \
+		echo "chromium not found: installing Debian's chromium package"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+	@command -v npm >/dev/null 2>&1 || { \
+		echo "npm not found: installing Debian's npm package (for @mux/spaces-web)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm; }
+	@# npm needs the registry, so this runs here, outside the tests' network namespace.
+	@$(BIN)/python -c 'from tests.support.browser import mux_sdk; mux_sdk()'
+
+test: $(STAMP) redis coturn media-tools web-deps checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
 	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-faults: $(STAMP) redis media-tools ## Only the fault-tolerance tests (also part of `make test`)
 	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py tests/test_broadcast_faults.py $(PYTEST_ARGS)
 
-test-slow: $(STAMP) redis ## The soak test (marked slow; SPACES_SOAK_SECONDS, default 120)
+test-slow: $(STAMP) redis ## The soaks: 30-min cluster churn (SPACES_SOAK_SECONDS) + session soak (SPACES_SESSION_SOAK_SECONDS)
 	$(NETNS) $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 run: $(STAMP) ## Start everything in one process on the embedded in-memory store
 	$(BIN)/spaces serve
 
-cluster: $(STAMP) redis ## Start Redis, 2 replicas of each API service and 2 media nodes as local processes
+cluster: $(STAMP) redis ## Start Redis, 2 API processes (one API address for every service) and 2 media nodes
 	$(BIN)/spaces cluster
 
-bench: $(STAMP) redis media-tools ## Run the full benchmark suite (minutes); writes bench/results/*.json
+bench: $(STAMP) redis media-tools web-deps ## Run the full benchmark suite (minutes); writes bench/results/*.json
 	$(BIN)/python -m bench all
 
-bench-quick: $(STAMP) redis media-tools ## A tiny run of every benchmark (what the tests run)
+bench-quick: $(STAMP) redis media-tools web-deps ## A tiny run of every benchmark (what the tests run)
 	$(BIN)/python -m bench all --quick
 
 clean: ## Remove the venv and caches

@@ -33,11 +33,11 @@ class Benchmark:
 
 
 def benchmarks() -> dict[str, Benchmark]:
-    from bench import broadcast, fanout, join, latency, meetings, redis_ceiling
+    from bench import broadcast, browser_join, fanout, join, latency, meetings, redis_ceiling
 
     return {
         m.NAME: Benchmark(m.NAME, m.SUMMARY, m.run, m.render)
-        for m in (join, fanout, latency, meetings, broadcast, redis_ceiling)
+        for m in (join, fanout, latency, meetings, broadcast, browser_join, redis_ceiling)
     }
 
 
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench/results/<name>.json (<name>.quick.json with --quick).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="benchmarks:\n"
-        + "\n".join(f"  {b.name:<10} {b.summary}" for b in known.values())
-        + "\n  all        every benchmark above, in this order"
+        + "\n".join(f"  {b.name:<12} {b.summary}" for b in known.values())
+        + "\n  all          every benchmark above, in this order"
         + "\n\nwhere the time goes: python -m bench profile {node,generator,presence,meetings}",
     )
     parser.add_argument("name", choices=[*known, "all"], help="which benchmark to run")

@@ -34,7 +34,16 @@ def is_figure(value: Any) -> bool:
 def test_help_lists_every_benchmark() -> None:
     result = run_bench("--help", timeout=60)
     assert result.returncode == 0, result.stderr
-    for name in ("join", "fanout", "latency", "meetings", "broadcast", "redis", "all"):
+    for name in (
+        "join",
+        "fanout",
+        "latency",
+        "meetings",
+        "broadcast",
+        "browser-join",
+        "redis",
+        "all",
+    ):
         assert name in result.stdout
 
 
@@ -73,6 +82,13 @@ FIGURES = {
         "summary.script_us_per_participant_s",
         "summary.script_us.renew",
         "baseline.redis_us_per_ping",
+    ],
+    "browser-join": [
+        "summary.first_frame_ms.p50",
+        "summary.first_frame_ms.p95",
+        "summary.joined_ms.p50",
+        "summary.direct_first_frame_ms.p50",
+        "summary.spaces_vs_direct_p50_ratio",
     ],
 }
 

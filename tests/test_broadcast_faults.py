@@ -73,12 +73,12 @@ async def one_worker(request: pytest.FixtureRequest) -> AsyncIterator[LocalClust
 async def broadcasting(
     cluster: LocalCluster, rtmp: RtmpServer, key: str
 ) -> tuple[Admin, broadcast_pb2_grpc.BroadcastServiceStub, sdk.Space, str, str]:
-    control = Admin(cluster.addresses("control")[0])
-    auth = Admin(cluster.addresses("auth")[0])
+    control = Admin(cluster.api_addresses("control")[0])
+    auth = Admin(cluster.api_addresses("auth")[0])
     tenant = Tenant(await auth.create_key())
     await auth.close()
     space_id = await control.create_space()
-    alice = sdk.Space(tenant.token(space_id, "alice"), cluster.addresses("presence")[0])
+    alice = sdk.Space(tenant.token(space_id, "alice"), cluster.api_addresses("presence")[0])
     await alice.join()
     await alice.local.publish(TestPatternTrack((220, 40, 40), 640, 480), "camera")
     await alice.local.publish(ToneTrack(440, 0.2), "microphone")

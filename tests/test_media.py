@@ -758,7 +758,10 @@ async def test_reconnect_gives_up_after_its_tries_and_says_so(world: tuple) -> N
     )
     events = space.events()
     await space.join()
-    await server.stop()  # the whole deployment disappears
+    # The whole deployment disappears, without a word (an orderly stop of a single-process
+    # server would tell the client "server stopping", and it would not try again).
+    assert server._server is not None
+    await server._server.stop(None)
 
     async def failed() -> sdk.ReconnectFailed | None:
         while (event := events.get_nowait()) is not None:

@@ -6,7 +6,6 @@ need no peer connection (the browser tests cover media)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +17,7 @@ from spaces.server import SpacesServer
 from spaces.session.mux_wire import MAX_MESSAGE_BYTES
 from spaces.v1 import presence_pb2, space_pb2
 from tests.support.system import Admin, Tenant, eventually, start_server, web_config
+from tests.support.websocket import Replica, joined, refused
 
 
 @pytest.fixture
@@ -29,85 +29,6 @@ async def web() -> AsyncIterator[tuple[SpacesServer, Admin, Tenant, str]]:
     yield server, admin, tenant, space_id
     await admin.close()
     await server.stop()
-
-
-class Replica:
-    """A signaling service in another process, known by its HTTP port."""
-
-    class _Signal:
-        def __init__(self, port: int) -> None:
-            self.port = port
-
-    def __init__(self, port: int) -> None:
-        self.signal = Replica._Signal(port)
-
-
-class Socket:
-    """A raw WebSocket to ``/v1``, recording everything it receives."""
-
-    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.session = session
-        self.ws = ws
-        self.received: list[dict[str, Any]] = []
-        self.close_code: int | None = None
-
-    @classmethod
-    async def open(cls, server: SpacesServer | Replica, **query: str) -> Socket:
-        session = aiohttp.ClientSession()
-        ws = await session.ws_connect(
-            f"ws://127.0.0.1:{server.signal.port}/v1", params=query, max_msg_size=0
-        )
-        return cls(session, ws)
-
-    async def next(self, timeout: float = 10.0) -> dict[str, Any] | None:
-        """The next JSON message; None once the socket is closed (close_code set)."""
-        message = await self.ws.receive(timeout=timeout)
-        if message.type == aiohttp.WSMsgType.TEXT:
-            data: dict[str, Any] = json.loads(message.data)
-            self.received.append(data)
-            return data
-        # A close frame's code is the message's data (ws.close_code may not be set yet).
-        self.close_code = (
-            int(message.data) if message.type == aiohttp.WSMsgType.CLOSE else self.ws.close_code
-        )
-        return None
-
-    async def until(self, key: str, timeout: float = 10.0) -> dict[str, Any]:
-        while True:
-            message = await self.next(timeout)
-            if message is None:
-                raise AssertionError(f"closed ({self.close_code}) before {key}: {self.received}")
-            if key in message:
-                return message
-
-    async def closed(self, timeout: float = 10.0) -> int | None:
-        while await self.next(timeout) is not None:
-            pass
-        return self.close_code
-
-    async def send(self, message: Any) -> None:
-        await self.ws.send_str(message if isinstance(message, str) else json.dumps(message))
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self.session.close()
-
-
-async def joined(server: SpacesServer | Replica, token: str, **query: str) -> Socket:
-    socket = await Socket.open(server, token=token, **query)
-    await socket.until("joined")
-    return socket
-
-
-async def refused(server: SpacesServer, **query: str) -> tuple[dict[str, Any], int | None]:
-    """Connect, expect one error before any joined, then the close; returns both."""
-    socket = await Socket.open(server, **query)
-    try:
-        first = await socket.next()
-        assert first is not None and "error" in first, socket.received
-        return first["error"], await socket.closed()
-    finally:
-        await socket.close()
 
 
 async def test_a_join_gets_joined_with_everything_the_mux_sdk_requires(web: tuple) -> None:

@@ -3,7 +3,8 @@ stays. Afterwards nothing may be left behind: no session, subscription or forwar
 the node, no participant or lease in Redis, and the process (server and clients share it) holds
 no more file descriptors, tasks or memory than after the first rounds.
 
-Marked slow: `make test-slow` (SPACES_SOAK_SECONDS, default 120, sets the length)."""
+Marked slow: `make test-slow` (SPACES_SESSION_SOAK_SECONDS, default 120, sets the length;
+the cluster churn soak, tests/test_churn_soak.py, reads SPACES_SOAK_SECONDS)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from spaces.store import keys
 from spaces.v1 import presence_pb2
 from tests.support.system import Admin, Tenant, eventually, make_config, start_server
 
-SOAK_S = float(os.environ.get("SPACES_SOAK_SECONDS", "120"))
+SOAK_S = float(os.environ.get("SPACES_SESSION_SOAK_SECONDS", "120"))
 WARMUP_ROUNDS = 3
 """Rounds before the baseline is taken: aiortc, grpc and codecs allocate caches once."""
 

@@ -1,4 +1,5 @@
-"""The `spaces` command: serve, media-node, token, join, cluster."""
+"""The `spaces` command: serve, media-node, token, join, drain, cluster, and the admin commands
+(space, key, participant, webhook, events: see spaces.admin_cli)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ from spaces.logs import setup_logging
 logger = logging.getLogger("spaces")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, when it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+HURRY_EXIT_S = 5.0
+"""After a second interrupt, the process exits by force if stopping takes longer than this."""
+
+
 def _run_server(config: ServerConfig) -> int:
     from spaces.server import serve
 
@@ -25,11 +40,21 @@ def _run_server(config: ServerConfig) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         drain = asyncio.Event()
+        hurry = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def interrupted() -> None:
+            if not stop.is_set():
+                stop.set()
+                return
+            # A second interrupt: stop at once, and never hang on the way out.
+            hurry.set()
+            loop.call_later(HURRY_EXIT_S, os._exit, 130)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, interrupted)
         loop.add_signal_handler(signal.SIGUSR1, drain.set)
-        await serve(config, stop, drain)
+        await serve(config, stop, drain, hurry)
 
     try:
         asyncio.run(main())
@@ -216,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broadcaster.set_defaults(func=cmd_broadcaster)
 
-    token = sub.add_parser("token", help="sign a join token (JWT) with a signing key")
+    token = sub.add_parser(
+        "token",
+        help="sign a join token (JWT) with a signing key",
+        formatter_class=DefaultsFormatter,
+    )
     token.add_argument("--key", help="JSON file from CreateSigningKey (id and privateKey)")
     token.add_argument("--key-id", help="signing key id (or SPACES_SIGNING_KEY_ID)")
     token.add_argument(
@@ -243,35 +272,66 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
     drain.set_defaults(func=cmd_drain)
 
-    join = sub.add_parser("join", help="join a space, publish a test pattern, print events")
-    join.add_argument("--token", required=True, help="join token (JWT)")
+    join = sub.add_parser(
+        "join",
+        help="join a space, print its events and the frames received (publish with "
+        "--test-pattern or --file)",
+        description="Join a space with a token, print every event, and on leaving print how "
+        "many frames arrived per remote track. Publishes nothing unless --test-pattern or "
+        "--file is given.",
+        formatter_class=DefaultsFormatter,
+    )
+    join.add_argument("--token", required=True, help="join token (JWT), e.g. from `spaces token`")
     join.add_argument("--server", default="127.0.0.1:50051", help="presence address host:port")
     media = join.add_mutually_exclusive_group()
-    media.add_argument("--test-pattern", action="store_true", help="publish video + audio")
-    media.add_argument("--file", help="publish a media file (e.g. media.mp4)")
+    media.add_argument(
+        "--test-pattern",
+        action="store_true",
+        help="publish a generated camera track (640x480, 30 fps, in a colour derived from the "
+        "participant id) and a microphone tone",
+    )
+    media.add_argument("--file", help="publish the video and audio of a media file (e.g. a.mp4)")
     join.add_argument("--duration", type=float, default=10.0, help="seconds to stay (0: forever)")
-    join.add_argument("--display-name", default="", help="display name")
+    join.add_argument("--display-name", default="", help="display name shown to others")
     join.add_argument("--tls", action="store_true", help="use TLS to reach the servers")
-    join.add_argument("--ca-file", help="CA bundle for --tls")
+    join.add_argument("--ca-file", help="CA bundle for --tls (default: the system's)")
+    join.add_argument(
+        "--relay",
+        action="store_true",
+        help="send media only through the TURN server Join hands out (checks TURN end to end)",
+    )
     join.set_defaults(func=cmd_join)
 
     cluster = sub.add_parser(
-        "cluster", help="local cluster: Redis, 2x each API service, 2 media nodes"
+        "cluster",
+        help="local cluster: Redis, 2 API processes (one address for every service), 2 media nodes",
+        formatter_class=DefaultsFormatter,
     )
-    cluster.add_argument("--base-port", type=int, default=50100)
-    cluster.add_argument("--nodes", type=int, default=2)
-    cluster.add_argument("--replicas", type=int, default=2)
-    cluster.add_argument("--broadcasters", type=int, default=1)
+    cluster.add_argument("--base-port", type=int, default=50100, help="first port to use")
+    cluster.add_argument("--nodes", type=int, default=2, help="media nodes")
+    cluster.add_argument("--replicas", type=int, default=2, help="processes per API role")
+    cluster.add_argument(
+        "--split",
+        action="store_true",
+        help="run control, auth, presence and webhooks as separate processes (as on Kubernetes)",
+    )
+    cluster.add_argument("--broadcasters", type=int, default=1, help="broadcaster workers")
+    cluster.add_argument("--signals", type=int, default=1, help="signaling services for browsers")
     cluster.set_defaults(func=cmd_cluster)
 
     migrate = sub.add_parser(
         "redis-migrate",
         help="move a Redis from the unsharded key layout to the sharded one (Spaces stopped)",
         description="Keeps spaces, signing keys and webhook endpoints; see docs/operations.md.",
+        formatter_class=DefaultsFormatter,
     )
     migrate.add_argument("--redis-url", help="the Redis to migrate (default: SPACES_REDIS_URL)")
     migrate.add_argument("--dry-run", action="store_true", help="only count what would move")
     migrate.set_defaults(func=cmd_redis_migrate)
+
+    from spaces.admin_cli import add_admin_commands
+
+    add_admin_commands(sub, DefaultsFormatter)
     return parser
 
 

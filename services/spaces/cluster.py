@@ -1,9 +1,11 @@
 """`spaces cluster` (`make cluster`): a whole distributed deployment as local processes.
 
-A private Redis, two replicas each of control, auth and presence (and webhooks), and two media
-nodes, each a separate `spaces` process with its own port. It prints the addresses and the admin
-key, and runs until interrupted. The fault tests drive the same class: kill a node, restart
-Redis, drain a node.
+A private Redis, two API processes (each serving control, auth, presence and webhooks, so one
+address answers every admin call and every Join) and two media nodes, each a separate `spaces`
+process with its own port. With ``--split`` each API service runs as its own pair of processes
+instead, as the Kubernetes manifests deploy them. It prints the addresses and the admin key, and
+runs until interrupted. The fault tests drive the same class: kill a node, restart Redis, drain
+a node.
 """
 
 from __future__ import annotations
@@ -40,10 +42,15 @@ class RedisProcess:
     """A private redis-server on a loopback port. ``restart()`` comes back empty (no
     persistence), which is the worst case the services must survive."""
 
-    def __init__(self, port: int = 0, directory: Path | None = None) -> None:
+    def __init__(
+        self, port: int = 0, directory: Path | None = None, *, appendonly: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="spaces-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.appendonly = appendonly
+        """Persist to an append-only file, so that a graceful restart keeps the data (as
+        production runs it); without it a restart comes back empty."""
 
     @property
     def url(self) -> str:
@@ -61,7 +68,7 @@ class RedisProcess:
                     "--save",
                     "",
                     "--appendonly",
-                    "no",
+                    "yes" if self.appendonly else "no",
                     "--dir",
                     str(self.dir),
                     "--protected-mode",
@@ -98,7 +105,12 @@ class RedisProcess:
             self.proc.wait()
         self.proc = None
 
-    def restart(self) -> None:
+    def restart(self, graceful: bool = False) -> None:
+        """Stop (SIGKILL, or SIGTERM and wait when ``graceful``: Redis then writes its
+        append-only file out) and start again on the same port."""
+        if graceful and self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
         self.stop()
         self.start()
 
@@ -115,6 +127,8 @@ class ServiceProcess:
     port: int
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    http_port: int = 0
+    """The HTTP port of a signaling service (0 for the others)."""
 
     @property
     def address(self) -> str:
@@ -155,13 +169,24 @@ class ServiceProcess:
             self.kill()
 
 
+API_SERVICES = ("control", "auth", "presence", "webhooks")
+
+
 @dataclass
 class LocalCluster:
     """Redis + API replicas + media nodes, as separate processes on this machine."""
 
     replicas: int = 2
     nodes: int = 2
+    split: bool = False
+    """One pair of processes per API service (as on Kubernetes) instead of API processes that
+    each serve all of them."""
+    redis_appendonly: bool = False
+    """Redis with an append-only file (a graceful restart keeps the data)."""
     broadcasters: int = 0
+    signals: int = 0
+    """Signaling services for browsers (`spaces serve --services signal`), reaching presence
+    through the first API (or presence) process."""
     base_port: int = 0
     """0 picks free ports; otherwise ports are consecutive from here."""
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
@@ -195,15 +220,40 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         redis_port = self._port()
         (self.workdir / "redis").mkdir(exist_ok=True)
-        self.redis = RedisProcess(redis_port, self.workdir / "redis").start()
-        for service in ("control", "auth", "presence", "webhooks"):
+        self.redis = RedisProcess(
+            redis_port, self.workdir / "redis", appendonly=self.redis_appendonly
+        ).start()
+        if self.split:
+            for service in API_SERVICES:
+                for i in range(self.replicas):
+                    self.add(f"{service}-{i}", ["serve", "--services", service])
+        else:
             for i in range(self.replicas):
-                self.add(f"{service}-{i}", ["serve", "--services", service])
+                self.add(f"api-{i}", ["serve", "--services", ",".join(API_SERVICES)])
         for i in range(self.nodes):
             self.add_node(f"media-{i}")
         for i in range(self.broadcasters):
             self.add_broadcaster(f"broadcaster-{i}")
+        for i in range(self.signals):
+            self.add_signal(f"signal-{i}")
         return self
+
+    def add_signal(self, name: str) -> ServiceProcess:
+        presence = self.api_addresses("presence")[0]
+        http = self._port()
+        process = self.add(
+            name,
+            ["serve", "--services", "signal"],
+            SPACES_PRESENCE_ADDR=presence,
+            SPACES_SIGNAL_ADDR=f"127.0.0.1:{http}",
+        )
+        process.http_port = http
+        return process
+
+    def signal_urls(self) -> list[str]:
+        return [
+            f"http://127.0.0.1:{s.http_port}/" for s in self.services if s.alive() and s.http_port
+        ]
 
     def add_broadcaster(self, name: str, **extra_env: str) -> ServiceProcess:
         return self.add(name, ["broadcaster"], SPACES_BROADCASTER_ID=name, **extra_env)
@@ -225,6 +275,15 @@ class LocalCluster:
 
     def addresses(self, prefix: str) -> list[str]:
         return [s.address for s in self.services if s.name.startswith(prefix) and s.alive()]
+
+    def api_addresses(self, service: str = "") -> list[str]:
+        """Live processes that serve ``service`` (any API service when empty)."""
+
+        def serves(name: str) -> bool:
+            role = name.rsplit("-", 1)[0]
+            return role == "api" or (role == service if service else role in API_SERVICES)
+
+        return [s.address for s in self.services if s.alive() and serves(s.name)]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         import grpc
@@ -255,7 +314,15 @@ class LocalCluster:
 
     def describe(self) -> str:
         assert self.redis is not None
-        lines = [f"redis        {self.redis.url}", f"admin key    {self.admin_key}"]
+        lines = []
+        if not self.split:
+            lines.append(
+                f"API address  {self.api_addresses()[0]}   "
+                "(control, auth, presence and webhooks: use it for everything)"
+            )
+        for url in self.signal_urls():
+            lines.append(f"browsers     {url}   (WebSocket {url.replace('http', 'ws', 1)}v1)")
+        lines += [f"redis        {self.redis.url}", f"admin key    {self.admin_key}"]
         for service in self.services:
             lines.append(f"{service.name:<12} {service.address}   (log {service.log_path})")
         return "\n".join(lines)
@@ -266,7 +333,9 @@ def run_cluster(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         nodes=args.nodes,
         broadcasters=args.broadcasters,
+        signals=args.signals,
         base_port=args.base_port,
+        split=args.split,
     )
     stopping = False
 
@@ -281,8 +350,14 @@ def run_cluster(args: argparse.Namespace) -> int:
         cluster.wait_ready()
         print(cluster.describe(), flush=True)
         print(
-            "\nclients join through any presence address; admin calls go to control/auth. "
-            "Ctrl-C stops everything.",
+            "\nadmin calls and joins go to "
+            + (
+                "the API address (or any api-N replica). "
+                if not cluster.split
+                else "the process serving that service (control-N, auth-N, presence-N, "
+                "webhooks-N). "
+            )
+            + "Ctrl-C stops everything.",
             flush=True,
         )
         while not stopping:

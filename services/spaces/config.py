@@ -94,6 +94,46 @@ class IceServerConfig:
     credential: str = ""
 
 
+TURN_SCHEMES = ("turn:", "turns:", "stun:")
+MEDIA_TURN_MODES = ("off", "on", "relay")
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """A TURN server (coturn with ``use-auth-secret``) for which presence mints a time-limited
+    credential per Join, handed to the client in ``JoinResponse.ice_servers``."""
+
+    urls: tuple[str, ...] = ()
+    """e.g. ``turn:turn.example.com:3478?transport=udp`` and
+    ``turns:turn.example.com:5349?transport=tcp``."""
+    secret: str = ""
+    """coturn's ``static-auth-secret``."""
+    ttl_s: int = 43_200
+    """A credential lasts this long from the Join, or until the token expires if later."""
+    media: str = "off"
+    """Whether media nodes use the TURN server too: "off" (they have a reachable address),
+    "on" (relay candidates besides their own) or "relay" (relay only)."""
+
+    def __post_init__(self) -> None:
+        if bool(self.urls) != bool(self.secret):
+            raise ValueError("set SPACES_TURN_URLS and SPACES_TURN_SECRET together")
+        for url in self.urls:
+            if not url.startswith(TURN_SCHEMES):
+                raise ValueError(f"TURN url {url!r} must start with turn:, turns: or stun:")
+        if self.urls and not any(u.startswith(("turn:", "turns:")) for u in self.urls):
+            raise ValueError("SPACES_TURN_URLS needs at least one turn: or turns: url")
+        if self.ttl_s <= 0:
+            raise ValueError("SPACES_TURN_TTL_SECONDS must be positive")
+        if self.media not in MEDIA_TURN_MODES:
+            raise ValueError("SPACES_MEDIA_TURN must be off, on or relay")
+        if self.media != "off" and not self.urls:
+            raise ValueError("SPACES_MEDIA_TURN needs SPACES_TURN_URLS and SPACES_TURN_SECRET")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """One media node."""
@@ -278,6 +318,7 @@ class ServerConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ice_servers: tuple[IceServerConfig, ...] = ()
+    turn: TurnConfig = field(default_factory=TurnConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
@@ -372,6 +413,12 @@ class ServerConfig:
                 get("SPACES_MAX_PUBLISH_BITRATE", str(NodeConfig.max_publish_bitrate))
             ),
         )
+        turn = TurnConfig(
+            urls=tuple(u.strip() for u in get("SPACES_TURN_URLS").split(",") if u.strip()),
+            secret=get("SPACES_TURN_SECRET"),
+            ttl_s=int(get("SPACES_TURN_TTL_SECONDS", str(TurnConfig.ttl_s))),
+            media=get("SPACES_MEDIA_TURN", "off").lower(),
+        )
         webhook_lease_ms = seconds_ms("SPACES_WEBHOOK_LEASE_SECONDS", WebhookConfig.lease_ms)
         webhooks = WebhookConfig(
             url=get("SPACES_WEBHOOK_URL"),
@@ -438,6 +485,7 @@ class ServerConfig:
             registry=registry,
             limits=limits,
             ice_servers=parse_ice_servers(get("SPACES_ICE_SERVERS")),
+            turn=turn,
             node=node,
             webhooks=webhooks,
             signal=signal,

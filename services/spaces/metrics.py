@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -13,6 +14,11 @@ JOIN_LATENCY = Histogram(
     "spaces_join_latency_seconds",
     "Join latency, from request to admission",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+LIVENESS_CHECKS = Counter(
+    "spaces_node_liveness_checks_total",
+    "Media nodes checked at once because a client reported them unreachable, by result",
+    ["result"],
 )
 PLACEMENTS = Counter("spaces_placements_total", "Spaces placed on a media node", ["reason"])
 LEASE_RENEWALS = Counter("spaces_lease_renewals_total", "Connection leases renewed by nodes")
@@ -43,6 +49,34 @@ ENCODERS_CREATED = Counter(
     "spaces_media_encoders_created_total",
     "aiortc encoders instantiated in this process (a forwarding node must create none)",
 )
+WEBHOOK_QUEUES = Gauge(
+    "spaces_webhook_queues",
+    "Webhook queues (endpoint and space) with undelivered events: waiting, retrying or posting",
+)
+WEBHOOK_OLDEST_DUE = Gauge(
+    "spaces_webhook_oldest_due_seconds",
+    "How long the longest-waiting webhook delivery that is due has waited",
+)
+WEBHOOK_DEAD_LETTERS = Gauge(
+    "spaces_webhook_dead_letters", "Webhook deliveries that failed every attempt (kept)"
+)
+STORE_EPOCH = Gauge(
+    "spaces_store_epoch",
+    "The state store's epoch (Redis time in microseconds when it first saw Spaces data, as a "
+    "media node last read it): it changes when Redis lost its data",
+)
+STORE_EPOCH_CHANGES = Counter(
+    "spaces_store_epoch_changes_total",
+    "Spaces whose sessions this media node re-asserted after finding the store's epoch changed",
+)
+MEDIA_NODES = Gauge(
+    "spaces_media_nodes",
+    "Media nodes in the registry as presence sees them, by state (serving, draining, stale)",
+    ["state"],
+)
+ASYNCIO_TASKS = Gauge(
+    "spaces_asyncio_tasks", "asyncio tasks alive in this process (flat unless something leaks)"
+)
 SIGNAL_JOINS = Counter(
     "spaces_signal_joins_total", "Browser joins through the signaling service by result", ["result"]
 )
@@ -57,6 +91,11 @@ SIGNAL_CONNECTIONS = Gauge(
 WEBHOOK_DELIVERIES = Counter(
     "spaces_webhook_deliveries_total", "Webhook delivery attempts by result", ["result"]
 )
+
+
+def count_tasks_of(loop: asyncio.AbstractEventLoop) -> None:
+    """Report the tasks of ``loop`` (read at scrape time, from the metrics thread)."""
+    ASYNCIO_TASKS.set_function(lambda: len(asyncio.all_tasks(loop)))
 
 
 def start_metrics_server(addr: str) -> int:

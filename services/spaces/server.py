@@ -21,6 +21,7 @@ from spaces.control.servicer import SpaceServicer
 from spaces.interceptors import ErrorInterceptor
 from spaces.store import open_store
 from spaces.store.base import Store
+from spaces.tasks import spawn
 from spaces.v1 import (
     broadcast_pb2,
     broadcast_pb2_grpc,
@@ -77,6 +78,7 @@ class SpacesServer:
         self.signal: Any = None
         self.broadcaster: Any = None
         self._stopping = False
+        self._hurried = False
 
     @property
     def address(self) -> str:
@@ -147,7 +149,7 @@ class SpacesServer:
         self.port = self._bind(server)
         await server.start()
         if config.health_addr:
-            self._health_server = grpc.aio.server()
+            self._health_server = grpc.aio.server(interceptors=[ErrorInterceptor()])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(config.health_addr)
             if self.health_port == 0:
@@ -159,6 +161,7 @@ class SpacesServer:
         for component in self._components:
             await component.start()
         if config.metrics_addr:
+            metrics.count_tasks_of(asyncio.get_running_loop())
             try:
                 self.metrics_port = metrics.start_metrics_server(config.metrics_addr)
             except OSError as exc:
@@ -249,6 +252,17 @@ class SpacesServer:
         )
         self._components.append(self.broadcaster)
 
+    def hurry(self) -> None:
+        """Stop now (a second Ctrl-C): cut the media node's drain and the RPC grace short."""
+        if self._hurried:
+            return
+        self._hurried = True
+        logger.warning("stopping now: sessions and calls in flight are ended")
+        if self.media_node is not None:
+            self.media_node.hurry()
+        if self._stopping and self._server is not None:
+            spawn(self._server.stop(None))
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: readiness NOT_SERVING first, then drain the media node, stop
         background work, stop the gRPC server, close the store. Safe to call twice."""
@@ -256,6 +270,13 @@ class SpacesServer:
             return
         self._stopping = True
         grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.media_node is not None and self.media_node.sessions:
+            logger.info(
+                "stopping: %s (interrupt again to stop at once)",
+                "ending sessions"
+                if self.config.embedded
+                else f"draining sessions for up to {self.config.node.drain_grace_s:g}s",
+            )
         if self.config.services != {"media"}:
             # API processes: readiness first, so load balancers stop sending new calls. A media
             # node alone keeps "" SERVING until it has drained (MediaNode.stop).
@@ -270,7 +291,7 @@ class SpacesServer:
                 logger.exception("error stopping %s", type(component).__name__)
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(None if self._hurried else grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._owns_store:
@@ -279,13 +300,24 @@ class SpacesServer:
 
 
 async def serve(
-    config: ServerConfig, stop_event: asyncio.Event, drain_event: asyncio.Event | None = None
+    config: ServerConfig,
+    stop_event: asyncio.Event,
+    drain_event: asyncio.Event | None = None,
+    hurry_event: asyncio.Event | None = None,
 ) -> None:
     """Run until ``stop_event`` is set (SIGTERM/SIGINT in the CLI). ``drain_event`` (SIGUSR1,
-    sent by `spaces drain`) starts draining the embedded media node without stopping."""
+    sent by `spaces drain`) starts draining the embedded media node without stopping.
+    ``hurry_event`` (a second SIGINT/SIGTERM) cuts the shutdown's grace periods short."""
     server = SpacesServer(config)
     await server.start()
     drainer: asyncio.Task[None] | None = None
+
+    async def hurry_on_signal() -> None:
+        assert hurry_event is not None
+        await hurry_event.wait()
+        server.hurry()
+
+    hurrier = asyncio.create_task(hurry_on_signal()) if hurry_event is not None else None
 
     async def drain_on_signal() -> None:
         assert drain_event is not None
@@ -301,3 +333,5 @@ async def serve(
         if drainer is not None:
             drainer.cancel()
         await server.stop()
+        if hurrier is not None:
+            hurrier.cancel()

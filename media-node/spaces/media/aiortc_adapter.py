@@ -70,6 +70,7 @@ __all__ = [
     "PlaceholderTrack",
     "RtpPacket",
     "RtpSink",
+    "TurnServer",
     "add_remote_candidate",
     "apply_ice_policy",
     "check_answer",
@@ -84,6 +85,7 @@ __all__ = [
     "restrict_codecs",
     "send_remb",
     "tap_receiver",
+    "turn_server_from_url",
     "without_empty_bundle",
 ]
 
@@ -431,8 +433,10 @@ class RtpSink:
         )
         udp = self._udp
         backlog = 0
-        if udp is None:  # a TURN-relayed local candidate: let aioice route it
+        if udp is None:  # no transport of its own: let aioice route it
             spawn(pair.protocol.send_data(protected, self._addr))
+        elif self._sock is None and not hasattr(udp, "get_write_buffer_size"):
+            udp.sendto(protected, self._addr)  # a TURN-relayed local candidate (TurnTransport)
         else:
             backlog = udp.get_write_buffer_size()
             if backlog or self._sock is None:
@@ -514,6 +518,35 @@ def pin_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> None:
 
 
 @dataclass(frozen=True)
+class TurnServer:
+    """A TURN server for one side's own gathering (the media node's; clients get theirs from
+    the RTCConfiguration). ``credentials`` is called per peer connection, so a long-lived
+    process always presents an unexpired one."""
+
+    host: str
+    port: int
+    credentials: Callable[[], tuple[str, str]]
+    transport: str = "udp"
+    ssl: bool = False
+
+
+def turn_server_from_url(url: str, credentials: Callable[[], tuple[str, str]]) -> TurnServer:
+    """``turn:host:port?transport=udp`` (or ``turns:``) as aiortc parses it."""
+    from aiortc.rtcicetransport import parse_stun_turn_uri
+
+    parsed = parse_stun_turn_uri(url)
+    if parsed["scheme"] not in ("turn", "turns"):
+        raise ValueError(f"not a TURN url: {url}")
+    return TurnServer(
+        host=parsed["host"],
+        port=int(parsed["port"]),
+        credentials=credentials,
+        transport=parsed["transport"],
+        ssl=parsed["scheme"] == "turns",
+    )
+
+
+@dataclass(frozen=True)
 class IcePolicy:
     bind_addresses: tuple[str, ...] = ()
     """Addresses to gather on; empty means aioice's default (every non-loopback address)."""
@@ -521,10 +554,20 @@ class IcePolicy:
     """Announced instead of the bound address (NAT 1:1)."""
     port_min: int = 0
     port_max: int = 0
+    turn: TurnServer | None = None
+    """Also gather a relay candidate from this TURN server."""
+    relay_only: bool = False
+    """Gather only relay candidates (RTCIceTransportPolicy "relay")."""
 
     @property
     def is_default(self) -> bool:
-        return not (self.bind_addresses or self.advertise_ip or self.port_min)
+        return not (
+            self.bind_addresses
+            or self.advertise_ip
+            or self.port_min
+            or self.turn
+            or self.relay_only
+        )
 
 
 async def _bind_udp(
@@ -546,6 +589,53 @@ async def _bind_udp(
     raise OSError(f"no free UDP port in {policy.port_min}-{policy.port_max}") from last_error
 
 
+async def _server_candidates(
+    connection: Any, component: int, host_protocols: list[Any], timeout: float
+) -> list[Candidate]:
+    """Server-reflexive (STUN) and relayed (TURN) candidates, as aioice gathers them, for a
+    connection whose host candidates this module gathered."""
+    tasks = []
+    relay_only = connection._transport_policy == aioice_ice.TransportPolicy.RELAY
+    if connection.stun_server and not relay_only:
+        for protocol in host_protocols:
+            if ":" not in protocol.local_candidate.host:  # IPv4 only, as aioice does
+                tasks.append(
+                    asyncio.ensure_future(
+                        aioice_ice.server_reflexive_candidate(protocol, connection.stun_server)
+                    )
+                )
+    if connection.turn_server:
+        tasks.append(
+            asyncio.ensure_future(
+                aioice_ice.relayed_candidate(
+                    component=component,
+                    hide_related_address=relay_only,
+                    protocol_factory=lambda: aioice_ice.StunProtocol(connection),
+                    turn_server=connection.turn_server,
+                    turn_username=connection.turn_username,
+                    turn_password=connection.turn_password,
+                    turn_ssl=connection.turn_ssl,
+                    turn_transport=connection.turn_transport,
+                )
+            )
+        )
+    if not tasks:
+        return []
+    candidates = []
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        if task.exception() is not None:
+            logger.warning("ice: stun/turn candidate failed: %s", task.exception())
+            continue
+        candidate, relay_protocol = task.result()
+        candidates.append(candidate)
+        if relay_protocol is not None:
+            connection._protocols.append(relay_protocol)
+    return candidates
+
+
 def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
     async def get_component_candidates(
         component: int,
@@ -554,7 +644,9 @@ def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
     ) -> list[Candidate]:
         loop = asyncio.get_running_loop()
         candidates: list[Candidate] = []
-        for address in policy.bind_addresses or addresses:
+        host_protocols: list[Any] = []
+        relay_only = connection._transport_policy == aioice_ice.TransportPolicy.RELAY
+        for address in () if relay_only else (policy.bind_addresses or addresses):
             try:
                 transport, protocol = await _bind_udp(
                     loop, lambda: aioice_ice.StunProtocol(connection), address, policy
@@ -582,7 +674,8 @@ def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
             )
             candidates.append(protocol.local_candidate)
             connection._protocols.append(protocol)
-        return candidates
+            host_protocols.append(protocol)
+        return candidates + await _server_candidates(connection, component, host_protocols, timeout)
 
     return get_component_candidates
 
@@ -595,5 +688,15 @@ def apply_ice_policy(pc: RTCPeerConnection, policy: IcePolicy) -> None:
     for transport in pc._RTCPeerConnection__iceTransports:
         connection = transport.iceGatherer._connection
         if not getattr(connection, "_spaces_policy", False):
+            if policy.turn is not None:
+                username, password = policy.turn.credentials()
+                connection.turn_server = (policy.turn.host, policy.turn.port)
+                connection.turn_username, connection.turn_password = username, password
+                connection.turn_transport, connection.turn_ssl = (
+                    policy.turn.transport,
+                    policy.turn.ssl,
+                )
+            if policy.relay_only:
+                connection._transport_policy = aioice_ice.TransportPolicy.RELAY
             connection.get_component_candidates = _gatherer(connection, policy)
             connection._spaces_policy = True

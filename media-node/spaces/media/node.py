@@ -10,6 +10,7 @@ elsewhere. Its health goes NOT_SERVING only when it is ready to exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -19,13 +20,15 @@ from typing import Any
 from aiortc import RTCPeerConnection
 from grpc_health.v1 import health_pb2
 
-from spaces import errors, ids, logs, metrics
+from spaces import errors, ids, logs, metrics, turn
 from spaces.config import ServerConfig
 from spaces.media.aiortc_adapter import (
     IcePolicy,
+    TurnServer,
     apply_ice_policy,
     install_codec_counters,
     send_remb,
+    turn_server_from_url,
 )
 from spaces.media.broadcasts import BroadcastStates
 from spaces.media.room import Room
@@ -66,6 +69,8 @@ class MediaNode:
             advertise_ip=config.node.ice_advertise_ip,
             port_min=config.node.udp_port_min,
             port_max=config.node.udp_port_max,
+            turn=self._turn_server(),
+            relay_only=config.turn.media == "relay",
         )
         self._heartbeat = NodeHeartbeat(store, config.registry, self.record)
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,6 +82,22 @@ class MediaNode:
         install_codec_counters(metrics.DECODERS_CREATED.inc, metrics.ENCODERS_CREATED.inc)
 
     # --- wiring ----------------------------------------------------------------------------
+
+    def _turn_server(self) -> TurnServer | None:
+        """With SPACES_MEDIA_TURN on or relay, the node gathers from the TURN server too, with
+        a credential of its own, fresh for every peer connection."""
+        config = self.config.turn
+        if config.media == "off":
+            return None
+        url = next(u for u in config.urls if u.startswith(("turn:", "turns:")))
+
+        def credentials() -> tuple[str, str]:
+            minted = turn.mint(
+                config.secret, f"node-{self.node_id}", turn.expiry(config, time.time())
+            )
+            return minted.username, minted.credential
+
+        return turn_server_from_url(url, credentials)
 
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None:
         apply_ice_policy(pc, self.ice_policy)
@@ -233,7 +254,10 @@ class MediaNode:
         )
         if result.epoch != room.epoch and room.epoch:
             logger.warning("space %s: store lost its data; sessions re-asserted", room.space_id)
+            metrics.STORE_EPOCH_CHANGES.inc()
         room.epoch = result.epoch
+        with contextlib.suppress(ValueError):
+            metrics.STORE_EPOCH.set(float(result.epoch))
         metrics.LEASE_RENEWALS.inc(len(sessions) - len(result.lost))
         for connection_id, reason in result.lost.items():
             session = room.sessions.get(connection_id)
@@ -312,8 +336,20 @@ class MediaNode:
         for name in names:
             await self._health.set(name, status)
 
+    def hurry(self) -> None:
+        """Cut a drain short (a second interrupt): sessions are told to move now."""
+        self._drained.set()
+
     async def stop(self) -> None:
-        await self.drain()
+        if self.config.embedded:
+            # A single-process server has no other node to send its sessions to: end them
+            # now, and tell clients not to rejoin.
+            self.state = node_pb2.NODE_STATE_DRAINING
+            for session in list(self.sessions.values()):
+                await session.close(ev.CLOSE_SERVER_STOPPING, "server is stopping")
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        else:
+            await self.drain()
         await self._heartbeat.stop()
         for task in self._tasks:
             await cancel_and_wait(task)

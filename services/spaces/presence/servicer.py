@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from spaces import errors, ids, logs, metrics, paging
+from spaces import errors, ids, logs, metrics, paging, turn
 from spaces.auth import tokens
 from spaces.config import ServerConfig
 from spaces.lru import Lru
 from spaces.presence import credentials
+from spaces.routing.liveness import LivenessChecker
 from spaces.routing.placement import Placer
 from spaces.store.base import Admission, PlacementMoved, Reservation, SigningKeyRecord, Store
 from spaces.store.codec import ROLES_BY_NAME
@@ -23,6 +24,7 @@ from spaces.v1 import event_pb2, node_pb2, presence_pb2, presence_pb2_grpc
 logger = logging.getLogger(__name__)
 
 MAX_DISPLAY_NAME_CHARS = 64
+MAX_NODE_ID_CHARS = 256
 PLACEMENT_ATTEMPTS = 4
 WATCH_BATCH = 200
 WATCH_BLOCK_MS = 1000
@@ -38,11 +40,17 @@ def check_display_name(name: str, limit: int = MAX_DISPLAY_NAME_CHARS) -> str:
 
 class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
     def __init__(
-        self, config: ServerConfig, store: Store, placer: Placer, closing: asyncio.Event
+        self,
+        config: ServerConfig,
+        store: Store,
+        placer: Placer,
+        closing: asyncio.Event,
+        liveness: LivenessChecker | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._placer = placer
+        self._liveness = liveness
         self._keys = tokens.PublicKeyCache()
         self._signing_keys: Lru[str, SigningKeyRecord] = Lru(4096)
         """Signing keys already fetched: a key's public half never changes; revocation is
@@ -103,6 +111,16 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
             self._signing_keys.put(peeked.key_id, context.signing_key)
             current = context.placement
         logs.bind(space_id=claims.space_id)
+        if request.unreachable_node_id and self._liveness is not None:
+            # The client lost its node: find out now whether it is dead (then placement skips
+            # it and the space moves) rather than after its heartbeat goes stale.
+            if len(request.unreachable_node_id) > MAX_NODE_ID_CHARS:
+                raise errors.InvalidArgument("unreachable_node_id is too long")
+            await self._liveness.check(request.unreachable_node_id)
+        elif request.reconnect_participant_id and self._liveness is not None:
+            # A reconnect by token (a browser) cannot name the node it lost, but its old
+            # connection does: check that node the same way.
+            await self._check_node_of(claims.space_id, request.reconnect_participant_id)
 
         connection_id = ids.new_connection_id()
         token_hash = hashlib.sha256(request.token.encode()).hexdigest()
@@ -176,12 +194,42 @@ class PresenceServicer(presence_pb2_grpc.PresenceServiceServicer):
             media_address=node.address,
             node_id=node.id,
             ticket=ticket.secret,
-            ice_servers=self._ice_servers,
+            ice_servers=self._ice_servers_for(connection_id, claims.expires_at),
             limits=self._limits,
             ticket_expires_at_ms=admission.expires_at_ms,
             resumed=bool(admission.replaced_connection_id),
             display_name=display_name,
         )
+
+    def _ice_servers_for(
+        self, connection_id: str, token_expires_at: int
+    ) -> list[presence_pb2.IceServer]:
+        """The configured STUN/TURN servers, plus the TURN server with a credential minted
+        for this connection (its id is the TURN username's user part, so coturn's logs name
+        the connection)."""
+        config = self._config.turn
+        if not config.enabled:
+            return self._ice_servers
+        credential = turn.mint(
+            config.secret, connection_id, turn.expiry(config, time.time(), token_expires_at)
+        )
+        return [
+            *self._ice_servers,
+            presence_pb2.IceServer(
+                urls=list(config.urls),
+                username=credential.username,
+                credential=credential.credential,
+            ),
+        ]
+
+    async def _check_node_of(self, space_id: str, participant_id: str) -> None:
+        assert self._liveness is not None
+        try:
+            old = await self._store.get_participant(space_id, participant_id)
+        except (errors.ParticipantNotFound, errors.SpaceNotFound, errors.InvalidArgument):
+            return
+        if old.node_id:
+            await self._liveness.check(old.node_id)
 
     async def _kick(self, node_id: str, space_id: str, connection_id: str, reason: str) -> None:
         command = node_pb2.NodeCommand(

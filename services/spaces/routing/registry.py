@@ -38,6 +38,29 @@ class NodeDirectory:
         self._view: NodeView | None = None
         self._read_at = 0.0
         self._lock = asyncio.Lock()
+        self._excluded: dict[str, float] = {}
+        """node_id -> monotonic time until which placement skips it (found dead here)."""
+
+    def exclude(self, node_id: str, for_ms: int) -> None:
+        """Skip this node in placement for a while: a liveness check found it dead before its
+        heartbeat went stale."""
+        self._excluded[node_id] = time.monotonic() + for_ms / 1000
+
+    def _is_excluded(self, node_id: str) -> bool:
+        until = self._excluded.get(node_id)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._excluded[node_id]
+            return False
+        return True
+
+    async def fresh(self, node_id: str) -> tuple[node_pb2.Node | None, int]:
+        """The node's record read from the store now (not the cache), and the store time."""
+        view = await self._store.list_nodes(self._config.record_ttl_ms)
+        async with self._lock:
+            self._view, self._read_at = view, time.monotonic()
+        return next((n for n in view.nodes if n.id == node_id), None), view.now_ms
 
     async def _current(self) -> tuple[NodeView, int]:
         async with self._lock:
@@ -51,7 +74,29 @@ class NodeDirectory:
     async def available(self) -> tuple[list[node_pb2.Node], int]:
         """SERVING nodes with a fresh heartbeat, and the store time they were judged at."""
         view, now = await self._current()
-        return [n for n in view.nodes if is_available(n, now, self._config.stale_ms)], now
+        return [
+            n
+            for n in view.nodes
+            if is_available(n, now, self._config.stale_ms) and not self._is_excluded(n.id)
+        ], now
+
+    async def counts(self) -> dict[str, int]:
+        """Nodes by state as placement would see them now: serving, draining, starting, stale.
+        Read from the store, not the cache (and not into it: a read made for the metrics must
+        not hold an older view for placement)."""
+        view = await self._store.list_nodes(self._config.record_ttl_ms)
+        now = view.now_ms
+        counts = dict.fromkeys(("serving", "draining", "starting", "stale"), 0)
+        for node in view.nodes:
+            if not is_fresh(node, now, self._config.stale_ms):
+                counts["stale"] += 1
+            elif node.state == node_pb2.NODE_STATE_SERVING:
+                counts["serving"] += 1
+            elif node.state == node_pb2.NODE_STATE_DRAINING:
+                counts["draining"] += 1
+            else:
+                counts["starting"] += 1
+        return counts
 
     async def get(self, node_id: str) -> node_pb2.Node | None:
         view, _ = await self._current()

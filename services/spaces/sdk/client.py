@@ -33,7 +33,7 @@ from aiortc import (
 )
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
-from aiortc.rtcconfiguration import RTCBundlePolicy
+from aiortc.rtcconfiguration import RTCBundlePolicy, RTCIceTransportPolicy
 
 from spaces.config import host_of, is_loopback_host
 from spaces.media.aiortc_adapter import (
@@ -409,6 +409,7 @@ class Space:
         publish_bitrate: int = 0,
         max_subscriptions: int = 0,
         decode: bool = True,
+        ice_transport_policy: str = "all",
         join: Callable[[], Awaitable[presence_pb2.JoinResponse]] | None = None,
     ) -> None:
         """``ice_addresses``: local addresses ICE may use (default: every non-loopback
@@ -416,7 +417,12 @@ class Space:
         encoders to this bitrate instead of following the server's estimate. ``decode=False``:
         receive RTP packets only (``RemoteTrack.packet_listeners``), never decoding; for load
         generators and recorders. ``join``: get each session's ticket from this coroutine
-        instead of PresenceService.Join (Spaces' own broadcaster workers, which hold no JWT)."""
+        instead of PresenceService.Join (Spaces' own broadcaster workers, which hold no JWT).
+        ``ice_transport_policy="relay"``: send media only through the TURN server that Join
+        hands out (as a browser's ``iceTransportPolicy``)."""
+        if ice_transport_policy not in ("all", "relay"):
+            raise ValueError('ice_transport_policy must be "all" or "relay"')
+        self._ice_transport_policy = RTCIceTransportPolicy(ice_transport_policy)
         self.token = token
         self._join = join
         self.broadcasting = False
@@ -460,6 +466,9 @@ class Space:
         self._left = False
         self._decode = decode
         self.reconnects = 0
+        self._lost_node = ""
+        """The node whose session broke without a Closing: named in the next Join, so that
+        presence checks at once whether it died instead of placing us on it again."""
 
     # --- public --------------------------------------------------------------------------
 
@@ -523,7 +532,11 @@ class Space:
             for s in (self.join_response.ice_servers if self.join_response else [])
         ]
         pc = RTCPeerConnection(
-            RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+            RTCConfiguration(
+                iceServers=servers,
+                bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
+                iceTransportPolicy=self._ice_transport_policy,
+            )
         )
 
         @pc.on("connectionstatechange")
@@ -545,9 +558,11 @@ class Space:
                     token=self.token,
                     display_name=self.display_name,
                     resume_secret=self._resume_secret,
+                    unreachable_node_id=self._lost_node,
                 ),
                 timeout=REQUEST_TIMEOUT_S,
             )
+        self._lost_node = ""  # reported; a new failure reports again
         self.join_response = response
         self._resume_secret = response.resume_secret
         self.participant_id = response.participant_id
@@ -652,6 +667,7 @@ class Space:
         is being answered, and a write that fails because the node ended the stream (grpc then
         fails later reads too) cannot hide it."""
         reason = "session stream ended"
+        told = False
         inbox: asyncio.Queue[media_pb2.ServerMessage] = asyncio.Queue()
         handler = asyncio.create_task(self._handle_all(call, inbox), name="space-handler")
         try:
@@ -663,6 +679,7 @@ class Space:
                     closing = message.closing
                     name = media_pb2.CloseReason.Name(closing.reason)
                     reason = name.removeprefix("CLOSE_REASON_").lower()
+                    told = True
                     if not closing.rejoin:
                         handler.cancel()
                         await self._finish(reason, closing.message)
@@ -678,6 +695,9 @@ class Space:
         if self._call is call:
             self._fail_pending()  # their replies will not come: fail them now, not on timeout
         if not self._left and self._call is call:
+            if not told:
+                # The stream broke without a Closing: the node may be dead.
+                self._lost_node = self.node_id
             self._start_reconnect(reason)
 
     async def _handle_all(self, call: Any, inbox: asyncio.Queue[media_pb2.ServerMessage]) -> None:

@@ -54,7 +54,11 @@ async def run_join(args: argparse.Namespace) -> int:
         root = Path(args.ca_file).read_bytes() if args.ca_file else None  # noqa: ASYNC240
         credentials = grpc.ssl_channel_credentials(root_certificates=root)
     space = sdk.Space(
-        args.token, args.server, display_name=args.display_name, credentials=credentials
+        args.token,
+        args.server,
+        display_name=args.display_name,
+        credentials=credentials,
+        ice_transport_policy="relay" if getattr(args, "relay", False) else "all",
     )
     events = space.events()
     try:

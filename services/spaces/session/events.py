@@ -29,6 +29,8 @@ CLOSE_MIGRATE = "migrate"
 CLOSE_LEASE_LOST = "lease_lost"
 CLOSE_TRANSPORT_FAILED = "transport_failed"
 CLOSE_ERROR = "error"
+CLOSE_SERVER_STOPPING = "server_stopping"
+"""A single-process server is stopping: there is no other node to join again on."""
 REJOIN = frozenset({CLOSE_MIGRATE, CLOSE_LEASE_LOST, CLOSE_TRANSPORT_FAILED, CLOSE_ERROR})
 """Close reasons after which the client should join again; after the others it must not."""
 

@@ -149,17 +149,29 @@ class Bridge:
         self.participant_id = ""
         self.connection_id = ""
         self.space_id = ""
+        self._closer: asyncio.Future[Any] | None = None
 
     async def drop(self, code: int = CLOSE_RECONNECT, reason: str = "dropped") -> None:
         """Close the browser's socket (a retryable code: it reconnects), as a lost connection
         or a stopping replica would."""
-        await self._ws.close(code=code, message=reason.encode()[:120])
+        await self._close(code, reason)
+
+    async def _close(self, code: int, reason: str = "") -> None:
+        """Close the socket with ``code``, once. The close handshake runs in a task of its own:
+        the other pump noticing the close and ending (which cancels its sibling) must not cut
+        the handshake short, or the browser sees 1006 instead of the code (and a kicked client
+        would reconnect)."""
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(
+                self._ws.close(code=code, message=reason.encode()[:120])
+            )
+        await asyncio.shield(self._closer)
 
     async def _fail(self, message: Mapping[str, Any], code: int = CLOSE_NO_RECONNECT) -> None:
         """Send the error first, then close: Mux's SDK hangs forever on a close before
         ``joined`` that carries no error."""
         await _send(self._ws, message)
-        await self._ws.close(code=code, message=b"")
+        await self._close(code)
 
     async def run(self, query: Mapping[str, str]) -> None:
         started = time.perf_counter()
@@ -260,8 +272,11 @@ class Bridge:
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 logger.warning("%s: bridge ended: %r", self.connection_id, task.exception())
-        if not ws.closed:
-            await ws.close(code=CLOSE_RECONNECT, message=b"")
+        if self._closer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._closer), 5.0)
+        elif not ws.closed:
+            await self._close(CLOSE_RECONNECT)
 
     async def _from_node(self, call: Any, wire: MuxWire, on_joined: Callable[[], None]) -> None:
         ws = self._ws
@@ -276,7 +291,7 @@ class Bridge:
                 if wire.joined and not was_joined:
                     on_joined()
                 if isinstance(event, ev.Closing):
-                    await ws.close(code=close_code(event), message=event.message.encode()[:120])
+                    await self._close(close_code(event), event.message)
                     return
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
@@ -289,10 +304,10 @@ class Bridge:
                         UNKNOWN, exc.details() or "media session failed", fatal=True, retry=True
                     ),
                 )
-            await ws.close(code=CLOSE_RECONNECT, message=b"media node unreachable")
+            await self._close(CLOSE_RECONNECT, "media node unreachable")
             return
         # The node ended the stream without Closing (it stopped): the client should come back.
-        await ws.close(code=CLOSE_RECONNECT, message=b"media session ended")
+        await self._close(CLOSE_RECONNECT, "media session ended")
 
     async def _from_browser(self, call: Any, wire: MuxWire) -> None:
         ws = self._ws
@@ -309,9 +324,7 @@ class Bridge:
             except ProtocolError as exc:
                 await _send(ws, exc.payload())
                 if exc.fatal:
-                    await ws.close(
-                        code=CLOSE_RECONNECT if exc.retry else CLOSE_NO_RECONNECT, message=b""
-                    )
+                    await self._close(CLOSE_RECONNECT if exc.retry else CLOSE_NO_RECONNECT)
                     return
                 continue
             for event in client_events:

@@ -203,12 +203,12 @@ class SignalComponent:
             body = web_asset(name)
         except FileNotFoundError:
             raise web.HTTPNotFound() from None
-        return web.Response(
-            body=body,
-            content_type=content_type,
-            charset="utf-8",
-            headers={"Cache-Control": "no-cache"},
-        )
+        headers = {"Cache-Control": "no-cache"}
+        if request.path.startswith("/sdk/"):
+            # Apps on their own origin import the client from here: a cross-origin module
+            # import is a CORS request.
+            headers["Access-Control-Allow-Origin"] = "*"
+        return web.Response(body=body, content_type=content_type, charset="utf-8", headers=headers)
 
     async def _dev_token(self, request: web.Request) -> web.Response:
         """``{"space_id"?, "participant_id"?, "role"?}`` -> ``{"token", "space_id"}``: a token

@@ -397,6 +397,10 @@ class Store(Protocol):
         """Queue dead letters again (all when ``ids`` is empty); returns how many."""
         ...
 
+    async def webhook_backlog(self) -> WebhookBacklog:
+        """How far delivery is behind, for the metrics (one read, not per event)."""
+        ...
+
     async def webhook_prune_consumers(self, idle_ms: int, keep: str) -> int:
         """Forget group consumers idle for idle_ms with nothing pending (dead replicas)."""
         ...
@@ -471,3 +475,14 @@ class DeadLetterRecord:
     attempts: int
     last_error: str
     failed_at_ms: int
+
+
+@dataclass(frozen=True)
+class WebhookBacklog:
+    queues: int
+    """(endpoint, space) queues with undelivered events: waiting, in backoff, or being posted."""
+    oldest_due_ms: int
+    """When the longest-waiting queue that is due now became due (store time, ms); 0: none."""
+    dead_letters: int
+    now_ms: int
+    """Store time of the read."""

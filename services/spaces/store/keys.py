@@ -1618,7 +1618,30 @@ end
 return dropped
 """
 
+WEBHOOK_BACKLOG = r"""
+-- How far delivery is behind, for the metrics: queues with undelivered events (ready, in
+-- backoff, or leased), the due time of the longest-waiting queue that is due now, and the
+-- dead letters, in this shard. One call per shard every few seconds per webhooks replica;
+-- O(endpoints).
+-- KEYS[1] = {tag}:wh:endpoints (the shard's copy)
+-- ARGV: none
+-- Returns {queues, oldest due (unix ms; -1 when nothing is due), dead letters, now (unix ms)}.
+local now = now_ms()
+local queues = redis.call('ZCARD', LEASES)
+local oldest = -1
+for _, ep in ipairs(redis.call('HKEYS', ENDPOINTS)) do
+  queues = queues + redis.call('ZCARD', ready_key(ep))
+  local head = redis.call('ZRANGE', ready_key(ep), 0, 0, 'WITHSCORES')
+  if head[2] then
+    local due = tonumber(head[2])
+    if due <= now and (oldest < 0 or due < oldest) then oldest = due end
+  end
+end
+return {queues, oldest, redis.call('ZCARD', DEAD), now}
+"""
+
 WEBHOOK_SCRIPTS = {
+    "webhook_backlog": WEBHOOK_BACKLOG,
     "webhook_fan_out": WEBHOOK_FAN_OUT,
     "webhook_take": WEBHOOK_TAKE,
     "webhook_due": WEBHOOK_DUE,

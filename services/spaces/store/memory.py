@@ -31,6 +31,7 @@ from spaces.store.base import (
     Reservation,
     SigningKeyRecord,
     SpaceDeletion,
+    WebhookBacklog,
     WebhookDelivery,
     WebhookEndpointRecord,
     WebhookJob,
@@ -1142,6 +1143,17 @@ class MemoryStore:
     async def webhook_dead_letters(self, limit: int) -> list[DeadLetterRecord]:
         newest = sorted(self._wh.dead.items(), key=lambda item: (item[1][0], item[0]))
         return [_dead_letter(record) for _, (_, record) in reversed(newest)][:limit]
+
+    async def webhook_backlog(self) -> WebhookBacklog:
+        wh = self._wh
+        now = self._now()
+        due = [t for ready in wh.ready.values() for t in ready.values() if t <= now]
+        return WebhookBacklog(
+            queues=len(wh.leases) + sum(len(r) for r in wh.ready.values()),
+            oldest_due_ms=min(due, default=0),
+            dead_letters=len(wh.dead),
+            now_ms=now,
+        )
 
     async def webhook_replay(self, ids: Sequence[str]) -> int:
         wh = self._wh

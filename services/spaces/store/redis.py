@@ -41,6 +41,7 @@ from spaces.store.base import (
     Reservation,
     SigningKeyRecord,
     SpaceDeletion,
+    WebhookBacklog,
     WebhookDelivery,
     WebhookEndpointRecord,
     WebhookJob,
@@ -1369,6 +1370,22 @@ class RedisStore:
             lambda pipe, shard: self._wh_queue(pipe, "webhook_replay", shard, by_shard[shard]),
         )
         return sum(int(n) for (n,) in replies.values())
+
+    async def webhook_backlog(self) -> WebhookBacklog:
+        """Every shard's backlog, summed (the oldest due time: the earliest of any shard)."""
+        replies = await self._each(
+            SHARDS,
+            lambda pipe, shard: self._wh_queue(pipe, "webhook_backlog", shard, []),
+            partial=True,
+        )
+        rows = [reply for (reply,) in replies.values()]
+        due = [int(oldest) for _, oldest, _, _ in rows if int(oldest) >= 0]
+        return WebhookBacklog(
+            queues=sum(int(queues) for queues, _, _, _ in rows),
+            oldest_due_ms=min(due, default=0),
+            dead_letters=sum(int(dead) for _, _, dead, _ in rows),
+            now_ms=max(int(now) for _, _, _, now in rows),
+        )
 
     async def webhook_prune_consumers(self, idle_ms: int, keep: str) -> int:
         async def run() -> int:

@@ -125,6 +125,8 @@ class _CloseReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CloseReas
     """The WebRTC transport failed: join again."""
     CLOSE_REASON_ERROR: _CloseReason.ValueType  # 8
     """A fatal protocol error."""
+    CLOSE_REASON_SERVER_STOPPING: _CloseReason.ValueType  # 9
+    """A single-process server is stopping: there is no other node to move to. Do not rejoin."""
 
 class CloseReason(_CloseReason, metaclass=_CloseReasonEnumTypeWrapper): ...
 
@@ -145,6 +147,8 @@ CLOSE_REASON_TRANSPORT_FAILED: CloseReason.ValueType  # 7
 """The WebRTC transport failed: join again."""
 CLOSE_REASON_ERROR: CloseReason.ValueType  # 8
 """A fatal protocol error."""
+CLOSE_REASON_SERVER_STOPPING: CloseReason.ValueType  # 9
+"""A single-process server is stopping: there is no other node to move to. Do not rejoin."""
 Global___CloseReason: _TypeAlias = CloseReason  # noqa: Y015
 
 @_typing.final

@@ -26,37 +26,37 @@ from spaces.v1 import event_pb2 as spaces_dot_v1_dot_event__pb2
 from spaces.v1 import participant_pb2 as spaces_dot_v1_dot_participant__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18spaces/v1/presence.proto\x12\tspaces.v1\x1a\x15spaces/v1/event.proto\x1a\x1bspaces/v1/participant.proto\"k\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x15\n\rresume_secret\x18\x03 \x01(\t\x12 \n\x18reconnect_participant_id\x18\x04 \x01(\t\"\xd6\x02\n\x0cJoinResponse\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x15\n\rconnection_id\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.spaces.v1.Role\x12\x15\n\rresume_secret\x18\x05 \x01(\t\x12\x15\n\rmedia_address\x18\x06 \x01(\t\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x0e\n\x06ticket\x18\x08 \x01(\t\x12)\n\x0bice_servers\x18\t \x03(\x0b\x32\x14.spaces.v1.IceServer\x12\'\n\x06limits\x18\n \x01(\x0b\x32\x17.spaces.v1.ClientLimits\x12\x1c\n\x14ticket_expires_at_ms\x18\x0b \x01(\x03\x12\x0f\n\x07resumed\x18\x0c \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\r \x01(\t\"?\n\tIceServer\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"\xcd\x01\n\x0c\x43lientLimits\x12 \n\x18\x63ustom_events_per_second\x18\x01 \x01(\r\x12\x1e\n\x16\x63ustom_event_max_bytes\x18\x02 \x01(\r\x12\x19\n\x11tracks_per_source\x18\x03 \x01(\r\x12%\n\x1d\x64isplay_name_interval_seconds\x18\x04 \x01(\r\x12\x1e\n\x16\x64isplay_name_max_chars\x18\x05 \x01(\r\x12\x19\n\x11max_subscriptions\x18\x06 \x01(\r\"%\n\x0cLeaveRequest\x12\x15\n\rresume_secret\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"N\n\x17ListParticipantsRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x18ListParticipantsResponse\x12,\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x16.spaces.v1.Participant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x15GetParticipantRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\"D\n\x18RemoveParticipantRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\"\x1b\n\x19RemoveParticipantResponse\"8\n\x12WatchEventsRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66ter_id\x18\x02 \x01(\t2\xd1\x03\n\x0fPresenceService\x12\x37\n\x04Join\x12\x16.spaces.v1.JoinRequest\x1a\x17.spaces.v1.JoinResponse\x12:\n\x05Leave\x12\x17.spaces.v1.LeaveRequest\x1a\x18.spaces.v1.LeaveResponse\x12[\n\x10ListParticipants\x12\".spaces.v1.ListParticipantsRequest\x1a#.spaces.v1.ListParticipantsResponse\x12J\n\x0eGetParticipant\x12 .spaces.v1.GetParticipantRequest\x1a\x16.spaces.v1.Participant\x12^\n\x11RemoveParticipant\x12#.spaces.v1.RemoveParticipantRequest\x1a$.spaces.v1.RemoveParticipantResponse\x12@\n\x0bWatchEvents\x12\x1d.spaces.v1.WatchEventsRequest\x1a\x10.spaces.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18spaces/v1/presence.proto\x12\tspaces.v1\x1a\x15spaces/v1/event.proto\x1a\x1bspaces/v1/participant.proto\"\x88\x01\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x15\n\rresume_secret\x18\x03 \x01(\t\x12 \n\x18reconnect_participant_id\x18\x04 \x01(\t\x12\x1b\n\x13unreachable_node_id\x18\x14 \x01(\t\"\xd6\x02\n\x0cJoinResponse\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\x12\x15\n\rconnection_id\x18\x03 \x01(\t\x12\x1d\n\x04role\x18\x04 \x01(\x0e\x32\x0f.spaces.v1.Role\x12\x15\n\rresume_secret\x18\x05 \x01(\t\x12\x15\n\rmedia_address\x18\x06 \x01(\t\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x0e\n\x06ticket\x18\x08 \x01(\t\x12)\n\x0bice_servers\x18\t \x03(\x0b\x32\x14.spaces.v1.IceServer\x12\'\n\x06limits\x18\n \x01(\x0b\x32\x17.spaces.v1.ClientLimits\x12\x1c\n\x14ticket_expires_at_ms\x18\x0b \x01(\x03\x12\x0f\n\x07resumed\x18\x0c \x01(\x08\x12\x14\n\x0c\x64isplay_name\x18\r \x01(\t\"?\n\tIceServer\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"\xcd\x01\n\x0c\x43lientLimits\x12 \n\x18\x63ustom_events_per_second\x18\x01 \x01(\r\x12\x1e\n\x16\x63ustom_event_max_bytes\x18\x02 \x01(\r\x12\x19\n\x11tracks_per_source\x18\x03 \x01(\r\x12%\n\x1d\x64isplay_name_interval_seconds\x18\x04 \x01(\r\x12\x1e\n\x16\x64isplay_name_max_chars\x18\x05 \x01(\r\x12\x19\n\x11max_subscriptions\x18\x06 \x01(\r\"%\n\x0cLeaveRequest\x12\x15\n\rresume_secret\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"N\n\x17ListParticipantsRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x18ListParticipantsResponse\x12,\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x16.spaces.v1.Participant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x15GetParticipantRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\"D\n\x18RemoveParticipantRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x02 \x01(\t\"\x1b\n\x19RemoveParticipantResponse\"8\n\x12WatchEventsRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66ter_id\x18\x02 \x01(\t2\xd1\x03\n\x0fPresenceService\x12\x37\n\x04Join\x12\x16.spaces.v1.JoinRequest\x1a\x17.spaces.v1.JoinResponse\x12:\n\x05Leave\x12\x17.spaces.v1.LeaveRequest\x1a\x18.spaces.v1.LeaveResponse\x12[\n\x10ListParticipants\x12\".spaces.v1.ListParticipantsRequest\x1a#.spaces.v1.ListParticipantsResponse\x12J\n\x0eGetParticipant\x12 .spaces.v1.GetParticipantRequest\x1a\x16.spaces.v1.Participant\x12^\n\x11RemoveParticipant\x12#.spaces.v1.RemoveParticipantRequest\x1a$.spaces.v1.RemoveParticipantResponse\x12@\n\x0bWatchEvents\x12\x1d.spaces.v1.WatchEventsRequest\x1a\x10.spaces.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spaces.v1.presence_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOINREQUEST']._serialized_start=91
-  _globals['_JOINREQUEST']._serialized_end=198
-  _globals['_JOINRESPONSE']._serialized_start=201
-  _globals['_JOINRESPONSE']._serialized_end=543
-  _globals['_ICESERVER']._serialized_start=545
-  _globals['_ICESERVER']._serialized_end=608
-  _globals['_CLIENTLIMITS']._serialized_start=611
-  _globals['_CLIENTLIMITS']._serialized_end=816
-  _globals['_LEAVEREQUEST']._serialized_start=818
-  _globals['_LEAVEREQUEST']._serialized_end=855
-  _globals['_LEAVERESPONSE']._serialized_start=857
-  _globals['_LEAVERESPONSE']._serialized_end=872
-  _globals['_LISTPARTICIPANTSREQUEST']._serialized_start=874
-  _globals['_LISTPARTICIPANTSREQUEST']._serialized_end=952
-  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_start=954
-  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_end=1051
-  _globals['_GETPARTICIPANTREQUEST']._serialized_start=1053
-  _globals['_GETPARTICIPANTREQUEST']._serialized_end=1118
-  _globals['_REMOVEPARTICIPANTREQUEST']._serialized_start=1120
-  _globals['_REMOVEPARTICIPANTREQUEST']._serialized_end=1188
-  _globals['_REMOVEPARTICIPANTRESPONSE']._serialized_start=1190
-  _globals['_REMOVEPARTICIPANTRESPONSE']._serialized_end=1217
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1219
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1275
-  _globals['_PRESENCESERVICE']._serialized_start=1278
-  _globals['_PRESENCESERVICE']._serialized_end=1743
+  _globals['_JOINREQUEST']._serialized_start=92
+  _globals['_JOINREQUEST']._serialized_end=228
+  _globals['_JOINRESPONSE']._serialized_start=231
+  _globals['_JOINRESPONSE']._serialized_end=573
+  _globals['_ICESERVER']._serialized_start=575
+  _globals['_ICESERVER']._serialized_end=638
+  _globals['_CLIENTLIMITS']._serialized_start=641
+  _globals['_CLIENTLIMITS']._serialized_end=846
+  _globals['_LEAVEREQUEST']._serialized_start=848
+  _globals['_LEAVEREQUEST']._serialized_end=885
+  _globals['_LEAVERESPONSE']._serialized_start=887
+  _globals['_LEAVERESPONSE']._serialized_end=902
+  _globals['_LISTPARTICIPANTSREQUEST']._serialized_start=904
+  _globals['_LISTPARTICIPANTSREQUEST']._serialized_end=982
+  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_start=984
+  _globals['_LISTPARTICIPANTSRESPONSE']._serialized_end=1081
+  _globals['_GETPARTICIPANTREQUEST']._serialized_start=1083
+  _globals['_GETPARTICIPANTREQUEST']._serialized_end=1148
+  _globals['_REMOVEPARTICIPANTREQUEST']._serialized_start=1150
+  _globals['_REMOVEPARTICIPANTREQUEST']._serialized_end=1218
+  _globals['_REMOVEPARTICIPANTRESPONSE']._serialized_start=1220
+  _globals['_REMOVEPARTICIPANTRESPONSE']._serialized_end=1247
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1249
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1305
+  _globals['_PRESENCESERVICE']._serialized_start=1308
+  _globals['_PRESENCESERVICE']._serialized_end=1773
 # @@protoc_insertion_point(module_scope)

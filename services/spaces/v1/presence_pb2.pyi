@@ -27,6 +27,7 @@ class JoinRequest(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     RESUME_SECRET_FIELD_NUMBER: _builtins.int
     RECONNECT_PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_NODE_ID_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The JWT signed by the customer's server."""
     display_name: _builtins.str
@@ -41,6 +42,12 @@ class JoinRequest(_message.Message):
     once the connection is gone, when that connection was admitted with this same token.
     Otherwise the join proceeds as a new one.
     """
+    unreachable_node_id: _builtins.str
+    """The media node (JoinResponse.node_id) this client could not reach or lost its session
+    with. Presence then checks that node's liveness at once (its heartbeat age, then a direct
+    health probe) and, if it is dead, places the space elsewhere instead of waiting for the
+    node to go stale. Ignored unless it names the node that hosts the space.
+    """
     def __init__(
         self,
         *,
@@ -48,10 +55,11 @@ class JoinRequest(_message.Message):
         display_name: _builtins.str = ...,
         resume_secret: _builtins.str = ...,
         reconnect_participant_id: _builtins.str = ...,
+        unreachable_node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "reconnect_participant_id", b"reconnect_participant_id", "resume_secret", b"resume_secret", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "reconnect_participant_id", b"reconnect_participant_id", "resume_secret", b"resume_secret", "token", b"token", "unreachable_node_id", b"unreachable_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@ of delivery (fan-out and delivery workers), started and stopped by SpacesServer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -10,9 +11,10 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from spaces import errors, ids
+from spaces import errors, ids, metrics
 from spaces.config import ServerConfig, WebhookConfig
 from spaces.store.base import DeadLetterRecord, Store, WebhookEndpointRecord
+from spaces.tasks import cancel_and_wait
 from spaces.v1 import webhook_pb2, webhook_pb2_grpc
 from spaces.webhooks.delivery import Deliverer
 from spaces.webhooks.envelope import KNOWN_EVENT_NAMES
@@ -25,6 +27,8 @@ CONFIG_ENDPOINT_ID = "config"
 MAX_SECRET_CHARS = 256
 DEFAULT_DEAD_LETTERS = 100
 MAX_DEAD_LETTERS = 1_000
+BACKLOG_METRICS_S = 5.0
+"""How often a webhooks replica publishes the delivery backlog gauges."""
 
 
 def check_url(url: str) -> str:
@@ -157,6 +161,7 @@ class WebhookComponent:
         self.deliverer = Deliverer(store, self._config, name)
         self.fan_out = FanOut(store, self._config, name, self.deliverer.wake)
         self.servicer = WebhookServicer(store, self.deliverer)
+        self._gauges: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         webhook_pb2_grpc.add_WebhookServiceServicer_to_server(self.servicer, server)
@@ -166,10 +171,31 @@ class WebhookComponent:
         # Delivery first: the fan-out wakes it as soon as it has enqueued something.
         await self.deliverer.start()
         await self.fan_out.start()
+        self._gauges = asyncio.create_task(self._backlog_forever(), name="webhook-backlog")
 
     async def stop(self) -> None:
+        await cancel_and_wait(self._gauges)
         await self.fan_out.stop()
         await self.deliverer.stop()
+
+    async def _backlog_forever(self) -> None:
+        """Publish how far delivery is behind (every replica reports the same figures)."""
+        while True:
+            await self.update_backlog()
+            await asyncio.sleep(BACKLOG_METRICS_S)
+
+    async def update_backlog(self) -> None:
+        try:
+            backlog = await self._store.webhook_backlog()
+        except errors.StoreUnavailable:
+            return
+        except Exception:
+            logger.exception("webhook backlog metrics failed")
+            return
+        metrics.WEBHOOK_QUEUES.set(backlog.queues)
+        metrics.WEBHOOK_DEAD_LETTERS.set(backlog.dead_letters)
+        waited = backlog.now_ms - backlog.oldest_due_ms if backlog.oldest_due_ms else 0
+        metrics.WEBHOOK_OLDEST_DUE.set(max(0, waited) / 1000)
 
     async def _sync_config_endpoint(self, config: WebhookConfig) -> None:
         """The configuration is the source of truth for the "config" endpoint: every replica
