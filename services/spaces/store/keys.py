@@ -908,6 +908,15 @@ end
 return out
 """
 
+PREPARE_SHARD = r"""
+-- A shard's bookkeeping keys (its epoch and its creation sequence), written when a process
+-- starts, so that the keys Spaces keeps do not depend on which shards have had a space yet.
+-- KEYS[1] = {tag}:epoch
+epoch()
+redis.call('SET', SPACES_SEQ, '0', 'NX')
+return 1
+"""
+
 REVOKE_SIGNING_KEY = r"""
 -- Remove this shard's copy of a deleted signing key id, for good.
 -- KEYS[1] = {tag}:keyids. ARGV: 1 key id
@@ -1138,6 +1147,7 @@ ALL_SCRIPTS = {
     "heartbeat": HEARTBEAT,
     "remove_node": REMOVE_NODE,
     "list_nodes": LIST_NODES,
+    "prepare_shard": PREPARE_SHARD,
     "revoke_signing_key": REVOKE_SIGNING_KEY,
     "restore_signing_key": RESTORE_SIGNING_KEY,
     "create_broadcast": CREATE_BROADCAST,

@@ -271,6 +271,12 @@ class RedisStore:
         # The global keys' primary must answer; on a cluster, a shard whose primary is down at
         # start is served once its replica takes over.
         await self._check_layout()
+        script = self._scripts["prepare_shard"]
+        await self._each(
+            SHARDS,
+            lambda pipe, shard: script(keys=[keys.epoch_key(shard)], args=[], client=pipe),
+            partial=True,
+        )
 
     async def _check_layout(self) -> None:
         """Refuse to run over data of the unsharded layout (it would be invisible: spaces and
