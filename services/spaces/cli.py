@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser(
         "redis-migrate",
         help="move a Redis from the unsharded key layout to the sharded one (Spaces stopped)",
-        description="Keeps spaces, signing keys and webhook endpoints; see docs/operations.md.",
+        description="Keeps spaces (with their broadcasts), signing keys and webhook endpoints; "
+        "see docs/operations.md.",
         formatter_class=DefaultsFormatter,
     )
     migrate.add_argument("--redis-url", help="the Redis to migrate (default: SPACES_REDIS_URL)")
