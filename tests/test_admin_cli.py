@@ -211,18 +211,22 @@ async def test_webhook_commands_and_dead_letters(api: SpacesServer) -> None:
 
 async def test_events_follows_the_stream(api: SpacesServer) -> None:
     space_id = (await ok_json(api, "space", "create"))["id"]
+    # From the latest event on, so that neither follower misses what comes next however long
+    # its process takes to start and subscribe.
+    after = await api.store.latest_event_id()
     env = {**os.environ, "SPACES_ADMIN_KEY": ADMIN_KEY}
     follower = await asyncio.create_subprocess_exec(
         SPACES, "events", "--server", api.address, "--space", space_id, "--json",
+        "--after", after,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     human = await asyncio.create_subprocess_exec(
         SPACES, "events", "--server", api.address, "--space", space_id, "--count", "2",
+        "--after", after,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert follower.stdout is not None and human.stdout is not None
     try:
-        await asyncio.sleep(1.5)  # both are watching
         await ok_json(api, "space", "update", space_id, "--passthrough", "one")
         await ok_json(api, "space", "update", space_id, "--passthrough", "two")
         lines = [
