@@ -63,7 +63,7 @@ window.harness = (() => {
   }
 
   function watch(key, video) {
-    const entry = { frames: 0, color: null, width: 0, height: 0, firstFrameAt: 0, video };
+    const entry = { frames: 0, color: null, width: 0, height: 0, firstFrameAt: 0, times: [], video };
     watched.set(key, entry);
     video.muted = true;
     video.autoplay = true;
@@ -73,7 +73,10 @@ window.harness = (() => {
     const onFrame = () => {
       if (watched.get(key) !== entry) return;
       entry.frames += 1;
-      if (!entry.firstFrameAt) entry.firstFrameAt = performance.now();
+      const now = performance.now();
+      if (!entry.firstFrameAt) entry.firstFrameAt = now;
+      entry.times.push(now);
+      if (entry.times.length > 600) entry.times.shift();
       if (entry.frames % 5 === 1) sample(video, entry);
       video.requestVideoFrameCallback(onFrame);
     };
@@ -89,6 +92,14 @@ window.harness = (() => {
     const video = document.createElement("video");
     video.srcObject = new MediaStream([mediaStreamTrack]);
     return watch(key, video);
+  }
+
+  // When the n-th frame presented after page time t arrived (for key), or 0 if not yet.
+  function nthFrameAfter(key, t, n) {
+    const entry = watched.get(key);
+    if (!entry) return 0;
+    const after = entry.times.filter((x) => x > t);
+    return after.length >= n ? after[n - 1] : 0;
   }
 
   function stats() {
@@ -127,5 +138,5 @@ window.harness = (() => {
       .filter((m) => !key || m[key] !== undefined);
   }
 
-  return { setColor, watch, unwatch, watchTrack, stats, record, events, watched, wire, messages };
+  return { setColor, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
 })();
