@@ -307,6 +307,10 @@ class Composer:
 
 async def main() -> int:
     die_with_parent(int(os.environ.get("SPACES_COMPOSER_PARENT", "0")))
+    # The session's modules (aiortc, grpc), imported before the first status: seconds on a
+    # busy machine, covered by the worker's start-up allowance rather than its watchdog.
+    import spaces.sdk.client  # noqa: F401
+
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -317,8 +321,9 @@ async def main() -> int:
     composer = Composer(job)
     composer.pipeline.start()
     tasks = [
-        asyncio.create_task(composer.session_forever(), name="session"),
+        # Status first: the session's imports hold the loop for a while on a busy machine.
         asyncio.create_task(composer.status_forever(), name="status"),
+        asyncio.create_task(composer.session_forever(), name="session"),
     ]
     try:
         await composer.commands(reader)
