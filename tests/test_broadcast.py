@@ -611,3 +611,79 @@ async def test_joining_and_leaving_mid_broadcast_relays_out_with_no_gap_in_the_t
     agaps = [b - a for a, b in itertools.pairwise(audio)]
     assert max(agaps) <= 0.023 and min(agaps) >= 0.020, (min(agaps), max(agaps))
     assert audio[-1] - audio[0] == pytest.approx(shown[-1] - shown[0], abs=0.1)
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The /metrics text of a server, as {'name{labels}': value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def test_metrics_show_the_broadcast_its_frames_cpu_and_rtmp_errors_while_rtmp_is_down() -> (
+    None
+):
+    from tests.support.system import free_port
+
+    config = make_config(
+        services=("control", "auth", "presence", "media", "broadcaster"),
+        broadcast=FAST_BROADCASTS,
+        metrics_addr="127.0.0.1:0",
+    )
+    server = await start_server(config)
+    admin = Admin(server.address)
+    stub = broadcast_pb2_grpc.BroadcastServiceStub(admin.channel)
+    port = server.metrics_port
+    rtmp_errors = 'spaces_broadcast_errors_total{kind="rtmp"}'
+    composed = 'spaces_broadcast_frames_total{result="composed"}'
+    try:
+        tenant = Tenant(await admin.create_key())
+        space_id = await admin.create_space()
+        alice = await publisher(server, tenant, space_id, "alice", COLORS["red"], audio=0.2)
+        before = await asyncio.to_thread(scrape, port)
+        # Nothing listens on this port: every attempt is refused, and retried.
+        b = await create(stub, space_id, f"rtmp://127.0.0.1:{free_port()}/live/down")
+        await start(stub, space_id, b.id)
+
+        async def errors_over(count: float) -> dict[str, float] | None:
+            now = await asyncio.to_thread(scrape, port)
+            return now if now.get(rtmp_errors, 0) - before.get(rtmp_errors, 0) > count else None
+
+        first = await eventually(lambda: errors_over(0), timeout=30, interval=0.5)
+        # It keeps retrying (with backoff), and each refusal is counted.
+        later = await eventually(
+            lambda: errors_over(first[rtmp_errors] - before.get(rtmp_errors, 0)),
+            timeout=15,
+            interval=0.5,
+        )
+        assert later["spaces_broadcasts_active"] == before["spaces_broadcasts_active"] + 1
+        # The composer keeps its clock (and composes) while the server is down.
+        assert later[composed] > before.get(composed, 0)
+        assert 'spaces_broadcast_frames_total{result="dropped"}' in later
+        cpu = later[f'spaces_broadcast_cpu_cores{{broadcast_id="{b.id}"}}']
+        assert cpu > 0, cpu
+        await alice.leave()  # the space goes idle: the broadcast stops, its gauges go
+        gone = await eventually(
+            lambda: asyncio.to_thread(
+                lambda: (
+                    (m := scrape(port))["spaces_broadcasts_active"]
+                    == before["spaces_broadcasts_active"]
+                    and m
+                )
+            ),
+            timeout=15,
+        )
+        assert f'spaces_broadcast_cpu_cores{{broadcast_id="{b.id}"}}' not in gone
+    finally:
+        await admin.close()
+        await server.stop()
