@@ -38,11 +38,13 @@ from spaces.broadcast.compose import (
 logger = logging.getLogger(__name__)
 
 FPS = 30
-QUEUE_FRAMES = 90
-"""Video frames waiting for the encoder (3 s); beyond it, video frames are dropped (a gap)."""
+QUEUE_FRAMES = 45
+"""Video frames waiting for the encoder (1.5 s); beyond it, video frames are dropped (a gap)."""
 BACKLOG_FRAMES = 10
 """With more video frames than this waiting for the encoder, the compose thread repeats the
 last frame instead of composing (a repeat costs no CPU and no memory until it is encoded)."""
+BACKLOG_FRESH_EVERY = 3
+"""While the encoder is behind, one slot in this many is still composed anew (10 fps)."""
 
 
 def default_kbps(width: int, height: int) -> int:
@@ -140,12 +142,14 @@ class Pipeline:
         Every slot of the timeline gets a frame, so the output stays at FPS with no gap in its
         timestamps however busy the machine is: a tick that comes late first repeats the last
         frame for the slots it missed, and while the encoder is behind (more than
-        ``BACKLOG_FRAMES`` waiting) the last frame is repeated instead of composing a new one,
-        which leaves the CPU to the encoder. Repeated frames are counted as dropped."""
+        ``BACKLOG_FRAMES`` waiting) only one slot in ``BACKLOG_FRESH_EVERY`` is composed anew
+        and the others repeat it, which leaves the CPU to the encoder while the picture still
+        moves. Repeated frames are counted as dropped."""
         t0 = time.monotonic()
         n = 0
         samples = 0
         last: np.ndarray[Any, Any] | None = None
+        fresh = 0  # the slot last composed anew
         while not self._stop.is_set():
             due = t0 + n / FPS
             now = time.monotonic()
@@ -159,9 +163,11 @@ class Pipeline:
                     n += 1
             else:
                 n += behind  # nothing to show yet: the stream starts at the first frame
-            if last is not None and self._video_in - self._video_out > BACKLOG_FRAMES:
+            backlog = self._video_in - self._video_out > BACKLOG_FRAMES
+            if last is not None and backlog and n - fresh < BACKLOG_FRESH_EVERY:
                 self._repeat(last, n)
             else:
+                fresh = n
                 try:
                     last = self.compositor.render(self.scene, now, now - VIDEO_DELAY_S)
                     self.stats.frames_composed += 1
@@ -197,7 +203,6 @@ class Pipeline:
     def _output_loop(self) -> None:
         backoff = self.settings.retry_initial_s
         while not self._stop.is_set():
-            self._drain_queue()
             try:
                 self._attempt()
             except Stalled:
@@ -254,6 +259,9 @@ class Pipeline:
             audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="stereo")
             audio.bit_rate = s.audio_kbps * 1000
             self.stats.connects += 1
+            # What was composed while connecting is stale: the stream starts with what comes
+            # next (or it would run that much behind for good on a machine with no CPU spare).
+            self._drain_queue()
             first_video: int | None = None
             self.stats.busy = False
             self._progress()
