@@ -130,6 +130,7 @@ class Composer:
             "streaming": stats.streaming,
             "frames_composed": stats.frames_composed,
             "frames_dropped": stats.frames_dropped,
+            "frames_lost": stats.frames_lost,
             "encoder_errors": stats.encoder_errors,
             "rtmp_errors": stats.rtmp_errors,
             "connects": stats.connects,

@@ -38,8 +38,11 @@ from spaces.broadcast.compose import (
 logger = logging.getLogger(__name__)
 
 FPS = 30
-QUEUE_FRAMES = 45
-"""Video frames waiting for the encoder (1.5 s); beyond it, video frames are dropped (a gap)."""
+QUEUE_FRAMES = 150
+"""Video frames waiting for the encoder (5 s): enough to ride out the seconds a busy machine
+can stall this process for (a renegotiation on a join, measured at load 16 on 2 cores);
+beyond it, video frames are dropped (a gap). Most waiting frames are repeats, which share the
+picture they repeat."""
 BACKLOG_FRAMES = 10
 """With more video frames than this waiting for the encoder, the compose thread repeats the
 last frame instead of composing (a repeat costs no CPU and no memory until it is encoded)."""
@@ -74,6 +77,8 @@ class OutputSettings:
 class Stats:
     frames_composed: int = 0
     frames_dropped: int = 0
+    frames_lost: int = 0
+    """Of the dropped: frames a full encoder queue turned away (each leaves a gap)."""
     encoder_errors: int = 0
     rtmp_errors: int = 0
     connects: int = 0
@@ -194,6 +199,7 @@ class Pipeline:
         except queue.Full:
             if item[0] == "v":
                 self.stats.frames_dropped += 1
+                self.stats.frames_lost += 1
             return
         if item[0] == "v":
             self._video_in += 1
