@@ -192,3 +192,29 @@ async def test_a_requested_low_maximum_gives_that_layer_and_switches_keep_decodi
 
 async def _decoded_more(page: Page, count: int) -> bool:
     return (await inbound(page)).get("framesDecoded", 0) >= count
+
+
+async def test_the_python_sdk_asks_for_a_layer_and_bad_requests_are_refused(world: World) -> None:
+    from spaces.sdk import Space, SpacesClientError
+
+    await world.joined("pub", publish=True)
+    python = Space(world.tenant.token(world.space_id, "python"), world.server.address)
+    await python.join()
+    try:
+        camera = await eventually(lambda: python.remote_track("pub", "camera"), timeout=10)
+        await eventually(lambda: camera.last_frame is not None, timeout=20)
+        await eventually(lambda: camera.last_frame.width == WIDTHS[-1], timeout=20)
+        await python.set_video_quality(camera, "low")
+        await eventually(lambda: camera.last_frame.width == WIDTHS[0], timeout=10)
+        await python.set_video_quality(camera, width=480, height=270)
+        await eventually(lambda: camera.last_frame.width == WIDTHS[1], timeout=10)
+        with pytest.raises(SpacesClientError) as missing:
+            await python.set_video_quality("no-such-track", "low")
+        assert missing.value.code == "NOT_FOUND"
+        with pytest.raises(ValueError):
+            await python.set_video_quality(camera, "best")
+        # The session goes on after the refusals.
+        await python.set_video_quality(camera, "")
+        await eventually(lambda: camera.last_frame.width == WIDTHS[-1], timeout=10)
+    finally:
+        await python.leave()

@@ -113,6 +113,22 @@ window.harness = (() => {
     return { inbound, outbound, at: performance.now() };
   }
 
+  // The local UDP port of each peer connection that receives video (its nominated pair).
+  async function receivingPorts() {
+    const ports = [];
+    for (const pc of peerConnections) {
+      if (pc.connectionState === "closed") continue;
+      const report = await pc.getStats();
+      const stats = [...report.values()];
+      if (!stats.some((s) => s.type === "inbound-rtp" && s.kind === "video")) continue;
+      const transport = stats.find((s) => s.type === "transport" && s.selectedCandidatePairId);
+      const pair = transport && report.get(transport.selectedCandidatePairId);
+      const local = pair && report.get(pair.localCandidateId);
+      if (local) ports.push(local.port);
+    }
+    return ports;
+  }
+
   function setColor(r, g, b) {
     color = [r, g, b];
     if (realGetUserMedia) return;
@@ -221,5 +237,5 @@ window.harness = (() => {
       .filter((m) => !key || m[key] !== undefined);
   }
 
-  return { setColor, setCamera, rtpStats, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
+  return { setColor, setCamera, rtpStats, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
 })();

@@ -43,7 +43,15 @@ from aiortc.clock import current_ntp_time
 from aiortc.codecs import is_rtx
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, pack_remb_fci
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unpack_remb_fci,
+)
 
 from spaces.tasks import spawn
 
@@ -81,6 +89,7 @@ __all__ = [
     "apply_ice_policy",
     "check_answer",
     "hook_sender",
+    "hook_sender_feedback",
     "install_codec_counters",
     "label_sender",
     "negotiated_codec",
@@ -549,6 +558,40 @@ def hook_sender(
     sender._retransmit = retransmit
 
 
+def hook_sender_feedback(
+    sender: RTCRtpSender,
+    on_loss: Callable[[float], None],
+    on_remb: Callable[[int], None],
+) -> None:
+    """Also hand a subscriber's receiver reports (fraction lost, 0..1) and REMB (bits per
+    second) about this sender to the bandwidth estimate; aiortc keeps its own statistics.
+    Calling it again (a reused transceiver) rebinds the callbacks."""
+    existing = getattr(sender, "_spaces_feedback", None)
+    if existing is not None:
+        existing[:] = [on_loss, on_remb]
+        return
+    callbacks: list[Any] = [on_loss, on_remb]
+    sender._spaces_feedback = callbacks
+    original = sender._handle_rtcp_packet
+    ssrc = sender._ssrc
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpRrPacket | RtcpSrPacket):
+            for report in packet.reports:
+                if report.ssrc == ssrc:
+                    callbacks[0](report.fraction_lost / 256)
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                bitrate, ssrcs = 0, []
+            if ssrc in ssrcs:
+                callbacks[1](bitrate)
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp
+
+
 _HEADER = struct.Struct("!BBHII")
 SEND_FAILED = -1
 """``RtpSink.send`` result when nothing could be sent (transport not up, socket error)."""
@@ -593,6 +636,11 @@ class RtpSink:
         self._addr: tuple[str, int] = ("", 0)
         self._udp: Any = None
         self._sock: Any = None
+
+    def counters(self) -> tuple[int, int]:
+        """(packets, payload bytes) sent so far (what the sender reports in its SRs)."""
+        sender = self.sender
+        return sender._RTCRtpSender__packet_count, sender._RTCRtpSender__octet_count
 
     @property
     def connected(self) -> bool:

@@ -392,19 +392,20 @@ class DownTrack:
             self.waiting_keyframe = True
             self._forwarder.request_keyframe()
 
-    def retransmit(self, out_seq: int) -> None:
-        """Answer a NACK from the publisher's history, if the packet is still worth sending."""
-        if self.waiting_keyframe:
-            return
+    def retransmit(self, out_seq: int) -> bool:
+        """Answer a NACK from the publisher's history, if the packet is still worth sending;
+        returns whether it was resent."""
+        if self.waiting_keyframe or not self.attached:
+            return False
         in_seq = (out_seq - self._seq_offset) & 0xFFFF
         if self._start_seq >= 0 and ((in_seq - self._start_seq) & 0xFFFF) >= 0x8000:
-            return  # from before this subscriber's starting keyframe
+            return False  # from before this subscriber's starting keyframe
         entry = self._forwarder.history[in_seq % HISTORY]
         if entry is None:
-            return
+            return False
         packet, received_at = entry
         if packet.sequence_number != in_seq or time.monotonic() - received_at > RTX_MAX_AGE_S:
-            return
+            return False
         sink = self.sink
         ntp = ntp_now()
         tail, first, second = TrackForwarder.tail(packet, sink.key, ntp)
@@ -416,6 +417,7 @@ class DownTrack:
                 tail = self._rewrite_vp8(tail, len(tail) - len(packet.payload), vp8)
                 self.state.last_out_pic, self.state.last_out_tl0 = pic, tl0
         sink.send(first, second, out_seq, ts, tail, len(packet.payload), ntp)
+        return True
 
     def request_keyframe(self) -> None:
         if self.is_video:

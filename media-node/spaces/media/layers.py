@@ -97,6 +97,10 @@ class Allocation:
     """The estimate cannot carry even the lowest layers."""
     needed: int
     """bits per second the targets take."""
+    floor: int = 0
+    """bits per second the lowest live layers (and the audio) take: below it, audio only."""
+    raised: bool = False
+    """Some subscription goes to a higher layer than it receives."""
 
 
 class Allocator:
@@ -107,9 +111,15 @@ class Allocator:
         self._up_since: dict[str, float] = {}
 
     def allocate(
-        self, wanted: Sequence[Wanted], budget: int | None, now: float, audio_tracks: int = 0
+        self,
+        wanted: Sequence[Wanted],
+        budget: int | None,
+        now: float,
+        audio_tracks: int = 0,
+        allow_raise: bool = True,
     ) -> Allocation:
-        """``budget``: the estimated bandwidth (None: unknown, so no limit)."""
+        """``budget``: the estimated bandwidth (None: unknown, so no limit). ``allow_raise``
+        false: no subscription goes above what it receives (the estimator backs off)."""
         ceilings: dict[str, int] = {}
         for item in wanted:
             top = max_layer(item.layers, item.request)
@@ -120,17 +130,20 @@ class Allocator:
         if budget is None:
             self.audio_only = False
             targets = dict(ceilings)
-            return Allocation(targets, False, _cost(wanted, targets))
+            raised = any(targets[i.key] > i.current for i in wanted)
+            return Allocation(targets, False, _cost(wanted, targets), raised=raised)
         available = budget - audio_tracks * AUDIO_BITRATE
         floors = {
             i.key: _lowest_live(i.layers, ceilings[i.key]) for i in wanted if ceilings[i.key] >= 0
         }
         floor_cost = sum(i.layers[floors[i.key]].bitrate for i in wanted if i.key in floors)
-        if floors and available < floor_cost * (RESUME_HEADROOM if self.audio_only else 1.0):
+        floor = floor_cost + audio_tracks * AUDIO_BITRATE
+        resume = RESUME_HEADROOM if self.audio_only else 1.0
+        if floors and (available < floor_cost * resume or (self.audio_only and not allow_raise)):
             self.audio_only = True
             self._up_since.clear()
             targets = {i.key: -1 for i in wanted}
-            return Allocation(targets, True, 0)
+            return Allocation(targets, True, 0, floor)
         self.audio_only = False
         targets = {i.key: floors.get(i.key, -1) for i in wanted}
         spent = floor_cost
@@ -158,6 +171,8 @@ class Allocator:
                     nxt += 1
                 if target < 0 or nxt > ceilings[item.key]:
                     continue
+                if nxt > item.current and not allow_raise:
+                    continue
                 extra = item.layers[nxt].bitrate - item.layers[target].bitrate
                 if (spent + extra) * UP_HEADROOM > available:
                     continue
@@ -173,10 +188,12 @@ class Allocator:
         for key in list(self._up_since):
             if key not in seen_up:
                 del self._up_since[key]
+        raised = False
         for key, target in targets.items():
             if target > _current(wanted, key):
                 self._up_since.pop(key, None)
-        return Allocation(targets, False, spent)
+                raised = True
+        return Allocation(targets, False, spent, floor, raised)
 
 
 def _lowest_live(layers: Sequence[LayerInfo], ceiling: int) -> int:

@@ -41,6 +41,7 @@ from spaces.media.aiortc_adapter import (
     answer_with_simulcast,
     check_answer,
     hook_sender,
+    hook_sender_feedback,
     label_sender,
     offered_simulcast,
     parse_sdp,
@@ -52,6 +53,7 @@ from spaces.media.aiortc_adapter import (
     tap_simulcast_receiver,
     without_empty_bundle,
 )
+from spaces.media.bwe import Estimator
 from spaces.media.forwarding import DownTrack, SenderState, SimulcastDemux, TrackForwarder
 from spaces.media.layers import Allocator, VideoRequest, Wanted
 from spaces.media.room import ManualSubscription, PublishedTrack, Room
@@ -208,8 +210,13 @@ class Session:
         self._requests: dict[str, VideoRequest] = {}
         """track_id -> what the client asked for (kept across resubscriptions)."""
         self._allocator = Allocator()
+        self._bwe = Estimator(time.monotonic())
         self.estimate: int | None = None
-        """The subscriber's estimated bandwidth (bits per second); None: not known."""
+        """The subscriber's estimated bandwidth (bits per second) while it receives simulcast
+        tracks (the only ones the estimate can change anything for); None otherwise."""
+        self._floor = 0
+        self._counted: dict[int, tuple[int, int]] = {}
+        """id(sink) -> its (packets, bytes) at the last estimate tick."""
         self._allocating: asyncio.Task[None] | None = None
 
     # --- plumbing --------------------------------------------------------------------------
@@ -778,7 +785,8 @@ class Session:
             state = self._sender_states.setdefault(sink.ssrc, SenderState())
             source = self._first_source(sub)
             downtrack = DownTrack(source, sink, state, self.participant_id, limit)
-            hook_sender(sub.transceiver.sender, downtrack.request_keyframe, downtrack.retransmit)
+            hook_sender(sub.transceiver.sender, downtrack.request_keyframe, self._nacked(downtrack))
+            hook_sender_feedback(sub.transceiver.sender, self._bwe.on_report, self._bwe.on_remb)
             if sub.track.kind == "audio" or not self._allocator.audio_only:
                 source.add(downtrack)
             sub.downtrack = downtrack
@@ -816,18 +824,31 @@ class Session:
         now = time.monotonic()
         wanted = self._wanted(now)
         wanted.append(Wanted(track.id, track.layer_info(now), sub.request, -1, _priority(track)))
-        target = self._allocator.allocate(wanted, self.estimate, now, self._audio_count()).targets
+        budget = self._budget()
+        if budget is None:
+            budget = self._bwe.estimate  # the first simulcast subscription: the start value
+        target = self._allocator.allocate(wanted, budget, now, self._audio_count()).targets
         index = target.get(track.id, -1)
         return track.layers[index] if index >= 0 else track.layers[0]
 
     def _audio_count(self) -> int:
         return sum(1 for s in self._subs.values() if s.track.kind == "audio" and s.downtrack)
 
+    def _nacked(self, downtrack: DownTrack) -> Callable[[int], None]:
+        def on_nack(sequence_number: int) -> None:
+            # Only NACKs of packets still worth resending are loss now: a browser goes on
+            # asking for old ones (those of a layer it no longer gets) for seconds.
+            if downtrack.retransmit(sequence_number):
+                self._bwe.on_nack()
+
+        return on_nack
+
     def _wanted(self, now: float) -> list[Wanted]:
+        """The simulcast video subscriptions (the others are forwarded as they are)."""
         wanted: list[Wanted] = []
         for sub in self._subs.values():
             downtrack = sub.downtrack
-            if downtrack is None or sub.track.kind != "video":
+            if downtrack is None or sub.track.kind != "video" or not sub.track.layers:
                 continue
             target = downtrack.target
             track = sub.track
@@ -839,23 +860,66 @@ class Session:
             )
         return wanted
 
-    def allocate(self) -> None:
+    def _budget(self) -> int | None:
+        """The estimate less what the tracks without simulcast are reckoned to take."""
+        if self.estimate is None:
+            return None
+        single = sum(
+            SINGLE_LAYER_BITRATE
+            for s in self._subs.values()
+            if s.track.kind == "video" and not s.track.layers and s.request.quality != "off"
+        )
+        return max(self.estimate - single, 0)
+
+    def _tick_estimate(self, now: float) -> None:
+        """Feed the estimator what was sent since the last tick."""
+        packets = octets = 0
+        counted: dict[int, tuple[int, int]] = {}
+        for sub in self._subs.values():
+            if sub.downtrack is None:
+                continue
+            sink = sub.downtrack.sink
+            total = sink.counters()
+            before = self._counted.get(id(sink), total)
+            counted[id(sink)] = total
+            packets += total[0] - before[0]
+            octets += total[1] - before[1]
+        self._counted = counted
+        if not any(s.track.layers and s.downtrack for s in self._subs.values()):
+            self.estimate = None
+            return
+        self.estimate = self._bwe.tick(now, octets, packets, self._floor)
+
+    def allocate(self, tick: bool = False) -> None:
         """Give each video subscription its layer (see spaces.media.layers)."""
         if self._closed:
             return
         now = time.monotonic()
+        if tick:
+            self._tick_estimate(now)
         wanted = self._wanted(now)
         was_audio_only = self._allocator.audio_only
-        allocation = self._allocator.allocate(wanted, self.estimate, now, self._audio_count())
-        for key, index in allocation.targets.items():
-            sub = self._subs.get(key)
-            if sub is None or sub.downtrack is None:
+        allocation = self._allocator.allocate(
+            wanted,
+            self._budget(),
+            now,
+            self._audio_count(),
+            allow_raise=self.estimate is None or self._bwe.may_raise(now),
+        )
+        self._floor = allocation.floor
+        if allocation.raised and self.estimate is not None:
+            self._bwe.raised(now)
+        for sub in self._subs.values():
+            downtrack = sub.downtrack
+            if downtrack is None or sub.track.kind != "video" or sub.track.layers:
                 continue
-            track = sub.track
-            if index < 0:
-                sub.downtrack.follow(None)
-            else:
-                sub.downtrack.follow(track.layers[index] if track.layers else track.forwarder)
+            # Without simulcast there is nothing lighter: forwarded unless asked for none.
+            downtrack.follow(None if sub.request.quality == "off" else sub.track.forwarder)
+        for key, index in allocation.targets.items():
+            target = self._subs.get(key)
+            if target is None or target.downtrack is None:
+                continue
+            target.downtrack.follow(target.track.layers[index] if index >= 0 else None)
         if allocation.audio_only != was_audio_only:
             logger.info(
                 "%s: %s (estimate %s bps)",
@@ -869,7 +933,7 @@ class Session:
         while not self._closed:
             await asyncio.sleep(ALLOCATE_INTERVAL_S)
             try:
-                self.allocate()
+                self.allocate(tick=True)
             except Exception:
                 logger.exception("session %s: layer allocation failed", self.connection_id)
 
