@@ -20,6 +20,10 @@ receiver report and, faster, on the share of packets the subscriber NACKs:
   that a subscriber on audio only can come back;
 * after a cut, loss and REMB are ignored for ``CUT_HOLD_S``: they describe packets sent before
   it (a receiver report covers the last second);
+* no cut while only the lowest layers (or audio) are sent: there is nothing less to send, and
+  audio only comes from the allocation, not from audio's own losses;
+* right after a cut (``congested``) NACKs are not answered: resending into the queue that
+  caused the loss makes it worse, and the layer switch brings a keyframe anyway;
 * a cut within ``FAILED_RAISE_S`` of a layer raise means the raise was too much: raises wait
   ``BACKOFF_S`` (doubling on each failure, up to ``BACKOFF_MAX_S``); a raise that holds for
   ``FAILED_RAISE_S`` resets the wait.
@@ -104,6 +108,8 @@ class Estimator:
                 cut = remb if cut is None else min(cut, remb)
         if cut is not None and now - self._last_cut < CUT_HOLD_S:
             pass  # feedback about what was sent before the last cut
+        elif cut is not None and sent_bps <= floor_need:
+            pass  # only the lowest layers (or audio) went out: there is nothing less to send
         elif cut is not None and cut < self.estimate:
             self._cut(max(cut, MIN_BPS), now)
         elif now - self._last_cut >= 1.0:
@@ -121,6 +127,10 @@ class Estimator:
         if now - self._last_raise < FAILED_RAISE_S:
             self._blocked_until = now + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+
+    def congested(self, now: float) -> bool:
+        """Right after a cut: retransmissions would only add to the queue that caused it."""
+        return now - self._last_cut < CUT_HOLD_S
 
     def may_raise(self, now: float) -> bool:
         """Whether a layer may go up now (not right after a cut, nor during a backoff)."""

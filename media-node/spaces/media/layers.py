@@ -27,6 +27,9 @@ UP_HEADROOM = 1.15
 """A layer up needs the estimate to exceed the new total by this factor."""
 UP_HOLD_S = 2.0
 """...and the estimate to have allowed it for this long."""
+AUDIO_ONLY_AFTER_S = 1.0
+"""Audio only needs the estimate below the lowest layers this long (one low reading is noise;
+meanwhile the lowest layers are sent)."""
 RESUME_HEADROOM = 1.3
 """Audio only ends once the estimate exceeds the lowest layers' total by this factor."""
 AUDIO_BITRATE = 64_000
@@ -109,6 +112,7 @@ class Allocator:
     def __init__(self) -> None:
         self.audio_only = False
         self._up_since: dict[str, float] = {}
+        self._below_since: float | None = None
 
     def allocate(
         self,
@@ -139,7 +143,15 @@ class Allocator:
         floor_cost = sum(i.layers[floors[i.key]].bitrate for i in wanted if i.key in floors)
         floor = floor_cost + audio_tracks * AUDIO_BITRATE
         resume = RESUME_HEADROOM if self.audio_only else 1.0
-        if floors and (available < floor_cost * resume or (self.audio_only and not allow_raise)):
+        below = bool(floors) and available < floor_cost * resume
+        if below and self._below_since is None:
+            self._below_since = now
+        elif not below:
+            self._below_since = None
+        entering = below and now - (self._below_since or now) >= AUDIO_ONLY_AFTER_S
+        if floors and (
+            (self.audio_only and (below or not allow_raise)) or (not self.audio_only and entering)
+        ):
             self.audio_only = True
             self._up_since.clear()
             targets = {i.key: -1 for i in wanted}

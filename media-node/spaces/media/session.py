@@ -836,6 +836,8 @@ class Session:
 
     def _nacked(self, downtrack: DownTrack) -> Callable[[int], None]:
         def on_nack(sequence_number: int) -> None:
+            if self.estimate is not None and self._bwe.congested(time.monotonic()):
+                return
             # Only NACKs of packets still worth resending are loss now: a browser goes on
             # asking for old ones (those of a layer it no longer gets) for seconds.
             if downtrack.retransmit(sequence_number):
@@ -915,11 +917,18 @@ class Session:
                 continue
             # Without simulcast there is nothing lighter: forwarded unless asked for none.
             downtrack.follow(None if sub.request.quality == "off" else sub.track.forwarder)
+        congested = self.estimate is not None and self._bwe.congested(now)
         for key, index in allocation.targets.items():
             target = self._subs.get(key)
             if target is None or target.downtrack is None:
                 continue
-            target.downtrack.follow(target.track.layers[index] if index >= 0 else None)
+            layers = target.track.layers
+            downtrack = target.downtrack
+            if congested and index >= 0 and downtrack.target in layers[index + 1 :]:
+                # Down on congestion: stop the layer that overloads the link now, so that the
+                # lower layer's keyframe is not lost in the queue it built.
+                downtrack.follow(None)
+            downtrack.follow(layers[index] if index >= 0 else None)
         if allocation.audio_only != was_audio_only:
             logger.info(
                 "%s: %s (estimate %s bps)",
