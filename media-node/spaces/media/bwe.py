@@ -9,7 +9,8 @@ that REMB is the delay signal. The node runs the loss-based part, on the fractio
 receiver report and, faster, on the share of packets the subscriber NACKs:
 
 * **congestion**: loss above ``LOSS_HIGH`` cuts the estimate to what arrived, the rate sent
-  times ``1 - loss``, less ``DELIVERED_MARGIN`` (GCC cuts to ``1 - loss / 2`` of its estimate and
+  (the most sent in any tick of the last 2 s, the span a report covers) times ``1 - loss``, less
+  ``DELIVERED_MARGIN`` (GCC cuts to ``1 - loss / 2`` of its estimate and
   repeats; after a layer switch the rate sent can be several times the link, and one step to
   what arrived settles at once); a REMB that falls by more than ``REMB_DROP`` from the last one
   and lies below ``REMB_OVERUSE`` of the rate sent (the browser saw its queue grow) cuts it to
@@ -24,9 +25,9 @@ receiver report and, faster, on the share of packets the subscriber NACKs:
   audio only comes from the allocation, not from audio's own losses;
 * right after a cut (``congested``) NACKs are not answered: resending into the queue that
   caused the loss makes it worse, and the layer switch brings a keyframe anyway;
-* a cut within ``FAILED_RAISE_S`` of a layer raise means the raise was too much: raises wait
-  ``BACKOFF_S`` (doubling on each failure, up to ``BACKOFF_MAX_S``); a raise that holds for
-  ``FAILED_RAISE_S`` resets the wait.
+* after a cut, raises wait ``BACKOFF_S``; a cut within ``FAILED_RAISE_S`` of a layer raise
+  means the raise was too much, and doubles the wait (up to ``BACKOFF_MAX_S``); a raise that
+  holds for ``FAILED_RAISE_S`` resets it.
 
 A browser's REMB starts at what it receives, grows 8% a second and at most to 1.5 times what it
 receives: right after a layer goes up it lies far below the new rate without any congestion
@@ -72,6 +73,7 @@ class Estimator:
         self._last_remb: int | None = None
         self._loss = 0.0
         self.cuts = 0
+        self._recent_sent: list[int] = []
 
     # --- feedback -------------------------------------------------------------------------
 
@@ -98,9 +100,12 @@ class Estimator:
         nack_loss = min(self._nacks / sent_packets, 1.0) if sent_packets else 0.0
         loss = max(self._loss, nack_loss)
         remb, self._remb, self._loss, self._nacks = self._remb, None, 0.0, 0
+        # Reports describe up to the last second or two: what was sent then is the rate lost of.
+        self._recent_sent = [*self._recent_sent[-3:], sent_bps]
+        sent_then = max(self._recent_sent)
         cut: int | None = None
-        if loss > LOSS_HIGH and sent_bps:
-            cut = int(sent_bps * (1 - loss) * DELIVERED_MARGIN)
+        if loss > LOSS_HIGH and sent_then:
+            cut = int(sent_then * (1 - loss) * DELIVERED_MARGIN)
         if remb is not None:
             previous, self._last_remb = self._last_remb, remb
             falling = previous is not None and remb < previous * (1 - REMB_DROP)
@@ -124,8 +129,10 @@ class Estimator:
         self.estimate = estimate
         self.cuts += 1
         self._last_cut = now
+        # Congestion means the layers were above the link: wait before trying higher again,
+        # longer each time a raise is what caused it.
+        self._blocked_until = now + self._backoff
         if now - self._last_raise < FAILED_RAISE_S:
-            self._blocked_until = now + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
     def congested(self, now: float) -> bool:

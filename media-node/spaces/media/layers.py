@@ -32,8 +32,9 @@ AUDIO_ONLY_AFTER_S = 1.0
 meanwhile the lowest layers are sent)."""
 RESUME_HEADROOM = 1.3
 """Audio only ends once the estimate exceeds the lowest layers' total by this factor."""
-AUDIO_BITRATE = 64_000
-"""Reserved per subscribed audio track before video is allocated."""
+AUDIO_BITRATE = 40_000
+"""Reserved per subscribed audio track before video is allocated (Opus at a browser's 32 kbps
+and its packets' overhead)."""
 
 
 @dataclass(frozen=True, slots=True)
