@@ -39,6 +39,7 @@ from spaces.media.aiortc_adapter import (
     check_answer,
     hook_sender,
     label_sender,
+    on_peer_moved,
     parse_sdp,
     prefer_codec,
     request_keyframe,
@@ -391,6 +392,7 @@ class Session:
 
         answer = await pc.createAnswer()
         self.node.apply_ice_policy(pc)
+        on_peer_moved(pc, self._publisher_moved)
         await pc.setLocalDescription(answer)
         if self._closed:
             # Closed while negotiating (kicked, drained, lease lost): the room has already
@@ -423,6 +425,12 @@ class Session:
                 len(added),
                 len(removed),
             )
+
+    def _publisher_moved(self) -> None:
+        """The publisher connection now reaches its peer at a new address: packets it sent
+        meanwhile were lost, and so were keyframe requests sent to the old address."""
+        for track in self._published.values():
+            track.forwarder.restart_at_keyframe()
 
     def _new_track(
         self,
