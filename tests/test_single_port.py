@@ -444,3 +444,25 @@ async def test_one_endpoint_keeps_at_most_a_bounded_number_of_addresses() -> Non
         for sender in senders:
             sender.close()
         mux.close()
+
+
+async def test_the_mux_dispatch_is_a_plain_entry_point_for_a_native_plane() -> None:
+    """A native plane reads the socket itself (``fileno``) and hands back what it does not own
+    as ``datagram_received(data, addr)``: the same routing, without asyncio's reader."""
+    mux = await UdpMux.bind("127.0.0.1", 0)
+    try:
+        assert mux.fileno() == mux.raw_socket.fileno()  # type: ignore[union-attr]
+        recorder = Recorder()
+        link = mux.register("abcd", recorder)
+        peer = ("192.0.2.7", 40000)
+        mux.datagram_received(b"\x80\x60" + bytes(30), peer)
+        assert mux.dropped["unknown_address"] == 1 and recorder.received == []
+        request = binding_request("abcd:efgh", "pw")
+        mux.datagram_received(request, peer)
+        mux.datagram_received(b"\x80\x60" + bytes(30), peer)
+        # An IPv6 socket's four-tuple is routed by host and port.
+        mux.datagram_received(b"\x90\x60" + bytes(30), (*peer, 0, 0))
+        assert [addr for _, addr in recorder.received] == [peer] * 3
+        assert link.last_heard(peer) is not None
+    finally:
+        mux.close()
