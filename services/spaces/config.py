@@ -150,6 +150,12 @@ class NodeConfig:
     udp_port_min: int = 0
     udp_port_max: int = 0
     """Inclusive UDP port range for ICE; 0/0 means ephemeral ports."""
+    udp_port: int = 0
+    """Single-port mode when set: every peer connection shares this one UDP port (one socket
+    per ICE bind address), demultiplexed by remote address and STUN username."""
+    udp_advertise_port: int = 0
+    """Single-port mode: the port announced in ICE candidates, when a Service or NAT maps
+    another port to ``udp_port``; 0 announces ``udp_port``."""
     drain_grace_s: float = 30.0
     """On SIGTERM, sessions may continue this long before being told to move."""
     keyframe_interval_ms: int = 300
@@ -166,6 +172,12 @@ class NodeConfig:
             raise ValueError("set both ends of the UDP port range")
         if self.udp_port_min and not (0 < self.udp_port_min <= self.udp_port_max <= 65535):
             raise ValueError("invalid UDP port range")
+        if self.udp_port and self.udp_port_min:
+            raise ValueError("set SPACES_MEDIA_UDP_PORT or SPACES_UDP_PORT_RANGE, not both")
+        if not 0 <= self.udp_port <= 65535 or not 0 <= self.udp_advertise_port <= 65535:
+            raise ValueError("invalid media UDP port")
+        if self.udp_advertise_port and not self.udp_port:
+            raise ValueError("SPACES_MEDIA_UDP_ADVERTISE_PORT needs SPACES_MEDIA_UDP_PORT")
         if self.drain_grace_s < 0:
             raise ValueError("drain grace must not be negative")
 
@@ -474,6 +486,10 @@ class ServerConfig:
             ice_advertise_ip=get("SPACES_ICE_ADVERTISE_IP"),
             udp_port_min=port_min,
             udp_port_max=port_max,
+            udp_port=parse_port("SPACES_MEDIA_UDP_PORT", get("SPACES_MEDIA_UDP_PORT")),
+            udp_advertise_port=parse_port(
+                "SPACES_MEDIA_UDP_ADVERTISE_PORT", get("SPACES_MEDIA_UDP_ADVERTISE_PORT")
+            ),
             drain_grace_s=float(get("SPACES_DRAIN_GRACE_SECONDS", "30")),
             max_publish_bitrate=int(
                 get("SPACES_MAX_PUBLISH_BITRATE", str(NodeConfig.max_publish_bitrate))
@@ -584,6 +600,19 @@ def parse_port_range(raw: str) -> tuple[int, int]:
     if not sep:
         raise ValueError("SPACES_UDP_PORT_RANGE must look like 50000-60000")
     return int(low), int(high)
+
+
+def parse_port(name: str, raw: str) -> int:
+    """ "3478" -> 3478; "" -> 0."""
+    if not raw.strip():
+        return 0
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a UDP port number") from None
+    if not 0 < port <= 65535:
+        raise ValueError(f"{name} must be a UDP port number")
+    return port
 
 
 def parse_ice_servers(raw: str) -> tuple[IceServerConfig, ...]:

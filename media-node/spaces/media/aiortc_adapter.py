@@ -13,6 +13,8 @@ four hooks into it (REFERENCE.md §3):
   the forwarder instead of an encoder that does not exist;
 * **ICE**: candidate gathering binds configured addresses, a UDP port range, and can announce
   an advertised IP (NAT 1:1); aioice alone binds ephemeral ports on every non-loopback address.
+  In single-port mode no socket is bound per peer connection: each ICE endpoint registers with
+  the node's ``UdpMux`` (``udp_mux.py``) and follows its peer to a new address (NAT rebinding).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import random
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +33,9 @@ import aiortc
 import aiortc.rtcrtpreceiver
 import aiortc.rtcrtpsender
 from aioice import ice as aioice_ice
+from aioice import stun as aioice_stun
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+from aioice.utils import random_string
 from aiortc import (
     MediaStreamTrack,
     RTCPeerConnection,
@@ -53,6 +58,7 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
+from spaces.media.udp_mux import MuxLink, UdpMux
 from spaces.tasks import spawn
 
 logger = logging.getLogger(__name__)
@@ -94,6 +100,7 @@ __all__ = [
     "label_sender",
     "negotiated_codec",
     "offered_simulcast",
+    "on_peer_moved",
     "parse_sdp",
     "pin_encoder_bitrate",
     "prefer_codec",
@@ -652,7 +659,11 @@ class RtpSink:
         self._addr = pair.remote_addr
         self._udp = getattr(pair.protocol, "transport", None)
         # The raw socket (asyncio only hands out a restricted wrapper): sendto on it directly.
-        self._sock = getattr(self._udp, "_sock", None)
+        # A single-port link hands out the shared socket itself.
+        if isinstance(self._udp, MuxLink):
+            self._sock = self._udp.raw_socket
+        else:
+            self._sock = getattr(self._udp, "_sock", None)
 
     def send(
         self,
@@ -802,6 +813,11 @@ class IcePolicy:
     """Also gather a relay candidate from this TURN server."""
     relay_only: bool = False
     """Gather only relay candidates (RTCIceTransportPolicy "relay")."""
+    muxes: tuple[UdpMux, ...] = ()
+    """Single-port mode: the node's shared sockets, one per address; every peer connection
+    gathers one host candidate on each, and binds no socket of its own."""
+    advertise_port: int = 0
+    """Announced instead of the mux's bound port (a Service or NAT that maps another port)."""
 
     @property
     def is_default(self) -> bool:
@@ -811,7 +827,138 @@ class IcePolicy:
             or self.port_min
             or self.turn
             or self.relay_only
+            or self.muxes
         )
+
+
+REBIND_SILENCE_S = 1.0
+"""A single-port endpoint moves its nominated pair to a new address of its peer (NAT rebinding)
+when an authenticated check arrives from there and nothing came from the nominated address for
+this long; a peer still heard at its address is not moved by a check on another path."""
+
+
+class _MuxedStunProtocol(aioice_ice.StunProtocol):
+    """An aioice endpoint behind a ``UdpMux``: its transport is the mux's ``MuxLink``."""
+
+    link: MuxLink
+
+    def accepts(self, data: bytes, addr: tuple[str, int]) -> bool:
+        """A Binding request for this endpoint that authenticates with its password."""
+        connection = self.receiver
+        try:
+            message = aioice_stun.parse_message(data)
+        except ValueError:
+            return False
+        attributes = message.attributes
+        return bool(
+            message.message_class == aioice_stun.Class.REQUEST
+            and message.message_method == aioice_stun.Method.BINDING
+            and "USERNAME" in attributes
+            and "MESSAGE-INTEGRITY" in attributes
+            and connection._valid_username(attributes["USERNAME"])
+            and message.check_message_integrity(connection.local_password.encode("utf8"))
+        )
+
+    def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        assert isinstance(data, bytes)
+        if data and data[0] > 3:
+            # RFC 7983: only 0-3 starts STUN. DTLS, RTP and RTCP skip aioice's STUN parse.
+            self.receiver.data_received(data, self.local_candidate.component)
+            return
+        self._follow_peer(data, (addr[0], addr[1]))
+        super().datagram_received(data, addr)
+
+    def _follow_peer(self, data: bytes, addr: tuple[str, int]) -> None:
+        connection = self.receiver
+        component = self.local_candidate.component
+        pair = connection._nominated.get(component)
+        if pair is None or pair.protocol is not self or pair.remote_addr == addr:
+            return
+        heard = self.link.last_heard(pair.remote_addr)
+        if heard is not None and time.monotonic() - heard < REBIND_SILENCE_S:
+            return
+        if not self.accepts(data, addr):
+            return
+        remote = next(
+            (
+                c
+                for c in connection._remote_candidates
+                if c._network_host == addr[0] and c.port == addr[1]
+            ),
+            None,
+        )
+        if remote is None:
+            message = aioice_stun.parse_message(data)
+            remote = Candidate(
+                foundation=random_string(10),
+                component=component,
+                transport="udp",
+                priority=message.attributes.get("PRIORITY", pair.remote_candidate.priority),
+                host=addr[0],
+                port=addr[1],
+                type="prflx",
+            )
+            connection._remote_candidates.append(remote)
+        moved = connection._find_pair(self, remote)
+        if moved is None:
+            moved = aioice_ice.CandidatePair(self, remote)
+            connection._check_list.append(moved)
+        moved.state = aioice_ice.CandidatePair.State.SUCCEEDED
+        moved.nominated = True
+        connection._nominated[component] = moved
+        logger.info(
+            "ice %s: peer moved from %s:%d to %s:%d (NAT rebinding): following it",
+            connection.local_username,
+            *pair.remote_addr,
+            *addr,
+        )
+        on_moved = getattr(connection, "_spaces_on_peer_moved", None)
+        if on_moved is not None:
+            on_moved()
+
+
+def _unique_ufrag(connection: Any, muxes: Sequence[UdpMux]) -> str:
+    """Demultiplexing by ufrag needs each endpoint's to be unique on the node. A 4-character
+    ufrag (aioice's and the browsers' length) collides now and then among hundreds: then this
+    endpoint gets a longer one, before its description is written."""
+    while any(mux.has_ufrag(connection.local_username) for mux in muxes):
+        connection._local_username = random_string(16)
+    return str(connection.local_username)
+
+
+def _muxed_host_candidates(
+    connection: Any, component: int, addresses: Sequence[str], policy: IcePolicy
+) -> list[Candidate]:
+    candidates = []
+    for mux in policy.muxes:
+        protocol = _MuxedStunProtocol(connection)
+        try:
+            link = mux.register(_unique_ufrag(connection, policy.muxes), protocol)
+        except ConnectionError as exc:
+            logger.warning("ice: udp mux unavailable: %s", exc)
+            continue
+        protocol.link = link
+        protocol.connection_made(link)
+        bound_host, bound_port = mux.sockname
+        host = policy.advertise_ip or bound_host
+        if host in ("0.0.0.0", "::"):
+            # A wildcard socket: announce the first address aioice would have gathered on.
+            host = next((a for a in addresses if ":" not in a), "") or next(iter(addresses), "")
+            if not host:
+                link.close()
+                continue
+        protocol.local_candidate = Candidate(
+            foundation=candidate_foundation("host", "udp", host),
+            component=component,
+            transport="udp",
+            priority=candidate_priority(component, "host"),
+            host=host,
+            port=policy.advertise_port or bound_port,
+            type="host",
+        )
+        candidates.append(protocol.local_candidate)
+        connection._protocols.append(protocol)
+    return candidates
 
 
 async def _bind_udp(
@@ -890,6 +1037,12 @@ def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
         candidates: list[Candidate] = []
         host_protocols: list[Any] = []
         relay_only = connection._transport_policy == aioice_ice.TransportPolicy.RELAY
+        if policy.muxes:
+            # Single-port mode: no srflx gathering through the shared socket (a STUN server's
+            # responses name no endpoint); the advertised address is what NAT 1:1 needs.
+            if not relay_only:
+                candidates = _muxed_host_candidates(connection, component, addresses, policy)
+            return candidates + await _server_candidates(connection, component, [], timeout)
         for address in () if relay_only else (policy.bind_addresses or addresses):
             try:
                 transport, protocol = await _bind_udp(
@@ -922,6 +1075,14 @@ def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
         return candidates + await _server_candidates(connection, component, host_protocols, timeout)
 
     return get_component_candidates
+
+
+def on_peer_moved(pc: RTCPeerConnection, callback: Callable[[], None]) -> None:
+    """Call ``callback`` when an ICE endpoint of ``pc`` follows its peer to a new address (NAT
+    rebinding, single-port mode): what the peer sent meanwhile, and what was sent to its old
+    address (keyframe requests too), is lost. Call with apply_ice_policy."""
+    for transport in pc._RTCPeerConnection__iceTransports:
+        transport.iceGatherer._connection._spaces_on_peer_moved = callback
 
 
 def apply_ice_policy(pc: RTCPeerConnection, policy: IcePolicy) -> None:

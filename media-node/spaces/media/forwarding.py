@@ -171,6 +171,11 @@ class KeyframeRequester:
     def keyframe_seen(self) -> None:
         self._awaiting = False
 
+    def request_again(self) -> None:
+        """Ask even if a keyframe is on its way: the last request may have been lost."""
+        self._awaiting = False
+        self.request()
+
     def close(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
@@ -486,6 +491,16 @@ class TrackForwarder:
     def request_keyframe(self) -> None:
         if self.is_video:
             self._keyframes.request()
+
+    def restart_at_keyframe(self) -> None:
+        """The publisher's packets were lost for a while (its address changed): every
+        subscriber resumes at the next keyframe, with no gap in its sequence numbers to wait
+        for, and one is asked for even if a request is pending (it may have gone to the old
+        address)."""
+        if self.is_video:
+            for downtrack in self.downtracks:
+                downtrack.waiting_keyframe = True
+            self._keyframes.request_again()
 
     def set_paused(self, paused: bool) -> None:
         """A muted track is not forwarded; on unmute, video restarts at a keyframe."""

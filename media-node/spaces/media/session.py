@@ -44,6 +44,7 @@ from spaces.media.aiortc_adapter import (
     hook_sender_feedback,
     label_sender,
     offered_simulcast,
+    on_peer_moved,
     parse_sdp,
     prefer_codec,
     request_keyframe,
@@ -438,6 +439,7 @@ class Session:
 
         answer = await pc.createAnswer()
         self.node.apply_ice_policy(pc)
+        on_peer_moved(pc, self._publisher_moved)
         await pc.setLocalDescription(answer)
         if self._closed:
             # Closed while negotiating (kicked, drained, lease lost): the room has already
@@ -476,6 +478,13 @@ class Session:
                 len(added),
                 len(removed),
             )
+
+    def _publisher_moved(self) -> None:
+        """The publisher connection now reaches its peer at a new address: packets it sent
+        meanwhile were lost, and so were keyframe requests sent to the old address."""
+        for track in self._published.values():
+            for forwarder in track.forwarders:
+                forwarder.restart_at_keyframe()
 
     def _ordered_rids(
         self, rids: tuple[str, ...], declared: ev.TrackDeclaration
