@@ -27,6 +27,7 @@ from spaces.media.aiortc_adapter import (
     TurnServer,
     apply_ice_policy,
     install_codec_counters,
+    native_srtp,
     send_remb,
     turn_server_from_url,
 )
@@ -100,7 +101,10 @@ class MediaNode:
         return turn_server_from_url(url, credentials)
 
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None:
+        """Prepare a peer connection before it connects: ICE policy and the data plane."""
         apply_ice_policy(pc, self.ice_policy)
+        if self.config.node.dataplane == "native":
+            native_srtp(pc)
 
     def record(self) -> node_pb2.Node:
         self._sample_load()

@@ -1,0 +1,33 @@
+"""Types of the native data plane (media-node/native/dataplane.c; see INTERFACE.md there)."""
+
+import pylibsrtp
+
+PROFILE_AES128_CM_SHA1_80: int
+BATCH: int
+HISTORY: int
+
+class Error(pylibsrtp.Error): ...
+
+class Peer:
+    """One DTLS-SRTP association: the transport's only SRTP context in each direction."""
+
+    rtp_out: int
+    bytes_out: int
+    rtp_in: int
+    rtcp_in: int
+    @property
+    def addr(self) -> tuple[str, int] | None: ...
+    def __init__(self, profile: int, rx_key: bytes, tx_key: bytes) -> None: ...
+    def protect(self, rtp: bytes) -> bytes: ...
+    def protect_rtcp(self, rtcp: bytes) -> bytes: ...
+    def unprotect(self, srtp: bytes) -> bytes: ...
+    def unprotect_rtcp(self, srtcp: bytes) -> bytes: ...
+    def set_route(self, fd: int, addr: tuple[str, int]) -> None: ...
+    def send_rtp(
+        self, first: int, second: int, seq: int, timestamp: int, ssrc: int, tail: bytes
+    ) -> bytes | None:
+        """Header + ``tail``, protected, sent to the route: None, or the protected datagram
+        when the socket would block (the caller queues it)."""
+
+def counters() -> dict[str, int]: ...
+def ntp_now() -> int: ...
