@@ -11,6 +11,7 @@ setup(
             libraries=["srtp2", "crypto"],
             extra_compile_args=[
                 "-O2",
+                "-g",
                 "-Wall",
                 "-Wextra",
                 "-Wno-missing-field-initializers",

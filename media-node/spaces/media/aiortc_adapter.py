@@ -11,10 +11,8 @@ four hooks into it (REFERENCE.md §3):
   true; the sender's own encode loop idles on a track that never yields;
 * **feedback**: a subscriber's PLI/FIR (``_send_keyframe``) and NACK (``_retransmit``) reach
   the forwarder instead of an encoder that does not exist;
-* **native data plane** (``SPACES_MEDIA_DATAPLANE=native``): after the DTLS handshake the
-  transport's two SRTP sessions (pylibsrtp) are replaced by one ``_dataplane.Peer`` holding
-  the same keys, so every SRTP/SRTCP packet of the transport, aiortc's RTCP included, goes
-  through one context per direction; ``RtpSink`` then rewrites, protects and sends in C;
+(With the native data plane, ``spaces.media.dataplane``, the native module's wrapper, hooks
+aiortc's SRTP sessions, sockets, receivers' statistics and senders' reports too.)
 * **ICE**: candidate gathering binds configured addresses, a UDP port range, and can announce
   an advertised IP (NAT 1:1); aioice alone binds ephemeral ports on every non-loopback address.
 """
@@ -45,12 +43,10 @@ from aiortc import (
 )
 from aiortc.clock import current_ntp_time
 from aiortc.codecs import is_rtx
-from aiortc.rtcdtlstransport import SRTP_AES128_CM_SHA1_80, RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, pack_remb_fci
 
-from spaces.media import _dataplane
 from spaces.tasks import spawn
 
 logger = logging.getLogger(__name__)
@@ -83,7 +79,6 @@ __all__ = [
     "hook_sender",
     "install_codec_counters",
     "label_sender",
-    "native_srtp",
     "negotiated_codec",
     "parse_sdp",
     "pin_encoder_bitrate",
@@ -360,55 +355,6 @@ def hook_sender(
     sender._retransmit = retransmit
 
 
-def _dtls_transports(pc: RTCPeerConnection) -> list[RTCDtlsTransport]:
-    found: list[RTCDtlsTransport] = []
-    for transceiver in pc.getTransceivers():
-        for transport in (transceiver.sender.transport, transceiver.receiver.transport):
-            if transport is not None and transport not in found:
-                found.append(transport)
-    return found
-
-
-def native_srtp(pc: RTCPeerConnection) -> None:
-    """Make every DTLS transport of ``pc`` that has not started hand its SRTP keys to a native
-    ``_dataplane.Peer``, which replaces both of aiortc's SRTP sessions: one context per
-    direction for RTP and RTCP alike (a second context with the same key would reuse SRTCP
-    indexes, which the receiver drops as replays). Only AES_CM_128_HMAC_SHA1_80 is offered:
-    the profile the native code runs on OpenSSL (every browser supports it). Call after the
-    transceivers exist and before the connection starts (with ``apply_ice_policy``)."""
-    for dtls in _dtls_transports(pc):
-        if getattr(dtls, "_spaces_native", False) or dtls._state is not DtlsState.NEW:
-            continue
-        dtls._spaces_native = True
-        dtls._srtp_profiles = [SRTP_AES128_CM_SHA1_80]
-        original = dtls._setup_srtp
-
-        def setup(dtls: RTCDtlsTransport = dtls, original: Callable[[], None] = original) -> None:
-            original()
-            if dtls._rx_srtp is None or dtls._state is DtlsState.FAILED:
-                return
-            profile = SRTP_AES128_CM_SHA1_80
-            view = dtls._ssl.export_keying_material(
-                b"EXTRACTOR-dtls_srtp", 2 * (profile.key_length + profile.salt_length)
-            )
-            local, remote = (1, 0) if dtls._role == "server" else (0, 1)
-            peer = _dataplane.Peer(
-                profile.libsrtp_profile,
-                profile.get_key_and_salt(view, remote),
-                profile.get_key_and_salt(view, local),
-            )
-            dtls._rx_srtp = peer
-            dtls._tx_srtp = peer
-
-        dtls._setup_srtp = setup
-
-
-def native_peer(dtls: RTCDtlsTransport) -> Any:
-    """The transport's native SRTP peer, or None (Python data plane, or not connected)."""
-    tx = dtls._tx_srtp
-    return tx if isinstance(tx, _dataplane.Peer) else None
-
-
 _HEADER = struct.Struct("!BBHII")
 SEND_FAILED = -1
 """``RtpSink.send`` result when nothing could be sent (transport not up, socket error)."""
@@ -426,7 +372,6 @@ class RtpSink:
         "_addr",
         "_dtls",
         "_pair",
-        "_peer",
         "_sock",
         "_udp",
         "abs_send_time_id",
@@ -454,7 +399,6 @@ class RtpSink:
         self._addr: tuple[str, int] = ("", 0)
         self._udp: Any = None
         self._sock: Any = None
-        self._peer: Any = None
 
     @property
     def connected(self) -> bool:
@@ -467,12 +411,6 @@ class RtpSink:
         self._udp = getattr(pair.protocol, "transport", None)
         # The raw socket (asyncio only hands out a restricted wrapper): sendto on it directly.
         self._sock = getattr(self._udp, "_sock", None)
-        self._peer = native_peer(self._dtls)
-        if self._peer is not None:
-            if self._sock is None or not hasattr(self._udp, "get_write_buffer_size"):
-                self._peer = None  # TURN-relayed or aioice-routed: the Python path below
-            else:
-                self._peer.set_route(self._sock.fileno(), self._addr)
 
     def send(
         self,
@@ -492,29 +430,6 @@ class RtpSink:
             if pair is None:
                 return SEND_FAILED
             self._route(pair)
-        peer = self._peer
-        if peer is not None:
-            udp = self._udp
-            backlog = udp.get_write_buffer_size()
-            try:
-                if backlog:  # keep order behind what asyncio has queued
-                    udp.sendto(
-                        peer.protect(_HEADER.pack(first, second, seq, timestamp, self.ssrc) + tail),
-                        self._addr,
-                    )
-                else:
-                    left = peer.send_rtp(first, second, seq, timestamp, self.ssrc, tail)
-                    if left is not None:  # the socket would block: asyncio queues it
-                        udp.sendto(left, self._addr)
-                        backlog = udp.get_write_buffer_size()
-            except (OSError, _dataplane.Error):
-                return SEND_FAILED
-            sender = self.sender
-            sender._RTCRtpSender__ntp_timestamp = ntp
-            sender._RTCRtpSender__rtp_timestamp = timestamp
-            sender._RTCRtpSender__octet_count += payload_len
-            sender._RTCRtpSender__packet_count += 1
-            return backlog
         protected = dtls._tx_srtp.protect(
             _HEADER.pack(first, second, seq, timestamp, self.ssrc) + tail
         )

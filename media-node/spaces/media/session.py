@@ -55,6 +55,8 @@ from spaces.tasks import spawn, wait_event
 if TYPE_CHECKING:
     from aiortc import RTCRtpTransceiver
 
+    from spaces.media.dataplane import NativePlane
+
 logger = logging.getLogger(__name__)
 
 MAX_SDP_BYTES = 128 * 1024
@@ -124,6 +126,8 @@ class SessionHost(Protocol):
 
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None: ...
 
+    # Optionally ``dataplane: NativePlane | None``, the native data plane (MediaNode has it).
+
     async def release(self, space_id: str, connection_id: str, reason: str) -> None: ...
 
     def session_closed(self, session: Session) -> None: ...
@@ -189,6 +193,11 @@ class Session:
         self._closing: asyncio.Task[None] | None = None
 
     # --- plumbing --------------------------------------------------------------------------
+
+    @property
+    def _plane(self) -> NativePlane | None:
+        plane: NativePlane | None = getattr(self.node, "dataplane", None)
+        return plane
 
     @property
     def closed(self) -> bool:
@@ -455,6 +464,7 @@ class Session:
             send_pli=send_pli,
             keyframe_interval_s=self.node.config.node.keyframe_interval_ms / 1000,
             on_audio_level=on_level,
+            native=self._plane.binding(transceiver) if self._plane is not None else None,
         )
         forwarder.set_paused(declared.muted)
         tap_receiver(receiver, forwarder.on_packet, estimate_bandwidth=False)
@@ -681,7 +691,11 @@ class Session:
             if sub.track.id not in self.room.tracks:
                 continue
             sink = RtpSink(sub.transceiver)
-            state = self._sender_states.setdefault(sink.ssrc, SenderState())
+            state = self._sender_states.get(sink.ssrc)
+            if state is None:
+                plane = self._plane
+                native = plane.down(sub.transceiver, sink) if plane is not None else None
+                state = self._sender_states[sink.ssrc] = SenderState(native)
             downtrack = DownTrack(sub.track.forwarder, sink, state, self.participant_id, limit)
             hook_sender(sub.transceiver.sender, downtrack.request_keyframe, downtrack.retransmit)
             sub.track.forwarder.add(downtrack)
