@@ -89,42 +89,49 @@ class _NativeStreamStatistics(StreamStatistics):
 
 
 class _NativeSender(RTCRtpSender):
-    """An RTCRtpSender whose sender-report counts are its native Down's: the class of a
-    forwarding sender once it has one (aiortc reads these four attributes for each SR)."""
+    """An RTCRtpSender whose sender-report counts include its native Down's: the class of a
+    forwarding sender once it has one (aiortc reads these four attributes for each SR). What
+    the Python plane sends on it (a simulcast track on a reused m-section) adds to the same
+    counts, and the newest RTP/NTP timestamp pair of the two is reported."""
 
     _spaces_down: _dataplane.Down
+    _spaces_counts: list[int]
+    """Python-sent packets, octets, and its last (ntp, rtp timestamp)."""
 
     @property
     def _RTCRtpSender__packet_count(self) -> int:
-        return int(self._spaces_down.packet_count)
+        return self._spaces_counts[0] + int(self._spaces_down.packet_count)
 
     @_RTCRtpSender__packet_count.setter
     def _RTCRtpSender__packet_count(self, value: int) -> None:
-        pass  # counted natively
+        self._spaces_counts[0] = value - int(self._spaces_down.packet_count)
 
     @property
     def _RTCRtpSender__octet_count(self) -> int:
-        return int(self._spaces_down.octet_count)
+        return self._spaces_counts[1] + int(self._spaces_down.octet_count)
 
     @_RTCRtpSender__octet_count.setter
     def _RTCRtpSender__octet_count(self, value: int) -> None:
-        pass
-
-    @property
-    def _RTCRtpSender__rtp_timestamp(self) -> int:
-        return int(self._spaces_down.last_rtp_timestamp)
-
-    @_RTCRtpSender__rtp_timestamp.setter
-    def _RTCRtpSender__rtp_timestamp(self, value: int) -> None:
-        pass
+        self._spaces_counts[1] = value - int(self._spaces_down.octet_count)
 
     @property
     def _RTCRtpSender__ntp_timestamp(self) -> int:
-        return int(self._spaces_down.last_ntp)
+        return max(self._spaces_counts[2], int(self._spaces_down.last_ntp))
 
     @_RTCRtpSender__ntp_timestamp.setter
     def _RTCRtpSender__ntp_timestamp(self, value: int) -> None:
-        pass
+        self._spaces_counts[2] = value
+
+    @property
+    def _RTCRtpSender__rtp_timestamp(self) -> int:
+        down = self._spaces_down
+        if self._spaces_counts[2] > int(down.last_ntp):
+            return self._spaces_counts[3]
+        return int(down.last_rtp_timestamp)
+
+    @_RTCRtpSender__rtp_timestamp.setter
+    def _RTCRtpSender__rtp_timestamp(self, value: int) -> None:
+        self._spaces_counts[3] = value
 
 
 class NativePlane:
@@ -205,6 +212,16 @@ class NativePlane:
         protocol = pair.protocol
         transport = getattr(protocol, "transport", None)
         sock = getattr(transport, "_sock", None)
+        mux = getattr(transport, "mux", None)
+        if mux is not None and getattr(mux, "raw_socket", None) is not None:
+            # Single-port mode: the node's shared socket, read natively, its fallback the
+            # mux's demultiplexer (udp_mux.UdpMux.datagram_received).
+            fd = mux.fileno()
+            shared = self._socket(fd, mux._transport, mux)
+            peer.set_route(fd, pair.remote_addr)
+            shared.add_peer(pair.remote_addr, peer)
+            dtls._spaces_route = (shared, pair.remote_addr)
+            return
         if sock is None or not hasattr(transport, "get_write_buffer_size"):
             # TURN-relayed (or aioice-routed): native SRTP and fan-out, Python's send.
             send = protocol.send_data
@@ -308,7 +325,14 @@ class NativePlane:
         down = _dataplane.Down(
             peer, sink.ssrc, sink.payload_type, sink.abs_send_time_id, sink.audio_level_id
         )
+        counts = [
+            sender._RTCRtpSender__packet_count,
+            sender._RTCRtpSender__octet_count,
+            sender._RTCRtpSender__ntp_timestamp,
+            sender._RTCRtpSender__rtp_timestamp,
+        ]
         sender._spaces_down = down
+        sender._spaces_counts = counts
         sender.__class__ = _NativeSender
         return down
 
