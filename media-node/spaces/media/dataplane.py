@@ -217,10 +217,7 @@ class NativePlane:
             # Single-port mode: the node's shared socket, read natively, its fallback the
             # mux's demultiplexer (udp_mux.UdpMux.datagram_received).
             fd = mux.fileno()
-            shared = self._socket(fd, mux._transport, mux)
-            peer.set_route(fd, pair.remote_addr)
-            shared.add_peer(pair.remote_addr, peer)
-            dtls._spaces_route = (shared, pair.remote_addr)
+            self._attach(dtls, peer, self._socket(fd, mux._transport, mux), fd, pair.remote_addr)
             return
         if sock is None or not hasattr(transport, "get_write_buffer_size"):
             # TURN-relayed (or aioice-routed): native SRTP and fan-out, Python's send.
@@ -234,13 +231,26 @@ class NativePlane:
             dtls._spaces_route = (None, addr)
             return
         fd = sock.fileno()
-        native = self._socket(fd, transport, protocol)
+        self._attach(dtls, peer, self._socket(fd, transport, protocol), fd, pair.remote_addr)
+
+    @staticmethod
+    def _attach(
+        dtls: RTCDtlsTransport,
+        peer: _dataplane.Peer,
+        native: _dataplane.Socket,
+        fd: int,
+        addr: tuple[str, int],
+    ) -> None:
+        """The peer on ``native`` at ``addr`` (moved there if it was elsewhere)."""
         previous = getattr(dtls, "_spaces_route", None)
-        if previous is not None and previous[0] is not None and previous[0] is not native:
-            previous[0].remove_peer(peer)
-        peer.set_route(fd, pair.remote_addr)
-        native.add_peer(pair.remote_addr, peer)
-        dtls._spaces_route = (native, pair.remote_addr)
+        peer.set_route(fd, addr)
+        if previous is not None and previous[0] is native:
+            native.update_peer_addr(peer, addr)
+        else:
+            if previous is not None and previous[0] is not None:
+                previous[0].remove_peer(peer)
+            native.add_peer(addr, peer)
+        dtls._spaces_route = (native, addr)
 
     def _socket(self, fd: int, transport: Any, protocol: Any) -> _dataplane.Socket:
         known = self._sockets.get(fd)
