@@ -152,6 +152,12 @@ class CpuWindow:
         cores = os.cpu_count() or 1
         return max(0.0, self.machine_busy * cores - sum(self.result.values()))
 
+    def own_busy(self) -> float:
+        """Busy fraction of all cores, counting only the measured processes: what the
+        benchmark itself asks of the machine, whatever else runs beside it."""
+        cores = os.cpu_count() or 1
+        return min(1.0, sum(self.result.values()) / cores)
+
     def cores(self, *names: str) -> float:
         return sum(self.result.get(n, 0.0) for n in names)
 
@@ -161,7 +167,9 @@ class CpuWindow:
 
 QUIET_FOREIGN_CORES = 0.15
 """Before a measurement window, wait until other work on the machine uses less than this."""
-QUIET_WAIT_S = 30.0
+QUIET_WAIT_S = float(os.environ.get("SPACES_BENCH_QUIET_WAIT_S", "30"))
+"""How long to wait for a quiet machine; ``SPACES_BENCH_QUIET_WAIT_S`` shortens it on a
+machine that other work keeps busy (the wait would only add to every step)."""
 
 
 async def wait_quiet(
