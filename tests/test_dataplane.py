@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 import pylibsrtp
 import pytest
@@ -502,4 +503,72 @@ def test_fuzzed_plaintext_never_crashes_and_never_corrupts_the_other_stream(
             assert [p[-len(DELTA) :] for p in plain] == [DELTA, DELTA]
     finally:
         _receivers.clear()
+        wire.close()
+
+
+# --- a subscriber that backs up ---------------------------------------------------------------
+
+
+def test_a_backed_up_subscriber_waits_for_a_keyframe_and_the_others_get_everything() -> None:
+    """The slow-subscriber bound of the native plane: a subscriber whose socket is full (its
+    own socket, as each peer connection has in port-range mode, with a tiny SO_SNDBUF and its
+    link shaped to 8 kbit/s by tc, so that the kernel answers EAGAIN) is not queued for in
+    user space: it drops to the next keyframe and asks for one, while the other subscriber,
+    sent to in the same batches, receives every packet in order."""
+    from tests.support.shaping import LinkShaper
+
+    wire = Wire(subscribers=2)
+    slow_out = udp()
+    slow_out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum
+    slow_out.setblocking(False)
+    slow_addr = wire.subs[1].getsockname()
+    wire.sub_peers[1].set_route(slow_out.fileno(), slow_addr)
+    shaper = LinkShaper()
+    big = bytes(range(256)) * 4
+    try:
+        shaper.limit(slow_addr[1], 8, queue_packets=1000)
+        blocked_before = dp.counters()["send_would_block"]
+        wire.publish(rtp(1, ssrc=0xAAAA, payload=KEY + big, marker=1))
+        received = wire.received(0)
+        for base in range(2, 202, 20):
+            wire.publish(
+                *(rtp(s, ssrc=0xAAAA, payload=DELTA + big) for s in range(base, base + 20))
+            )
+            received += wire.received(0)
+        fast = [srtp_header(wire.sub_keys[0], p)[0] for p in received]
+        assert fast == list(range(1, 202))  # everything, in order, decrypted
+        slow = wire.downs[1]
+        assert dp.counters()["send_would_block"] > blocked_before
+        assert slow.waiting_keyframe and slow.dropped > 0
+        assert wire.downs[0].dropped == 0 and not wire.downs[0].waiting_keyframe
+        assert wire.source.behind >= 1 and wire.behind >= 1  # a keyframe was asked for
+        sent_before = slow.packet_count
+        assert sent_before < 201
+        # While it waits, deltas are not sent to it at all (no queue builds up anywhere).
+        wire.publish(*(rtp(s, ssrc=0xAAAA, payload=DELTA) for s in range(202, 212)))
+        assert slow.packet_count == sent_before
+        # The link recovers; the next keyframe restarts it, its sequence numbers going on
+        # without a gap (nothing for it to NACK), and the fast subscriber never noticed.
+        shaper.lift()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                slow_out.sendto(b"", ("127.0.0.1", 9))  # goes out: the queue has drained
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        time.sleep(0.2)
+        wire.publish(
+            rtp(212, ssrc=0xAAAA, payload=KEY, marker=1),
+            *(rtp(s, ssrc=0xAAAA, payload=DELTA) for s in range(213, 223)),
+        )
+        assert not slow.waiting_keyframe
+        assert slow.packet_count == sent_before + 11
+        got = [srtp_header(wire.sub_keys[1], p)[0] for p in wire.received(1) if p]
+        assert got == list(range(1, 1 + sent_before + 11))
+        fast = [srtp_header(wire.sub_keys[0], p)[0] for p in wire.received(0)]
+        assert fast == list(range(202, 223))
+    finally:
+        shaper.close()
+        slow_out.close()
         wire.close()

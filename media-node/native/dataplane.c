@@ -1020,8 +1020,17 @@ Peer_get_addr(PeerObject *self, void *closure)
 typedef struct {
     uint8_t buf[SRTP_ROOM];
     int len;
+    int skip; /* not to be sent: its down fell behind earlier in this batch */
+    size_t payload_len;
     PeerObject *peer;
     DownObject *down;
+    /* the down's continuity and report state before this packet, to rewind to if the
+     * packet cannot be sent (so the subscriber sees no sequence gap and the sender reports
+     * count only what went out) */
+    uint16_t prev_seq;
+    uint32_t prev_ts, prev_rtp_ts;
+    long long prev_at;
+    unsigned long long prev_ntp;
 } out_t;
 
 static out_t out_batch[BATCH];
@@ -1237,6 +1246,13 @@ down_send(DownObject *down, const rtp_t *pkt, int keyframe, unsigned long long n
         return 0;
     }
     o->len = len;
+    o->skip = 0;
+    o->payload_len = pkt->payload_len;
+    o->prev_seq = down->last_out_seq;
+    o->prev_ts = down->last_out_ts;
+    o->prev_at = down->last_out_at;
+    o->prev_rtp_ts = down->last_rtp_ts;
+    o->prev_ntp = down->last_ntp;
     Py_INCREF(peer);
     o->peer = peer;
     Py_INCREF(down);
@@ -1746,6 +1762,36 @@ static PyTypeObject DownType = {
     .tp_getset = Down_getset,
 };
 
+/* ``o`` was queued but will not be sent: its down's counts and continuity go back to what
+ * they were before it. */
+static void
+out_unsend(out_t *o)
+{
+    DownObject *down = o->down;
+    down->last_out_seq = o->prev_seq;
+    down->last_out_ts = o->prev_ts;
+    down->last_out_at = o->prev_at;
+    down->last_rtp_ts = o->prev_rtp_ts;
+    down->last_ntp = o->prev_ntp;
+    if (down->packet_count)
+        down->packet_count--;
+    if (down->octet_count >= o->payload_len)
+        down->octet_count -= o->payload_len;
+    if (o->peer->rtp_out)
+        o->peer->rtp_out--;
+    if (counters.rtp_out)
+        counters.rtp_out--;
+    if (counters.rtp_forwarded)
+        counters.rtp_forwarded--;
+    SourceObject *src = down->source;
+    if (src != NULL) {
+        if (src->forwarded)
+            src->forwarded--;
+        if (src->forwarded_bytes >= o->payload_len)
+            src->forwarded_bytes -= o->payload_len;
+    }
+}
+
 static void
 out_flush(void)
 {
@@ -1781,7 +1827,14 @@ out_flush(void)
             j++;
         int done = 0;
         while (i + done < j) {
-            int sent = fd < 0 ? -1 : sendmmsg(fd, msgs + i + done, (unsigned)(j - i - done), 0);
+            int start = i + done, end = start;
+            if (out_batch[start].skip) {
+                done++;
+                continue;
+            }
+            while (end < j && !out_batch[end].skip)
+                end++;
+            int sent = fd < 0 ? -1 : sendmmsg(fd, msgs + start, (unsigned)(end - start), 0);
             if (sent > 0) {
                 for (int k = i + done; k < i + done + sent; k++) {
                     counters.datagrams_out++;
@@ -1795,10 +1848,21 @@ out_flush(void)
             if (err == EINTR)
                 continue;
             /* This datagram cannot go: a full socket buffer means a slow subscriber (it
-             * waits for a keyframe), anything else is a failed send. The rest still try. */
-            DownObject *down = out_batch[i + done].down;
+             * waits for a keyframe, and what it was to get after this in the batch is not
+             * sent either: no gap in its sequence), anything else is a failed send. The
+             * others still go. */
+            DownObject *down = out_batch[start].down;
             if (err == EAGAIN || err == EWOULDBLOCK) {
                 counters.send_would_block++;
+                /* latest first: the down ends as it was before this datagram */
+                for (int k = out_count - 1; k > start; k--)
+                    if (out_batch[k].down == down && !out_batch[k].skip) {
+                        out_batch[k].skip = 1;
+                        out_unsend(&out_batch[k]);
+                        down->dropped++;
+                        counters.dropped_slow++;
+                    }
+                out_unsend(&out_batch[start]);
                 if (down->source && !down->waiting_keyframe) {
                     down_fall_behind(down);
                     if (nbehind < BATCH) {
