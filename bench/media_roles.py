@@ -18,10 +18,13 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from bench.ipc import Channel
 from bench.peers import (
+    PUBLISHER_COLOR,
     VIDEO_BITRATE,
+    PacketLoopTrack,
     PacketStats,
     RtcpCounter,
     SendRecorder,
+    encode_vp8_loop,
     http_exchange,
     live_video,
     now_ns,
@@ -29,6 +32,7 @@ from bench.peers import (
     raw_publisher_offer,
     raw_subscriber,
     wait_connected,
+    wire_keyframe_requests,
 )
 from spaces.sdk.client import RemoteTrack, Space
 from spaces.sdk.media import read_pattern, same_color
@@ -49,11 +53,19 @@ async def run_publisher(config: dict[str, Any], channel: Channel) -> None:
     feedback = RtcpCounter()
     space: Space | None = None
     pcs: list[RTCPeerConnection] = []
-    track = live_video()
+    loop: PacketLoopTrack | None = None
+    if config.get("preencoded_s"):
+        # The cheap publisher: the same 1 Mbps pattern encoded once, then only packetized (a
+        # live encoder starved by a busy machine sends fewer packets than it should).
+        frames = await encode_vp8_loop(float(config["preencoded_s"]), color=PUBLISHER_COLOR)
+        loop = PacketLoopTrack("video", frames, 1 / 30, 90_000)
+    track: Any = loop if loop is not None else live_video()
     if mode == "spaces":
         space = Space(config["token"], config["address"], publish_bitrate=VIDEO_BITRATE)
         me = await space.join()
-        await me.publish(track, "camera", width=640, height=480)
+        published = await me.publish(track, "camera", width=640, height=480)
+        if loop is not None:
+            wire_keyframe_requests(published._transceiver.sender, loop)
         assert space._publisher_pc is not None
         recorder.install(space._publisher_pc)
         for transceiver in space._publisher_pc.getTransceivers():
@@ -63,6 +75,8 @@ async def run_publisher(config: dict[str, Any], channel: Channel) -> None:
     elif mode == "relay":
         pc = await raw_publisher_offer(track)
         pcs.append(pc)
+        if loop is not None:
+            wire_keyframe_requests(pc.getTransceivers()[0].sender, loop)
         recorder.install(pc)
         for transceiver in pc.getTransceivers():
             feedback.incoming(transceiver.sender)
@@ -96,7 +110,7 @@ async def run_publisher(config: dict[str, Any], channel: Channel) -> None:
 
     async def stats(_: dict[str, Any]) -> dict[str, Any]:
         return {
-            "frames_sent": track.frames_sent,
+            "frames_sent": loop.count if loop is not None else track.frames_sent,
             "frames_sent_rtp": recorder.frames,
             "packets_sent": recorder.packets,
             "retransmissions": recorder.retransmissions,

@@ -444,11 +444,14 @@ def live_video() -> BusyPatternTrack:
 
 
 async def encode_vp8_loop(
-    seconds: float, fps: int = 30, bitrate: int = VIDEO_BITRATE
+    seconds: float,
+    fps: int = 30,
+    bitrate: int = VIDEO_BITRATE,
+    color: tuple[int, int, int] = (60, 160, 200),
 ) -> list[bytes]:
     """Encode ``seconds`` of the test pattern once, with the settings aiortc's own VP8 encoder
     uses for a fixed bitrate (CBR): the first frame is the only keyframe."""
-    source = BusyPatternTrack((60, 160, 200), fps=fps)
+    source = BusyPatternTrack(color, fps=fps)
     codec = av.CodecContext.create("libvpx", "w")
     codec.width, codec.height = source.width, source.height
     codec.bit_rate = bitrate
