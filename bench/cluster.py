@@ -136,7 +136,7 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    async def wait_serving(self, proc: Proc, service: str = "", limit_s: float = 30.0) -> None:
+    async def wait_serving(self, proc: Proc, service: str = "", limit_s: float = 90.0) -> None:
         deadline = time.monotonic() + limit_s
         async with grpc.aio.insecure_channel(proc.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)

@@ -26,7 +26,7 @@ from bench.peers import PUBLISHER_COLOR, Window, ratio_lost, window_loss
 NAME = "fanout"
 SUMMARY = "one publisher through one media node to N subscribers, vs aiortc MediaRelay"
 
-PREENCODED_S = 10.0
+PREENCODED_S = 4.0
 """The publisher loops this much VP8 (1 Mbps, encoded once when it starts): on a shared
 machine a live encoder starves and sends fewer packets than a camera would."""
 LOSS_LIMIT = 0.01

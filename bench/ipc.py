@@ -39,7 +39,7 @@ class Worker:
 
     @classmethod
     async def start(
-        cls, name: str, role: str, config: dict[str, Any], logdir: Path, limit_s: float = 60.0
+        cls, name: str, role: str, config: dict[str, Any], logdir: Path, limit_s: float = 180.0
     ) -> Worker:
         log = logdir / f"{name}.log"
         handle = log.open("wb")
