@@ -160,6 +160,9 @@ class NodeConfig:
     """Announced to video publishers every second (REMB): the most each track may send."""
     subscriber_answer_timeout_s: float = 20.0
     """A client that leaves a subscriber offer unanswered this long loses its session."""
+    malloc_trim_interval_s: float = 10.0
+    """After sessions end, freed heap memory goes back to the OS (glibc ``malloc_trim``) this
+    often; 0 never (spaces.media.allocator)."""
 
     def __post_init__(self) -> None:
         if (self.udp_port_min == 0) != (self.udp_port_max == 0):
@@ -168,6 +171,8 @@ class NodeConfig:
             raise ValueError("invalid UDP port range")
         if self.drain_grace_s < 0:
             raise ValueError("drain grace must not be negative")
+        if self.malloc_trim_interval_s < 0:
+            raise ValueError("the malloc trim interval must not be negative")
 
 
 @dataclass(frozen=True)
@@ -411,6 +416,9 @@ class ServerConfig:
             drain_grace_s=float(get("SPACES_DRAIN_GRACE_SECONDS", "30")),
             max_publish_bitrate=int(
                 get("SPACES_MAX_PUBLISH_BITRATE", str(NodeConfig.max_publish_bitrate))
+            ),
+            malloc_trim_interval_s=float(
+                get("SPACES_MALLOC_TRIM_SECONDS", str(NodeConfig.malloc_trim_interval_s))
             ),
         )
         turn = TurnConfig(

@@ -30,6 +30,7 @@ from spaces.media.aiortc_adapter import (
     send_remb,
     turn_server_from_url,
 )
+from spaces.media.allocator import Trimmer
 from spaces.media.broadcasts import BroadcastStates
 from spaces.media.room import Room
 from spaces.media.session import Session, close_reason_for
@@ -79,6 +80,7 @@ class MediaNode:
         self.load = 0.0
         self._drained = asyncio.Event()
         self.broadcasts = BroadcastStates(store, self.rooms)
+        self.trimmer = Trimmer(config.node.malloc_trim_interval_s, self._trimmed)
         install_codec_counters(metrics.DECODERS_CREATED.inc, metrics.ENCODERS_CREATED.inc)
 
     # --- wiring ----------------------------------------------------------------------------
@@ -98,6 +100,11 @@ class MediaNode:
             return minted.username, minted.credential
 
         return turn_server_from_url(url, credentials)
+
+    @staticmethod
+    def _trimmed(seconds: float) -> None:
+        metrics.MALLOC_TRIMS.inc()
+        metrics.MALLOC_TRIM_SECONDS.inc(seconds)
 
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None:
         apply_ice_policy(pc, self.ice_policy)
@@ -135,6 +142,7 @@ class MediaNode:
             asyncio.create_task(self._commands_forever(), name="node-commands"),
             asyncio.create_task(self._announce_bitrate_forever(), name="remb"),
             asyncio.create_task(self.broadcasts.forever(), name="broadcast-state"),
+            asyncio.create_task(self.trimmer.forever(), name="malloc-trim"),
         ]
         logger.info("media node %s serving at %s", self.node_id, self._public_address())
 
@@ -209,6 +217,7 @@ class MediaNode:
 
     def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.connection_id, None)
+        self.trimmer.freed()
         self._update_gauges()
         if not self.sessions and self.state == node_pb2.NODE_STATE_DRAINING:
             self._drained.set()
