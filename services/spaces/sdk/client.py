@@ -32,6 +32,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaRelay
+from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcconfiguration import RTCBundlePolicy, RTCIceTransportPolicy
 
@@ -889,10 +890,15 @@ class Space:
         pc = self._subscriber_pc
         if pc is None:
             pc = self._subscriber_pc = self._new_pc()
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.offer.sdp, type="offer"))
-        apply_ice_policy(pc, self._ice_policy())
-        answer = await pc.createAnswer()
-        await pc.setLocalDescription(answer)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.offer.sdp, type="offer"))
+            apply_ice_policy(pc, self._ice_policy())
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except InvalidStateError:
+            if self._subscriber_pc is not pc:
+                return  # a reconnect closed this connection meanwhile: its offer is moot
+            raise
         description = pc.localDescription
         await self._write(
             media_pb2.ClientMessage(
