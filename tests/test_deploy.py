@@ -8,10 +8,12 @@ promise docs/operations.md makes about the deployment is checked on the rendered
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +49,13 @@ COMPONENT = "app.kubernetes.io/component"
 # --- rendering ---------------------------------------------------------------------------------
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
+def kustomize(directory: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         # Never a silent skip: the manifests are part of the product.
         pytest.fail("kubectl is required to render the manifests offline (kubectl kustomize)")
     result = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY / "overlays" / overlay)],
+        [kubectl, "kustomize", str(directory)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -63,9 +65,47 @@ def render(overlay: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
+def render(overlay: str) -> list[dict[str, Any]]:
+    return kustomize(DEPLOY / "overlays" / overlay)
+
+
+def render_with_port_range(overlay: str) -> list[dict[str, Any]]:
+    """An overlay plus the port-range component, as an operator adds it (kustomize takes only
+    relative paths to other directories)."""
+    with tempfile.TemporaryDirectory() as directory:
+        relative = os.path.relpath(DEPLOY, directory)
+        (Path(directory) / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+            "kind: Kustomization\n"
+            f"resources: [{relative}/overlays/{overlay}]\n"
+            f"components: [{relative}/components/media-port-range]\n"
+        )
+        return kustomize(Path(directory))
+
+
+VARIANTS = (*OVERLAYS, "production+media-port-range")
+
+
+def render_variant(variant: str) -> list[dict[str, Any]]:
+    overlay, _, component = variant.partition("+")
+    return render_with_port_range(overlay) if component else render(overlay)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
 def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return render_variant(request.param)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def single_port(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """The overlays as shipped: media nodes in single-port mode."""
     return render(request.param)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def port_range(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """Each overlay with the media-port-range component."""
+    return render_with_port_range(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -429,23 +469,115 @@ def test_no_image_is_unpinned(rendered: list[dict[str, Any]]) -> None:
 # --- media nodes -------------------------------------------------------------------------------
 
 
-def test_media_nodes_are_a_host_network_daemonset(rendered: list[dict[str, Any]]) -> None:
-    daemonset = media_daemonset(rendered)
+def test_media_nodes_are_a_daemonset_on_the_pod_network_with_one_udp_port(
+    single_port: list[dict[str, Any]],
+) -> None:
+    daemonset = media_daemonset(single_port)
     spec = pod_spec(daemonset)
-    assert spec.get("hostNetwork") is True
-    assert spec.get("dnsPolicy") == "ClusterFirstWithHostNet"
-    assert only_container(daemonset)["args"] == ["media-node"]
-    # Two pods cannot share a machine's ports: an update replaces, never surges.
+    assert not spec.get("hostNetwork")
+    container = only_container(daemonset)
+    assert container["args"] == ["media-node"]
+    env = container_env(container, single_port)
+    assert "SPACES_UDP_PORT_RANGE" not in env
+    udp = [p for p in container["ports"] if p.get("protocol") == "UDP"]
+    assert [p["name"] for p in udp] == ["media"]
+    port = int(literal(env, "SPACES_MEDIA_UDP_PORT", ""))
+    assert udp[0]["containerPort"] == port
+    assert not any("hostPort" in p for p in container["ports"])
+    # The settings are ones a node accepts.
+    config = ServerConfig.from_env(
+        {
+            "SPACES_MEDIA_UDP_PORT": str(port),
+            "SPACES_MEDIA_UDP_ADVERTISE_PORT": literal(env, "SPACES_MEDIA_UDP_ADVERTISE_PORT", ""),
+        }
+    )
+    assert config.node.udp_port == port and not config.node.udp_port_min
+    # A machine's node ports reach one media pod: an update replaces, never surges.
     rolling = daemonset["spec"]["updateStrategy"]["rollingUpdate"]
     assert rolling.get("maxSurge", 0) in (0, "0%")
     assert rolling.get("maxUnavailable") == 1
 
 
-def test_media_udp_port_range_matches_the_manifests_and_the_docs(
-    rendered: list[dict[str, Any]],
+def service_port(service: dict[str, Any], protocol: str) -> dict[str, Any]:
+    ports = [p for p in service["spec"]["ports"] if p.get("protocol", "TCP") == protocol]
+    assert len(ports) == 1, (service["metadata"]["name"], protocol)
+    return dict(ports[0])
+
+
+def target_of(container: dict[str, Any], port: dict[str, Any]) -> int:
+    target = port.get("targetPort", port["port"])
+    return container_port(container, target) if isinstance(target, str) else int(target)
+
+
+def test_each_machines_node_ports_lead_to_its_own_media_pod_at_the_announced_ports(
+    single_port: list[dict[str, Any]],
 ) -> None:
-    daemonset = media_daemonset(rendered)
-    env = container_env(only_container(daemonset), rendered)
+    daemonset = media_daemonset(single_port)
+    container = only_container(daemonset)
+    env = container_env(container, single_port)
+    service = named(single_port, "Service", "spaces-media")
+    spec = service["spec"]
+    assert spec["type"] == "NodePort"
+    # No hop to another machine's pod, and the client's source address kept (ICE needs it).
+    assert spec["externalTrafficPolicy"] == "Local"
+    selected = [
+        w["metadata"]["name"]
+        for w in workloads(single_port)
+        if selector_matches({"matchLabels": spec["selector"]}, pod_labels(w))
+    ]
+    assert selected == ["spaces-media"]
+    media = service_port(service, "UDP")
+    assert target_of(container, media) == int(literal(env, "SPACES_MEDIA_UDP_PORT", ""))
+    assert media["nodePort"] == int(literal(env, "SPACES_MEDIA_UDP_ADVERTISE_PORT", ""))
+    grpc = service_port(service, "TCP")
+    assert target_of(container, grpc) == container_port(container, "grpc")
+    assert grpc["nodePort"] == port_of(literal(env, "SPACES_PUBLIC_ADDR", ""))
+    for port in (media, grpc):
+        assert 30000 <= port["nodePort"] <= 32767  # Kubernetes' default node port range
+
+
+def test_media_node_announces_the_host_ip_and_binds_the_pod_ip(
+    single_port: list[dict[str, Any]],
+) -> None:
+    container = only_container(media_daemonset(single_port))
+    env = container_env(container, single_port)
+    assert env["SPACES_ICE_ADVERTISE_IP"].field == "status.hostIP"
+    assert env["SPACES_ICE_BIND"].field == "status.podIP"
+    public = literal(env, "SPACES_PUBLIC_ADDR", "")
+    reference = re.fullmatch(r"\$\((\w+)\):(\d+)", public)
+    assert reference is not None, public
+    variable = reference.group(1)
+    assert env[variable].field == "status.hostIP"
+    order = [item["name"] for item in container["env"]]
+    assert order.index(variable) < order.index("SPACES_PUBLIC_ADDR")
+    assert env["SPACES_NODE_ID"].field or "$(" in (env["SPACES_NODE_ID"].value or "")
+
+
+def test_the_port_range_variant_is_a_host_network_daemonset(
+    port_range: list[dict[str, Any]],
+) -> None:
+    daemonset = media_daemonset(port_range)
+    spec = pod_spec(daemonset)
+    assert spec.get("hostNetwork") is True
+    assert spec.get("dnsPolicy") == "ClusterFirstWithHostNet"
+    assert not [
+        s for s in of_kind(port_range, "Service") if s["metadata"]["name"] == "spaces-media"
+    ]
+    container = only_container(daemonset)
+    env = container_env(container, port_range)
+    assert "SPACES_MEDIA_UDP_PORT" not in env and "SPACES_MEDIA_UDP_ADVERTISE_PORT" not in env
+    assert not [p for p in container["ports"] if p.get("protocol") == "UDP"]
+    for port in container["ports"]:
+        assert port["hostPort"] == port["containerPort"]
+    rolling = daemonset["spec"]["updateStrategy"]["rollingUpdate"]
+    assert rolling.get("maxSurge", 0) in (0, "0%")
+
+
+def test_media_udp_port_range_matches_the_manifests_and_the_docs(
+    port_range: list[dict[str, Any]],
+) -> None:
+    daemonset = media_daemonset(port_range)
+    env = container_env(only_container(daemonset), port_range)
     declared = literal(env, "SPACES_UDP_PORT_RANGE", "")
     low, high = parse_port_range(declared)
     assert 1024 < low <= high <= 65535
@@ -457,9 +589,11 @@ def test_media_udp_port_range_matches_the_manifests_and_the_docs(
     assert documented == {(low, high)}, f"docs give {documented}, manifests {declared}"
 
 
-def test_media_node_announces_and_binds_the_host_ip(rendered: list[dict[str, Any]]) -> None:
-    container = only_container(media_daemonset(rendered))
-    env = container_env(container, rendered)
+def test_the_port_range_variant_announces_and_binds_the_host_ip(
+    port_range: list[dict[str, Any]],
+) -> None:
+    container = only_container(media_daemonset(port_range))
+    env = container_env(container, port_range)
     assert env["SPACES_ICE_ADVERTISE_IP"].field == "status.hostIP"
     assert env["SPACES_ICE_BIND"].field == "status.hostIP"
     # Clients dial the machine: $(HOST_IP) with HOST_IP from status.hostIP, defined before use.
@@ -471,8 +605,6 @@ def test_media_node_announces_and_binds_the_host_ip(rendered: list[dict[str, Any
     order = [item["name"] for item in container["env"]]
     assert order.index(variable) < order.index("SPACES_PUBLIC_ADDR")
     assert port == container_port(container, "grpc")
-    # A unique id per node instance.
-    assert env["SPACES_NODE_ID"].field or "$(" in (env["SPACES_NODE_ID"].value or "")
 
 
 def prestop_drain(container: dict[str, Any]) -> list[str]:
@@ -602,10 +734,15 @@ def test_dev_is_self_contained(dev: list[dict[str, Any]]) -> None:
 # --- network policy ----------------------------------------------------------------------------
 
 
-def test_only_presence_grpc_and_signal_http_are_open_to_clients(
+def test_only_presence_signal_and_media_nodes_are_open_to_clients(
     rendered: list[dict[str, Any]],
 ) -> None:
-    public_ports = {"spaces-presence": "grpc", "spaces-signal": "http"}
+    public_ports = {
+        "spaces-presence": ("grpc",),
+        "spaces-signal": ("http",),
+        # Clients dial media nodes' gRPC and send them media (single-port mode).
+        "spaces-media": ("grpc", "media"),
+    }
     for policy in of_kind(rendered, "NetworkPolicy"):
         for rule in policy["spec"].get("ingress", []):
             if not open_to_everyone(rule):
@@ -614,8 +751,9 @@ def test_only_presence_grpc_and_signal_http_are_open_to_clients(
             selected = [w for w in workloads(rendered) if selector_matches(selector, pod_labels(w))]
             names = [w["metadata"]["name"] for w in selected]
             assert len(names) == 1 and names[0] in public_ports, policy
-            port = container_port(only_container(selected[0]), public_ports[names[0]])
-            assert rule_ports(rule) == {port}, policy["metadata"]["name"]
+            container = only_container(selected[0])
+            ports = {container_port(container, name) for name in public_ports[names[0]]}
+            assert rule_ports(rule) == ports, policy["metadata"]["name"]
     presence = pod_labels(api_deployment(rendered, "presence"))
     assert any(open_to_everyone(r) for r in ingress_rules_for(rendered, presence))
 
@@ -649,10 +787,16 @@ def test_admin_apis_accept_only_backends(rendered: list[dict[str, Any]]) -> None
 
 
 def test_media_machine_firewall_is_documented(rendered: list[dict[str, Any]]) -> None:
-    container = only_container(media_daemonset(rendered))
+    daemonset = media_daemonset(rendered)
+    container = only_container(daemonset)
     docs = OPERATIONS.read_text()
-    assert "NetworkPolicy does not apply to host-network pods" in docs
-    assert f"TCP {container_port(container, 'grpc')}" in docs
+    if pod_spec(daemonset).get("hostNetwork"):
+        assert "NetworkPolicy does not apply to host-network pods" in docs
+        assert f"TCP {container_port(container, 'grpc')}" in docs
+    else:
+        service = named(rendered, "Service", "spaces-media")
+        assert f"TCP {service_port(service, 'TCP')['nodePort']}" in docs
+        assert f"UDP {service_port(service, 'UDP')['nodePort']}" in docs
 
 
 # --- Dockerfile --------------------------------------------------------------------------------

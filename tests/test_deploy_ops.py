@@ -27,6 +27,7 @@ from tests.test_deploy import (
     pod_spec,
     prestop_drain,
     render,
+    render_with_port_range,
     spaces_workloads,
 )
 
@@ -99,9 +100,14 @@ def test_production_runs_coturn_on_the_host_network_with_its_ports(
     # Relay ports: as annotated, and clear of the media nodes' range on a shared machine.
     low, high = int(args["--min-port"][0]), int(args["--max-port"][0])
     assert daemonset["metadata"]["annotations"]["spaces-oss.io/udp-port-range"] == f"{low}-{high}"
-    media_env = container_env(only_container(media_daemonset(production)), production)
+    # Single-port media nodes: every machine's node ports lead to them.
+    for port in named(production, "Service", "spaces-media")["spec"]["ports"]:
+        assert not low <= port["nodePort"] <= high
+    # The host-network variant's range.
+    port_range = render_with_port_range("production")
+    media_env = container_env(only_container(media_daemonset(port_range)), port_range)
     media_low, media_high = parse_port_range(literal(media_env, "SPACES_UDP_PORT_RANGE", ""))
-    assert high < media_low or low > media_high
+    assert media_low and (high < media_low or low > media_high)
     assert "--use-auth-secret" in args and "--no-cli" in args
 
 

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -20,6 +21,7 @@ from aioice import turn as aioice_turn
 
 from spaces import turn
 from spaces.config import TurnConfig
+from spaces.media.udp_mux import MuxLink
 from spaces.sdk import client as sdk
 from spaces.sdk.media import TestPatternTrack, read_pattern, same_color
 from spaces.server import SpacesServer
@@ -234,3 +236,80 @@ def test_turn_settings_are_checked() -> None:
         ttl_s=3600,
         media="on",
     )
+
+
+def single_port(config: Any) -> Any:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return replace(config, node=replace(config.node, udp_port=port))
+
+
+def node_pairs(server: SpacesServer) -> list[Any]:
+    node = server.media_node
+    assert node is not None
+    return [
+        nominated(pc)
+        for session in node.sessions.values()
+        for pc in (session._publisher_pc, session._subscriber_pc)
+        if pc is not None and nominated(pc) is not None
+    ]
+
+
+async def test_relay_only_clients_reach_a_single_port_node_through_coturn(
+    coturn: TurnServer,
+) -> None:
+    config = replace(make_config(), turn=TurnConfig(urls=(coturn.url,), secret=coturn.secret))
+    server = await start_server(single_port(config))
+    try:
+        publisher, viewer = await relayed_call(server)
+        try:
+            node = server.media_node
+            assert node is not None
+            [mux] = node.udp_muxes
+            for pc in (publisher._publisher_pc, viewer._subscriber_pc):
+                assert nominated(pc).local_candidate.type == "relay"
+            # The node's side is the shared port, reached from coturn's relay addresses.
+            pairs = node_pairs(server)
+            assert pairs
+            for pair in pairs:
+                assert isinstance(pair.protocol.transport, MuxLink)
+                assert pair.local_candidate.port == mux.sockname[1]
+                assert pair.remote_candidate.type in ("relay", "prflx")
+            assert mux.addresses >= len(pairs)
+        finally:
+            await viewer.leave()
+            await publisher.leave()
+    finally:
+        await server.stop()
+
+
+async def test_a_single_port_node_in_turn_mode_gathers_its_port_and_a_relay(
+    coturn: TurnServer,
+) -> None:
+    config = replace(
+        make_config(), turn=TurnConfig(urls=(coturn.url,), secret=coturn.secret, media="on")
+    )
+    server = await start_server(single_port(config))
+    try:
+        publisher, viewer = await relayed_call(server)
+        try:
+            node = server.media_node
+            assert node is not None
+            [mux] = node.udp_muxes
+            for session in node.sessions.values():
+                pc = session._publisher_pc or session._subscriber_pc
+                assert pc is not None
+                kinds = {
+                    (line.split()[7], int(line.split()[5]))
+                    for line in pc.localDescription.sdp.splitlines()
+                    if line.startswith("a=candidate:")
+                }
+                assert ("host", mux.sockname[1]) in kinds
+                assert any(kind == "relay" for kind, _ in kinds)
+            assert all(p.local_candidate.type in ("host", "relay") for p in node_pairs(server))
+        finally:
+            await viewer.leave()
+            await publisher.leave()
+    finally:
+        await server.stop()

@@ -44,6 +44,17 @@ FORWARDED_BYTES = Counter(
 DROPPED_PACKETS = Counter(
     "spaces_dropped_packets_total", "RTP packets not forwarded to a subscriber", ["reason"]
 )
+UDP_MUX_DROPPED = Counter(
+    "spaces_udp_mux_dropped_datagrams_total",
+    "Datagrams on the single media UDP port that reached no peer connection, by reason",
+    ["reason"],
+)
+UDP_MUX_ENDPOINTS = Gauge(
+    "spaces_udp_mux_endpoints", "ICE endpoints (peer connections) behind the single UDP port"
+)
+UDP_MUX_ADDRESSES = Gauge(
+    "spaces_udp_mux_addresses", "Remote addresses routed to a peer connection on the UDP port"
+)
 KEYFRAME_REQUESTS = Counter(
     "spaces_keyframe_requests_total", "Keyframe requests sent upstream to publishers"
 )
@@ -122,8 +133,9 @@ BROADCAST_HANDOVERS = Counter(
 )
 BROADCAST_FRAMES = Counter(
     "spaces_broadcast_frames_total",
-    "Video frames composed for broadcasts, and frames dropped (late compose, or a full encoder "
-    "queue while the RTMP server is slow)",
+    "Video frames composed for broadcasts, and frames dropped: slots that repeat the previous "
+    "frame because the composer was late or the encoder behind (the output stays at 30 fps), "
+    "or frames lost to a full encoder queue (a gap)",
     ["result"],
 )
 BROADCAST_ERRORS = Counter(

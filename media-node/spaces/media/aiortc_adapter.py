@@ -13,6 +13,8 @@ four hooks into it (REFERENCE.md §3):
   the forwarder instead of an encoder that does not exist;
 * **ICE**: candidate gathering binds configured addresses, a UDP port range, and can announce
   an advertised IP (NAT 1:1); aioice alone binds ephemeral ports on every non-loopback address.
+  In single-port mode no socket is bound per peer connection: each ICE endpoint registers with
+  the node's ``UdpMux`` (``udp_mux.py``) and follows its peer to a new address (NAT rebinding).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import random
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +33,9 @@ import aiortc
 import aiortc.rtcrtpreceiver
 import aiortc.rtcrtpsender
 from aioice import ice as aioice_ice
+from aioice import stun as aioice_stun
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+from aioice.utils import random_string
 from aiortc import (
     MediaStreamTrack,
     RTCPeerConnection,
@@ -43,8 +48,17 @@ from aiortc.clock import current_ntp_time
 from aiortc.codecs import is_rtx
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, pack_remb_fci
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unpack_remb_fci,
+)
 
+from spaces.media.udp_mux import MuxLink, UdpMux
 from spaces.tasks import spawn
 
 logger = logging.getLogger(__name__)
@@ -57,6 +71,9 @@ if not aiortc.__version__.startswith(SUPPORTED_AIORTC):  # pragma: no cover
     )
 
 AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+RID_URI = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
+RRID_URI = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
+MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 UDP_BUFFER_BYTES = 1 << 20
 
@@ -70,21 +87,29 @@ __all__ = [
     "PlaceholderTrack",
     "RtpPacket",
     "RtpSink",
+    "SimulcastOffer",
     "TurnServer",
+    "accept_simulcast",
     "add_remote_candidate",
+    "answer_with_simulcast",
     "apply_ice_policy",
     "check_answer",
     "hook_sender",
+    "hook_sender_feedback",
     "install_codec_counters",
     "label_sender",
     "negotiated_codec",
+    "offered_simulcast",
+    "on_peer_moved",
     "parse_sdp",
     "pin_encoder_bitrate",
     "prefer_codec",
     "request_keyframe",
     "restrict_codecs",
+    "route_by_mid",
     "send_remb",
     "tap_receiver",
+    "tap_simulcast_receiver",
     "turn_server_from_url",
     "without_empty_bundle",
 ]
@@ -254,6 +279,193 @@ async def add_remote_candidate(
     return True
 
 
+# --- simulcast (RFC 8853 rids) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimulcastOffer:
+    """What one m-section of an offer says about simulcast: its rids in ``a=simulcast`` order
+    (paused ones, written ``~rid``, included) and the ids of the rid header extensions."""
+
+    rids: tuple[str, ...]
+    rid_ext: int
+    rrid_ext: int
+
+
+def offered_simulcast(sdp: str) -> dict[str, SimulcastOffer]:
+    """mid -> the simulcast an offer's m-section sends, for every m-section that sends more
+    than one rid. Read from the text: aiortc's parser drops ``a=rid`` and ``a=simulcast``."""
+    found: dict[str, SimulcastOffer] = {}
+    mid = ""
+    rids: list[str] = []
+    exts: dict[str, int] = {}
+
+    def close_section() -> None:
+        if mid and len(rids) > 1 and exts.get(RID_URI):
+            found[mid] = SimulcastOffer(tuple(rids), exts[RID_URI], exts.get(RRID_URI, 0))
+
+    for raw in sdp.splitlines():
+        line = raw.strip()
+        if line.startswith("m="):
+            close_section()
+            mid, rids, exts = "", [], {}
+        elif line.startswith("a=mid:"):
+            mid = line[6:].strip()
+        elif line.startswith("a=extmap:"):
+            head, _, rest = line[9:].partition(" ")
+            uri = rest.split(" ", 1)[0]
+            try:
+                exts[uri] = int(head.split("/", 1)[0])
+            except ValueError:
+                continue
+        elif line.startswith("a=simulcast:"):
+            direction, _, spec = line[12:].strip().partition(" ")
+            if direction == "send":
+                # "q;h;f" (";" separates streams, "," alternatives: take each stream's first)
+                rids = [alt.split(",")[0].lstrip("~") for alt in spec.split(";") if alt]
+    close_section()
+    return found
+
+
+def accept_simulcast(transceiver: RTCRtpTransceiver, offer: SimulcastOffer) -> None:
+    """Negotiate the rid header extensions (aiortc knows them, but does not offer them), so that
+    the answer carries them and the receive path parses each packet's rid. Call between
+    setRemoteDescription and createAnswer."""
+    from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
+
+    have = {ext.uri for ext in transceiver._headerExtensions}
+    for uri, ext_id in ((RID_URI, offer.rid_ext), (RRID_URI, offer.rrid_ext)):
+        if ext_id and uri not in have:
+            transceiver._headerExtensions.append(
+                RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri)
+            )
+
+
+def answer_with_simulcast(
+    sdp: str, offers: dict[str, SimulcastOffer], start_bitrates: dict[str, int] | None = None
+) -> str:
+    """Add ``a=rid:<rid> recv`` and ``a=simulcast:recv ...`` to the answer's m-sections that
+    were offered simulcast: without them a browser sends one layer only. ``start_bitrates``
+    (mid -> bits per second) become ``x-google-start-bitrate`` on those m-sections' video
+    codecs: with REMB as its only feedback a browser's estimate starts at 300 kbps and climbs
+    about 8% a second, so its top layer would otherwise take half a minute to appear."""
+    if not offers:
+        return sdp
+    start_bitrates = start_bitrates or {}
+    sections: list[list[str]] = [[]]
+    for line in sdp.split("\r\n"):
+        if line.startswith("m="):
+            sections.append([])
+        sections[-1].append(line)
+    out: list[str] = []
+    for section in sections:
+        mid = next((x[6:].strip() for x in section if x.startswith("a=mid:")), "")
+        offer = offers.get(mid)
+        if offer is None:
+            out.extend(section)
+            continue
+        start = start_bitrates.get(mid, 0) // 1000
+        media_pts = [
+            x[9:].split(" ", 1)[0]
+            for x in section
+            if x.startswith("a=rtpmap:") and " rtx/" not in x.lower() and "/90000" in x
+        ]
+        with_fmtp = {x[7:].split(" ", 1)[0] for x in section if x.startswith("a=fmtp:")}
+        end = len(section)
+        while end and section[end - 1] == "":
+            end -= 1
+        for line in section[:end]:
+            if start and line.startswith("a=fmtp:") and line[7:].split(" ", 1)[0] in media_pts:
+                out.append(f"{line};x-google-start-bitrate={start}")
+            else:
+                out.append(line)
+            if start and line.startswith("a=rtpmap:"):
+                pt = line[9:].split(" ", 1)[0]
+                if pt in media_pts and pt not in with_fmtp:
+                    out.append(f"a=fmtp:{pt} x-google-start-bitrate={start}")
+        out.extend(f"a=rid:{rid} recv" for rid in offer.rids)
+        out.append("a=simulcast:recv " + ";".join(offer.rids))
+        out.extend(section[end:])
+    return "\r\n".join(out)
+
+
+class _PerSsrcNack:
+    """aiortc's NACK generator tracks one sequence space per receiver; a simulcast receiver
+    gets one per layer (SSRC), or every layer's packets would look like the others' losses."""
+
+    __slots__ = ("_generators", "_make", "missing")
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._generators: dict[int, Any] = {}
+        self.missing: set[int] = set()
+
+    def add(self, packet: RtpPacket) -> bool:
+        generator = self._generators.get(packet.ssrc)
+        if generator is None:
+            generator = self._generators[packet.ssrc] = self._make()
+        missed: bool = generator.add(packet)
+        self.missing = generator.missing
+        return missed
+
+
+def tap_simulcast_receiver(
+    receiver: RTCRtpReceiver, on_packet: Callable[[RtpPacket], None]
+) -> None:
+    """``tap_receiver`` for a receiver of several simulcast layers (one SSRC per rid, and an
+    RTX SSRC per layer, none of them in the SDP). Media SSRCs are told apart by the caller from
+    the rid extension; here each layer gets its own NACK sequence space, and an RTX SSRC is
+    bound to its layer by the repaired-rid extension of its first packets (aiortc drops RTX
+    from an SSRC it was not told about)."""
+    from aiortc.rtcrtpreceiver import NackGenerator
+
+    tap_receiver(receiver, on_packet, estimate_bandwidth=False)
+    if isinstance(receiver._RTCRtpReceiver__nack_generator, _PerSsrcNack):
+        return
+    receiver._RTCRtpReceiver__nack_generator = _PerSsrcNack(NackGenerator)
+    rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc
+    ssrc_of_rid: dict[str, int] = {}
+    original = receiver._handle_rtp_packet
+
+    async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+        ext = packet.extensions
+        if ext.rtp_stream_id is not None:
+            ssrc_of_rid[ext.rtp_stream_id] = packet.ssrc
+        elif ext.repaired_rtp_stream_id is not None and packet.ssrc not in rtx_ssrc:
+            media_ssrc = ssrc_of_rid.get(ext.repaired_rtp_stream_id)
+            if media_ssrc is not None:
+                rtx_ssrc[packet.ssrc] = media_ssrc
+        await original(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = handle_rtp_packet
+
+
+def route_by_mid(transceiver: RTCRtpTransceiver) -> None:
+    """Route an RTP packet of an unknown SSRC by its MID header extension when its payload
+    type does not name one receiver (two simulcast video tracks in one bundle, whose SSRCs no
+    SDP announces). aiortc 1.16 routes by SSRC and payload type only."""
+    _route_by_mid(transceiver.receiver.transport)
+
+
+def _route_by_mid(transport: Any) -> None:
+    router = transport._rtp_router
+    if getattr(router, "_spaces_mid_routing", False):
+        return
+    original = router.route_rtp
+
+    def route_rtp(packet: RtpPacket) -> Any:
+        receiver = original(packet)
+        if receiver is None:
+            mid = packet.extensions.mid
+            receiver = router.mid_table.get(mid) if mid is not None else None
+            if receiver is not None:
+                router.ssrc_table[packet.ssrc] = receiver
+        return receiver
+
+    router.route_rtp = route_rtp
+    router._spaces_mid_routing = True
+
+
 # --- receive side --------------------------------------------------------------------------
 
 
@@ -353,6 +565,40 @@ def hook_sender(
     sender._retransmit = retransmit
 
 
+def hook_sender_feedback(
+    sender: RTCRtpSender,
+    on_loss: Callable[[float], None],
+    on_remb: Callable[[int], None],
+) -> None:
+    """Also hand a subscriber's receiver reports (fraction lost, 0..1) and REMB (bits per
+    second) about this sender to the bandwidth estimate; aiortc keeps its own statistics.
+    Calling it again (a reused transceiver) rebinds the callbacks."""
+    existing = getattr(sender, "_spaces_feedback", None)
+    if existing is not None:
+        existing[:] = [on_loss, on_remb]
+        return
+    callbacks: list[Any] = [on_loss, on_remb]
+    sender._spaces_feedback = callbacks
+    original = sender._handle_rtcp_packet
+    ssrc = sender._ssrc
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpRrPacket | RtcpSrPacket):
+            for report in packet.reports:
+                if report.ssrc == ssrc:
+                    callbacks[0](report.fraction_lost / 256)
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                bitrate, ssrcs = 0, []
+            if ssrc in ssrcs:
+                callbacks[1](bitrate)
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp
+
+
 _HEADER = struct.Struct("!BBHII")
 SEND_FAILED = -1
 """``RtpSink.send`` result when nothing could be sent (transport not up, socket error)."""
@@ -398,6 +644,11 @@ class RtpSink:
         self._udp: Any = None
         self._sock: Any = None
 
+    def counters(self) -> tuple[int, int]:
+        """(packets, payload bytes) sent so far (what the sender reports in its SRs)."""
+        sender = self.sender
+        return sender._RTCRtpSender__packet_count, sender._RTCRtpSender__octet_count
+
     @property
     def connected(self) -> bool:
         dtls = self._dtls
@@ -408,7 +659,11 @@ class RtpSink:
         self._addr = pair.remote_addr
         self._udp = getattr(pair.protocol, "transport", None)
         # The raw socket (asyncio only hands out a restricted wrapper): sendto on it directly.
-        self._sock = getattr(self._udp, "_sock", None)
+        # A single-port link hands out the shared socket itself.
+        if isinstance(self._udp, MuxLink):
+            self._sock = self._udp.raw_socket
+        else:
+            self._sock = getattr(self._udp, "_sock", None)
 
     def send(
         self,
@@ -558,6 +813,11 @@ class IcePolicy:
     """Also gather a relay candidate from this TURN server."""
     relay_only: bool = False
     """Gather only relay candidates (RTCIceTransportPolicy "relay")."""
+    muxes: tuple[UdpMux, ...] = ()
+    """Single-port mode: the node's shared sockets, one per address; every peer connection
+    gathers one host candidate on each, and binds no socket of its own."""
+    advertise_port: int = 0
+    """Announced instead of the mux's bound port (a Service or NAT that maps another port)."""
 
     @property
     def is_default(self) -> bool:
@@ -567,7 +827,138 @@ class IcePolicy:
             or self.port_min
             or self.turn
             or self.relay_only
+            or self.muxes
         )
+
+
+REBIND_SILENCE_S = 1.0
+"""A single-port endpoint moves its nominated pair to a new address of its peer (NAT rebinding)
+when an authenticated check arrives from there and nothing came from the nominated address for
+this long; a peer still heard at its address is not moved by a check on another path."""
+
+
+class _MuxedStunProtocol(aioice_ice.StunProtocol):
+    """An aioice endpoint behind a ``UdpMux``: its transport is the mux's ``MuxLink``."""
+
+    link: MuxLink
+
+    def accepts(self, data: bytes, addr: tuple[str, int]) -> bool:
+        """A Binding request for this endpoint that authenticates with its password."""
+        connection = self.receiver
+        try:
+            message = aioice_stun.parse_message(data)
+        except ValueError:
+            return False
+        attributes = message.attributes
+        return bool(
+            message.message_class == aioice_stun.Class.REQUEST
+            and message.message_method == aioice_stun.Method.BINDING
+            and "USERNAME" in attributes
+            and "MESSAGE-INTEGRITY" in attributes
+            and connection._valid_username(attributes["USERNAME"])
+            and message.check_message_integrity(connection.local_password.encode("utf8"))
+        )
+
+    def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        assert isinstance(data, bytes)
+        if data and data[0] > 3:
+            # RFC 7983: only 0-3 starts STUN. DTLS, RTP and RTCP skip aioice's STUN parse.
+            self.receiver.data_received(data, self.local_candidate.component)
+            return
+        self._follow_peer(data, (addr[0], addr[1]))
+        super().datagram_received(data, addr)
+
+    def _follow_peer(self, data: bytes, addr: tuple[str, int]) -> None:
+        connection = self.receiver
+        component = self.local_candidate.component
+        pair = connection._nominated.get(component)
+        if pair is None or pair.protocol is not self or pair.remote_addr == addr:
+            return
+        heard = self.link.last_heard(pair.remote_addr)
+        if heard is not None and time.monotonic() - heard < REBIND_SILENCE_S:
+            return
+        if not self.accepts(data, addr):
+            return
+        remote = next(
+            (
+                c
+                for c in connection._remote_candidates
+                if c._network_host == addr[0] and c.port == addr[1]
+            ),
+            None,
+        )
+        if remote is None:
+            message = aioice_stun.parse_message(data)
+            remote = Candidate(
+                foundation=random_string(10),
+                component=component,
+                transport="udp",
+                priority=message.attributes.get("PRIORITY", pair.remote_candidate.priority),
+                host=addr[0],
+                port=addr[1],
+                type="prflx",
+            )
+            connection._remote_candidates.append(remote)
+        moved = connection._find_pair(self, remote)
+        if moved is None:
+            moved = aioice_ice.CandidatePair(self, remote)
+            connection._check_list.append(moved)
+        moved.state = aioice_ice.CandidatePair.State.SUCCEEDED
+        moved.nominated = True
+        connection._nominated[component] = moved
+        logger.info(
+            "ice %s: peer moved from %s:%d to %s:%d (NAT rebinding): following it",
+            connection.local_username,
+            *pair.remote_addr,
+            *addr,
+        )
+        on_moved = getattr(connection, "_spaces_on_peer_moved", None)
+        if on_moved is not None:
+            on_moved()
+
+
+def _unique_ufrag(connection: Any, muxes: Sequence[UdpMux]) -> str:
+    """Demultiplexing by ufrag needs each endpoint's to be unique on the node. A 4-character
+    ufrag (aioice's and the browsers' length) collides now and then among hundreds: then this
+    endpoint gets a longer one, before its description is written."""
+    while any(mux.has_ufrag(connection.local_username) for mux in muxes):
+        connection._local_username = random_string(16)
+    return str(connection.local_username)
+
+
+def _muxed_host_candidates(
+    connection: Any, component: int, addresses: Sequence[str], policy: IcePolicy
+) -> list[Candidate]:
+    candidates = []
+    for mux in policy.muxes:
+        protocol = _MuxedStunProtocol(connection)
+        try:
+            link = mux.register(_unique_ufrag(connection, policy.muxes), protocol)
+        except ConnectionError as exc:
+            logger.warning("ice: udp mux unavailable: %s", exc)
+            continue
+        protocol.link = link
+        protocol.connection_made(link)
+        bound_host, bound_port = mux.sockname
+        host = policy.advertise_ip or bound_host
+        if host in ("0.0.0.0", "::"):
+            # A wildcard socket: announce the first address aioice would have gathered on.
+            host = next((a for a in addresses if ":" not in a), "") or next(iter(addresses), "")
+            if not host:
+                link.close()
+                continue
+        protocol.local_candidate = Candidate(
+            foundation=candidate_foundation("host", "udp", host),
+            component=component,
+            transport="udp",
+            priority=candidate_priority(component, "host"),
+            host=host,
+            port=policy.advertise_port or bound_port,
+            type="host",
+        )
+        candidates.append(protocol.local_candidate)
+        connection._protocols.append(protocol)
+    return candidates
 
 
 async def _bind_udp(
@@ -646,6 +1037,12 @@ def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
         candidates: list[Candidate] = []
         host_protocols: list[Any] = []
         relay_only = connection._transport_policy == aioice_ice.TransportPolicy.RELAY
+        if policy.muxes:
+            # Single-port mode: no srflx gathering through the shared socket (a STUN server's
+            # responses name no endpoint); the advertised address is what NAT 1:1 needs.
+            if not relay_only:
+                candidates = _muxed_host_candidates(connection, component, addresses, policy)
+            return candidates + await _server_candidates(connection, component, [], timeout)
         for address in () if relay_only else (policy.bind_addresses or addresses):
             try:
                 transport, protocol = await _bind_udp(
@@ -678,6 +1075,14 @@ def _gatherer(connection: Any, policy: IcePolicy) -> Callable[..., Any]:
         return candidates + await _server_candidates(connection, component, host_protocols, timeout)
 
     return get_component_candidates
+
+
+def on_peer_moved(pc: RTCPeerConnection, callback: Callable[[], None]) -> None:
+    """Call ``callback`` when an ICE endpoint of ``pc`` follows its peer to a new address (NAT
+    rebinding, single-port mode): what the peer sent meanwhile, and what was sent to its old
+    address (keyframe requests too), is lost. Call with apply_ice_policy."""
+    for transport in pc._RTCPeerConnection__iceTransports:
+        transport.iceGatherer._connection._spaces_on_peer_moved = callback
 
 
 def apply_ice_policy(pc: RTCPeerConnection, policy: IcePolicy) -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from aiortc import RTCPeerConnection
@@ -34,6 +35,7 @@ from spaces.media.allocator import Trimmer
 from spaces.media.broadcasts import BroadcastStates
 from spaces.media.room import Room
 from spaces.media.session import Session, close_reason_for
+from spaces.media.udp_mux import UdpMux
 from spaces.presence import credentials
 from spaces.routing.registry import NodeHeartbeat
 from spaces.session import events as ev
@@ -72,7 +74,10 @@ class MediaNode:
             port_max=config.node.udp_port_max,
             turn=self._turn_server(),
             relay_only=config.turn.media == "relay",
+            advertise_port=config.node.udp_advertise_port,
         )
+        self.udp_muxes: tuple[UdpMux, ...] = ()
+        """Single-port mode (``SPACES_MEDIA_UDP_PORT``): one shared socket per ICE address."""
         self._heartbeat = NodeHeartbeat(store, config.registry, self.record)
         self._tasks: list[asyncio.Task[None]] = []
         self._started_at_ms = int(time.time() * 1000)
@@ -133,8 +138,31 @@ class MediaNode:
             self.load = round(min(1.0, max(busy, capacity)), 3)
             metrics.NODE_LOAD.set(self.load)
 
+    async def _bind_single_port(self) -> None:
+        port = self.config.node.udp_port
+        if not port:
+            return
+        hosts = self.config.node.ice_bind_addresses or ("0.0.0.0",)
+        muxes = []
+        try:
+            for host in hosts:
+                muxes.append(await UdpMux.bind(host, port, on_drop=self._count_mux_drop))
+        except OSError as exc:
+            for mux in muxes:
+                mux.close()
+            raise OSError(f"cannot bind the media UDP port {port} on {host}: {exc}") from exc
+        self.udp_muxes = tuple(muxes)
+        self.ice_policy = replace(self.ice_policy, muxes=self.udp_muxes)
+        metrics.UDP_MUX_ENDPOINTS.set_function(lambda: sum(m.endpoints for m in self.udp_muxes))
+        metrics.UDP_MUX_ADDRESSES.set_function(lambda: sum(m.addresses for m in self.udp_muxes))
+
+    @staticmethod
+    def _count_mux_drop(reason: str) -> None:
+        metrics.UDP_MUX_DROPPED.labels(reason).inc()
+
     async def start(self) -> None:
         logs.bind_process(node_id=self.node_id)
+        await self._bind_single_port()
         self.state = node_pb2.NODE_STATE_SERVING
         self._heartbeat.start()
         self._tasks = [
@@ -362,6 +390,8 @@ class MediaNode:
         await self._heartbeat.stop()
         for task in self._tasks:
             await cancel_and_wait(task)
+        for mux in self.udp_muxes:
+            mux.close()
         try:
             await self.store.remove_node(self.record())
         except errors.StoreUnavailable:
