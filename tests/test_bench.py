@@ -97,6 +97,9 @@ FIGURES = {
         "summary.participant_in_pings",
         "summary.script_us_per_participant_s",
         "summary.script_us.renew",
+        "summary.measured_participants_redis_cores",
+        "summary.measured_sessions_per_s",
+        "summary.measured_sessions_redis_cores",
         "baseline.redis_us_per_ping",
     ],
     "browser-join": [

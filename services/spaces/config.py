@@ -169,6 +169,9 @@ class NodeConfig:
     """Announced to video publishers every second (REMB): the most each track may send."""
     subscriber_answer_timeout_s: float = 20.0
     """A client that leaves a subscriber offer unanswered this long loses its session."""
+    malloc_trim_interval_s: float = 10.0
+    """After sessions end, freed heap memory goes back to the OS (glibc ``malloc_trim``) this
+    often; 0 never (spaces.media.allocator)."""
     dataplane: str = "native"
     """Per-packet work: "native" (the C extension spaces.media._dataplane) or "python"."""
 
@@ -185,6 +188,8 @@ class NodeConfig:
             raise ValueError("SPACES_MEDIA_UDP_ADVERTISE_PORT needs SPACES_MEDIA_UDP_PORT")
         if self.drain_grace_s < 0:
             raise ValueError("drain grace must not be negative")
+        if self.malloc_trim_interval_s < 0:
+            raise ValueError("the malloc trim interval must not be negative")
         if self.dataplane not in DATAPLANES:
             raise ValueError("SPACES_MEDIA_DATAPLANE must be native or python")
 
@@ -501,6 +506,9 @@ class ServerConfig:
             dataplane=get("SPACES_MEDIA_DATAPLANE", "native").lower(),
             max_publish_bitrate=int(
                 get("SPACES_MAX_PUBLISH_BITRATE", str(NodeConfig.max_publish_bitrate))
+            ),
+            malloc_trim_interval_s=float(
+                get("SPACES_MALLOC_TRIM_SECONDS", str(NodeConfig.malloc_trim_interval_s))
             ),
         )
         turn = TurnConfig(

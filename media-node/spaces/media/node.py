@@ -31,6 +31,7 @@ from spaces.media.aiortc_adapter import (
     send_remb,
     turn_server_from_url,
 )
+from spaces.media.allocator import Trimmer
 from spaces.media.broadcasts import BroadcastStates
 from spaces.media.dataplane import NativePlane
 from spaces.media.room import Room
@@ -86,6 +87,7 @@ class MediaNode:
         self.load = 0.0
         self._drained = asyncio.Event()
         self.broadcasts = BroadcastStates(store, self.rooms)
+        self.trimmer = Trimmer(config.node.malloc_trim_interval_s, self._trimmed)
         self.dataplane: NativePlane | None = (
             NativePlane() if config.node.dataplane == "native" else None
         )
@@ -109,6 +111,11 @@ class MediaNode:
             return minted.username, minted.credential
 
         return turn_server_from_url(url, credentials)
+
+    @staticmethod
+    def _trimmed(seconds: float) -> None:
+        metrics.MALLOC_TRIMS.inc()
+        metrics.MALLOC_TRIM_SECONDS.inc(seconds)
 
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None:
         """Prepare a peer connection before it connects: ICE policy and the data plane."""
@@ -173,6 +180,7 @@ class MediaNode:
             asyncio.create_task(self._announce_bitrate_forever(), name="remb"),
             asyncio.create_task(self._native_forever(), name="dataplane"),
             asyncio.create_task(self.broadcasts.forever(), name="broadcast-state"),
+            asyncio.create_task(self.trimmer.forever(), name="malloc-trim"),
         ]
         logger.info("media node %s serving at %s", self.node_id, self._public_address())
 
@@ -247,6 +255,7 @@ class MediaNode:
 
     def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.connection_id, None)
+        self.trimmer.freed()
         self._update_gauges()
         if not self.sessions and self.state == node_pb2.NODE_STATE_DRAINING:
             self._drained.set()
