@@ -73,6 +73,12 @@ FIGURES = {
         "summary.spaces_p99_ms",
     ],
     "meetings": ["summary.participants_per_core", "summary.node_cores_per_participant"],
+    "dataplane": [
+        "summary.receive_us_native",
+        "summary.receive_us_python",
+        "summary.per_subscriber_us_native",
+        "summary.per_subscriber_us_python",
+    ],
     "redis": [
         "summary.redis_us_per_participant_s",
         "summary.participants_at_70pct_core",

@@ -162,8 +162,9 @@ BROADCAST_HANDOVERS = Counter(
 )
 BROADCAST_FRAMES = Counter(
     "spaces_broadcast_frames_total",
-    "Video frames composed for broadcasts, and frames dropped (late compose, or a full encoder "
-    "queue while the RTMP server is slow)",
+    "Video frames composed for broadcasts, and frames dropped: slots that repeat the previous "
+    "frame because the composer was late or the encoder behind (the output stays at 30 fps), "
+    "or frames lost to a full encoder queue (a gap)",
     ["result"],
 )
 BROADCAST_ERRORS = Counter(
