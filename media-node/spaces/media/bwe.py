@@ -23,12 +23,15 @@ receiver report and, faster, on the share of packets the subscriber NACKs:
   that a subscriber on audio only can come back;
 * after a cut, loss and REMB are ignored for ``CUT_HOLD_S``: they describe packets sent before
   it (a receiver report covers the last second);
-* a loss cut takes at most ``LOSS_CUT_MAX`` of the estimate at once (GCC's ``1 - loss / 2``
-  never halves it either): on a link that suddenly narrows, the receiver report's loss of a
-  queue overflowing says little about how narrow, and one step to audio only would leave the
-  subscriber there for a whole backoff; the next cut, ``CUT_HOLD_S`` later, goes on down;
+* a loss cut goes no lower than the lowest layers' need (``floor_need``): on a link that
+  suddenly narrows, the loss of a queue overflowing says little about how narrow (NACKs and
+  reports lag the rate sent), and one step to audio only would leave the subscriber there for
+  a whole backoff; below the lowest layers is a falling REMB's call (next point);
 * no cut while no video is sent (audio only): audio only comes from the allocation, not from
-  audio's own losses;
+  audio's own losses; while only the lowest layers are sent, loss does not cut (NACKs repair
+  it, and a loaded machine or a subscriber's first packets lose some with no narrow link),
+  only a falling REMB does (the browser measured the queue growing): that is the way down to
+  audio only;
 * right after a cut (``congested``) NACKs are not answered while the subscriber still waits
   for the lower layer's keyframe: resending into the queue that caused the loss makes it
   worse, and the switch brings a keyframe anyway (once on the lower layer, they are);
@@ -51,7 +54,6 @@ from __future__ import annotations
 START_BPS = 500_000
 """Before any feedback: enough for the lowest and middle layers' total, not the top one."""
 LOSS_HIGH = 0.10
-LOSS_CUT_MAX = 0.5
 NACK_HIGH = 0.10
 DELIVERED_MARGIN = 0.9
 REMB_OVERUSE = 0.85
@@ -104,11 +106,18 @@ class Estimator:
     # --- decisions ------------------------------------------------------------------------
 
     def tick(
-        self, now: float, sent_bytes: int, sent_packets: int, floor_need: int, video_off: bool
+        self,
+        now: float,
+        sent_bytes: int,
+        sent_packets: int,
+        floor_need: int,
+        video_off: bool,
+        at_floor: bool = False,
     ) -> int:
         """Update from the feedback since the last tick and what was sent meanwhile
         (``floor_need``: what the lowest layers of the subscriptions need; ``video_off``: the
-        subscriber gets audio only). Returns the estimate."""
+        subscriber gets audio only; ``at_floor``: it gets the lowest layers). Returns the
+        estimate."""
         elapsed = max(now - self._last_tick, 1e-3)
         self._last_tick = now
         sent_bps = int((sent_bytes + sent_packets * PACKET_OVERHEAD_BYTES) * 8 / elapsed)
@@ -124,9 +133,9 @@ class Estimator:
         remb, self._remb, self._loss = self._remb, None, 0.0
         self._nacked.clear()
         cut: int | None = None
-        if loss > LOSS_HIGH and sent_then:
+        if loss > LOSS_HIGH and sent_then and not at_floor:
             delivered = int(sent_then * (1 - loss) * DELIVERED_MARGIN)
-            cut = max(delivered, int(self.estimate * (1 - LOSS_CUT_MAX)))
+            cut = max(delivered, floor_need)
         if remb is not None:
             previous, self._last_remb = self._last_remb, remb
             falling = previous is not None and remb < previous * (1 - REMB_DROP)

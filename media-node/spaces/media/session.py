@@ -220,6 +220,7 @@ class Session:
         """The subscriber's estimated bandwidth (bits per second) while it receives simulcast
         tracks (the only ones the estimate can change anything for); None otherwise."""
         self._floor = 0
+        self._at_floor = False
         self._counted: dict[int, tuple[int, int]] = {}
         """id(sink) -> its (packets, bytes) at the last estimate tick."""
         self._allocating: asyncio.Task[None] | None = None
@@ -926,7 +927,7 @@ class Session:
             self.estimate = None
             return
         self.estimate = self._bwe.tick(
-            now, octets, packets, self._floor, self._allocator.audio_only
+            now, octets, packets, self._floor, self._allocator.audio_only, self._at_floor
         )
         metrics.ESTIMATED_BANDWIDTH.observe(self.estimate)
 
@@ -947,6 +948,7 @@ class Session:
             allow_raise=self.estimate is None or self._bwe.may_raise(now),
         )
         self._floor = allocation.floor
+        self._at_floor = allocation.at_floor
         if allocation.raised and self.estimate is not None:
             self._bwe.raised(now)
         for sub in self._subs.values():
