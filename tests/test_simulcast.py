@@ -8,7 +8,6 @@ each layer is sent at about its configured bitrate."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -20,7 +19,6 @@ from prometheus_client import REGISTRY
 
 from spaces import metrics
 from spaces.config import SimulcastConfig, parse_encodings
-from spaces.media.bwe import BACKOFF_MAX_S
 from spaces.media.room import PublishedTrack
 from spaces.server import SpacesServer
 from tests.support.browser import Page, chromium
@@ -240,100 +238,6 @@ async def test_the_python_sdk_asks_for_a_layer_and_bad_requests_are_refused(worl
         await eventually(lambda: camera.last_frame.width == WIDTHS[-1], timeout=10)
     finally:
         await python.leave()
-
-
-# --- the link decides -----------------------------------------------------------------------
-
-
-async def receiving_port(page: Page) -> int:
-    ports = await eventually(lambda: page.js("() => harness.receivingPorts()"), timeout=10)
-    assert len(ports) == 1, ports
-    return int(ports[0])
-
-
-async def audio_only_events(page: Page) -> list[bool]:
-    events = await page.js("() => app.events.filter((e) => e.event === 'AudioOnlyChanged')")
-    return [bool(e["value"]) for e in events]
-
-
-async def test_the_link_decides_the_layer_and_below_the_lowest_only_audio_goes_through(
-    world: World,
-) -> None:
-    """One subscriber's link shaped by tc: 400 kbps settles it on the lowest layer; 100 kbps
-    (less than the lowest layer) gives audio only, with the event; lifted, video comes back and
-    climbs to the top layer. One page through all three, so one ramp up to start with."""
-    from tests.support.shaping import LinkShaper
-
-    switches = {
-        d: _sample(metrics.LAYER_SWITCHES, direction=d) for d in ("up", "down", "off", "on")
-    }
-    keyframes = _sample(metrics.SWITCH_KEYFRAME_REQUESTS)
-    estimates = _histogram(metrics.ESTIMATED_BANDWIDTH)
-    await world.joined("pub", publish=True)
-    viewer = await world.joined("viewer")
-    track = await eventually(lambda: world.room_track("pub"), timeout=10)
-    await until_width(viewer, WIDTHS[-1], timeout=30)
-    shaper = LinkShaper()
-    try:
-        port = await receiving_port(viewer)
-        shaper.limit(port, 400)
-        # Within 10 s it receives the lowest layer.
-        settled = await until_width(viewer, WIDTHS[0], timeout=10)
-        # The metrics saw it: the viewer is forwarded the lowest layer, the switches down.
-        assert _sample(metrics.LAYER_SUBSCRIBERS, layer="0") == 1
-        assert _sample(metrics.LAYER_SUBSCRIBERS, layer="2") == 0
-        assert _sample(metrics.LAYER_SWITCHES, direction="down") > switches["down"]
-        # Video goes on, with no freeze of more than a second in the next 10 s (Chromium's total
-        # freeze time bounds the longest one), probing a layer up now and then included.
-        on_low = 0
-        for _ in range(20):
-            await asyncio.sleep(0.5)
-            on_low += followed(track).get("viewer") == ["q"]
-        after = await inbound(viewer)
-        assert on_low >= 10, on_low
-        assert after["framesDecoded"] > settled["framesDecoded"] + 30, (settled, after)
-        frozen = after["totalFreezesDuration"] - settled["totalFreezesDuration"]
-        assert frozen <= 1.0, (settled, after)
-        assert await audio_only_events(viewer) == []
-        # Below the lowest layer: audio only, and the page is told.
-        shaper.limit(port, 100)
-        await eventually(
-            lambda: _equal(audio_only_events(viewer), [True]), timeout=15, interval=0.25
-        )
-        assert "viewer" not in followed(track), followed(track)
-        assert _sample(metrics.AUDIO_ONLY_SUBSCRIBERS) == 1
-        assert _sample(metrics.LAYER_SUBSCRIBERS, layer="0") == 0
-        assert _sample(metrics.LAYER_SWITCHES, direction="off") > switches["off"]
-        # The limit lifted: video comes back (the event says so) once the estimator's backoff
-        # after its last cut ends (spaces.media.bwe: 12 s, doubled after a failed raise), and
-        # climbs to the top layer within 20 s.
-        ups = _sample(metrics.LAYER_SWITCHES, direction="up")
-        shaper.lift()
-        await eventually(
-            lambda: _equal(audio_only_events(viewer), [True, False]),
-            timeout=BACKOFF_MAX_S,
-            interval=0.25,
-        )
-        back = await until_width(viewer, WIDTHS[-1], timeout=20)
-        assert back["framesDecoded"] > after["framesDecoded"], (after, back)
-        assert _sample(metrics.AUDIO_ONLY_SUBSCRIBERS) == 0
-        assert _sample(metrics.LAYER_SUBSCRIBERS, layer="2") == 1
-        assert _sample(metrics.LAYER_SWITCHES, direction="on") > switches["on"]
-        # From the lowest layer back to the top one: two switches up.
-        assert _sample(metrics.LAYER_SWITCHES, direction="up") >= ups + 2
-        # Every switch to a layer asked for its keyframe.
-        new_switches = sum(
-            _sample(metrics.LAYER_SWITCHES, direction=d) - switches[d] for d in ("up", "down", "on")
-        )
-        assert _sample(metrics.SWITCH_KEYFRAME_REQUESTS) - keyframes == new_switches
-        # The estimate histogram saw the narrow link (at most 300 kbps) and the open one (over
-        # 1.5 Mbps), one observation every estimate tick (0.5 s) of the test.
-        now = _histogram(metrics.ESTIMATED_BANDWIDTH)
-        assert now["300000.0"] - estimates["300000.0"] >= 2, (estimates, now)
-        assert now["+Inf"] - now["1500000.0"] > estimates["+Inf"] - estimates["1500000.0"]
-        assert now["+Inf"] - estimates["+Inf"] >= 60, (estimates, now)
-    finally:
-        shaper.close()
 
 
 def _sample(metric: Any, **labels: str) -> float:
