@@ -33,11 +33,29 @@ class Benchmark:
 
 
 def benchmarks() -> dict[str, Benchmark]:
-    from bench import broadcast, browser_join, fanout, join, latency, meetings, redis_ceiling
+    from bench import (
+        broadcast,
+        browser_join,
+        dataplane,
+        fanout,
+        join,
+        latency,
+        meetings,
+        redis_ceiling,
+    )
 
     return {
         m.NAME: Benchmark(m.NAME, m.SUMMARY, m.run, m.render)
-        for m in (join, fanout, latency, meetings, broadcast, browser_join, redis_ceiling)
+        for m in (
+            join,
+            fanout,
+            latency,
+            meetings,
+            dataplane,
+            broadcast,
+            browser_join,
+            redis_ceiling,
+        )
     }
 
 

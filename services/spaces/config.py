@@ -134,6 +134,9 @@ class TurnConfig:
         return bool(self.urls)
 
 
+DATAPLANES = ("native", "python")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """One media node."""
@@ -166,6 +169,11 @@ class NodeConfig:
     """Announced to video publishers every second (REMB): the most each track may send."""
     subscriber_answer_timeout_s: float = 20.0
     """A client that leaves a subscriber offer unanswered this long loses its session."""
+    malloc_trim_interval_s: float = 10.0
+    """After sessions end, freed heap memory goes back to the OS (glibc ``malloc_trim``) this
+    often; 0 never (spaces.media.allocator)."""
+    dataplane: str = "native"
+    """Per-packet work: "native" (the C extension spaces.media._dataplane) or "python"."""
 
     def __post_init__(self) -> None:
         if (self.udp_port_min == 0) != (self.udp_port_max == 0):
@@ -180,6 +188,10 @@ class NodeConfig:
             raise ValueError("SPACES_MEDIA_UDP_ADVERTISE_PORT needs SPACES_MEDIA_UDP_PORT")
         if self.drain_grace_s < 0:
             raise ValueError("drain grace must not be negative")
+        if self.malloc_trim_interval_s < 0:
+            raise ValueError("the malloc trim interval must not be negative")
+        if self.dataplane not in DATAPLANES:
+            raise ValueError("SPACES_MEDIA_DATAPLANE must be native or python")
 
 
 @dataclass(frozen=True)
@@ -491,8 +503,12 @@ class ServerConfig:
                 "SPACES_MEDIA_UDP_ADVERTISE_PORT", get("SPACES_MEDIA_UDP_ADVERTISE_PORT")
             ),
             drain_grace_s=float(get("SPACES_DRAIN_GRACE_SECONDS", "30")),
+            dataplane=get("SPACES_MEDIA_DATAPLANE", "native").lower(),
             max_publish_bitrate=int(
                 get("SPACES_MAX_PUBLISH_BITRATE", str(NodeConfig.max_publish_bitrate))
+            ),
+            malloc_trim_interval_s=float(
+                get("SPACES_MALLOC_TRIM_SECONDS", str(NodeConfig.malloc_trim_interval_s))
             ),
         )
         turn = TurnConfig(

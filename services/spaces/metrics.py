@@ -29,6 +29,12 @@ SESSIONS = Gauge("spaces_media_sessions", "Live media sessions on this node")
 ROOMS = Gauge("spaces_media_spaces", "Spaces hosted on this node")
 PARTICIPANTS = Gauge("spaces_participants", "Participants in sessions on this node")
 NODE_LOAD = Gauge("spaces_node_load", "This media node's reported load (0..1)")
+MALLOC_TRIMS = Counter(
+    "spaces_malloc_trims_total", "Times this media node gave freed heap memory back to the OS"
+)
+MALLOC_TRIM_SECONDS = Counter(
+    "spaces_malloc_trim_seconds_total", "Time spent giving freed heap memory back (malloc_trim)"
+)
 FORWARDED_PACKETS = Counter(
     "spaces_forwarded_packets_total", "RTP packets forwarded to subscribers", ["kind"]
 )

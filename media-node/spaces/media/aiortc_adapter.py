@@ -11,6 +11,8 @@ four hooks into it (REFERENCE.md §3):
   true; the sender's own encode loop idles on a track that never yields;
 * **feedback**: a subscriber's PLI/FIR (``_send_keyframe``) and NACK (``_retransmit``) reach
   the forwarder instead of an encoder that does not exist;
+(With the native data plane, ``spaces.media.dataplane``, the native module's wrapper, hooks
+aiortc's SRTP sessions, sockets, receivers' statistics and senders' reports too.)
 * **ICE**: candidate gathering binds configured addresses, a UDP port range, and can announce
   an advertised IP (NAT 1:1); aioice alone binds ephemeral ports on every non-loopback address.
   In single-port mode no socket is bound per peer connection: each ICE endpoint registers with

@@ -13,6 +13,12 @@ elsewhere (``spaces.media.layers``).
 A DownTrack starts at a keyframe. If its socket backs up past a bound (a slow subscriber) it
 drops media until the next keyframe and asks for one: it never holds packets, so it never stalls
 the others. Keyframe requests from subscribers are merged and rate-limited per publisher.
+
+With the native data plane (``SPACES_MEDIA_DATAPLANE=native``) the same objects stay the
+control plane, and the per-packet work moves to C: a forwarder owns a ``_dataplane.Source`` and
+each sender a ``_dataplane.Down``; packets go from the socket to the subscribers without
+entering Python (media-node/native/INTERFACE.md). Python hears only of keyframes, audio
+levels, losses and slow subscribers, and answers feedback (PLI merging, NACKs) as before.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from spaces import metrics
+from spaces.media import _dataplane
 from spaces.media.aiortc_adapter import RtpPacket, RtpSink, ntp_now
 
 logger = logging.getLogger(__name__)
@@ -186,7 +193,9 @@ class KeyframeRequester:
 
 
 class SenderState:
-    """Continuity of one outgoing RTP stream across the tracks it carries over time."""
+    """Continuity of one outgoing RTP stream across the tracks it carries over time. With the
+    native plane, ``native`` is that stream's ``_dataplane.Down``, which keeps the continuity
+    itself (it follows one source after another, each from a keyframe)."""
 
     __slots__ = (
         "last_out_at",
@@ -194,10 +203,12 @@ class SenderState:
         "last_out_seq",
         "last_out_tl0",
         "last_out_ts",
+        "native",
         "started",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, native: _dataplane.Down | None = None) -> None:
+        self.native = native
         self.started = False
         self.last_out_seq = 0
         self.last_out_ts = 0
@@ -222,6 +233,7 @@ class DownTrack:
         "dropped",
         "is_video",
         "limit",
+        "native",
         "sink",
         "state",
         "subscriber_id",
@@ -253,6 +265,7 @@ class DownTrack:
         self.attached = False
         """In its forwarder's fan-out (``TrackForwarder.add``)."""
         self.dropped = 0
+        self.native = state.native if forwarder.native is not None else None
 
     @property
     def source(self) -> TrackForwarder:
@@ -400,6 +413,9 @@ class DownTrack:
     def retransmit(self, out_seq: int) -> bool:
         """Answer a NACK from the publisher's history, if the packet is still worth sending;
         returns whether it was resent."""
+        native = self.native
+        if native is not None:
+            return native.source is self._forwarder.native and native.retransmit(out_seq)
         if self.waiting_keyframe or not self.attached:
             return False
         in_seq = (out_seq - self._seq_offset) & 0xFFFF
@@ -432,6 +448,26 @@ class DownTrack:
 # --- per publisher track --------------------------------------------------------------------
 
 
+class NativeBinding:
+    """How a forwarder's native source meets its publisher's connection (made by
+    ``spaces.media.dataplane``): ``bind`` routes the publisher's SSRC to the source inside the
+    receiving peer; ``on_nack`` sends the native loss detector's NACKs."""
+
+    __slots__ = ("audio_level_id", "bind", "on_nack", "unbind")
+
+    def __init__(
+        self,
+        bind: Callable[[int, _dataplane.Source], None],
+        unbind: Callable[[int], None],
+        on_nack: Callable[[list[int]], None],
+        audio_level_id: int,
+    ) -> None:
+        self.bind = bind
+        self.unbind = unbind
+        self.on_nack = on_nack
+        self.audio_level_id = audio_level_id
+
+
 class TrackForwarder:
     """Receives one publisher track's packets (from the receiver tap) and fans them out."""
 
@@ -445,6 +481,7 @@ class TrackForwarder:
         keyframe_interval_s: float,
         on_audio_level: Callable[[int], None] | None = None,
         rid: str = "",
+        native: NativeBinding | None = None,
     ) -> None:
         self.track_id = track_id
         self.rid = rid
@@ -473,20 +510,59 @@ class TrackForwarder:
         """The publisher's SSRC, learned from its packets (keyframe requests name it)."""
         self._metric_packets = metrics.FORWARDED_PACKETS.labels(kind=kind)
         self._metric_bytes = metrics.FORWARDED_BYTES.labels(kind=kind)
+        self._binding = native
+        self._bound = False
+        self._synced = (0, 0, 0)
+        self.native: _dataplane.Source | None = None
+        """The native plane's copy of this track, when the node runs it."""
+        if native is not None:
+            codec = {"VP8": _dataplane.CODEC_VP8, "H264": _dataplane.CODEC_H264}
+            self.native = _dataplane.Source(
+                codec.get(codec_name, _dataplane.CODEC_OTHER),
+                clock_rate,
+                self.is_video,
+                native.audio_level_id,
+                self._keyframes.keyframe_seen,
+                on_audio_level,
+                native.on_nack,
+                self._native_behind,
+            )
 
     def add(self, downtrack: DownTrack) -> None:
         self.downtracks = (*self.downtracks, downtrack)
         downtrack.attached = True
+        if self.native is not None and downtrack.native is not None:
+            self.native.add(downtrack.native)
 
     def remove(self, downtrack: DownTrack) -> None:
         self.downtracks = tuple(d for d in self.downtracks if d is not downtrack)
         downtrack.attached = False
+        if self.native is not None and downtrack.native is not None:
+            self.native.remove(downtrack.native)
 
     def expect_switch(self, downtrack: DownTrack) -> None:
         self.switching = (*self.switching, downtrack)
 
     def cancel_switch(self, downtrack: DownTrack) -> None:
         self.switching = tuple(d for d in self.switching if d is not downtrack)
+
+    def _native_behind(self) -> None:
+        """A subscriber's socket was full: it waits for a keyframe (dropped in C)."""
+        self.request_keyframe()
+
+    def sync_metrics(self) -> None:
+        """Bring the native plane's counts into the metrics (called periodically)."""
+        native = self.native
+        if native is None:
+            return
+        packets, octets, behind = native.forwarded, native.forwarded_bytes, native.behind
+        last_packets, last_octets, last_behind = self._synced
+        self._synced = (packets, octets, behind)
+        if packets > last_packets:
+            self._metric_packets.inc(packets - last_packets)
+            self._metric_bytes.inc(octets - last_octets)
+        if behind > last_behind:
+            metrics.DROPPED_PACKETS.labels(reason="slow_subscriber").inc(behind - last_behind)
 
     def request_keyframe(self) -> None:
         if self.is_video:
@@ -507,8 +583,12 @@ class TrackForwarder:
         if self.paused and not paused and self.is_video:
             for downtrack in self.downtracks:
                 downtrack.waiting_keyframe = True
+            if self.native is not None:
+                self.native.restart()
             self._keyframes.request()
         self.paused = paused
+        if self.native is not None:
+            self.native.paused = paused
 
     def close(self) -> None:
         self._keyframes.close()
@@ -516,12 +596,37 @@ class TrackForwarder:
             downtrack.attached = False
         self.downtracks = ()
         self.switching = ()
+        if self.native is not None:
+            self.sync_metrics()
+            self.native.close()
+            if self._binding is not None and self._bound:
+                self._binding.unbind(self.ssrc)
 
     @property
     def keyframe_requests_sent(self) -> int:
         return self._keyframes.sent
 
     def on_packet(self, packet: RtpPacket) -> None:
+        native = self.native
+        if native is not None:
+            # The native plane forwards this track. Python sees its first packet (which tells
+            # the SSRC to route natively from then on) and the publisher's retransmissions
+            # (RTX, which aiortc unwraps): both go into the native fan-out.
+            unbound = not self._bound
+            if unbound and self._binding is not None:
+                self.ssrc = packet.ssrc
+                self._binding.bind(packet.ssrc, native)
+                self._bound = True
+            level = packet.extensions.audio_level
+            native.inject(
+                packet.sequence_number,
+                packet.timestamp,
+                packet.marker,
+                packet.payload,
+                -1 if level is None else (0x80 if level[0] else 0) | (level[1] & 0x7F),
+                unbound,
+            )
+            return
         self.ssrc = packet.ssrc
         keyframe = False
         if self._is_keyframe is not None and self._is_keyframe(packet.payload):

@@ -65,6 +65,8 @@ from spaces.tasks import spawn, wait_event
 if TYPE_CHECKING:
     from aiortc import RTCRtpTransceiver
 
+    from spaces.media.dataplane import NativePlane
+
 logger = logging.getLogger(__name__)
 
 MAX_SDP_BYTES = 128 * 1024
@@ -144,6 +146,8 @@ class SessionHost(Protocol):
 
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None: ...
 
+    # Optionally ``dataplane: NativePlane | None``, the native data plane (MediaNode has it).
+
     async def release(self, space_id: str, connection_id: str, reason: str) -> None: ...
 
     def session_closed(self, session: Session) -> None: ...
@@ -221,6 +225,11 @@ class Session:
         self._allocating: asyncio.Task[None] | None = None
 
     # --- plumbing --------------------------------------------------------------------------
+
+    @property
+    def _plane(self) -> NativePlane | None:
+        plane: NativePlane | None = getattr(self.node, "dataplane", None)
+        return plane
 
     @property
     def closed(self) -> bool:
@@ -509,6 +518,7 @@ class Session:
         room = self.room
         track_id = declared.track_id or "TR" + ids.new_session_id()[:22]
         interval = self.node.config.node.keyframe_interval_ms / 1000
+        plane = self._plane
 
         def forwarder_for(rid: str, on_level: Callable[[int], None] | None) -> TrackForwarder:
             forwarder: TrackForwarder
@@ -526,6 +536,9 @@ class Session:
                 keyframe_interval_s=interval,
                 on_audio_level=on_level,
                 rid=rid,
+                # The native plane forwards tracks without simulcast (layer switching, with its
+                # VP8 picture id rewrite, runs in Python).
+                native=plane.binding(transceiver) if plane is not None and not rid else None,
             )
             forwarder.set_paused(declared.muted)
             return forwarder
@@ -791,8 +804,12 @@ class Session:
             if sub.track.id not in self.room.tracks:
                 continue
             sink = RtpSink(sub.transceiver)
-            state = self._sender_states.setdefault(sink.ssrc, SenderState())
             source = self._first_source(sub)
+            state = self._sender_states.get(sink.ssrc)
+            if state is None:
+                plane = self._plane
+                native = plane.down(sub.transceiver, sink) if plane is not None else None
+                state = self._sender_states[sink.ssrc] = SenderState(native)
             downtrack = DownTrack(source, sink, state, self.participant_id, limit)
             hook_sender(sub.transceiver.sender, downtrack.request_keyframe, self._nacked(downtrack))
             hook_sender_feedback(sub.transceiver.sender, self._bwe.on_report, self._bwe.on_remb)
