@@ -33,11 +33,29 @@ class Benchmark:
 
 
 def benchmarks() -> dict[str, Benchmark]:
-    from bench import broadcast, browser_join, fanout, join, latency, meetings, redis_ceiling
+    from bench import (
+        broadcast,
+        browser_join,
+        fanout,
+        join,
+        latency,
+        meetings,
+        redis_ceiling,
+        single_port,
+    )
 
     return {
         m.NAME: Benchmark(m.NAME, m.SUMMARY, m.run, m.render)
-        for m in (join, fanout, latency, meetings, broadcast, browser_join, redis_ceiling)
+        for m in (
+            join,
+            fanout,
+            single_port,
+            latency,
+            meetings,
+            broadcast,
+            browser_join,
+            redis_ceiling,
+        )
     }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -130,6 +131,7 @@ async def measure_window(
         "node_forwarded": delta("spaces_forwarded_packets_total"),
         "node_dropped": delta("spaces_dropped_packets_total"),
         "node_keyframe_requests": delta("spaces_keyframe_requests_total"),
+        "node_mux_dropped": delta("spaces_udp_mux_dropped_datagrams_total"),
         "feedback_from_subscribers": merge_feedback([r["feedback_sent"] for r in reports]),
         "feedback_to_publisher": pub_after["feedback_received"],
     }
@@ -255,6 +257,7 @@ def step_row(label: str, n: int, m: dict[str, Any], server: str) -> dict[str, An
         "publisher_retransmissions": m["publisher_retransmissions"],
         "node_dropped": m["node_dropped"],
         "node_keyframe_requests": m["node_keyframe_requests"],
+        "node_mux_dropped": m["node_mux_dropped"],
         "feedback_from_subscribers_per_s": per_second(feedback_in, wall),
         "remb_min_bps_from_subscribers": feedback_in.get("remb_min_bps", 0),
         "feedback_to_publisher_per_s": per_second(m["feedback_to_publisher"], wall),
@@ -288,15 +291,23 @@ def step_limit(row: dict[str, Any], server: str) -> str:
     return ""
 
 
-async def run_spaces(plan: Plan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+async def run_spaces(
+    plan: Plan,
+    *,
+    label: str = "spaces",
+    node_env: dict[str, str] | None = None,
+    on_step: Callable[[dict[str, Any], int], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The Spaces steps. ``node_env`` configures the media node (``bench single-port`` runs
+    this twice, once per UDP mode); ``on_step(row, node_pid)`` adds to each step's row."""
     cluster = Cluster()
-    system = System("spaces", cluster, plan)
+    system = System(label, cluster, plan)
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"join_ms": []}
     try:
         redis_pid = cluster.start_redis()
         api = cluster.start_spaces("api", "serve", "--services", "control,auth,presence")
-        node = cluster.start_spaces("node", "media-node")
+        node = cluster.start_spaces("node", "media-node", **(node_env or {}))
         await asyncio.gather(cluster.wait_serving(api), cluster.wait_serving(node))
         admin = Admin(api.address, cluster.admin_key)
         key = await admin.signing_key()
@@ -310,7 +321,7 @@ async def run_spaces(plan: Plan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             {"mode": "spaces", "token": key.token(space_id), "address": api.address}
         )
         for n in plan.steps:
-            say(f"fanout/spaces: {n} subscriber(s)")
+            say(f"fanout/{label}: {n} subscriber(s)")
             extra["join_ms"] += await system.grow(n)
             await asyncio.sleep(plan.warmup_s)
             m = await measure_window(
@@ -335,6 +346,8 @@ async def run_spaces(plan: Plan) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             row["late_first_frame_ms"] = late["first_frame_ms"]
             row["late_joined_ms"] = late["joined_ms"]
             row["late_connected_ms"] = late["connected_ms"]
+            if on_step is not None:
+                on_step(row, node.pid)
             rows.append(row)
             say(
                 f"  node {row['server_cores']:.3f} cores, {row['forwarded_pps']:.0f} pkt/s, "

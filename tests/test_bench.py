@@ -37,6 +37,7 @@ def test_help_lists_every_benchmark() -> None:
     for name in (
         "join",
         "fanout",
+        "single-port",
         "latency",
         "meetings",
         "broadcast",
@@ -65,6 +66,15 @@ FIGURES = {
         "summary.pps_per_core_at_max",
         "summary.late_first_frame_ms_all_steps.p95",
         "summary.relay_vs_spaces_ratio",
+    ],
+    "single-port": [
+        "summary.modes.port-range.marginal_cores_per_subscriber",
+        "summary.modes.single-port.marginal_cores_per_subscriber",
+        "summary.modes.single-port.udp_sockets_at_max",
+        "summary.modes.port-range.udp_sockets_at_max",
+        "summary.modes.single-port.mux_dropped",
+        "summary.single_vs_range_marginal_ratio",
+        "summary.single_vs_range_cores_ratio",
     ],
     "latency": [
         "summary.added_p50_ms",
