@@ -297,9 +297,11 @@ async def run_spaces(
     label: str = "spaces",
     node_env: dict[str, str] | None = None,
     on_step: Callable[[dict[str, Any], int], None] | None = None,
+    limit: Callable[[dict[str, Any]], str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The Spaces steps. ``node_env`` configures the media node (``bench single-port`` runs
-    this twice, once per UDP mode); ``on_step(row, node_pid)`` adds to each step's row."""
+    this twice, once per UDP mode); ``on_step(row, node_pid)`` adds to each step's row;
+    ``limit(row)`` replaces ``step_limit`` as the rule for the last step."""
     cluster = Cluster()
     system = System(label, cluster, plan)
     rows: list[dict[str, Any]] = []
@@ -353,10 +355,10 @@ async def run_spaces(
                 f"  node {row['server_cores']:.3f} cores, {row['forwarded_pps']:.0f} pkt/s, "
                 f"loss {row['loss']:.4%}, generators {row['generator_cores']:.2f} cores"
             )
-            limit = step_limit(row, "node")
-            if limit:
-                row["limit"] = limit
-                say(f"  stopping: {limit}")
+            reason = limit(row) if limit is not None else step_limit(row, "node")
+            if reason:
+                row["limit"] = reason
+                say(f"  stopping: {reason}")
                 break
     finally:
         await system.close()
