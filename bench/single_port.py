@@ -27,7 +27,7 @@ SUMMARY = "fan-out through a node with a port per peer connection vs one UDP por
 MODES = ("port-range", "single-port")
 
 FULL = fanout.Plan(
-    steps=(1, 10, 20, 40, 60),
+    steps=(1, 5, 10, 20, 30),
     relay_steps=(),
     window_s=10.0,
     warmup_s=3.0,
