@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.cluster import Admin, Cluster, metric, scrape
 from bench.common import CpuWindow, fmt, percentile, say, table, wait_quiet
-from bench.ipc import Worker, stop_all
+from bench.ipc import Worker, WorkerError, stop_all
 from bench.peers import PUBLISHER_COLOR, Window, ratio_lost, window_loss
 
 NAME = "fanout"
@@ -298,10 +298,13 @@ async def run_spaces(
     node_env: dict[str, str] | None = None,
     on_step: Callable[[dict[str, Any], int], None] | None = None,
     limit: Callable[[dict[str, Any]], str] | None = None,
+    stop_on_join_failure: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The Spaces steps. ``node_env`` configures the media node (``bench single-port`` runs
     this twice, once per UDP mode); ``on_step(row, node_pid)`` adds to each step's row;
-    ``limit(row)`` replaces ``step_limit`` as the rule for the last step."""
+    ``limit(row)`` replaces ``step_limit`` as the rule for the last step. With
+    ``stop_on_join_failure``, subscribers that cannot join a step end the steps (recorded in
+    ``extra["stopped"]``) instead of the run."""
     cluster = Cluster()
     system = System(label, cluster, plan)
     rows: list[dict[str, Any]] = []
@@ -324,7 +327,14 @@ async def run_spaces(
         )
         for n in plan.steps:
             say(f"fanout/{label}: {n} subscriber(s)")
-            extra["join_ms"] += await system.grow(n)
+            try:
+                extra["join_ms"] += await system.grow(n)
+            except WorkerError as exc:
+                if not stop_on_join_failure:
+                    raise
+                extra["stopped"] = f"N = {n}: {str(exc).splitlines()[0]}"
+                say(f"  stopping: subscribers could not join ({extra['stopped']})")
+                break
             await asyncio.sleep(plan.warmup_s)
             m = await measure_window(
                 system.pids,

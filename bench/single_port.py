@@ -162,17 +162,30 @@ async def run(quick: bool) -> dict[str, Any]:
     load_before = loadavg()
     by_mode: dict[str, list[dict[str, Any]]] = {}
     samples: dict[str, Any] = {}
+    stopped: dict[str, str] = {}
     for mode in MODES:
         say(f"single-port: the node in {mode} mode")
         rows, extra = await fanout.run_spaces(
-            plan, label=mode, node_env=node_env(mode), on_step=count_sockets, limit=step_limit
+            plan,
+            label=mode,
+            node_env=node_env(mode),
+            on_step=count_sockets,
+            limit=step_limit,
+            stop_on_join_failure=True,
         )
         for row in rows:
             row["mode"] = mode
         by_mode[mode] = rows
         samples[mode] = extra.get("decoded_sample")
+        if extra.get("stopped"):
+            stopped[mode] = extra["stopped"]
     ratios = compare(by_mode)
-    summaries = {mode: mode_summary(rows) for mode, rows in by_mode.items()}
+    # Both modes are judged over the steps both took.
+    common = set.intersection(*({r["subscribers"] for r in rows} for rows in by_mode.values()))
+    summaries = {
+        mode: mode_summary([r for r in rows if r["subscribers"] in common] or rows)
+        for mode, rows in by_mode.items()
+    }
     ranged, single = summaries["port-range"], summaries["single-port"]
     marginal_ratio = (
         single["marginal_cores_per_subscriber"] / ranged["marginal_cores_per_subscriber"]
@@ -186,6 +199,7 @@ async def run(quick: bool) -> dict[str, Any]:
         "single_vs_range_cores_ratio": headline["ratio"] if headline else math.nan,
         "ratio_at_subscribers": headline["subscribers"] if headline else 0,
         "decoded_sample": samples,
+        "stopped": stopped,
     }
     targets = [
         {
@@ -301,6 +315,8 @@ def render(result: dict[str, Any]) -> str:
         f"node cores at N = {s['ratio_at_subscribers']} "
         f"{fmt(s['single_vs_range_cores_ratio'], 2)}x"
     )
+    for mode, reason in (s.get("stopped") or {}).items():
+        out.append(f"{mode}: stopped before its next step: {reason}")
     load = result.get("load", {})
     out.append(
         f"load average before / after: {load.get('loadavg_before')} / {load.get('loadavg_after')}"
