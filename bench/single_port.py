@@ -97,6 +97,10 @@ def step_limit(row: dict[str, Any]) -> str:
     machine others share, and the table shows how busy it was."""
     if not max(row["loss"], row["frame_loss"]) <= fanout.LOSS_LIMIT:
         return f"loss {max(row['loss'], row['frame_loss']):.2%}"
+    if not row["frame_delivery"] >= 1 - fanout.DELIVERY_SHORTFALL:
+        # No loss by sequence number, but frames did not arrive (or were never sent: the
+        # publisher's connection died on an overloaded machine).
+        return f"subscribers received {row['frame_delivery']:.1%} of the published frames"
     if row["server_cores"] > fanout.SATURATED:
         return f"node saturated ({row['server_cores']:.2f} cores)"
     return ""
@@ -119,8 +123,16 @@ def _late(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [v for r in rows for v in r.get(key, []) if v is not None]
 
 
+def carried(row: dict[str, Any]) -> bool:
+    """The step delivered the stream: no loss, and (nearly) every published frame arrived."""
+    return (
+        max(row["loss"], row["frame_loss"]) <= fanout.LOSS_LIMIT
+        and row["frame_delivery"] >= 1 - fanout.DELIVERY_SHORTFALL
+    )
+
+
 def mode_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    clean = [r for r in rows if max(r["loss"], r["frame_loss"]) <= fanout.LOSS_LIMIT] or rows
+    clean = [r for r in rows if carried(r)] or rows
     largest = max(clean, key=lambda r: r["subscribers"])
     first_frame = _late(rows, "late_first_frame_ms")
     connected = _late(rows, "late_connected_ms")
@@ -140,11 +152,11 @@ def mode_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def compare(by_mode: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Node cores per subscriber, single-port over port-range, at each N both modes reached."""
-    ranged = {r["subscribers"]: r for r in by_mode["port-range"]}
+    ranged = {r["subscribers"]: r for r in by_mode["port-range"] if carried(r)}
     out = []
     for r in by_mode["single-port"]:
         base = ranged.get(r["subscribers"])
-        if base is None or base["server_cores"] <= 0:
+        if base is None or base["server_cores"] <= 0 or not carried(r):
             continue
         out.append(
             {
@@ -181,7 +193,9 @@ async def run(quick: bool) -> dict[str, Any]:
             stopped[mode] = extra["stopped"]
     ratios = compare(by_mode)
     # Both modes are judged over the steps both took.
-    common = set.intersection(*({r["subscribers"] for r in rows} for rows in by_mode.values()))
+    common = set.intersection(
+        *({r["subscribers"] for r in rows if carried(r)} for rows in by_mode.values())
+    )
     summaries = {
         mode: mode_summary([r for r in rows if r["subscribers"] in common] or rows)
         for mode, rows in by_mode.items()
