@@ -303,8 +303,8 @@ async def run_spaces(
     """The Spaces steps. ``node_env`` configures the media node (``bench single-port`` runs
     this twice, once per UDP mode); ``on_step(row, node_pid)`` adds to each step's row;
     ``limit(row)`` replaces ``step_limit`` as the rule for the last step. With
-    ``stop_on_join_failure``, subscribers that cannot join a step end the steps (recorded in
-    ``extra["stopped"]``) instead of the run."""
+    ``stop_on_join_failure``, subscribers or late joiners that cannot join end the steps
+    (recorded in ``extra["stopped"]``) instead of the run."""
     cluster = Cluster()
     system = System(label, cluster, plan)
     rows: list[dict[str, Any]] = []
@@ -344,7 +344,18 @@ async def run_spaces(
                 plan.quick,
                 node.metrics_port,
             )
-            late = await system.late_joiners(plan.late_per_step)
+            try:
+                late = await system.late_joiners(plan.late_per_step)
+            except WorkerError as exc:
+                if not stop_on_join_failure:
+                    raise
+                # The window was measured: keep the step, without late joiners.
+                extra["stopped"] = f"N = {n} (late joiners): {str(exc).splitlines()[0]}"
+                say(f"  stopping: late joiners could not join ({extra['stopped']})")
+                rows.append(step_row("spaces", n, m, "node"))
+                if on_step is not None:
+                    on_step(rows[-1], node.pid)
+                break
             if "decoded_sample" not in extra:
                 # One late joiner that decodes, at the lightest load: the forwarded stream
                 # must decode into the publisher's test pattern.

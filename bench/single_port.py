@@ -27,11 +27,11 @@ SUMMARY = "fan-out through a node with a port per peer connection vs one UDP por
 MODES = ("port-range", "single-port")
 
 FULL = fanout.Plan(
-    steps=(1, 5, 10, 20, 30),
+    steps=(1, 5, 10, 20),
     relay_steps=(),
     window_s=10.0,
     warmup_s=3.0,
-    late_per_step=3,
+    late_per_step=2,
     workers=2,
 )
 QUICK = fanout.Plan(
