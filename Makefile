@@ -12,13 +12,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 NETNS := tests/in-netns
 
-.PHONY: help install generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn media-tools web-deps clean
+.PHONY: help install native-deps generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn media-tools web-deps clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
+native-deps: ## Install what the native data plane builds against: Debian's libsrtp2-dev and libssl-dev, if missing
+	@{ dpkg -s libsrtp2-dev && dpkg -s libssl-dev; } >/dev/null 2>&1 || { \
+		echo "libsrtp2-dev or libssl-dev not found: installing them (the native data plane links them)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libsrtp2-dev libssl-dev; }
+
 # pip's output goes to .venv/install.log (shown only if it fails); the terminal gets a summary.
-$(STAMP): pyproject.toml
+# The native extension (media-node/native/) is built by the same `pip install -e`.
+$(STAMP): pyproject.toml setup.py media-node/native/dataplane.c | native-deps
 	@start=$$(date +%s); log=$(VENV)/install.log; \
 	echo "==> setting up $(VENV): the project and its dependencies (first run: about 30 s)"; \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || exit 1; \
@@ -31,7 +38,7 @@ $(STAMP): pyproject.toml
 		--format=freeze 2>/dev/null | wc -l) packages; log: $$log)"
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project with its test dependencies (idempotent)
+install: $(STAMP) ## Create .venv and install the project (and build its native extension) with its test dependencies (idempotent)
 
 generate: $(STAMP) ## Regenerate the protobuf and gRPC code into services/spaces/v1
 	$(BIN)/python -m grpc_tools.protoc -Iprotos \

@@ -36,6 +36,7 @@ def benchmarks() -> dict[str, Benchmark]:
     from bench import (
         broadcast,
         browser_join,
+        dataplane,
         fanout,
         join,
         latency,
@@ -52,6 +53,7 @@ def benchmarks() -> dict[str, Benchmark]:
             single_port,
             latency,
             meetings,
+            dataplane,
             broadcast,
             browser_join,
             redis_ceiling,

@@ -83,6 +83,12 @@ FIGURES = {
         "summary.spaces_p99_ms",
     ],
     "meetings": ["summary.participants_per_core", "summary.node_cores_per_participant"],
+    "dataplane": [
+        "summary.receive_us_native",
+        "summary.receive_us_python",
+        "summary.per_subscriber_us_native",
+        "summary.per_subscriber_us_python",
+    ],
     "redis": [
         "summary.redis_us_per_participant_s",
         "summary.participants_at_70pct_core",
@@ -91,6 +97,9 @@ FIGURES = {
         "summary.participant_in_pings",
         "summary.script_us_per_participant_s",
         "summary.script_us.renew",
+        "summary.measured_participants_redis_cores",
+        "summary.measured_sessions_per_s",
+        "summary.measured_sessions_redis_cores",
         "baseline.redis_us_per_ping",
     ],
     "browser-join": [

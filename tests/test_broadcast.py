@@ -22,7 +22,13 @@ from spaces.sdk import client as sdk
 from spaces.sdk.media import TestPatternTrack, ToneTrack
 from spaces.server import SpacesServer
 from spaces.v1 import broadcast_pb2, broadcast_pb2_grpc
-from tests.support.rtmp import RtmpServer, decode_audio, decode_video, probe
+from tests.support.rtmp import (
+    RtmpServer,
+    decode_audio,
+    decode_video,
+    last_video_frame,
+    probe,
+)
 from tests.support.system import ADMIN_KEY, Admin, Tenant, eventually, make_config, start_server
 
 MD = (("authorization", f"Bearer {ADMIN_KEY}"),)
@@ -95,10 +101,13 @@ async def start(stub: Any, space_id: str, broadcast_id: str) -> broadcast_pb2.Br
 
 
 def frames_of(rtmp: RtmpServer, key: str, at_least: int) -> list[tuple[float, Any]]:
+    """(pts, picture) of the frames of the newest recording with ``at_least`` of them; only
+    the last frame's picture is kept (the others' are None: pictures are megabytes)."""
     for path in reversed(rtmp.recordings(key)):
-        frames = decode_video(path)
+        frames = decode_video(path, keep=lambda image: None)
         if len(frames) >= at_least:
-            return frames
+            last = last_video_frame(path)
+            return [*frames[:-1], (frames[-1][0], last)]
     return []
 
 
@@ -139,7 +148,8 @@ async def test_gallery_of_three_publishers_at_720p_arrives_as_h264_and_aac(
     finally:
         for p in people:
             await p.leave()
-    path = rtmp.recordings("gallery")[-1]
+    # The recording those frames came from (the newest, unless it restarted since).
+    path = max(rtmp.recordings("gallery"), key=lambda p: len(decode_video(p, keep=len)))
     streams = {s["codec_type"]: s for s in probe(path)["streams"]}
     assert streams["video"]["codec_name"] == "h264"
     assert (streams["video"]["width"], streams["video"]["height"]) == (1280, 720)
@@ -157,15 +167,16 @@ async def test_gallery_of_three_publishers_at_720p_arrives_as_h264_and_aac(
     pts = [t for t, _ in frames]
     assert all(b > a for a, b in itertools.pairwise(pts))
     assert (len(pts) - 1) / (pts[-1] - pts[0]) == pytest.approx(30, abs=1.5)
-    audio = decode_audio(path)
-    level = np.sqrt(np.mean(np.concatenate([s for _, s in audio[-100:]]) ** 2))
-    assert level > 0.05, level  # three tones, mixed
+    # The sound of the same stretch as those frames (the publishers have left since).
+    whole = decode_audio(path)
+    audio = [s for t, s in whole if pts[0] <= t <= pts[-1]]
+    level = np.sqrt(np.mean(np.concatenate(audio[-100:]) ** 2))
+    assert level > 0.05, (level, len(whole))  # three tones, mixed
 
 
 def latest_frame(rtmp: RtmpServer, key: str) -> Any:
     paths = rtmp.recordings(key)
-    frames = decode_video(paths[-1]) if paths else []
-    return frames[-1][1] if frames else None
+    return last_video_frame(paths[-1]) if paths else None
 
 
 async def wait_color(
@@ -507,3 +518,172 @@ async def test_bad_input_gets_a_clear_error_and_leaves_nothing(
     )
     assert ok.rtmp_url == "rtmps://h:443/app" and ok.background == "inline"
     assert len(ok.background_sha256) == 64
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+def packet_times(path: Path) -> dict[str, list[float]]:
+    """Presentation times (seconds) of a recording's video and audio packets, and the video
+    packets' decoding times, in file order."""
+    import av
+
+    times: dict[str, list[float]] = {"video": [], "audio": [], "video_dts": []}
+    with av.open(str(path)) as container:
+        for packet in container.demux():
+            if packet.pts is not None and packet.stream.type in times:
+                times[packet.stream.type].append(float(packet.pts * packet.time_base))
+                if packet.stream.type == "video" and packet.dts is not None:
+                    times["video_dts"].append(float(packet.dts * packet.time_base))
+    return times
+
+
+def gallery_rects(count: int) -> list[tuple[int, int, int, int]]:
+    from spaces.broadcast.layouts import Subject, layout
+
+    subjects = [Subject(f"p{i}") for i in range(count)]
+    return [
+        (t.rect.x, t.rect.y, t.rect.w, t.rect.h) for t in layout("gallery", subjects, 1280, 720)
+    ]
+
+
+async def stop_and_delete(stub: Any, space_id: str, broadcast_id: str) -> None:
+    await stub.StopBroadcast(
+        broadcast_pb2.StopBroadcastRequest(space_id=space_id, broadcast_id=broadcast_id),
+        metadata=MD,
+    )
+    await stub.DeleteBroadcast(
+        broadcast_pb2.DeleteBroadcastRequest(space_id=space_id, broadcast_id=broadcast_id),
+        metadata=MD,
+    )
+
+
+async def test_joining_and_leaving_mid_broadcast_relays_out_with_no_gap_in_the_timestamps(
+    bworld: tuple, rtmp: RtmpServer
+) -> None:
+    server, _, tenant, space_id, stub = bworld
+    red = await publisher(server, tenant, space_id, "red", COLORS["red"], audio=0.2)
+    try:
+        b = await create(
+            stub,
+            space_id,
+            rtmp.url(),
+            stream_key="relayout",
+            resolution=broadcast_pb2.BROADCAST_RESOLUTION_1280X720,
+        )
+        await start(stub, space_id, b.id)
+        [alone] = gallery_rects(1)
+        await wait_color(rtmp, "relayout", alone, COLORS["red"], timeout=60)
+        await asyncio.sleep(2.0)
+        green = await publisher(server, tenant, space_id, "green", COLORS["green"], audio=0.2)
+        left, right = gallery_rects(2)
+        await wait_color(rtmp, "relayout", right, COLORS["green"], timeout=30)
+        await wait_color(rtmp, "relayout", left, COLORS["red"], timeout=5)
+        await asyncio.sleep(2.0)
+        await green.leave()
+        await wait_color(rtmp, "relayout", alone, COLORS["red"], timeout=30)
+        await asyncio.sleep(2.0)
+        status = dict(next(iter(server.broadcaster.runs.values())).status)
+        await stop_and_delete(stub, space_id, b.id)
+    finally:
+        await red.leave()
+    # One publish from start to stop (no reconnect), through the join and the leave.
+    [path] = rtmp.recordings("relayout")
+    times = await asyncio.to_thread(packet_times, path)
+    video, audio = times["video"], times["audio"]
+    assert len(video) > 150, len(video)
+    # Video: no backstep and no gap. Every 1/30 s slot has a frame (FLV stamps are whole
+    # milliseconds: 33 or 34 ms apart).
+    shown = sorted(video)
+    assert len(set(shown)) == len(shown), "two frames with one timestamp"
+    gaps = [b - a for a, b in itertools.pairwise(shown)]
+    holes = [
+        (round(t, 3), round(g, 3))
+        for t, g in zip(shown, gaps, strict=False)
+        if not 0.032 <= g <= 0.035
+    ]
+    assert not holes, (status, holes, len(shown))
+    assert (len(shown) - 1) / (shown[-1] - shown[0]) == pytest.approx(30, abs=0.1)
+    # Decoding order only ever moves forward too.
+    assert all(b > a for a, b in itertools.pairwise(times["video_dts"]))
+    # Audio: continuous AAC frames (1024 samples, 21.3 ms) from the first to the last.
+    assert all(b > a for a, b in itertools.pairwise(audio))
+    agaps = [b - a for a, b in itertools.pairwise(audio)]
+    assert max(agaps) <= 0.023 and min(agaps) >= 0.020, (min(agaps), max(agaps))
+    assert audio[-1] - audio[0] == pytest.approx(shown[-1] - shown[0], abs=0.1)
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The /metrics text of a server, as {'name{labels}': value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def test_metrics_show_the_broadcast_its_frames_cpu_and_rtmp_errors_while_rtmp_is_down() -> (
+    None
+):
+    from tests.support.system import free_port
+
+    config = make_config(
+        services=("control", "auth", "presence", "media", "broadcaster"),
+        broadcast=FAST_BROADCASTS,
+        metrics_addr="127.0.0.1:0",
+    )
+    server = await start_server(config)
+    admin = Admin(server.address)
+    stub = broadcast_pb2_grpc.BroadcastServiceStub(admin.channel)
+    port = server.metrics_port
+    rtmp_errors = 'spaces_broadcast_errors_total{kind="rtmp"}'
+    composed = 'spaces_broadcast_frames_total{result="composed"}'
+    try:
+        tenant = Tenant(await admin.create_key())
+        space_id = await admin.create_space()
+        alice = await publisher(server, tenant, space_id, "alice", COLORS["red"], audio=0.2)
+        before = await asyncio.to_thread(scrape, port)
+        # Nothing listens on this port: every attempt is refused, and retried.
+        b = await create(stub, space_id, f"rtmp://127.0.0.1:{free_port()}/live/down")
+        await start(stub, space_id, b.id)
+
+        async def errors_over(count: float) -> dict[str, float] | None:
+            now = await asyncio.to_thread(scrape, port)
+            return now if now.get(rtmp_errors, 0) - before.get(rtmp_errors, 0) > count else None
+
+        first = await eventually(lambda: errors_over(0), timeout=30, interval=0.5)
+        # It keeps retrying (with backoff), and each refusal is counted.
+        later = await eventually(
+            lambda: errors_over(first[rtmp_errors] - before.get(rtmp_errors, 0)),
+            timeout=15,
+            interval=0.5,
+        )
+        assert later["spaces_broadcasts_active"] == before["spaces_broadcasts_active"] + 1
+        # The composer keeps its clock (and composes) while the server is down.
+        assert later[composed] > before.get(composed, 0)
+        assert 'spaces_broadcast_frames_total{result="dropped"}' in later
+        cpu = later[f'spaces_broadcast_cpu_cores{{broadcast_id="{b.id}"}}']
+        assert cpu > 0, cpu
+        await alice.leave()  # the space goes idle: the broadcast stops, its gauges go
+        gone = await eventually(
+            lambda: asyncio.to_thread(
+                lambda: (
+                    (m := scrape(port))["spaces_broadcasts_active"]
+                    == before["spaces_broadcasts_active"]
+                    and m
+                )
+            ),
+            timeout=15,
+        )
+        assert f'spaces_broadcast_cpu_cores{{broadcast_id="{b.id}"}}' not in gone
+    finally:
+        await admin.close()
+        await server.stop()

@@ -52,6 +52,9 @@ export declare const SpaceEvent: {
   readonly ParticipantCustomEventPublished: "ParticipantCustomEventPublished";
   /** args: (RemoteParticipant | LocalParticipant) */
   readonly ParticipantDisplayNameChanged: "ParticipantDisplayNameChanged";
+  /** Spaces only: this page receives audio only (its link cannot carry even the lowest video
+   * layers), or video resumed. args: (active: boolean, estimatedBitrate: number) */
+  readonly AudioOnlyChanged: "AudioOnlyChanged";
 };
 export type SpaceEvent = (typeof SpaceEvent)[keyof typeof SpaceEvent];
 
@@ -277,6 +280,25 @@ export interface SpaceOptionsParams {
   backendUrl?: string;
 }
 
+/** Spaces only: what {@link Space.setVideoQuality} may ask for. */
+export declare const VideoQuality: {
+  readonly Low: "low";
+  readonly Medium: "medium";
+  readonly High: "high";
+  /** No video of the track. */
+  readonly Off: "off";
+  /** No limit: the best layer the link carries. */
+  readonly Auto: "";
+};
+export type VideoQuality = (typeof VideoQuality)[keyof typeof VideoQuality];
+
+export interface VideoQualityRequest {
+  quality?: VideoQuality;
+  /** The size the track is rendered at: the server sends the smallest layer that covers it. */
+  width?: number;
+  height?: number;
+}
+
 export type SpaceState = "new" | "joining" | "joined" | "reconnecting" | "closed" | "left";
 
 export declare class Space extends Emitter {
@@ -293,6 +315,11 @@ export declare class Space extends Emitter {
   /** Rejects with JWTError or ConnectionError carrying the server's error type and message. */
   join(): Promise<LocalParticipant>;
   leave(): void;
+  /** Spaces only: whether this page receives audio only (see SpaceEvent.AudioOnlyChanged). */
+  audioOnly: boolean;
+  /** Spaces only: the most this page wants of a remote video track (a simulcast layer by
+   * quality, or by the size it is rendered at). Kept across reconnects. */
+  setVideoQuality(track: RemoteTrack, request?: VideoQualityRequest): void;
 }
 
 // --- media ---------------------------------------------------------------------------------

@@ -44,6 +44,19 @@ export const SpaceEvent = Object.freeze({
   BroadcastStateChanged: "BroadcastStateChanged",
   ParticipantCustomEventPublished: "ParticipantCustomEventPublished",
   ParticipantDisplayNameChanged: "ParticipantDisplayNameChanged",
+  /** Spaces only: this page's link cannot carry even the lowest video layers, so it receives
+   * audio only (true), or video resumed (false). args: (active: boolean, estimatedBitrate). */
+  AudioOnlyChanged: "AudioOnlyChanged",
+});
+
+/** What {@link Space.setVideoQuality} may ask of a remote video track. */
+export const VideoQuality = Object.freeze({
+  Low: "low",
+  Medium: "medium",
+  High: "high",
+  Off: "off",
+  /** No limit: the best layer the link carries. */
+  Auto: "",
 });
 
 /** Events a {@link RemoteParticipant} or {@link LocalParticipant} emits. */
@@ -676,6 +689,8 @@ export class Space extends Emitter {
   #publishing = Promise.resolve();
   #subscribed = new Set();
   #speaking = new Set();
+  #simulcast = { camera_encodings: [], screenshare_encodings: [] };
+  #qualities = new Map();
 
   constructor(token, options = {}) {
     super();
@@ -701,6 +716,8 @@ export class Space extends Emitter {
     this._local = new LocalParticipant(this, decodeRole(token));
     this._local.displayName = name;
     this.broadcasting = false;
+    /** Spaces only: whether this page receives audio only (its link cannot carry video). */
+    this.audioOnly = false;
     this.sessionId = undefined;
     /** @type {{participant: RemoteParticipant | LocalParticipant, track: Track}[]} */
     this.activeSpeakers = [];
@@ -835,6 +852,7 @@ export class Space extends Emitter {
     this.localParticipant = local;
     this.sessionId = joined.session_id;
     this.#limits = joined.limits ?? this.#limits;
+    this.#simulcast = joined.simulcast ?? this.#simulcast;
     this.#iceServers = (joined.ice_servers ?? []).map((s) => ({
       urls: s.urls,
       username: s.username || undefined,
@@ -912,6 +930,7 @@ export class Space extends Emitter {
    * subscriptions again. */
   async #restore() {
     if (this._local.getTracks().length) await this.#negotiate();
+    for (const [tid, request] of this.#qualities) this.#conn?.send({ set_video_quality: { tid, ...request } });
     const wanted = [...this.#participants.values()].filter((p) => this.#subscribed.has(p.id));
     if (wanted.length) await this.#sendSubscription(wanted, true);
   }
@@ -968,6 +987,13 @@ export class Space extends Emitter {
       case "subscribe_tracks":
       case "unsubscribe_tracks":
         conn.requests.get(message.request_id)?.resolve(body);
+        break;
+      case "audio_only":
+        this.audioOnly = !!body.active;
+        this.emit(SpaceEvent.AudioOnlyChanged, this.audioOnly, body.estimated_bitrate ?? 0);
+        break;
+      case "layers_wanted":
+        await this.#layersWanted(conn, body.tid, body.rids ?? []);
         break;
       case "broadcast_state_update": {
         const broadcasting = body === 1;
@@ -1302,7 +1328,10 @@ export class Space extends Emitter {
       transceiver.direction = "inactive";
     }
     for (const track of fresh) {
-      conn.sending.set(track, pc.addTransceiver(track.track, { direction: "sendonly" }));
+      const init = { direction: "sendonly" };
+      const encodings = this.#encodings(track);
+      if (encodings.length) init.sendEncodings = encodings;
+      conn.sending.set(track, pc.addTransceiver(track.track, init));
     }
     await pc.setLocalDescription(await pc.createOffer());
     for (const track of fresh) conn.send({ pending_track: track._declaration(conn.sending.get(track).mid) });
@@ -1339,6 +1368,53 @@ export class Space extends Emitter {
       }
       throw error;
     }
+  }
+
+  /** The simulcast encodings the server handed out for this track's source (Mux's format). */
+  #encodings(track) {
+    if (track.kind !== TrackKind.Video) return [];
+    const list =
+      track.source === TrackSource.Screenshare
+        ? this.#simulcast.screenshare_encodings
+        : this.#simulcast.camera_encodings;
+    return (list ?? []).map((e) => {
+      const encoding = { rid: e.rid, active: true };
+      if (e.max_bitrate > 0) encoding.maxBitrate = e.max_bitrate;
+      if (e.scale_resolution_down_by > 0) encoding.scaleResolutionDownBy = e.scale_resolution_down_by;
+      if (e.max_framerate > 0) encoding.maxFramerate = e.max_framerate;
+      return encoding;
+    });
+  }
+
+  /** Dynacast: send only the layers of a published track that some subscriber receives. */
+  async #layersWanted(conn, tid, rids) {
+    const track = [...conn.sending.keys()].find((t) => t.tid === tid);
+    const sender = track && conn.sending.get(track)?.sender;
+    if (!sender) return;
+    const parameters = sender.getParameters();
+    if (!parameters.encodings || parameters.encodings.length < 2) return;
+    let changed = false;
+    for (const encoding of parameters.encodings) {
+      const active = rids.includes(encoding.rid);
+      if (encoding.active !== active) {
+        encoding.active = active;
+        changed = true;
+      }
+    }
+    if (changed) await sender.setParameters(parameters).catch((e) => console.warn("spaces: layers", e));
+  }
+
+  /** Spaces only: the most this page wants of a remote video track, a quality
+   * ({@link VideoQuality}) and/or the size it renders the track at; the server sends the best
+   * simulcast layer within it that the link carries. Kept across reconnects. */
+  setVideoQuality(track, { quality = "", width = 0, height = 0 } = {}) {
+    if (!(track instanceof RemoteTrack) || track.kind !== TrackKind.Video) {
+      throw new TypeError("setVideoQuality needs a remote video track");
+    }
+    if (!Object.values(VideoQuality).includes(quality)) throw new TypeError(`unknown quality ${quality}`);
+    const request = { quality, width: Math.round(width), height: Math.round(height) };
+    this.#qualities.set(track.tid, request);
+    this.#conn?.send({ set_video_quality: { tid: track.tid, ...request } });
   }
 
   // --- requests -----------------------------------------------------------------------------

@@ -134,6 +134,9 @@ class TurnConfig:
         return bool(self.urls)
 
 
+DATAPLANES = ("native", "python")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """One media node."""
@@ -166,6 +169,11 @@ class NodeConfig:
     """Announced to video publishers every second (REMB): the most each track may send."""
     subscriber_answer_timeout_s: float = 20.0
     """A client that leaves a subscriber offer unanswered this long loses its session."""
+    malloc_trim_interval_s: float = 10.0
+    """After sessions end, freed heap memory goes back to the OS (glibc ``malloc_trim``) this
+    often; 0 never (spaces.media.allocator)."""
+    dataplane: str = "native"
+    """Per-packet work: "native" (the C extension spaces.media._dataplane) or "python"."""
 
     def __post_init__(self) -> None:
         if (self.udp_port_min == 0) != (self.udp_port_max == 0):
@@ -180,6 +188,10 @@ class NodeConfig:
             raise ValueError("SPACES_MEDIA_UDP_ADVERTISE_PORT needs SPACES_MEDIA_UDP_PORT")
         if self.drain_grace_s < 0:
             raise ValueError("drain grace must not be negative")
+        if self.malloc_trim_interval_s < 0:
+            raise ValueError("the malloc trim interval must not be negative")
+        if self.dataplane not in DATAPLANES:
+            raise ValueError("SPACES_MEDIA_DATAPLANE must be native or python")
 
 
 @dataclass(frozen=True)
@@ -247,13 +259,78 @@ class SignalConfig:
     dev_tokens: bool = True
     """The meeting page's token helper. Only ever active in the embedded mode on a loopback
     listener."""
-    camera_encodings: tuple[dict[str, int | float | str], ...] = ()
-    screenshare_encodings: tuple[dict[str, int | float | str], ...] = ()
-    """Simulcast encodings handed to browsers in ``joined.simulcast`` (empty: one encoding)."""
 
     def __post_init__(self) -> None:
         if self.ping_interval_s < 0 or self.join_timeout_s <= 0:
             raise ValueError("signal ping interval and join timeout must be positive")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One simulcast layer a browser publishes (an RTCRtpEncodingParameters)."""
+
+    rid: str
+    scale_resolution_down_by: float
+    """The layer's size is the track's divided by this (>= 1)."""
+    max_bitrate: int
+    """bits per second."""
+    max_framerate: float = 0.0
+    """0: the track's frame rate."""
+
+    def __post_init__(self) -> None:
+        if not self.rid or len(self.rid) > 16 or not self.rid.isalnum():
+            raise ValueError("a simulcast rid must be 1-16 letters or digits")
+        if self.scale_resolution_down_by < 1 or self.max_bitrate <= 0 or self.max_framerate < 0:
+            raise ValueError("a simulcast layer needs a scale >= 1 and a positive bitrate")
+
+    def mux(self) -> dict[str, int | float | str]:
+        """As Mux's ``joined.simulcast`` carried it (its SDK maps these to sendEncodings)."""
+        entry: dict[str, int | float | str] = {
+            "rid": self.rid,
+            "max_bitrate": self.max_bitrate,
+            "scale_resolution_down_by": self.scale_resolution_down_by,
+        }
+        if self.max_framerate:
+            entry["max_framerate"] = self.max_framerate
+        return entry
+
+
+CAMERA_LAYERS = "q/4/150,h/2/500,f/1/1500"
+"""``SPACES_SIMULCAST_CAMERA``'s default: 180p at 150 kbps, 360p at 500 kbps, 720p at 1.5 Mbps
+(of a 1280x720 camera)."""
+SCREENSHARE_LAYERS = "h/2/500/5,f/1/2000"
+"""``SPACES_SIMULCAST_SCREENSHARE``'s default: half size at 500 kbps and 5 fps, full at 2 Mbps."""
+
+
+def parse_encodings(raw: str) -> tuple[Encoding, ...]:
+    """ "q/4/150,h/2/500,f/1/1500" (rid/scale/kbps[/fps], lowest layer first) -> encodings;
+    "" or "off" -> () (one encoding, no simulcast)."""
+    if raw.strip().lower() in ("", "off", "none"):
+        return ()
+    layers = []
+    for item in raw.split(","):
+        parts = [p.strip() for p in item.split("/")]
+        if len(parts) not in (3, 4):
+            raise ValueError("simulcast layers look like q/4/150,h/2/500,f/1/1500")
+        fps = float(parts[3]) if len(parts) == 4 else 0.0
+        layers.append(Encoding(parts[0], float(parts[1]), int(float(parts[2]) * 1000), fps))
+    if len({layer.rid for layer in layers}) != len(layers):
+        raise ValueError("simulcast rids must differ")
+    if [layer.max_bitrate for layer in layers] != sorted(layer.max_bitrate for layer in layers):
+        raise ValueError("simulcast layers go from the lowest bitrate to the highest")
+    return tuple(layers)
+
+
+@dataclass(frozen=True)
+class SimulcastConfig:
+    """The layers browsers publish, lowest first (handed out in ``joined.simulcast``; the
+    media node knows each layer's bitrate by its rid). Empty: one encoding."""
+
+    camera: tuple[Encoding, ...] = ()
+    screenshare: tuple[Encoding, ...] = ()
+
+    def layers(self, source: str) -> tuple[Encoding, ...]:
+        return self.screenshare if source == "screenshare" else self.camera
 
 
 @dataclass(frozen=True)
@@ -335,6 +412,7 @@ class ServerConfig:
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
     broadcast: BroadcastConfig = field(default_factory=BroadcastConfig)
+    simulcast: SimulcastConfig = field(default_factory=SimulcastConfig)
     event_stream_maxlen: int = 100_000
     """Events retained for WatchEvents resumption and webhook delivery."""
     shutdown_grace_s: float = 5.0
@@ -425,8 +503,12 @@ class ServerConfig:
                 "SPACES_MEDIA_UDP_ADVERTISE_PORT", get("SPACES_MEDIA_UDP_ADVERTISE_PORT")
             ),
             drain_grace_s=float(get("SPACES_DRAIN_GRACE_SECONDS", "30")),
+            dataplane=get("SPACES_MEDIA_DATAPLANE", "native").lower(),
             max_publish_bitrate=int(
                 get("SPACES_MAX_PUBLISH_BITRATE", str(NodeConfig.max_publish_bitrate))
+            ),
+            malloc_trim_interval_s=float(
+                get("SPACES_MALLOC_TRIM_SECONDS", str(NodeConfig.malloc_trim_interval_s))
             ),
         )
         turn = TurnConfig(
@@ -484,8 +566,13 @@ class ServerConfig:
                 "SPACES_BROADCAST_RETRY_MAX_SECONDS", BroadcastConfig.retry_max_ms
             ),
         )
+        simulcast = SimulcastConfig(
+            camera=parse_encodings(get("SPACES_SIMULCAST_CAMERA", CAMERA_LAYERS)),
+            screenshare=parse_encodings(get("SPACES_SIMULCAST_SCREENSHARE", SCREENSHARE_LAYERS)),
+        )
         return cls(
             broadcast=broadcast,
+            simulcast=simulcast,
             grpc_addr=grpc_addr,
             redis_url=redis_url,
             admin_key=get("SPACES_ADMIN_KEY"),

@@ -29,6 +29,12 @@ SESSIONS = Gauge("spaces_media_sessions", "Live media sessions on this node")
 ROOMS = Gauge("spaces_media_spaces", "Spaces hosted on this node")
 PARTICIPANTS = Gauge("spaces_participants", "Participants in sessions on this node")
 NODE_LOAD = Gauge("spaces_node_load", "This media node's reported load (0..1)")
+MALLOC_TRIMS = Counter(
+    "spaces_malloc_trims_total", "Times this media node gave freed heap memory back to the OS"
+)
+MALLOC_TRIM_SECONDS = Counter(
+    "spaces_malloc_trim_seconds_total", "Time spent giving freed heap memory back (malloc_trim)"
+)
 FORWARDED_PACKETS = Counter(
     "spaces_forwarded_packets_total", "RTP packets forwarded to subscribers", ["kind"]
 )
@@ -127,8 +133,9 @@ BROADCAST_HANDOVERS = Counter(
 )
 BROADCAST_FRAMES = Counter(
     "spaces_broadcast_frames_total",
-    "Video frames composed for broadcasts, and frames dropped (late compose, or a full encoder "
-    "queue while the RTMP server is slow)",
+    "Video frames composed for broadcasts, and frames dropped: slots that repeat the previous "
+    "frame because the composer was late or the encoder behind (the output stays at 30 fps), "
+    "or frames lost to a full encoder queue (a gap)",
     ["result"],
 )
 BROADCAST_ERRORS = Counter(

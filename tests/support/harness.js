@@ -5,29 +5,128 @@
 // - watch(key, element): count the frames a <video> presents (requestVideoFrameCallback) and
 //   sample the colour at its centre.
 // - stats(): {key: {frames, color: [r, g, b], width, height}} of everything watched.
+// - setCamera({width, height, fps, busy}): the synthetic camera's size and rate; busy paints
+//   shifting noise around the colour, so an encoder needs its whole bitrate (simulcast tests).
+// - rtpStats(): the video inbound-rtp and outbound-rtp stats of every peer connection the page
+//   made (each outbound entry per simulcast layer, with its rid).
 "use strict";
 window.harness = (() => {
   const watched = new Map();
   const events = [];
   let color = [128, 128, 128];
   let realGetUserMedia = null;
+  let camera = { width: 640, height: 360, fps: 30, busy: false };
 
-  function syntheticCamera(width, height) {
+  function setCamera(options) {
+    camera = { ...camera, ...options };
+  }
+
+  function noiseTile(size) {
+    const tile = document.createElement("canvas");
+    tile.width = tile.height = size;
+    const tctx = tile.getContext("2d");
+    const image = tctx.createImageData(size, size);
+    for (let i = 0; i < image.data.length; i += 4) {
+      const v = Math.floor(Math.random() * 256);
+      image.data[i] = v;
+      image.data[i + 1] = (v * 7) & 255;
+      image.data[i + 2] = (v * 13) & 255;
+      image.data[i + 3] = 255;
+    }
+    tctx.putImageData(image, 0, 0);
+    return tile;
+  }
+
+  function syntheticCamera(width, height, fps, busy) {
     const canvas = document.createElement("canvas");
     canvas.width = width;
     canvas.height = height;
     const ctx = canvas.getContext("2d");
+    const tile = busy ? noiseTile(32) : null;
     let tick = 0;
     const paint = () => {
-      ctx.fillStyle = `rgb(${color[0]},${color[1]},${color[2]})`;
-      ctx.fillRect(0, 0, width, height);
+      if (tile) {
+        // Blurred noise shifted every frame: little to predict, so each layer uses its bitrate.
+        const dx = Math.floor(Math.random() * 256);
+        const dy = Math.floor(Math.random() * 256);
+        for (let x = -dx; x < width; x += 256) {
+          for (let y = -dy; y < height; y += 256) ctx.drawImage(tile, x, y, 256, 256);
+        }
+        ctx.fillStyle = `rgb(${color[0]},${color[1]},${color[2]})`;
+        ctx.fillRect(width / 4, height / 4, width / 2, height / 2);
+      } else {
+        ctx.fillStyle = `rgb(${color[0]},${color[1]},${color[2]})`;
+        ctx.fillRect(0, 0, width, height);
+      }
       ctx.fillStyle = "rgb(255,255,255)";
       ctx.fillRect((tick * 8) % width, height - 16, 32, 16);
       tick += 1;
     };
     paint();
-    setInterval(paint, 33);
-    return canvas.captureStream(30).getVideoTracks()[0];
+    setInterval(paint, Math.round(1000 / fps));
+    return canvas.captureStream(fps).getVideoTracks()[0];
+  }
+
+  const peerConnections = [];
+  const RealPeerConnection = window.RTCPeerConnection;
+  window.RTCPeerConnection = class RecordingPeerConnection extends RealPeerConnection {
+    constructor(...args) {
+      super(...args);
+      peerConnections.push(this);
+    }
+  };
+
+  async function rtpStats() {
+    const inbound = [];
+    const outbound = [];
+    for (const pc of peerConnections) {
+      if (pc.connectionState === "closed") continue;
+      const report = await pc.getStats();
+      for (const s of report.values()) {
+        if (s.kind !== "video") continue;
+        if (s.type === "inbound-rtp") {
+          inbound.push({
+            mid: s.mid,
+            trackIdentifier: s.trackIdentifier,
+            frameWidth: s.frameWidth || 0,
+            frameHeight: s.frameHeight || 0,
+            framesDecoded: s.framesDecoded || 0,
+            freezeCount: s.freezeCount || 0,
+            totalFreezesDuration: s.totalFreezesDuration || 0,
+            pliCount: s.pliCount || 0,
+            bytesReceived: s.bytesReceived || 0,
+            packetsLost: s.packetsLost || 0,
+          });
+        } else if (s.type === "outbound-rtp") {
+          outbound.push({
+            mid: s.mid,
+            rid: s.rid || "",
+            active: s.active,
+            frameWidth: s.frameWidth || 0,
+            framesEncoded: s.framesEncoded || 0,
+            bytesSent: s.bytesSent || 0,
+            qualityLimitationReason: s.qualityLimitationReason || "",
+          });
+        }
+      }
+    }
+    return { inbound, outbound, at: performance.now() };
+  }
+
+  // The local UDP port of each peer connection that receives video (its nominated pair).
+  async function receivingPorts() {
+    const ports = [];
+    for (const pc of peerConnections) {
+      if (pc.connectionState === "closed") continue;
+      const report = await pc.getStats();
+      const stats = [...report.values()];
+      if (!stats.some((s) => s.type === "inbound-rtp" && s.kind === "video")) continue;
+      const transport = stats.find((s) => s.type === "transport" && s.selectedCandidatePairId);
+      const pair = transport && report.get(transport.selectedCandidatePairId);
+      const local = pair && report.get(pair.localCandidateId);
+      if (local) ports.push(local.port);
+    }
+    return ports;
   }
 
   function setColor(r, g, b) {
@@ -41,7 +140,7 @@ window.harness = (() => {
         audio.getAudioTracks().forEach((t) => stream.addTrack(t));
       }
       if (constraints && constraints.video) {
-        stream.addTrack(syntheticCamera(640, 360));
+        stream.addTrack(syntheticCamera(camera.width, camera.height, camera.fps, camera.busy));
       }
       return stream;
     };
@@ -138,5 +237,5 @@ window.harness = (() => {
       .filter((m) => !key || m[key] !== undefined);
   }
 
-  return { setColor, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
+  return { setColor, setCamera, rtpStats, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
 })();

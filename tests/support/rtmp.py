@@ -12,7 +12,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 RTMP_MODULE = "/usr/lib/nginx/modules/ngx_rtmp_module.so"
 
@@ -120,21 +122,39 @@ def probe(path: Path) -> dict[str, object]:
     return json.loads(out.stdout or "{}")
 
 
-def decode_video(path: Path, limit: int = 10_000) -> list[tuple[float, object]]:
+def decode_video(
+    path: Path, limit: int = 10_000, keep: Callable[[Any], Any] | None = None
+) -> list[tuple[float, Any]]:
     """(pts seconds, rgb ndarray) of the decodable video frames of a (possibly still growing)
-    recording."""
+    recording; with ``keep``, (pts, keep(rgb ndarray)) instead: a 720p picture is 2.7 MB, so
+    a long recording is reduced frame by frame rather than held whole."""
     import av
 
-    frames: list[tuple[float, object]] = []
+    frames: list[tuple[float, Any]] = []
     with (
         contextlib.suppress(av.error.InvalidDataError, av.error.EOFError, OSError),
         av.open(str(path)) as container,
     ):
         for frame in container.decode(video=0):
-            frames.append((float(frame.time or 0.0), frame.to_ndarray(format="rgb24")))
+            image = frame.to_ndarray(format="rgb24")
+            frames.append((float(frame.time or 0.0), keep(image) if keep else image))
             if len(frames) >= limit:
                 break
     return frames
+
+
+def last_video_frame(path: Path) -> Any:
+    """The rgb ndarray of the last decodable video frame of a recording, or None."""
+    import av
+
+    last = None
+    with (
+        contextlib.suppress(av.error.InvalidDataError, av.error.EOFError, OSError),
+        av.open(str(path)) as container,
+    ):
+        for frame in container.decode(video=0):
+            last = frame
+    return None if last is None else last.to_ndarray(format="rgb24")
 
 
 def decode_audio(path: Path) -> list[tuple[float, object]]:

@@ -11,6 +11,8 @@ four hooks into it (REFERENCE.md §3):
   true; the sender's own encode loop idles on a track that never yields;
 * **feedback**: a subscriber's PLI/FIR (``_send_keyframe``) and NACK (``_retransmit``) reach
   the forwarder instead of an encoder that does not exist;
+(With the native data plane, ``spaces.media.dataplane``, the native module's wrapper, hooks
+aiortc's SRTP sessions, sockets, receivers' statistics and senders' reports too.)
 * **ICE**: candidate gathering binds configured addresses, a UDP port range, and can announce
   an advertised IP (NAT 1:1); aioice alone binds ephemeral ports on every non-loopback address.
   In single-port mode no socket is bound per peer connection: each ICE endpoint registers with
@@ -48,7 +50,15 @@ from aiortc.clock import current_ntp_time
 from aiortc.codecs import is_rtx
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, pack_remb_fci
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unpack_remb_fci,
+)
 
 from spaces.media.udp_mux import MuxLink, UdpMux
 from spaces.tasks import spawn
@@ -63,6 +73,9 @@ if not aiortc.__version__.startswith(SUPPORTED_AIORTC):  # pragma: no cover
     )
 
 AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+RID_URI = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
+RRID_URI = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
+MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 UDP_BUFFER_BYTES = 1 << 20
 
@@ -76,22 +89,29 @@ __all__ = [
     "PlaceholderTrack",
     "RtpPacket",
     "RtpSink",
+    "SimulcastOffer",
     "TurnServer",
+    "accept_simulcast",
     "add_remote_candidate",
+    "answer_with_simulcast",
     "apply_ice_policy",
     "check_answer",
     "hook_sender",
+    "hook_sender_feedback",
     "install_codec_counters",
     "label_sender",
     "negotiated_codec",
+    "offered_simulcast",
     "on_peer_moved",
     "parse_sdp",
     "pin_encoder_bitrate",
     "prefer_codec",
     "request_keyframe",
     "restrict_codecs",
+    "route_by_mid",
     "send_remb",
     "tap_receiver",
+    "tap_simulcast_receiver",
     "turn_server_from_url",
     "without_empty_bundle",
 ]
@@ -261,6 +281,193 @@ async def add_remote_candidate(
     return True
 
 
+# --- simulcast (RFC 8853 rids) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimulcastOffer:
+    """What one m-section of an offer says about simulcast: its rids in ``a=simulcast`` order
+    (paused ones, written ``~rid``, included) and the ids of the rid header extensions."""
+
+    rids: tuple[str, ...]
+    rid_ext: int
+    rrid_ext: int
+
+
+def offered_simulcast(sdp: str) -> dict[str, SimulcastOffer]:
+    """mid -> the simulcast an offer's m-section sends, for every m-section that sends more
+    than one rid. Read from the text: aiortc's parser drops ``a=rid`` and ``a=simulcast``."""
+    found: dict[str, SimulcastOffer] = {}
+    mid = ""
+    rids: list[str] = []
+    exts: dict[str, int] = {}
+
+    def close_section() -> None:
+        if mid and len(rids) > 1 and exts.get(RID_URI):
+            found[mid] = SimulcastOffer(tuple(rids), exts[RID_URI], exts.get(RRID_URI, 0))
+
+    for raw in sdp.splitlines():
+        line = raw.strip()
+        if line.startswith("m="):
+            close_section()
+            mid, rids, exts = "", [], {}
+        elif line.startswith("a=mid:"):
+            mid = line[6:].strip()
+        elif line.startswith("a=extmap:"):
+            head, _, rest = line[9:].partition(" ")
+            uri = rest.split(" ", 1)[0]
+            try:
+                exts[uri] = int(head.split("/", 1)[0])
+            except ValueError:
+                continue
+        elif line.startswith("a=simulcast:"):
+            direction, _, spec = line[12:].strip().partition(" ")
+            if direction == "send":
+                # "q;h;f" (";" separates streams, "," alternatives: take each stream's first)
+                rids = [alt.split(",")[0].lstrip("~") for alt in spec.split(";") if alt]
+    close_section()
+    return found
+
+
+def accept_simulcast(transceiver: RTCRtpTransceiver, offer: SimulcastOffer) -> None:
+    """Negotiate the rid header extensions (aiortc knows them, but does not offer them), so that
+    the answer carries them and the receive path parses each packet's rid. Call between
+    setRemoteDescription and createAnswer."""
+    from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
+
+    have = {ext.uri for ext in transceiver._headerExtensions}
+    for uri, ext_id in ((RID_URI, offer.rid_ext), (RRID_URI, offer.rrid_ext)):
+        if ext_id and uri not in have:
+            transceiver._headerExtensions.append(
+                RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri)
+            )
+
+
+def answer_with_simulcast(
+    sdp: str, offers: dict[str, SimulcastOffer], start_bitrates: dict[str, int] | None = None
+) -> str:
+    """Add ``a=rid:<rid> recv`` and ``a=simulcast:recv ...`` to the answer's m-sections that
+    were offered simulcast: without them a browser sends one layer only. ``start_bitrates``
+    (mid -> bits per second) become ``x-google-start-bitrate`` on those m-sections' video
+    codecs: with REMB as its only feedback a browser's estimate starts at 300 kbps and climbs
+    about 8% a second, so its top layer would otherwise take half a minute to appear."""
+    if not offers:
+        return sdp
+    start_bitrates = start_bitrates or {}
+    sections: list[list[str]] = [[]]
+    for line in sdp.split("\r\n"):
+        if line.startswith("m="):
+            sections.append([])
+        sections[-1].append(line)
+    out: list[str] = []
+    for section in sections:
+        mid = next((x[6:].strip() for x in section if x.startswith("a=mid:")), "")
+        offer = offers.get(mid)
+        if offer is None:
+            out.extend(section)
+            continue
+        start = start_bitrates.get(mid, 0) // 1000
+        media_pts = [
+            x[9:].split(" ", 1)[0]
+            for x in section
+            if x.startswith("a=rtpmap:") and " rtx/" not in x.lower() and "/90000" in x
+        ]
+        with_fmtp = {x[7:].split(" ", 1)[0] for x in section if x.startswith("a=fmtp:")}
+        end = len(section)
+        while end and section[end - 1] == "":
+            end -= 1
+        for line in section[:end]:
+            if start and line.startswith("a=fmtp:") and line[7:].split(" ", 1)[0] in media_pts:
+                out.append(f"{line};x-google-start-bitrate={start}")
+            else:
+                out.append(line)
+            if start and line.startswith("a=rtpmap:"):
+                pt = line[9:].split(" ", 1)[0]
+                if pt in media_pts and pt not in with_fmtp:
+                    out.append(f"a=fmtp:{pt} x-google-start-bitrate={start}")
+        out.extend(f"a=rid:{rid} recv" for rid in offer.rids)
+        out.append("a=simulcast:recv " + ";".join(offer.rids))
+        out.extend(section[end:])
+    return "\r\n".join(out)
+
+
+class _PerSsrcNack:
+    """aiortc's NACK generator tracks one sequence space per receiver; a simulcast receiver
+    gets one per layer (SSRC), or every layer's packets would look like the others' losses."""
+
+    __slots__ = ("_generators", "_make", "missing")
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._generators: dict[int, Any] = {}
+        self.missing: set[int] = set()
+
+    def add(self, packet: RtpPacket) -> bool:
+        generator = self._generators.get(packet.ssrc)
+        if generator is None:
+            generator = self._generators[packet.ssrc] = self._make()
+        missed: bool = generator.add(packet)
+        self.missing = generator.missing
+        return missed
+
+
+def tap_simulcast_receiver(
+    receiver: RTCRtpReceiver, on_packet: Callable[[RtpPacket], None]
+) -> None:
+    """``tap_receiver`` for a receiver of several simulcast layers (one SSRC per rid, and an
+    RTX SSRC per layer, none of them in the SDP). Media SSRCs are told apart by the caller from
+    the rid extension; here each layer gets its own NACK sequence space, and an RTX SSRC is
+    bound to its layer by the repaired-rid extension of its first packets (aiortc drops RTX
+    from an SSRC it was not told about)."""
+    from aiortc.rtcrtpreceiver import NackGenerator
+
+    tap_receiver(receiver, on_packet, estimate_bandwidth=False)
+    if isinstance(receiver._RTCRtpReceiver__nack_generator, _PerSsrcNack):
+        return
+    receiver._RTCRtpReceiver__nack_generator = _PerSsrcNack(NackGenerator)
+    rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc
+    ssrc_of_rid: dict[str, int] = {}
+    original = receiver._handle_rtp_packet
+
+    async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+        ext = packet.extensions
+        if ext.rtp_stream_id is not None:
+            ssrc_of_rid[ext.rtp_stream_id] = packet.ssrc
+        elif ext.repaired_rtp_stream_id is not None and packet.ssrc not in rtx_ssrc:
+            media_ssrc = ssrc_of_rid.get(ext.repaired_rtp_stream_id)
+            if media_ssrc is not None:
+                rtx_ssrc[packet.ssrc] = media_ssrc
+        await original(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = handle_rtp_packet
+
+
+def route_by_mid(transceiver: RTCRtpTransceiver) -> None:
+    """Route an RTP packet of an unknown SSRC by its MID header extension when its payload
+    type does not name one receiver (two simulcast video tracks in one bundle, whose SSRCs no
+    SDP announces). aiortc 1.16 routes by SSRC and payload type only."""
+    _route_by_mid(transceiver.receiver.transport)
+
+
+def _route_by_mid(transport: Any) -> None:
+    router = transport._rtp_router
+    if getattr(router, "_spaces_mid_routing", False):
+        return
+    original = router.route_rtp
+
+    def route_rtp(packet: RtpPacket) -> Any:
+        receiver = original(packet)
+        if receiver is None:
+            mid = packet.extensions.mid
+            receiver = router.mid_table.get(mid) if mid is not None else None
+            if receiver is not None:
+                router.ssrc_table[packet.ssrc] = receiver
+        return receiver
+
+    router.route_rtp = route_rtp
+    router._spaces_mid_routing = True
+
+
 # --- receive side --------------------------------------------------------------------------
 
 
@@ -360,6 +567,40 @@ def hook_sender(
     sender._retransmit = retransmit
 
 
+def hook_sender_feedback(
+    sender: RTCRtpSender,
+    on_loss: Callable[[float], None],
+    on_remb: Callable[[int], None],
+) -> None:
+    """Also hand a subscriber's receiver reports (fraction lost, 0..1) and REMB (bits per
+    second) about this sender to the bandwidth estimate; aiortc keeps its own statistics.
+    Calling it again (a reused transceiver) rebinds the callbacks."""
+    existing = getattr(sender, "_spaces_feedback", None)
+    if existing is not None:
+        existing[:] = [on_loss, on_remb]
+        return
+    callbacks: list[Any] = [on_loss, on_remb]
+    sender._spaces_feedback = callbacks
+    original = sender._handle_rtcp_packet
+    ssrc = sender._ssrc
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpRrPacket | RtcpSrPacket):
+            for report in packet.reports:
+                if report.ssrc == ssrc:
+                    callbacks[0](report.fraction_lost / 256)
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                bitrate, ssrcs = 0, []
+            if ssrc in ssrcs:
+                callbacks[1](bitrate)
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp
+
+
 _HEADER = struct.Struct("!BBHII")
 SEND_FAILED = -1
 """``RtpSink.send`` result when nothing could be sent (transport not up, socket error)."""
@@ -404,6 +645,11 @@ class RtpSink:
         self._addr: tuple[str, int] = ("", 0)
         self._udp: Any = None
         self._sock: Any = None
+
+    def counters(self) -> tuple[int, int]:
+        """(packets, payload bytes) sent so far (what the sender reports in its SRs)."""
+        sender = self.sender
+        return sender._RTCRtpSender__packet_count, sender._RTCRtpSender__octet_count
 
     @property
     def connected(self) -> bool:

@@ -31,7 +31,9 @@ from spaces.media.aiortc_adapter import (
     send_remb,
     turn_server_from_url,
 )
+from spaces.media.allocator import Trimmer
 from spaces.media.broadcasts import BroadcastStates
+from spaces.media.dataplane import NativePlane
 from spaces.media.room import Room
 from spaces.media.session import Session, close_reason_for
 from spaces.media.udp_mux import UdpMux
@@ -45,6 +47,7 @@ from spaces.v1 import media_pb2, node_pb2
 logger = logging.getLogger(__name__)
 
 REMB_INTERVAL_S = 1.0
+NATIVE_SYNC_INTERVAL_S = 0.2
 MEDIA_SERVICE = media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name
 VERSION = "0.1.0"
 
@@ -84,6 +87,11 @@ class MediaNode:
         self.load = 0.0
         self._drained = asyncio.Event()
         self.broadcasts = BroadcastStates(store, self.rooms)
+        self.trimmer = Trimmer(config.node.malloc_trim_interval_s, self._trimmed)
+        self.dataplane: NativePlane | None = (
+            NativePlane() if config.node.dataplane == "native" else None
+        )
+        """The native data plane (SPACES_MEDIA_DATAPLANE=native), or None for Python's."""
         install_codec_counters(metrics.DECODERS_CREATED.inc, metrics.ENCODERS_CREATED.inc)
 
     # --- wiring ----------------------------------------------------------------------------
@@ -104,8 +112,16 @@ class MediaNode:
 
         return turn_server_from_url(url, credentials)
 
+    @staticmethod
+    def _trimmed(seconds: float) -> None:
+        metrics.MALLOC_TRIMS.inc()
+        metrics.MALLOC_TRIM_SECONDS.inc(seconds)
+
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None:
+        """Prepare a peer connection before it connects: ICE policy and the data plane."""
         apply_ice_policy(pc, self.ice_policy)
+        if self.dataplane is not None:
+            self.dataplane.prepare(pc)
 
     def record(self) -> node_pb2.Node:
         self._sample_load()
@@ -162,7 +178,9 @@ class MediaNode:
             asyncio.create_task(self._renew_forever(), name="lease-renewal"),
             asyncio.create_task(self._commands_forever(), name="node-commands"),
             asyncio.create_task(self._announce_bitrate_forever(), name="remb"),
+            asyncio.create_task(self._native_forever(), name="dataplane"),
             asyncio.create_task(self.broadcasts.forever(), name="broadcast-state"),
+            asyncio.create_task(self.trimmer.forever(), name="malloc-trim"),
         ]
         logger.info("media node %s serving at %s", self.node_id, self._public_address())
 
@@ -237,6 +255,7 @@ class MediaNode:
 
     def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.connection_id, None)
+        self.trimmer.freed()
         self._update_gauges()
         if not self.sessions and self.state == node_pb2.NODE_STATE_DRAINING:
             self._drained.set()
@@ -305,6 +324,21 @@ class MediaNode:
                 for track in list(room.tracks.values()):
                     if track.kind == "video" and track.receiver is not None:
                         send_remb(track.receiver, track.forwarder.ssrc, cap)
+
+    async def _native_forever(self) -> None:
+        """With the native plane: bring its counts into the metrics, and follow ICE pair
+        changes, a few times a second."""
+        if self.dataplane is None:
+            return
+        while True:
+            await asyncio.sleep(NATIVE_SYNC_INTERVAL_S)
+            try:
+                self.dataplane.refresh()
+                for room in list(self.rooms.values()):
+                    for track in list(room.tracks.values()):
+                        track.forwarder.sync_metrics()
+            except Exception:
+                logger.exception("native data plane sync failed")
 
     # --- commands --------------------------------------------------------------------------
 

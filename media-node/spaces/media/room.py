@@ -20,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from spaces.media.aiortc_adapter import Codec
 from spaces.media.forwarding import TrackForwarder
+from spaces.media.layers import LAYER_STALE_S, LayerInfo
 from spaces.media.speakers import SpeakerDetector
 from spaces.session import events as ev
 
@@ -88,6 +89,31 @@ class PublishedTrack:
     height: int = 0
     name: str = ""
     published_at: float = field(default_factory=time.monotonic)
+    layers: tuple[TrackForwarder, ...] = ()
+    """A simulcast track's layers, lowest first (one forwarder per rid; ``forwarder`` is the
+    top one). Empty for a track without simulcast."""
+    layer_bitrates: tuple[int, ...] = ()
+    layer_scales: tuple[float, ...] = ()
+
+    @property
+    def forwarders(self) -> tuple[TrackForwarder, ...]:
+        return self.layers or (self.forwarder,)
+
+    def layer_info(self, now: float) -> tuple[LayerInfo, ...]:
+        """The layers as the allocation sees them (a track without simulcast has one)."""
+        if not self.layers:
+            return (LayerInfo(bitrate=self.layer_bitrates[0] if self.layer_bitrates else 0),)
+        return tuple(
+            LayerInfo(
+                bitrate=bitrate,
+                width=int(self.width / scale) if self.width else 0,
+                height=int(self.height / scale) if self.height else 0,
+                live=now - layer.last_packet_at < LAYER_STALE_S,
+            )
+            for layer, bitrate, scale in zip(
+                self.layers, self.layer_bitrates, self.layer_scales, strict=True
+            )
+        )
 
     def view(self) -> ev.Track:
         return ev.Track(
@@ -201,7 +227,8 @@ class Room(Generic[M]):
     def unpublish(self, track: PublishedTrack, announce: bool = True) -> None:
         if self.tracks.pop(track.id, None) is None:
             return
-        track.forwarder.close()
+        for forwarder in track.forwarders:
+            forwarder.close()
         for member in self.sessions.values():
             member.drop_subscription(track.id)
         if announce:
@@ -216,7 +243,8 @@ class Room(Generic[M]):
         if track.muted == muted:
             return
         track.muted = muted
-        track.forwarder.set_paused(muted)
+        for forwarder in track.forwarders:
+            forwarder.set_paused(muted)
         owner = track.owner
         self.broadcast(
             ev.TrackMuted(owner.participant_id, owner.connection_id, track.id, muted),
@@ -320,5 +348,6 @@ class Room(Generic[M]):
             self._speaker_task.cancel()
             self._speaker_task = None
         for track in list(self.tracks.values()):
-            track.forwarder.close()
+            for forwarder in track.forwarders:
+                forwarder.close()
         self.tracks.clear()

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -35,19 +35,28 @@ from spaces.media.aiortc_adapter import (
     Codec,
     PlaceholderTrack,
     RtpSink,
+    SimulcastOffer,
+    accept_simulcast,
     add_remote_candidate,
+    answer_with_simulcast,
     check_answer,
     hook_sender,
+    hook_sender_feedback,
     label_sender,
+    offered_simulcast,
     on_peer_moved,
     parse_sdp,
     prefer_codec,
     request_keyframe,
     restrict_codecs,
+    route_by_mid,
     tap_receiver,
+    tap_simulcast_receiver,
     without_empty_bundle,
 )
-from spaces.media.forwarding import DownTrack, SenderState, TrackForwarder
+from spaces.media.bwe import Estimator
+from spaces.media.forwarding import DownTrack, SenderState, SimulcastDemux, TrackForwarder
+from spaces.media.layers import Allocator, VideoRequest, Wanted
 from spaces.media.room import ManualSubscription, PublishedTrack, Room
 from spaces.session import events as ev
 from spaces.store.base import Claim, Store
@@ -55,6 +64,8 @@ from spaces.tasks import spawn, wait_event
 
 if TYPE_CHECKING:
     from aiortc import RTCRtpTransceiver
+
+    from spaces.media.dataplane import NativePlane
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +75,12 @@ MAX_SUBSCRIPTIONS_CEILING = 20
 MAX_CANDIDATE_CHARS = 512
 TRACK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EVENT_ID_MAX_CHARS = 64
+ALLOCATE_INTERVAL_S = 0.5
+"""How often a subscriber's layers are reconsidered (besides on every request and estimate)."""
+DEFAULT_LAYER_BITRATES = (150_000, 500_000, 1_500_000)
+"""For rids the config does not name: the usual three layers' bitrates, lowest first."""
+SINGLE_LAYER_BITRATE = 700_000
+"""What a video track without simulcast is reckoned to need (Mux's one camera encoding)."""
 
 STORE_REASONS: dict[str, str] = {
     "removed": ev.CLOSE_REMOVED,
@@ -88,6 +105,10 @@ def allowed_codec(codec: Codec) -> bool:
     if name == "VP8":
         return True
     return name == "H264" and str(codec.parameters.get("packetization-mode", "0")) == "1"
+
+
+def _priority(track: PublishedTrack) -> int:
+    return 1 if track.source == "screenshare" else 0
 
 
 def source_fits(source: str, kind: str) -> bool:
@@ -125,6 +146,8 @@ class SessionHost(Protocol):
 
     def apply_ice_policy(self, pc: RTCPeerConnection) -> None: ...
 
+    # Optionally ``dataplane: NativePlane | None``, the native data plane (MediaNode has it).
+
     async def release(self, space_id: str, connection_id: str, reason: str) -> None: ...
 
     def session_closed(self, session: Session) -> None: ...
@@ -135,6 +158,7 @@ class Subscription:
     track: PublishedTrack
     transceiver: RTCRtpTransceiver
     downtrack: DownTrack | None = None
+    request: VideoRequest = field(default_factory=VideoRequest)
 
 
 class Session:
@@ -188,8 +212,24 @@ class Session:
         """Set when the outstanding subscriber offer got its answer."""
         self._negotiator: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._requests: dict[str, VideoRequest] = {}
+        """track_id -> what the client asked for (kept across resubscriptions)."""
+        self._allocator = Allocator()
+        self._bwe = Estimator(time.monotonic())
+        self.estimate: int | None = None
+        """The subscriber's estimated bandwidth (bits per second) while it receives simulcast
+        tracks (the only ones the estimate can change anything for); None otherwise."""
+        self._floor = 0
+        self._counted: dict[int, tuple[int, int]] = {}
+        """id(sink) -> its (packets, bytes) at the last estimate tick."""
+        self._allocating: asyncio.Task[None] | None = None
 
     # --- plumbing --------------------------------------------------------------------------
+
+    @property
+    def _plane(self) -> NativePlane | None:
+        plane: NativePlane | None = getattr(self.node, "dataplane", None)
+        return plane
 
     @property
     def closed(self) -> bool:
@@ -199,6 +239,7 @@ class Session:
         if self._offer_at_join:
             self._wake.set()
         self._negotiator = asyncio.create_task(self._negotiate_forever(), name="negotiator")
+        self._allocating = asyncio.create_task(self._allocate_forever(), name="layers")
 
     def send(self, event: ev.ServerEvent) -> None:
         if self._closed:
@@ -269,6 +310,8 @@ class Session:
                 self._custom_event(event)
             elif isinstance(event, ev.SetDisplayName):
                 await self._set_display_name(event)
+            elif isinstance(event, ev.SetVideoQuality):
+                self._set_video_quality(event)
             elif isinstance(event, ev.Leave):
                 self.send(ev.Ack(request_id))
                 await self.close(ev.CLOSE_LEFT, "left", "left")
@@ -346,6 +389,7 @@ class Session:
         if len(ids_declared) != len(set(ids_declared)):
             raise errors.InvalidArgument("a track_id is declared twice")
 
+        simulcast = offered_simulcast(event.sdp)
         pc = self._publisher_pc
         fresh = pc is None
         if pc is None:
@@ -361,6 +405,7 @@ class Session:
         added: list[PublishedTrack] = []
         removed: list[PublishedTrack] = []
         results: list[tuple[str, ev.Track]] = []
+        accepted: dict[str, SimulcastOffer] = {}
         for transceiver in pc.getTransceivers():
             mid = transceiver.mid or ""
             wanted = declared.get(mid)
@@ -374,10 +419,21 @@ class Session:
             codec = restrict_codecs(transceiver, allowed_codec)
             if codec is None:  # checked above; kept for safety against aiortc's matching
                 raise errors.UnsupportedCodec()
+            offer = simulcast.get(mid) if transceiver.kind == "video" else None
+            if offer is not None:
+                accept_simulcast(transceiver, offer)
+                route_by_mid(transceiver)
+                accepted[mid] = offer
+            rids = offer.rids if offer is not None else ()
             same_id = not wanted.track_id or (
                 existing is not None and existing.id == wanted.track_id
             )
-            if existing is not None and existing.codec.mime_type == codec.mime_type and same_id:
+            if (
+                existing is not None
+                and existing.codec.mime_type == codec.mime_type
+                and same_id
+                and tuple(f.rid for f in existing.layers) == self._ordered_rids(rids, wanted)
+            ):
                 existing.width, existing.height = wanted.width, wanted.height
                 if existing.muted != wanted.muted:
                     self.room.set_muted(existing, wanted.muted)
@@ -385,7 +441,7 @@ class Session:
                 continue
             if existing is not None:
                 removed.append(self._published.pop(mid))
-            track = self._new_track(transceiver, wanted, codec)
+            track = self._new_track(transceiver, wanted, codec, rids)
             self._published[mid] = track
             added.append(track)
             results.append((mid, track.view()))
@@ -398,7 +454,12 @@ class Session:
             # Closed while negotiating (kicked, drained, lease lost): the room has already
             # dropped this session's tracks, and must not get new ones from it.
             return
-        self.send(ev.PublishAnswered(event.request_id, pc.localDescription.sdp, tuple(results)))
+        cap = self.node.config.node.max_publish_bitrate
+        starts = {
+            t.mid: min(cap, sum(t.layer_bitrates)) for t in self._published.values() if t.layers
+        }
+        sdp = answer_with_simulcast(pc.localDescription.sdp, accepted, starts)
+        self.send(ev.PublishAnswered(event.request_id, sdp, tuple(results)))
         for track in removed:
             self.room.unpublish(track)
         for track in added:
@@ -407,7 +468,8 @@ class Session:
                 # Someone else published this id while the offer was being answered: theirs
                 # stays, and this one is not forwarded (the client is told).
                 self._published.pop(track.mid, None)
-                track.forwarder.close()
+                for forwarder in track.forwarders:
+                    forwarder.close()
                 self._error(
                     event.request_id,
                     errors.AlreadyExists(f"track id {track.id!r} is already published"),
@@ -430,24 +492,56 @@ class Session:
         """The publisher connection now reaches its peer at a new address: packets it sent
         meanwhile were lost, and so were keyframe requests sent to the old address."""
         for track in self._published.values():
-            track.forwarder.restart_at_keyframe()
+            for forwarder in track.forwarders:
+                forwarder.restart_at_keyframe()
+
+    def _ordered_rids(
+        self, rids: tuple[str, ...], declared: ev.TrackDeclaration
+    ) -> tuple[str, ...]:
+        """The offered rids, lowest layer first: in the configured order when the config names
+        them all, else as offered (browsers list their encodings lowest first)."""
+        configured = [e.rid for e in self.node.config.simulcast.layers(declared.source)]
+        if rids and all(r in configured for r in rids):
+            return tuple(sorted(rids, key=configured.index))
+        return rids
 
     def _new_track(
         self,
         transceiver: RTCRtpTransceiver,
         declared: ev.TrackDeclaration,
         codec: Codec,
+        rids: tuple[str, ...] = (),
     ) -> PublishedTrack:
         receiver = transceiver.receiver
         kind = transceiver.kind
         participant_id = self.participant_id
         room = self.room
         track_id = declared.track_id or "TR" + ids.new_session_id()[:22]
-        forwarder: TrackForwarder
+        interval = self.node.config.node.keyframe_interval_ms / 1000
+        plane = self._plane
 
-        def send_pli() -> None:
-            if forwarder.ssrc:
-                request_keyframe(receiver, forwarder.ssrc)
+        def forwarder_for(rid: str, on_level: Callable[[int], None] | None) -> TrackForwarder:
+            forwarder: TrackForwarder
+
+            def send_pli() -> None:
+                if forwarder.ssrc:
+                    request_keyframe(receiver, forwarder.ssrc)
+
+            forwarder = TrackForwarder(
+                track_id=track_id,
+                kind=kind,
+                codec_name=codec.name,
+                clock_rate=codec.clock_rate,
+                send_pli=send_pli,
+                keyframe_interval_s=interval,
+                on_audio_level=on_level,
+                rid=rid,
+                # The native plane forwards tracks without simulcast (layer switching, with its
+                # VP8 picture id rewrite, runs in Python).
+                native=plane.binding(transceiver) if plane is not None and not rid else None,
+            )
+            forwarder.set_paused(declared.muted)
+            return forwarder
 
         on_level: Callable[[int], None] | None = None
         if kind == "audio":
@@ -455,17 +549,31 @@ class Session:
             def on_level(dbov: int) -> None:
                 room.observe_audio_level(participant_id, dbov, track_id)
 
-        forwarder = TrackForwarder(
-            track_id=track_id,
-            kind=kind,
-            codec_name=codec.name,
-            clock_rate=codec.clock_rate,
-            send_pli=send_pli,
-            keyframe_interval_s=self.node.config.node.keyframe_interval_ms / 1000,
-            on_audio_level=on_level,
-        )
-        forwarder.set_paused(declared.muted)
-        tap_receiver(receiver, forwarder.on_packet, estimate_bandwidth=False)
+        layers: tuple[TrackForwarder, ...] = ()
+        bitrates: tuple[int, ...] = ()
+        scales: tuple[float, ...] = ()
+        if rids:
+            ordered = self._ordered_rids(rids, declared)
+            layers = tuple(forwarder_for(rid, None) for rid in ordered)
+            by_rid = {e.rid: e for e in self.node.config.simulcast.layers(declared.source)}
+            count = len(ordered)
+            bitrates = tuple(
+                by_rid[rid].max_bitrate
+                if rid in by_rid
+                else DEFAULT_LAYER_BITRATES[max(0, len(DEFAULT_LAYER_BITRATES) - count + i)]
+                for i, rid in enumerate(ordered)
+            )
+            scales = tuple(
+                by_rid[rid].scale_resolution_down_by if rid in by_rid else 2.0 ** (count - 1 - i)
+                for i, rid in enumerate(ordered)
+            )
+            tap_simulcast_receiver(receiver, SimulcastDemux(layers).on_packet)
+            forwarder = layers[-1]
+        else:
+            forwarder = forwarder_for("", on_level)
+            tap_receiver(receiver, forwarder.on_packet, estimate_bandwidth=False)
+            if kind == "video":
+                bitrates = (SINGLE_LAYER_BITRATE,)
         return PublishedTrack(
             id=track_id,
             owner=self,
@@ -479,6 +587,9 @@ class Session:
             width=declared.width,
             height=declared.height,
             name=declared.name,
+            layers=layers,
+            layer_bitrates=bitrates,
+            layer_scales=scales,
         )
 
     def _set_muted(self, event: ev.SetMuted) -> None:
@@ -578,7 +689,7 @@ class Session:
         """The track is gone: stop forwarding at once; the m-section goes inactive next offer."""
         sub = self._subs.get(track_id)
         if sub is not None and sub.downtrack is not None:
-            sub.track.forwarder.remove(sub.downtrack)
+            sub.downtrack.detach()
             sub.downtrack = None
         self._desired.discard(track_id)
         self._wake.set()
@@ -621,7 +732,7 @@ class Session:
         for tid in remove:
             sub = self._subs.pop(tid)
             if sub.downtrack is not None:
-                sub.track.forwarder.remove(sub.downtrack)
+                sub.downtrack.detach()
             sub.transceiver.direction = "inactive"
             self._free[sub.transceiver.kind].append(sub.transceiver)
         pc = self._subscriber_pc
@@ -637,7 +748,11 @@ class Session:
             prefer_codec(transceiver, track.codec)
             # The m-section's msid names the track (Mux's web SDK maps remote tracks by it).
             label_sender(transceiver, track.id)
-            self._subs[track.id] = Subscription(track=track, transceiver=transceiver)
+            self._subs[track.id] = Subscription(
+                track=track,
+                transceiver=transceiver,
+                request=self._requests.get(track.id, VideoRequest()),
+            )
         self.node.apply_ice_policy(pc)
         offer = await pc.createOffer()
         await pc.setLocalDescription(offer)
@@ -689,14 +804,173 @@ class Session:
             if sub.track.id not in self.room.tracks:
                 continue
             sink = RtpSink(sub.transceiver)
-            state = self._sender_states.setdefault(sink.ssrc, SenderState())
-            downtrack = DownTrack(sub.track.forwarder, sink, state, self.participant_id, limit)
-            hook_sender(sub.transceiver.sender, downtrack.request_keyframe, downtrack.retransmit)
-            sub.track.forwarder.add(downtrack)
+            source = self._first_source(sub)
+            state = self._sender_states.get(sink.ssrc)
+            if state is None:
+                plane = self._plane
+                native = plane.down(sub.transceiver, sink) if plane is not None else None
+                state = self._sender_states[sink.ssrc] = SenderState(native)
+            downtrack = DownTrack(source, sink, state, self.participant_id, limit)
+            hook_sender(sub.transceiver.sender, downtrack.request_keyframe, self._nacked(downtrack))
+            hook_sender_feedback(sub.transceiver.sender, self._bwe.on_report, self._bwe.on_remb)
+            if sub.track.kind == "audio" or not self._allocator.audio_only:
+                source.add(downtrack)
             sub.downtrack = downtrack
             if sink.connected:
                 downtrack.request_keyframe()
         self._wake.set()
+        self.allocate()
+
+    # --- simulcast layers --------------------------------------------------------------------
+
+    def _set_video_quality(self, event: ev.SetVideoQuality) -> None:
+        try:
+            request = VideoRequest(event.quality, event.width, event.height)
+        except ValueError as exc:
+            raise errors.InvalidArgument(str(exc)) from exc
+        if not TRACK_ID.fullmatch(event.track_id):
+            raise errors.InvalidArgument("set_video_quality needs a track id")
+        track = self.room.tracks.get(event.track_id)
+        if track is None or track.kind != "video":
+            raise errors.TrackNotFound("no such video track in the space")
+        if len(self._requests) >= 256 and event.track_id not in self._requests:
+            self._requests.pop(next(iter(self._requests)))
+        self._requests[event.track_id] = request
+        sub = self._subs.get(event.track_id)
+        if sub is not None:
+            sub.request = request
+        self.allocate()
+        self.send(ev.Ack(event.request_id))
+
+    def _first_source(self, sub: Subscription) -> TrackForwarder:
+        """The layer a new subscription starts on: what the allocation would give it now."""
+        track = sub.track
+        if not track.layers:
+            return track.forwarder
+        now = time.monotonic()
+        wanted = self._wanted(now)
+        wanted.append(Wanted(track.id, track.layer_info(now), sub.request, -1, _priority(track)))
+        budget = self._budget()
+        if budget is None:
+            budget = self._bwe.estimate  # the first simulcast subscription: the start value
+        target = self._allocator.allocate(wanted, budget, now, self._audio_count()).targets
+        index = target.get(track.id, -1)
+        return track.layers[index] if index >= 0 else track.layers[0]
+
+    def _audio_count(self) -> int:
+        return sum(1 for s in self._subs.values() if s.track.kind == "audio" and s.downtrack)
+
+    def _nacked(self, downtrack: DownTrack) -> Callable[[int], None]:
+        def on_nack(sequence_number: int) -> None:
+            if self.estimate is not None and self._bwe.congested(time.monotonic()):
+                return
+            # Only NACKs of packets still worth resending are loss now: a browser goes on
+            # asking for old ones (those of a layer it no longer gets) for seconds.
+            if downtrack.retransmit(sequence_number):
+                self._bwe.on_nack()
+
+        return on_nack
+
+    def _wanted(self, now: float) -> list[Wanted]:
+        """The simulcast video subscriptions (the others are forwarded as they are)."""
+        wanted: list[Wanted] = []
+        for sub in self._subs.values():
+            downtrack = sub.downtrack
+            if downtrack is None or sub.track.kind != "video" or not sub.track.layers:
+                continue
+            target = downtrack.target
+            track = sub.track
+            current = -1
+            if target is not None:
+                current = track.layers.index(target) if track.layers else 0
+            wanted.append(
+                Wanted(track.id, track.layer_info(now), sub.request, current, _priority(track))
+            )
+        return wanted
+
+    def _budget(self) -> int | None:
+        """The estimate less what the tracks without simulcast are reckoned to take."""
+        if self.estimate is None:
+            return None
+        single = sum(
+            SINGLE_LAYER_BITRATE
+            for s in self._subs.values()
+            if s.track.kind == "video" and not s.track.layers and s.request.quality != "off"
+        )
+        return max(self.estimate - single, 0)
+
+    def _tick_estimate(self, now: float) -> None:
+        """Feed the estimator what was sent since the last tick."""
+        packets = octets = 0
+        counted: dict[int, tuple[int, int]] = {}
+        for sub in self._subs.values():
+            if sub.downtrack is None:
+                continue
+            sink = sub.downtrack.sink
+            total = sink.counters()
+            before = self._counted.get(id(sink), total)
+            counted[id(sink)] = total
+            packets += total[0] - before[0]
+            octets += total[1] - before[1]
+        self._counted = counted
+        if not any(s.track.layers and s.downtrack for s in self._subs.values()):
+            self.estimate = None
+            return
+        self.estimate = self._bwe.tick(now, octets, packets, self._floor)
+
+    def allocate(self, tick: bool = False) -> None:
+        """Give each video subscription its layer (see spaces.media.layers)."""
+        if self._closed:
+            return
+        now = time.monotonic()
+        if tick:
+            self._tick_estimate(now)
+        wanted = self._wanted(now)
+        was_audio_only = self._allocator.audio_only
+        allocation = self._allocator.allocate(
+            wanted,
+            self._budget(),
+            now,
+            self._audio_count(),
+            allow_raise=self.estimate is None or self._bwe.may_raise(now),
+        )
+        self._floor = allocation.floor
+        if allocation.raised and self.estimate is not None:
+            self._bwe.raised(now)
+        for sub in self._subs.values():
+            downtrack = sub.downtrack
+            if downtrack is None or sub.track.kind != "video" or sub.track.layers:
+                continue
+            # Without simulcast there is nothing lighter: forwarded unless asked for none.
+            downtrack.follow(None if sub.request.quality == "off" else sub.track.forwarder)
+        congested = self.estimate is not None and self._bwe.congested(now)
+        for key, index in allocation.targets.items():
+            target = self._subs.get(key)
+            if target is None or target.downtrack is None:
+                continue
+            layers = target.track.layers
+            downtrack = target.downtrack
+            if congested and index >= 0 and downtrack.target in layers[index + 1 :]:
+                # Down on congestion: stop the layer that overloads the link now, so that the
+                # lower layer's keyframe is not lost in the queue it built.
+                downtrack.follow(None)
+            downtrack.follow(layers[index] if index >= 0 else None)
+        if allocation.audio_only != was_audio_only:
+            logger.info(
+                "%s: %s (estimate %s bps)",
+                self.connection_id,
+                "audio only" if allocation.audio_only else "video resumes",
+                self.estimate,
+            )
+            self.send(ev.AudioOnly(allocation.audio_only, self.estimate or 0))
+
+    async def _allocate_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(ALLOCATE_INTERVAL_S)
+            try:
+                self.allocate(tick=True)
+            except Exception:
+                logger.exception("session %s: layer allocation failed", self.connection_id)
 
     # --- ending ------------------------------------------------------------------------------
 
@@ -712,10 +986,12 @@ class Session:
             self.room.remove(self, reason)
             for sub in self._subs.values():
                 if sub.downtrack is not None:
-                    sub.track.forwarder.remove(sub.downtrack)
+                    sub.downtrack.detach()
             self._subs.clear()
             if self._negotiator is not None and self._negotiator is not asyncio.current_task():
                 self._negotiator.cancel()
+            if self._allocating is not None and self._allocating is not asyncio.current_task():
+                self._allocating.cancel()
             self._closing = asyncio.create_task(self._release(release), name="session-close")
         if self._closing is not None:
             await asyncio.shield(self._closing)

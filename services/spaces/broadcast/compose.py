@@ -127,8 +127,9 @@ class Compositor:
         tiles = layouts.layout(self.layout, scene.subjects, self.width, self.height, scene.speaker)
         return self._transition.update(tiles, now)
 
-    def render(self, scene: Scene, now: float, at: float) -> av.VideoFrame:
-        """The frame for wall time ``now``, drawing the video frames that arrived by ``at``."""
+    def render(self, scene: Scene, now: float, at: float) -> np.ndarray[Any, Any]:
+        """The frame for wall time ``now``, drawing the video frames that arrived by ``at``: a
+        new yuv420p image (PyAV's ndarray layout), never written to again."""
         buf = self._base.copy()
         canvas = self._views(buf)
         has_video = {s.key: s.has_video for s in scene.subjects}
@@ -138,7 +139,7 @@ class Compositor:
                 self._paste(canvas, tile, frame)
             else:
                 self._paste_planes(canvas, tile.rect, self._name_tile(scene, tile))
-        return av.VideoFrame.from_ndarray(buf, format="yuv420p")
+        return buf
 
     def _paste(self, canvas: list[np.ndarray[Any, Any]], tile: Tile, frame: av.VideoFrame) -> None:
         r = tile.rect

@@ -130,6 +130,7 @@ class Composer:
             "streaming": stats.streaming,
             "frames_composed": stats.frames_composed,
             "frames_dropped": stats.frames_dropped,
+            "frames_lost": stats.frames_lost,
             "encoder_errors": stats.encoder_errors,
             "rtmp_errors": stats.rtmp_errors,
             "connects": stats.connects,
@@ -307,6 +308,10 @@ class Composer:
 
 async def main() -> int:
     die_with_parent(int(os.environ.get("SPACES_COMPOSER_PARENT", "0")))
+    # The session's modules (aiortc, grpc), imported before the first status: seconds on a
+    # busy machine, covered by the worker's start-up allowance rather than its watchdog.
+    import spaces.sdk.client  # noqa: F401
+
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -317,8 +322,9 @@ async def main() -> int:
     composer = Composer(job)
     composer.pipeline.start()
     tasks = [
-        asyncio.create_task(composer.session_forever(), name="session"),
+        # Status first: the session's imports hold the loop for a while on a busy machine.
         asyncio.create_task(composer.status_forever(), name="status"),
+        asyncio.create_task(composer.session_forever(), name="session"),
     ]
     try:
         await composer.commands(reader)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import av
+import numpy as np
 
 from spaces.broadcast.compose import (
     AUDIO_FRAME,
@@ -37,8 +38,16 @@ from spaces.broadcast.compose import (
 logger = logging.getLogger(__name__)
 
 FPS = 30
-QUEUE_FRAMES = 45
-"""Composed frames waiting for the encoder (1.5 s); beyond it, video frames are dropped."""
+QUEUE_FRAMES = 150
+"""Video frames waiting for the encoder (5 s): enough to ride out the seconds a busy machine
+can stall this process for (a renegotiation on a join, measured at load 16 on 2 cores);
+beyond it, video frames are dropped (a gap). Most waiting frames are repeats, which share the
+picture they repeat."""
+BACKLOG_FRAMES = 10
+"""With more video frames than this waiting for the encoder, the compose thread repeats the
+last frame instead of composing (a repeat costs no CPU and no memory until it is encoded)."""
+BACKLOG_FRESH_EVERY = 3
+"""While the encoder is behind, one slot in this many is still composed anew (10 fps)."""
 
 
 def default_kbps(width: int, height: int) -> int:
@@ -68,6 +77,8 @@ class OutputSettings:
 class Stats:
     frames_composed: int = 0
     frames_dropped: int = 0
+    frames_lost: int = 0
+    """Of the dropped: frames a full encoder queue turned away (each leaves a gap)."""
     encoder_errors: int = 0
     rtmp_errors: int = 0
     connects: int = 0
@@ -104,6 +115,10 @@ class Pipeline:
         self._stop = threading.Event()
         self._attempt_ok = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._video_in = 0
+        """Video frames queued (counted by the compose thread only)."""
+        self._video_out = 0
+        """Video frames taken from the queue (counted by the output thread only)."""
 
     def start(self) -> None:
         for target, name in (
@@ -127,11 +142,19 @@ class Pipeline:
     # --- composing ----------------------------------------------------------------------
 
     def _compose_loop(self) -> None:
-        """Video frame n is the scene at t0 + n/FPS; audio keeps pace sample for sample. A late
-        tick skips frames (counted as dropped) rather than shifting the timeline."""
+        """Video frame n is the scene at t0 + n/FPS; audio keeps pace sample for sample.
+
+        Every slot of the timeline gets a frame, so the output stays at FPS with no gap in its
+        timestamps however busy the machine is: a tick that comes late first repeats the last
+        frame for the slots it missed, and while the encoder is behind (more than
+        ``BACKLOG_FRAMES`` waiting) only one slot in ``BACKLOG_FRESH_EVERY`` is composed anew
+        and the others repeat it, which leaves the CPU to the encoder while the picture still
+        moves. Repeated frames are counted as dropped."""
         t0 = time.monotonic()
         n = 0
         samples = 0
+        last: np.ndarray[Any, Any] | None = None
+        fresh = 0  # the slot last composed anew
         while not self._stop.is_set():
             due = t0 + n / FPS
             now = time.monotonic()
@@ -139,25 +162,36 @@ class Pipeline:
                 time.sleep(due - now)
                 now = time.monotonic()
             behind = int((now - due) * FPS)
-            if behind > 0:
-                self.stats.frames_dropped += behind
-                n += behind
-            try:
-                frame = self.compositor.render(self.scene, now, now - VIDEO_DELAY_S)
-            except Exception:
-                logger.exception("compose failed")
-                self.stats.encoder_errors += 1
-                n += 1
-                continue
-            frame.pts = n
-            frame.time_base = fractions.Fraction(1, FPS)
-            self._offer(("v", frame))
-            self.stats.frames_composed += 1
+            if last is not None:
+                for _ in range(behind):
+                    self._repeat(last, n)
+                    n += 1
+            else:
+                n += behind  # nothing to show yet: the stream starts at the first frame
+            backlog = self._video_in - self._video_out > BACKLOG_FRAMES
+            if last is not None and backlog and n - fresh < BACKLOG_FRESH_EVERY:
+                self._repeat(last, n)
+            else:
+                fresh = n
+                try:
+                    last = self.compositor.render(self.scene, now, now - VIDEO_DELAY_S)
+                    self.stats.frames_composed += 1
+                    self._offer(("v", (last, n)))
+                except Exception:
+                    logger.exception("compose failed")
+                    self.stats.encoder_errors += 1
+                    if last is not None:
+                        self._repeat(last, n)
             n += 1
             target = int((now - t0) * SAMPLE_RATE)
             while samples + AUDIO_FRAME <= target + AUDIO_FRAME:
                 self._offer(("a", audio_frame(self.mixer.pull(AUDIO_FRAME), samples)))
                 samples += AUDIO_FRAME
+
+    def _repeat(self, image: np.ndarray[Any, Any], n: int) -> None:
+        """Slot ``n`` shows the last composed image again (no copy until it is encoded)."""
+        self.stats.frames_dropped += 1
+        self._offer(("v", (image, n)))
 
     def _offer(self, item: tuple[str, Any]) -> None:
         try:
@@ -165,13 +199,16 @@ class Pipeline:
         except queue.Full:
             if item[0] == "v":
                 self.stats.frames_dropped += 1
+                self.stats.frames_lost += 1
+            return
+        if item[0] == "v":
+            self._video_in += 1
 
     # --- output -------------------------------------------------------------------------
 
     def _output_loop(self) -> None:
         backoff = self.settings.retry_initial_s
         while not self._stop.is_set():
-            self._drain_queue()
             try:
                 self._attempt()
             except Stalled:
@@ -193,9 +230,11 @@ class Pipeline:
     def _drain_queue(self) -> None:
         while True:
             try:
-                self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 return
+            if item is not None and item[0] == "v":
+                self._video_out += 1
 
     def _progress(self) -> None:
         self.stats.progress_at = time.monotonic()
@@ -226,8 +265,10 @@ class Pipeline:
             audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="stereo")
             audio.bit_rate = s.audio_kbps * 1000
             self.stats.connects += 1
+            # What was composed while connecting is stale: the stream starts with what comes
+            # next (or it would run that much behind for good on a machine with no CPU spare).
+            self._drain_queue()
             first_video: int | None = None
-            first_audio: int | None = None
             self.stats.busy = False
             self._progress()
             while not self._stop.is_set():
@@ -237,20 +278,27 @@ class Pipeline:
                     continue
                 if item is None:
                     break
-                kind, frame = item
+                kind, payload = item
                 # Each connection starts at 0: rebase the composer's clock to it.
                 if kind == "v":
-                    first_video = frame.pts if first_video is None else first_video
-                    frame.pts -= first_video
+                    self._video_out += 1
+                    image, n = payload
+                    first_video = n if first_video is None else first_video
+                    frame = _video_frame(image, n - first_video)
                     try:
                         packets = video.encode(frame)
                     except av.error.FFmpegError:
                         self.stats.encoder_errors += 1
                         raise
                 else:
+                    frame = payload
                     if first_video is None:
                         continue  # audio starts with the first video frame
-                    first_audio = frame.pts if first_audio is None else first_audio
+                    # The same origin as the video (its first frame's instant, in samples),
+                    # or the two would start up to a frame apart.
+                    first_audio = first_video * SAMPLE_RATE // FPS
+                    if frame.pts < first_audio:
+                        continue
                     frame.pts -= first_audio
                     packets = audio.encode(frame)
                 for packet in packets:
@@ -284,6 +332,14 @@ class Pipeline:
                 logger.warning("rtmp output stalled for %.1fs", limit)
                 self._on_stall(stats.last_error)
                 return
+
+
+def _video_frame(image: np.ndarray[Any, Any], n: int) -> av.VideoFrame:
+    """An encoder frame of the image at slot ``n`` of this connection."""
+    frame = av.VideoFrame.from_ndarray(image, format="yuv420p")
+    frame.pts = n
+    frame.time_base = fractions.Fraction(1, FPS)
+    return frame
 
 
 def _describe(exc: BaseException) -> str:

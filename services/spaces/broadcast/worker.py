@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 HEALTH_SERVICE = "spaces.broadcaster"
 """gRPC health name: SERVING while this worker takes broadcasts, NOT_SERVING once it drains."""
 STOP_GRACE_S = 5.0
+COMPOSER_STARTUP_S = 30.0
+"""How long a new composer may take to send its first status (the watchdog applies after)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -323,12 +325,15 @@ class BroadcastRun:
         """Status lines and ticket requests, until the composer exits or goes silent."""
         assert process.stdout is not None
         watchdog = self.settings.watchdog_ms / 1000
+        # A new composer imports PyAV, numpy and aiortc first: seconds on a busy machine (8 s
+        # measured at load 18 on 2 cores), which must not count as hanging.
+        limit = max(watchdog, COMPOSER_STARTUP_S)
         while True:
             try:
-                line = await asyncio.wait_for(process.stdout.readline(), watchdog)
+                line = await asyncio.wait_for(process.stdout.readline(), limit)
             except TimeoutError:
                 logger.warning(
-                    "broadcast %s: composer silent for %.0fs; killing", self._label, watchdog
+                    "broadcast %s: composer silent for %.0fs; killing", self._label, limit
                 )
                 metrics.BROADCAST_ERRORS.labels(kind="watchdog").inc()
                 process.kill()
@@ -340,6 +345,7 @@ class BroadcastRun:
             except ValueError:
                 continue
             if message.get("type") == "status":
+                limit = watchdog
                 self._on_status(process, message)
             elif message.get("type") == "ticket_request":
                 spawn(self._send_ticket(process), name=f"ticket-{self._label}")

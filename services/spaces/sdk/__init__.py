@@ -6,6 +6,7 @@ tracks, receive remote ones, iterate ``space.events()``; reconnects on its own.
 """
 
 from spaces.sdk.client import (
+    AudioOnlyChanged,
     BroadcastStateChanged,
     LocalParticipant,
     LocalTrack,
@@ -19,6 +20,7 @@ from spaces.sdk.tokens import sign_token
 from spaces.sdk.webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
+    "AudioOnlyChanged",
     "BroadcastStateChanged",
     "LocalParticipant",
     "LocalTrack",

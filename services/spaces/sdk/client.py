@@ -150,6 +150,15 @@ class BroadcastStateChanged:
 
 
 @dataclass(frozen=True)
+class AudioOnlyChanged:
+    """This client's link cannot carry even the lowest video layers of what it subscribes to:
+    it receives audio only (``active``), until the estimate recovers (``active`` false)."""
+
+    active: bool
+    estimated_bitrate: int
+
+
+@dataclass(frozen=True)
 class Reconnecting:
     reason: str
     attempt: int
@@ -173,6 +182,14 @@ class Disconnected:
     message: str
 
 
+VIDEO_QUALITIES = {
+    "": media_pb2.VIDEO_QUALITY_UNSPECIFIED,
+    "low": media_pb2.VIDEO_QUALITY_LOW,
+    "medium": media_pb2.VIDEO_QUALITY_MEDIUM,
+    "high": media_pb2.VIDEO_QUALITY_HIGH,
+    "off": media_pb2.VIDEO_QUALITY_OFF,
+}
+
 SpaceEvent = (
     ParticipantJoined
     | ParticipantLeft
@@ -185,6 +202,7 @@ SpaceEvent = (
     | CustomEventReceived
     | DisplayNameChanged
     | BroadcastStateChanged
+    | AudioOnlyChanged
     | Reconnecting
     | Reconnected
     | ReconnectFailed
@@ -428,6 +446,9 @@ class Space:
         self._join = join
         self.broadcasting = False
         """True while a broadcast of the space is ACTIVE (BroadcastStateChanged)."""
+        self.audio_only = False
+        """Whether the node sends this client audio only (its link cannot carry video)."""
+        self._video_qualities: dict[str, media_pb2.SetVideoQuality] = {}
         self.address = address
         self.display_name = display_name
         self._credentials = credentials
@@ -503,6 +524,22 @@ class Space:
     def events(self) -> EventStream:
         """Events from now on (subscribe before join() to see everyone already there)."""
         return EventStream(self._listeners)
+
+    async def set_video_quality(
+        self, track: RemoteTrack | str, quality: str = "", *, width: int = 0, height: int = 0
+    ) -> None:
+        """The most this client wants of a remote video track: ``quality`` "low", "medium",
+        "high", "off" (none of its video) or "" (no limit), and/or the size it is rendered at
+        (the node then sends the smallest simulcast layer that covers it). The node sends the
+        best layer within it that this client's bandwidth carries. Kept across reconnects."""
+        track_id = track if isinstance(track, str) else track.id
+        if quality not in VIDEO_QUALITIES:
+            raise ValueError("quality must be low, medium, high, off or empty")
+        request = media_pb2.SetVideoQuality(
+            track_id=track_id, quality=VIDEO_QUALITIES[quality], width=width, height=height
+        )
+        self._video_qualities[track_id] = request
+        await self._request(media_pb2.ClientMessage(set_video_quality=request))
 
     def remote_track(self, participant_id: str, source: str) -> RemoteTrack | None:
         participant = self.participants.get(participant_id)
@@ -588,6 +625,8 @@ class Space:
         self._reader = asyncio.create_task(self._read(call), name="space-reader")
         if self._manual is not None or self.max_subscriptions:
             await self._send_subscription()
+        for request in list(self._video_qualities.values()):
+            await self._write(media_pb2.ClientMessage(set_video_quality=request))
         if self._local_tracks:
             await self._negotiate_publisher()
 
@@ -772,6 +811,11 @@ class Space:
             state = message.broadcast_state
             self.broadcasting = state.broadcasting
             self._emit(BroadcastStateChanged(state.broadcasting, list(state.broadcast_ids)))
+        elif kind == "audio_only":
+            self.audio_only = message.audio_only.active
+            self._emit(
+                AudioOnlyChanged(message.audio_only.active, message.audio_only.estimated_bitrate)
+            )
         elif kind == "display_name_changed":
             event_d = message.display_name_changed
             participant = self.participants.get(event_d.participant_id)

@@ -8,6 +8,7 @@ import fractions
 import hashlib
 import math
 import time
+from typing import Any
 
 import av
 import numpy as np
@@ -126,6 +127,87 @@ class ToneTrack(MediaStreamTrack):
         t = (np.arange(self._samples) + self._t) / AUDIO_RATE
         wave = self.amplitude * np.sin(2 * math.pi * self.frequency * t) * 32767
         data = wave.astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(data, format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = self._t
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        self._t += self._samples
+        return frame
+
+
+class Flashes:
+    """A schedule shared by a ``FlashTrack`` and a ``BeepTrack``: a flash of light and a beep
+    that begin at the same instants, every ``period`` seconds for ``length`` seconds, on the
+    monotonic clock (to measure audio/video sync end to end)."""
+
+    def __init__(self, period: float = 1.0, length: float = 0.3) -> None:
+        if not 0 < length < period:
+            raise ValueError("a flash must be shorter than its period")
+        self.period = period
+        self.length = length
+        self.start = time.monotonic()
+
+    def on(self, at: np.ndarray[Any, Any] | float) -> np.ndarray[Any, Any]:
+        """Whether the schedule flashes at each of the monotonic times ``at``."""
+        return np.asarray((np.asarray(at) - self.start) % self.period < self.length)
+
+
+class FlashTrack(MediaStreamTrack):
+    """Video: the whole frame is ``dark``, and ``light`` while the schedule flashes."""
+
+    kind = "video"
+
+    def __init__(
+        self,
+        flashes: Flashes,
+        dark: tuple[int, int, int] = (40, 40, 200),
+        light: tuple[int, int, int] = (240, 240, 240),
+        width: int = 640,
+        height: int = 480,
+        fps: int = 30,
+    ) -> None:
+        super().__init__()
+        self.flashes = flashes
+        self._images = {
+            lit: np.full((height, width, 3), light if lit else dark, np.uint8)
+            for lit in (False, True)
+        }
+        self.fps = fps
+        self._pace = _Paced(1 / fps)
+        self._n = 0
+
+    async def recv(self) -> av.VideoFrame:
+        await self._pace.wait()
+        lit = bool(self.flashes.on(time.monotonic()))
+        frame = av.VideoFrame.from_ndarray(self._images[lit], format="rgb24")
+        frame.pts = int(self._n * VIDEO_CLOCK_RATE / self.fps)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+        self._n += 1
+        return frame
+
+
+class BeepTrack(MediaStreamTrack):
+    """Audio: silence, and a tone while the schedule flashes, to the sample (a frame handed
+    over at time T holds the 20 ms before T, as a microphone's would)."""
+
+    kind = "audio"
+
+    def __init__(self, flashes: Flashes, frequency: float = 1000.0, amplitude: float = 0.5):
+        super().__init__()
+        self.flashes = flashes
+        self.frequency = frequency
+        self.amplitude = amplitude
+        self._samples = int(AUDIO_RATE * AUDIO_PTIME)
+        self._pace = _Paced(AUDIO_PTIME)
+        self._t = 0
+
+    async def recv(self) -> av.AudioFrame:
+        await self._pace.wait()
+        now = time.monotonic()
+        i = np.arange(self._samples)
+        on = self.flashes.on(now - (self._samples - i) / AUDIO_RATE)
+        wave = self.amplitude * np.sin(2 * math.pi * self.frequency * (i + self._t) / AUDIO_RATE)
+        data = (wave * on * 32767).astype(np.int16).reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(data, format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE
         frame.pts = self._t

@@ -194,6 +194,19 @@ class SetDisplayName:
 
 
 @dataclass(frozen=True, slots=True)
+class SetVideoQuality:
+    """The most a subscriber wants of one remote video track: a quality ("low", "medium",
+    "high", "off", or "" for no limit) and/or the size it renders the track at. The node sends
+    the best simulcast layer within it that the subscriber's bandwidth carries."""
+
+    request_id: int
+    track_id: str
+    quality: str = ""
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Leave:
     request_id: int
 
@@ -214,6 +227,7 @@ ClientEvent = (
     | SetSubscription
     | SendCustomEvent
     | SetDisplayName
+    | SetVideoQuality
     | Leave
     | Unknown
 )
@@ -348,6 +362,25 @@ class BroadcastStateChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class AudioOnly:
+    """The subscriber's link cannot carry even the lowest video layers: it receives audio only
+    (``active``) until the estimate recovers, when it is told again (``active`` false)."""
+
+    active: bool
+    estimated_bitrate: int = 0
+    """The estimate that decided it (bits per second)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayersWanted:
+    """To a simulcast publisher: the layers (rids) of one of its tracks that some subscriber
+    receives now; the others may be paused (dynacast) until they are wanted again."""
+
+    track_id: str
+    rids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Closing:
     reason: str
     message: str = ""
@@ -373,6 +406,8 @@ ServerEvent = (
     | CustomEventDelivered
     | DisplayNameChanged
     | SubscriptionUpdated
+    | AudioOnly
+    | LayersWanted
     | Closing
 )
 

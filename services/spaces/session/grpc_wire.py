@@ -153,6 +153,16 @@ def hello_message(ticket: str, options: ev.SessionOptions) -> media_pb2.ClientMe
     )
 
 
+_QUALITIES = {
+    media_pb2.VIDEO_QUALITY_UNSPECIFIED: "",
+    media_pb2.VIDEO_QUALITY_LOW: "low",
+    media_pb2.VIDEO_QUALITY_MEDIUM: "medium",
+    media_pb2.VIDEO_QUALITY_HIGH: "high",
+    media_pb2.VIDEO_QUALITY_OFF: "off",
+}
+_QUALITY_VALUES = {name: value for value, name in _QUALITIES.items()}
+
+
 def client_event(message: media_pb2.ClientMessage) -> ev.ClientEvent:
     """Decode one ClientMessage (after Hello) into the event the session core handles."""
     rid = message.request_id
@@ -208,6 +218,12 @@ def client_event(message: media_pb2.ClientMessage) -> ev.ClientEvent:
         )
     if kind == "set_display_name":
         return ev.SetDisplayName(rid, message.set_display_name.display_name)
+    if kind == "set_video_quality":
+        q = message.set_video_quality
+        quality = _QUALITIES.get(q.quality)
+        if quality is None:
+            return ev.Unknown(rid, "unknown video quality")
+        return ev.SetVideoQuality(rid, q.track_id, quality, q.width, q.height)
     if kind == "leave":
         return ev.Leave(rid)
     if kind == "hello":
@@ -280,6 +296,16 @@ def client_message(event: ev.ClientEvent) -> media_pb2.ClientMessage:
         return media_pb2.ClientMessage(
             request_id=event.request_id,
             set_display_name=media_pb2.SetDisplayName(display_name=event.display_name),
+        )
+    if isinstance(event, ev.SetVideoQuality):
+        return media_pb2.ClientMessage(
+            request_id=event.request_id,
+            set_video_quality=media_pb2.SetVideoQuality(
+                track_id=event.track_id,
+                quality=_QUALITY_VALUES.get(event.quality, media_pb2.VIDEO_QUALITY_UNSPECIFIED),
+                width=event.width,
+                height=event.height,
+            ),
         )
     if isinstance(event, ev.Leave):
         return media_pb2.ClientMessage(request_id=event.request_id, leave=media_pb2.LeaveSession())
@@ -440,6 +466,16 @@ def server_message(event: ev.ServerEvent) -> media_pb2.ServerMessage:
                 broadcasting=event.broadcasting, broadcast_ids=list(event.broadcast_ids)
             )
         )
+    if isinstance(event, ev.AudioOnly):
+        return M(
+            audio_only=media_pb2.AudioOnly(
+                active=event.active, estimated_bitrate=event.estimated_bitrate
+            )
+        )
+    if isinstance(event, ev.LayersWanted):
+        return M(
+            layers_wanted=media_pb2.LayersWanted(track_id=event.track_id, rids=list(event.rids))
+        )
     raise TypeError(f"not a server event: {event!r}")
 
 
@@ -533,4 +569,9 @@ def server_event(message: media_pb2.ServerMessage) -> ev.ServerEvent | None:
         )
     if kind == "closing":
         return ev.Closing(close_reason_name(message.closing.reason), message.closing.message)
+    if kind == "audio_only":
+        return ev.AudioOnly(message.audio_only.active, message.audio_only.estimated_bitrate)
+    if kind == "layers_wanted":
+        wanted = message.layers_wanted
+        return ev.LayersWanted(wanted.track_id, tuple(wanted.rids))
     return None

@@ -68,8 +68,11 @@ CLIENT_KEYS = frozenset(
         "unsubscribe_tracks",
         "custom_event",
         "set_display_name",
+        "set_video_quality",
     }
 )
+"""``set_video_quality`` is ours (Mux's SDK has no such message), as are the server's
+``audio_only`` and ``layers_wanted``, which only our client (``JoinInfo.spaces_client``) gets."""
 
 
 class ProtocolError(Exception):
@@ -183,6 +186,8 @@ class JoinInfo:
     display_name_interval_seconds: int = 1
     camera_encodings: tuple[Mapping[str, Any], ...] = ()
     screenshare_encodings: tuple[Mapping[str, Any], ...] = ()
+    spaces_client: bool = False
+    """Our own client (``web/spaces.js``), which understands the messages Mux's SDK lacks."""
 
 
 @dataclass
@@ -296,10 +301,25 @@ class MuxWire:
                     event_id=str(event_id) if event_id is not None else "",
                 )
             ]
+        if key == "set_video_quality":
+            return [self._video_quality(body, client_id)]
         # set_display_name
         if not isinstance(body, str):
             raise ProtocolError("set_display_name needs a string", DISPLAY_NAME_FAILED)
         return [ev.SetDisplayName(self._request(key, client_id), body)]
+
+    def _video_quality(self, body: Any, client_id: Any) -> ev.SetVideoQuality:
+        if not isinstance(body, dict) or not isinstance(body.get("tid"), str):
+            raise ProtocolError("set_video_quality needs a tid")
+        quality = body.get("quality") or ""
+        if quality not in ("", "low", "medium", "high", "off"):
+            raise ProtocolError("set_video_quality: quality must be low, medium, high or off")
+        width, height = body.get("width") or 0, body.get("height") or 0
+        if not all(isinstance(v, int) and 0 <= v <= 16384 for v in (width, height)):
+            raise ProtocolError("set_video_quality: bad width or height")
+        return ev.SetVideoQuality(
+            self._request("set_video_quality", client_id), body["tid"], quality, width, height
+        )
 
     def _pending_track(self, body: Any) -> None:
         if not isinstance(body, dict):
@@ -550,6 +570,21 @@ class MuxWire:
         if isinstance(event, ev.BroadcastStateChanged):
             # The SDK dispatches on the first truthy key: "not broadcasting" cannot be 0.
             return [{"broadcast_state_update": BROADCASTING if event.broadcasting else IDLE}]
+        if isinstance(event, ev.AudioOnly):
+            if not self.info.spaces_client:
+                return []
+            return [
+                {
+                    "audio_only": {
+                        "active": event.active,
+                        "estimated_bitrate": event.estimated_bitrate,
+                    }
+                }
+            ]
+        if isinstance(event, ev.LayersWanted):
+            if not self.info.spaces_client:
+                return []
+            return [{"layers_wanted": {"tid": event.track_id, "rids": list(event.rids)}}]
         if isinstance(event, ev.Ack):
             self._requests.pop(event.request_id, None)
             return []

@@ -207,6 +207,7 @@ class Bridge:
                 display_name_interval_seconds=join.limits.display_name_interval_seconds,
                 camera_encodings=self._camera_encodings,
                 screenshare_encodings=self._screenshare_encodings,
+                spaces_client=params.sdk_version.startswith("spaces-js"),
             ),
             sfu_id=join.node_id or "sfu",
         )

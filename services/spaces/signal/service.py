@@ -167,8 +167,8 @@ class SignalComponent:
             ws,
             self.channels,
             join_timeout_s=signal.join_timeout_s,
-            camera_encodings=signal.camera_encodings,
-            screenshare_encodings=signal.screenshare_encodings,
+            camera_encodings=tuple(e.mux() for e in self._config.simulcast.camera),
+            screenshare_encodings=tuple(e.mux() for e in self._config.simulcast.screenshare),
         )
         task = asyncio.current_task()
         if task is not None:

@@ -206,6 +206,13 @@ class RedisStore:
     async def _space_script(self, name: str, space_id: str, args: list[Any]) -> Any:
         return await self._script(name, keys.space_key(space_id), args, keys.shard_of(space_id))
 
+    def space_command(self, name: str, space_id: str, args: Sequence[Any]) -> tuple[Any, ...]:
+        """The command that running script ``name`` for ``space_id`` sends (its ``EVALSHA``),
+        for a load generator that writes it to Redis itself (bench redis). The script must be
+        loaded: any call of it through this store loads it."""
+        sha = self._scripts[name].sha
+        return ("EVALSHA", sha, 1, keys.space_key(space_id), *args)
+
     async def _on(self, index: int, fn: Callable[[aioredis.Redis], Any]) -> Any:
         """Run ``fn`` with the client of keys.TAGS[index]'s primary."""
         return await self._call(lambda: fn(self._router.client(index)))
@@ -545,26 +552,7 @@ class RedisStore:
         return JoinContext(_key_from_record(record), node or "", bool(exists))
 
     async def join(self, r: Reservation) -> Admission:
-        args = [
-            r.space_id,
-            r.connection_id,
-            r.participant_id,
-            r.role,
-            r.display_name,
-            r.ticket_hash,
-            r.resume_hash,
-            "1" if r.generated_participant_id else "0",
-            r.node_id,
-            r.expected_node_id,
-            r.pending_ms,
-            r.placement_ms,
-            r.default_max_participants,
-            r.resume_connection_id,
-            r.presented_resume_hash,
-            r.signing_key_id,
-            r.reconnect_participant_id,
-            r.token_hash,
-        ]
+        args = join_args(r)
         reply = await self._space_script("join", r.space_id, args)
         if (
             reply[0] == "err"
@@ -596,21 +584,11 @@ class RedisStore:
         reply = await self._space_script(
             "claim",
             space_id,
-            [space_id, connection_id, ticket_hash, node_id, session_ms, placement_ms, session_id],
+            claim_args(
+                space_id, connection_id, ticket_hash, node_id, session_ms, placement_ms, session_id
+            ),
         )
-        _raise_script_error(reply)
-        epoch, expires = reply[1], int(reply[2])
-        split = reply.index("|")
-        conn = flat_to_dict(reply[3:split])
-        space = flat_to_dict(reply[split + 1 :])
-        return Claim(
-            participant=participant_from_record(space_id, conn, expires),
-            space=space_from_record(space, 0),
-            epoch=epoch,
-            lease_expires_at_ms=expires,
-            connection_record=conn,
-            space_record=space,
-        )
+        return claim_from_reply(space_id, reply)
 
     async def renew(
         self,
@@ -622,9 +600,12 @@ class RedisStore:
         space_record: dict[str, str],
         connection_records: list[dict[str, str]],
     ) -> RenewResult:
-        snapshot = json.dumps({"epoch": epoch, "space": space_record, "conns": connection_records})
         reply = await self._space_script(
-            "renew", space_id, [space_id, node_id, session_ms, placement_ms, snapshot]
+            "renew",
+            space_id,
+            renew_args(
+                space_id, node_id, session_ms, placement_ms, epoch, space_record, connection_records
+            ),
         )
         rest = reply[2:]
         return RenewResult(
@@ -642,7 +623,7 @@ class RedisStore:
         resume_hash: str = "",
     ) -> participant_pb2.Participant | None:
         reply = await self._space_script(
-            "leave", space_id, [space_id, connection_id, reason, node_id, resume_hash]
+            "leave", space_id, leave_args(space_id, connection_id, reason, node_id, resume_hash)
         )
         _raise_script_error(reply)
         if reply[0] == "gone":
@@ -1410,6 +1391,82 @@ class RedisStore:
             return pruned
 
         return await self._call(run)
+
+
+def join_args(r: Reservation) -> list[Any]:
+    """The join script's arguments."""
+    return [
+        r.space_id,
+        r.connection_id,
+        r.participant_id,
+        r.role,
+        r.display_name,
+        r.ticket_hash,
+        r.resume_hash,
+        "1" if r.generated_participant_id else "0",
+        r.node_id,
+        r.expected_node_id,
+        r.pending_ms,
+        r.placement_ms,
+        r.default_max_participants,
+        r.resume_connection_id,
+        r.presented_resume_hash,
+        r.signing_key_id,
+        r.reconnect_participant_id,
+        r.token_hash,
+    ]
+
+
+def claim_args(
+    space_id: str,
+    connection_id: str,
+    ticket_hash: str,
+    node_id: str,
+    session_ms: int,
+    placement_ms: int,
+    session_id: str,
+) -> list[Any]:
+    """The claim script's arguments."""
+    return [space_id, connection_id, ticket_hash, node_id, session_ms, placement_ms, session_id]
+
+
+def claim_from_reply(space_id: str, reply: list[Any]) -> Claim:
+    """The claim script's reply, decoded (or its error raised)."""
+    _raise_script_error(reply)
+    epoch, expires = reply[1], int(reply[2])
+    split = reply.index("|")
+    conn = flat_to_dict(reply[3:split])
+    space = flat_to_dict(reply[split + 1 :])
+    return Claim(
+        participant=participant_from_record(space_id, conn, expires),
+        space=space_from_record(space, 0),
+        epoch=epoch,
+        lease_expires_at_ms=expires,
+        connection_record=conn,
+        space_record=space,
+    )
+
+
+def renew_args(
+    space_id: str,
+    node_id: str,
+    session_ms: int,
+    placement_ms: int,
+    epoch: str,
+    space_record: dict[str, str],
+    connection_records: list[dict[str, str]],
+) -> list[Any]:
+    """The renewal script's arguments: the node's snapshot of the space, to restore it from
+    if Redis lost it."""
+    snapshot = json.dumps({"epoch": epoch, "space": space_record, "conns": connection_records})
+    return [space_id, node_id, session_ms, placement_ms, snapshot]
+
+
+def leave_args(
+    space_id: str, connection_id: str, reason: str, node_id: str = "", resume_hash: str = ""
+) -> list[Any]:
+    """The leave script's arguments."""
+    return [space_id, connection_id, reason, node_id, resume_hash]
 
 
 def _dead_letter_shard(dead_letter_id: str) -> int | None:

@@ -81,6 +81,31 @@ SUBSCRIPTION_MODE_MANUAL: SubscriptionMode.ValueType  # 2
 """Only the participants named with Subscribe."""
 Global___SubscriptionMode: _TypeAlias = SubscriptionMode  # noqa: Y015
 
+class _VideoQuality:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VideoQualityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VideoQuality.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VIDEO_QUALITY_UNSPECIFIED: _VideoQuality.ValueType  # 0
+    """No limit: the best layer the subscriber's bandwidth carries."""
+    VIDEO_QUALITY_LOW: _VideoQuality.ValueType  # 1
+    VIDEO_QUALITY_MEDIUM: _VideoQuality.ValueType  # 2
+    VIDEO_QUALITY_HIGH: _VideoQuality.ValueType  # 3
+    VIDEO_QUALITY_OFF: _VideoQuality.ValueType  # 4
+    """No video of this track (its audio is unaffected)."""
+
+class VideoQuality(_VideoQuality, metaclass=_VideoQualityEnumTypeWrapper): ...
+
+VIDEO_QUALITY_UNSPECIFIED: VideoQuality.ValueType  # 0
+"""No limit: the best layer the subscriber's bandwidth carries."""
+VIDEO_QUALITY_LOW: VideoQuality.ValueType  # 1
+VIDEO_QUALITY_MEDIUM: VideoQuality.ValueType  # 2
+VIDEO_QUALITY_HIGH: VideoQuality.ValueType  # 3
+VIDEO_QUALITY_OFF: VideoQuality.ValueType  # 4
+"""No video of this track (its audio is unaffected)."""
+Global___VideoQuality: _TypeAlias = VideoQuality  # noqa: Y015
+
 class _PeerConnectionRole:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -286,6 +311,7 @@ class ClientMessage(_message.Message):
     SET_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     LEAVE_FIELD_NUMBER: _builtins.int
     ICE_CANDIDATE_FIELD_NUMBER: _builtins.int
+    SET_VIDEO_QUALITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """Echoed in the Ack or Error that answers this message."""
     @_builtins.property
@@ -316,6 +342,10 @@ class ClientMessage(_message.Message):
     def ice_candidate(self) -> Global___IceCandidate:
         """A trickled ICE candidate of one of the client's peer connections."""
 
+    @_builtins.property
+    def set_video_quality(self) -> Global___SetVideoQuality:
+        """The most this client wants of one remote video track (simulcast layer selection)."""
+
     def __init__(
         self,
         *,
@@ -329,16 +359,50 @@ class ClientMessage(_message.Message):
         set_display_name: Global___SetDisplayName | None = ...,
         leave: Global___LeaveSession | None = ...,
         ice_candidate: Global___IceCandidate | None = ...,
+        set_video_quality: Global___SetVideoQuality | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["custom_event", b"custom_event", "hello", b"hello", "ice_candidate", b"ice_candidate", "leave", b"leave", "message", b"message", "publish_offer", b"publish_offer", "set_display_name", b"set_display_name", "set_muted", b"set_muted", "set_subscription", b"set_subscription", "subscriber_answer", b"subscriber_answer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["custom_event", b"custom_event", "hello", b"hello", "ice_candidate", b"ice_candidate", "leave", b"leave", "message", b"message", "publish_offer", b"publish_offer", "set_display_name", b"set_display_name", "set_muted", b"set_muted", "set_subscription", b"set_subscription", "set_video_quality", b"set_video_quality", "subscriber_answer", b"subscriber_answer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_event", b"custom_event", "hello", b"hello", "ice_candidate", b"ice_candidate", "leave", b"leave", "message", b"message", "publish_offer", b"publish_offer", "request_id", b"request_id", "set_display_name", b"set_display_name", "set_muted", b"set_muted", "set_subscription", b"set_subscription", "subscriber_answer", b"subscriber_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_event", b"custom_event", "hello", b"hello", "ice_candidate", b"ice_candidate", "leave", b"leave", "message", b"message", "publish_offer", b"publish_offer", "request_id", b"request_id", "set_display_name", b"set_display_name", "set_muted", b"set_muted", "set_subscription", b"set_subscription", "set_video_quality", b"set_video_quality", "subscriber_answer", b"subscriber_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "publish_offer", "subscriber_answer", "set_muted", "set_subscription", "custom_event", "set_display_name", "leave", "ice_candidate"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "publish_offer", "subscriber_answer", "set_muted", "set_subscription", "custom_event", "set_display_name", "leave", "ice_candidate", "set_video_quality"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ClientMessage: _TypeAlias = ClientMessage  # noqa: Y015
+
+@_typing.final
+class SetVideoQuality(_message.Message):
+    """A subscriber's maximum for one remote video track: a quality, and/or the size it renders the
+    track at (the node then sends the smallest simulcast layer that covers it). The node sends
+    the best layer within it that the subscriber's estimated bandwidth carries.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACK_ID_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    track_id: _builtins.str
+    quality: Global___VideoQuality.ValueType
+    width: _builtins.int
+    height: _builtins.int
+    def __init__(
+        self,
+        *,
+        track_id: _builtins.str = ...,
+        quality: Global___VideoQuality.ValueType = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "quality", b"quality", "track_id", b"track_id", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVideoQuality: _TypeAlias = SetVideoQuality  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -642,6 +706,8 @@ class ServerMessage(_message.Message):
     CLOSING_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_UPDATED_FIELD_NUMBER: _builtins.int
     BROADCAST_STATE_FIELD_NUMBER: _builtins.int
+    AUDIO_ONLY_FIELD_NUMBER: _builtins.int
+    LAYERS_WANTED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """For Ack, Error and answers: the request_id of the ClientMessage they answer."""
     @_builtins.property
@@ -682,6 +748,14 @@ class ServerMessage(_message.Message):
     def broadcast_state(self) -> Global___BroadcastState:
         """Whether the space is being broadcast (see BroadcastState)."""
 
+    @_builtins.property
+    def audio_only(self) -> Global___AudioOnly:
+        """This subscriber's link cannot carry even the lowest video layers (or can again)."""
+
+    @_builtins.property
+    def layers_wanted(self) -> Global___LayersWanted:
+        """To a simulcast publisher: the layers of its track that someone receives (dynacast)."""
+
     def __init__(
         self,
         *,
@@ -702,16 +776,72 @@ class ServerMessage(_message.Message):
         closing: Global___Closing | None = ...,
         subscription_updated: Global___SubscriptionUpdated | None = ...,
         broadcast_state: Global___BroadcastState | None = ...,
+        audio_only: Global___AudioOnly | None = ...,
+        layers_wanted: Global___LayersWanted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "broadcast_state", b"broadcast_state", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "audio_only", b"audio_only", "broadcast_state", b"broadcast_state", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "layers_wanted", b"layers_wanted", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "broadcast_state", b"broadcast_state", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "request_id", b"request_id", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "active_speakers", b"active_speakers", "audio_only", b"audio_only", "broadcast_state", b"broadcast_state", "closing", b"closing", "custom_event", b"custom_event", "display_name_changed", b"display_name_changed", "error", b"error", "joined", b"joined", "layers_wanted", b"layers_wanted", "message", b"message", "participant_joined", b"participant_joined", "participant_left", b"participant_left", "publish_answer", b"publish_answer", "request_id", b"request_id", "subscriber_offer", b"subscriber_offer", "subscription_updated", b"subscription_updated", "track_muted", b"track_muted", "track_published", b"track_published", "track_unpublished", b"track_unpublished"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["joined", "ack", "error", "publish_answer", "subscriber_offer", "participant_joined", "participant_left", "track_published", "track_unpublished", "track_muted", "active_speakers", "custom_event", "display_name_changed", "closing", "subscription_updated", "broadcast_state"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["joined", "ack", "error", "publish_answer", "subscriber_offer", "participant_joined", "participant_left", "track_published", "track_unpublished", "track_muted", "active_speakers", "custom_event", "display_name_changed", "closing", "subscription_updated", "broadcast_state", "audio_only", "layers_wanted"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ServerMessage: _TypeAlias = ServerMessage  # noqa: Y015
+
+@_typing.final
+class AudioOnly(_message.Message):
+    """Sent when a subscriber's estimated bandwidth falls below what the lowest video layers of its
+    subscriptions need (active: it receives audio only), and again when video resumes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    ESTIMATED_BITRATE_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    estimated_bitrate: _builtins.int
+    """The estimate that decided it, in bits per second."""
+    def __init__(
+        self,
+        *,
+        active: _builtins.bool = ...,
+        estimated_bitrate: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "estimated_bitrate", b"estimated_bitrate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AudioOnly: _TypeAlias = AudioOnly  # noqa: Y015
+
+@_typing.final
+class LayersWanted(_message.Message):
+    """The simulcast layers (rids) of one published track that at least one subscriber receives;
+    a client may pause the others' encodings until they are wanted again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACK_ID_FIELD_NUMBER: _builtins.int
+    RIDS_FIELD_NUMBER: _builtins.int
+    track_id: _builtins.str
+    @_builtins.property
+    def rids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        track_id: _builtins.str = ...,
+        rids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rids", b"rids", "track_id", b"track_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayersWanted: _TypeAlias = LayersWanted  # noqa: Y015
 
 @_typing.final
 class Joined(_message.Message):

@@ -1,0 +1,148 @@
+"""A subscriber's available bandwidth, estimated from its RTCP feedback (the GCC family).
+
+Google Congestion Control (draft-ietf-rmcat-gcc) has a delay-based part and a loss-based part,
+and takes the smaller. Here the subscriber's browser runs the delay-based part itself: it
+watches the arrival delay of our packets (each carries abs-send-time) and reports its estimate
+by REMB, cutting it to 0.85 of what it receives when it sees queues grow. The node does not
+negotiate transport-cc with subscribers (aiortc has no transport-wide sequence numbers), so
+that REMB is the delay signal. The node runs the loss-based part, on the fraction lost in each
+receiver report and, faster, on the share of packets the subscriber NACKs:
+
+* **congestion**: loss above ``LOSS_HIGH`` cuts the estimate to what arrived, the rate sent
+  (the most sent in any tick of the last 2 s, the span a report covers) times ``1 - loss``, less
+  ``DELIVERED_MARGIN`` (GCC cuts to ``1 - loss / 2`` of its estimate and
+  repeats; after a layer switch the rate sent can be several times the link, and one step to
+  what arrived settles at once); a REMB that falls by more than ``REMB_DROP`` from the last one
+  and lies below ``REMB_OVERUSE`` of the rate sent (the browser saw its queue grow) cuts it to
+  that REMB;
+* **otherwise** the estimate grows by ``GROWTH_PER_S`` a second (GCC grows 8% a second and
+  probes with padding to go faster; this node probes by raising a layer instead), up to
+  ``CAP_FACTOR`` times what is sent, and never less than twice the lowest layers' need, so
+  that a subscriber on audio only can come back;
+* after a cut, loss and REMB are ignored for ``CUT_HOLD_S``: they describe packets sent before
+  it (a receiver report covers the last second);
+* no cut while only the lowest layers (or audio) are sent: there is nothing less to send, and
+  audio only comes from the allocation, not from audio's own losses;
+* right after a cut (``congested``) NACKs are not answered: resending into the queue that
+  caused the loss makes it worse, and the layer switch brings a keyframe anyway;
+* after a cut, raises wait ``BACKOFF_S``; a cut within ``FAILED_RAISE_S`` of a layer raise
+  means the raise was too much, and doubles the wait (up to ``BACKOFF_MAX_S``); a raise that
+  holds for ``FAILED_RAISE_S`` resets it.
+
+A browser's REMB starts at what it receives, grows 8% a second and at most to 1.5 times what it
+receives: right after a layer goes up it lies far below the new rate without any congestion
+(measured: 140 kbps REMB for 600 kbps sent on an unshaped link). So a low REMB alone is not a
+signal; a falling one is (on overuse the browser cuts it to 0.85 of what it receives).
+"""
+
+from __future__ import annotations
+
+START_BPS = 500_000
+"""Before any feedback: enough for the lowest and middle layers' total, not the top one."""
+LOSS_HIGH = 0.10
+NACK_HIGH = 0.10
+DELIVERED_MARGIN = 0.9
+REMB_OVERUSE = 0.85
+REMB_DROP = 0.2
+GROWTH_PER_S = 1.25
+CAP_FACTOR = 4.0
+MIN_CAP_BPS = 300_000
+MIN_BPS = 30_000
+CUT_HOLD_S = 1.5
+FAILED_RAISE_S = 4.0
+BACKOFF_S = 6.0
+BACKOFF_MAX_S = 30.0
+PACKET_OVERHEAD_BYTES = 60
+"""RTP header and extensions, SRTP tag, UDP and IP headers: counted on top of each payload."""
+
+
+class Estimator:
+    """One subscriber's estimate. Feed it feedback (``on_report``, ``on_remb``, ``on_nack``)
+    and call ``tick`` periodically with what was sent since the last tick."""
+
+    def __init__(self, now: float, start_bps: int = START_BPS) -> None:
+        self.estimate = start_bps
+        self.sent_bps = 0
+        self._last_tick = now
+        self._last_cut = -1e9
+        self._last_raise = -1e9
+        self._blocked_until = -1e9
+        self._backoff = BACKOFF_S
+        self._nacks = 0
+        self._remb: int | None = None
+        self._last_remb: int | None = None
+        self._loss = 0.0
+        self.cuts = 0
+        self._recent_sent: list[int] = []
+
+    # --- feedback -------------------------------------------------------------------------
+
+    def on_report(self, fraction_lost: float) -> None:
+        """A receiver report's fraction lost (0..1) for one of the subscriber's streams."""
+        self._loss = max(self._loss, fraction_lost)
+
+    def on_remb(self, bitrate: int) -> None:
+        self._remb = bitrate if self._remb is None else min(self._remb, bitrate)
+
+    def on_nack(self, packets: int = 1) -> None:
+        self._nacks += packets
+
+    # --- decisions ------------------------------------------------------------------------
+
+    def tick(self, now: float, sent_bytes: int, sent_packets: int, floor_need: int) -> int:
+        """Update from the feedback since the last tick and what was sent meanwhile
+        (``floor_need``: what the lowest layers of the subscriptions need). Returns the
+        estimate."""
+        elapsed = max(now - self._last_tick, 1e-3)
+        self._last_tick = now
+        sent_bps = int((sent_bytes + sent_packets * PACKET_OVERHEAD_BYTES) * 8 / elapsed)
+        self.sent_bps = sent_bps
+        nack_loss = min(self._nacks / sent_packets, 1.0) if sent_packets else 0.0
+        loss = max(self._loss, nack_loss)
+        remb, self._remb, self._loss, self._nacks = self._remb, None, 0.0, 0
+        # Reports describe up to the last second or two: what was sent then is the rate lost of.
+        self._recent_sent = [*self._recent_sent[-3:], sent_bps]
+        sent_then = max(self._recent_sent)
+        cut: int | None = None
+        if loss > LOSS_HIGH and sent_then:
+            cut = int(sent_then * (1 - loss) * DELIVERED_MARGIN)
+        if remb is not None:
+            previous, self._last_remb = self._last_remb, remb
+            falling = previous is not None and remb < previous * (1 - REMB_DROP)
+            if falling and sent_bps and remb < REMB_OVERUSE * sent_bps:
+                cut = remb if cut is None else min(cut, remb)
+        if cut is not None and now - self._last_cut < CUT_HOLD_S:
+            pass  # feedback about what was sent before the last cut
+        elif cut is not None and sent_bps <= floor_need:
+            pass  # only the lowest layers (or audio) went out: there is nothing less to send
+        elif cut is not None and cut < self.estimate:
+            self._cut(max(cut, MIN_BPS), now)
+        elif now - self._last_cut >= 1.0:
+            cap = max(CAP_FACTOR * sent_bps, 2 * floor_need, MIN_CAP_BPS)
+            if self.estimate < cap:
+                self.estimate = int(min(self.estimate * GROWTH_PER_S**elapsed, cap))
+            if self._last_raise > 0 and now - self._last_raise >= FAILED_RAISE_S:
+                self._backoff = BACKOFF_S  # the last raise held
+        return self.estimate
+
+    def _cut(self, estimate: int, now: float) -> None:
+        self.estimate = estimate
+        self.cuts += 1
+        self._last_cut = now
+        # Congestion means the layers were above the link: wait before trying higher again,
+        # longer each time a raise is what caused it.
+        self._blocked_until = now + self._backoff
+        if now - self._last_raise < FAILED_RAISE_S:
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+
+    def congested(self, now: float) -> bool:
+        """Right after a cut: retransmissions would only add to the queue that caused it."""
+        return now - self._last_cut < CUT_HOLD_S
+
+    def may_raise(self, now: float) -> bool:
+        """Whether a layer may go up now (not right after a cut, nor during a backoff)."""
+        return now >= self._blocked_until and now - self._last_cut >= 1.0
+
+    def raised(self, now: float) -> None:
+        """A layer went up: a cut soon after means it was too much."""
+        self._last_raise = now

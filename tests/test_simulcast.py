@@ -1,0 +1,220 @@
+"""Simulcast in real headless Chromium against a real single-process server: a page publishes
+three VP8 layers (our client, with the encodings from ``joined.simulcast``), the node receives
+each at the RTP level and forwards each subscriber exactly one, at the layer its request and its
+link allow, switching at keyframes without breaking the decoder.
+
+The publisher paints shifting noise around its colour (tests/support/harness.js, ``busy``), so
+each layer is sent at about its configured bitrate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from spaces.config import SimulcastConfig, parse_encodings
+from spaces.media.room import PublishedTrack
+from spaces.server import SpacesServer
+from tests.support.browser import Page, chromium
+from tests.support.system import Admin, Tenant, eventually, start_server, web_config
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+WEBAPP = ROOT / "tests" / "support" / "webapp.js"
+LAYERS = "q/4/150,h/2/500,f/1/1500"
+CAMERA = {"width": 960, "height": 540, "fps": 15, "busy": True}
+WIDTHS = (240, 480, 960)
+"""Each layer's frame width: the camera's divided by the layer's scale."""
+MAX_FREEZES = 3
+"""Freezes a subscriber may count (Chromium's freezeCount) across a layer switch."""
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with chromium() as b:
+        yield b
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server() -> AsyncIterator[SpacesServer]:
+    config = web_config()
+    config = replace(config, simulcast=SimulcastConfig(camera=parse_encodings(LAYERS)))
+    s = await start_server(config)
+    yield s
+    await s.stop()
+
+
+class World:
+    def __init__(self, server: SpacesServer, browser: Any, admin: Admin, tenant: Tenant) -> None:
+        self.server = server
+        self.browser = browser
+        self.admin = admin
+        self.tenant = tenant
+        self.space_id = ""
+        self.pages: list[Page] = []
+
+    async def joined(self, name: str, *, publish: bool = False) -> Page:
+        page = await Page.open(self.browser, str(self.server.signal.url), name, (200, 40, 40))
+        await page.page.add_script_tag(path=str(WEBAPP))
+        await page.js("c => harness.setCamera(c)", CAMERA)
+        self.pages.append(page)
+        token = self.tenant.token(self.space_id, name)
+        result = await page.js("([t, o]) => app.join(t, o)", [token, {}])
+        assert result.get("participantId") == name, (result, page.log())
+        if publish:
+            published = await page.js("() => app.publish({audio: true, video: true})")
+            assert isinstance(published, list), (published, page.log())
+        return page
+
+    def room_track(self, participant_id: str, source: str = "camera") -> PublishedTrack | None:
+        room = self.server.media_node.rooms.get(self.space_id)
+        if room is None:
+            return None
+        for track in room.tracks.values():
+            if track.owner.participant_id == participant_id and track.source == source:
+                return track
+        return None
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def world(server: SpacesServer, browser: Any) -> AsyncIterator[World]:
+    admin = Admin(server.address)
+    w = World(server, browser, admin, Tenant(await admin.create_key()))
+    w.space_id = await admin.create_space()
+    yield w
+    for page in w.pages:
+        await page.close()
+    await admin.close()
+
+
+async def inbound(page: Page) -> dict[str, Any]:
+    """The page's one inbound video stream's stats (it subscribes to one video track)."""
+    stats = await page.js("() => harness.rtpStats()")
+    videos = [s for s in stats["inbound"] if s["framesDecoded"] or s["bytesReceived"]]
+    assert len(videos) <= 1, stats
+    return videos[0] if videos else {}
+
+
+async def until_width(page: Page, width: int, timeout: float) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        s = await inbound(page)
+        return s if s.get("frameWidth") == width else None
+
+    try:
+        result: dict[str, Any] = await eventually(check, timeout=timeout, interval=0.25)
+    except AssertionError:
+        raise AssertionError(f"{page.name}: never {width} wide: {await inbound(page)}") from None
+    return result
+
+
+def live_layers(track: PublishedTrack) -> list[str]:
+    now = time.monotonic()
+    return [f.rid for f in track.layers if f.ssrc and now - f.last_packet_at < 1.0]
+
+
+def followed(track: PublishedTrack) -> dict[str, list[str]]:
+    """subscriber participant id -> the layers (rids) whose fan-out includes it."""
+    out: dict[str, list[str]] = {}
+    for layer in track.layers:
+        for downtrack in layer.downtracks:
+            out.setdefault(downtrack.subscriber_id, []).append(layer.rid)
+    return out
+
+
+async def set_quality(page: Page, publisher: str, request: dict[str, Any]) -> None:
+    await page.js(
+        """([pid, request]) => {
+          const p = [...app.space.remoteParticipants.values()].find((p) => p.id === pid);
+          app.space.setVideoQuality(p.getVideoTracks()[0], request);
+        }""",
+        [publisher, request],
+    )
+
+
+async def test_three_layers_in_and_each_subscriber_gets_exactly_one(world: World) -> None:
+    publisher = await world.joined("pub", publish=True)
+    viewers = [await world.joined(f"viewer{i}") for i in range(2)]
+    track = await eventually(lambda: world.room_track("pub"), timeout=10)
+    assert [f.rid for f in track.layers] == ["q", "h", "f"]
+    # The node learnt every layer's SSRC from the rid extension, and gets packets on each.
+    await eventually(lambda: live_layers(track) == ["q", "h", "f"], timeout=20)
+    assert len({f.ssrc for f in track.layers}) == 3
+    # The publisher's own stats: three encodings, each sending.
+    sent = await publisher.js("() => harness.rtpStats()")
+    assert sorted(s["rid"] for s in sent["outbound"]) == ["f", "h", "q"], sent
+    # Each unshaped subscriber settles on the top layer, and is in exactly one fan-out.
+    for viewer in viewers:
+        await until_width(viewer, WIDTHS[-1], timeout=25)
+    assert followed(track) == {"viewer0": ["f"], "viewer1": ["f"]}, followed(track)
+    for viewer in viewers:
+        await eventually(lambda v=viewer: _decoded_more(v, 30), timeout=15, interval=0.25)
+        stats = await inbound(viewer)
+        assert stats["frameWidth"] == WIDTHS[-1], stats
+
+
+async def test_a_requested_low_maximum_gives_that_layer_and_switches_keep_decoding(
+    world: World,
+) -> None:
+    await world.joined("pub", publish=True)
+    viewer = await world.joined("viewer")
+    other = await world.joined("other")
+    track = await eventually(lambda: world.room_track("pub"), timeout=10)
+    await until_width(viewer, WIDTHS[-1], timeout=25)
+    await until_width(other, WIDTHS[-1], timeout=25)
+    before = await inbound(viewer)
+    # Down to the lowest layer by quality, then to the middle one by rendered size, then back up.
+    await set_quality(viewer, "pub", {"quality": "low"})
+    low = await until_width(viewer, WIDTHS[0], timeout=10)
+    assert followed(track)["viewer"] == ["q"]
+    assert followed(track)["other"] == ["f"], "another subscriber keeps its own layer"
+    await set_quality(viewer, "pub", {"width": 400, "height": 220})
+    mid = await until_width(viewer, WIDTHS[1], timeout=10)
+    assert followed(track)["viewer"] == ["h"]
+    await set_quality(viewer, "pub", {"quality": ""})
+    await until_width(viewer, WIDTHS[-1], timeout=10)
+    # Frames kept coming through every switch: decoded frames rise, freezes stay rare.
+    decoded = (await inbound(viewer))["framesDecoded"]
+    await eventually(lambda: _decoded_more(viewer, decoded + 15), timeout=10, interval=0.25)
+    after = await inbound(viewer)
+    assert before["framesDecoded"] < low["framesDecoded"] < mid["framesDecoded"]
+    assert after["freezeCount"] - before["freezeCount"] <= MAX_FREEZES, (before, after)
+    frozen = after["totalFreezesDuration"] - before["totalFreezesDuration"]
+    assert frozen < MAX_FREEZES * 1.0, (before, after)
+    # The switches were asked for by PLI on the target layer: the keyframe requester of each
+    # layer the viewer went to sent at least one.
+    assert all(layer.keyframe_requests_sent >= 1 for layer in track.layers)
+
+
+async def _decoded_more(page: Page, count: int) -> bool:
+    return (await inbound(page)).get("framesDecoded", 0) >= count
+
+
+async def test_the_python_sdk_asks_for_a_layer_and_bad_requests_are_refused(world: World) -> None:
+    from spaces.sdk import Space, SpacesClientError
+
+    await world.joined("pub", publish=True)
+    python = Space(world.tenant.token(world.space_id, "python"), world.server.address)
+    await python.join()
+    try:
+        camera = await eventually(lambda: python.remote_track("pub", "camera"), timeout=10)
+        await eventually(lambda: camera.last_frame is not None, timeout=20)
+        await eventually(lambda: camera.last_frame.width == WIDTHS[-1], timeout=20)
+        await python.set_video_quality(camera, "low")
+        await eventually(lambda: camera.last_frame.width == WIDTHS[0], timeout=10)
+        await python.set_video_quality(camera, width=480, height=270)
+        await eventually(lambda: camera.last_frame.width == WIDTHS[1], timeout=10)
+        with pytest.raises(SpacesClientError) as missing:
+            await python.set_video_quality("no-such-track", "low")
+        assert missing.value.code == "NOT_FOUND"
+        with pytest.raises(ValueError):
+            await python.set_video_quality(camera, "best")
+        # The session goes on after the refusals.
+        await python.set_video_quality(camera, "")
+        await eventually(lambda: camera.last_frame.width == WIDTHS[-1], timeout=10)
+    finally:
+        await python.leave()
