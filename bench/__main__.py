@@ -42,6 +42,7 @@ def benchmarks() -> dict[str, Benchmark]:
         latency,
         meetings,
         redis_ceiling,
+        single_port,
     )
 
     return {
@@ -49,6 +50,7 @@ def benchmarks() -> dict[str, Benchmark]:
         for m in (
             join,
             fanout,
+            single_port,
             latency,
             meetings,
             dataplane,

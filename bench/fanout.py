@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from bench.cluster import Admin, Cluster, metric, scrape
 from bench.common import CpuWindow, fmt, percentile, say, table, wait_quiet
-from bench.ipc import Worker, stop_all
+from bench.ipc import Worker, WorkerError, stop_all
 from bench.peers import PUBLISHER_COLOR, Window, ratio_lost, window_loss
 
 NAME = "fanout"
@@ -135,6 +136,7 @@ async def measure_window(
         "node_forwarded": delta("spaces_forwarded_packets_total"),
         "node_dropped": delta("spaces_dropped_packets_total"),
         "node_keyframe_requests": delta("spaces_keyframe_requests_total"),
+        "node_mux_dropped": delta("spaces_udp_mux_dropped_datagrams_total"),
         "feedback_from_subscribers": merge_feedback([r["feedback_sent"] for r in reports]),
         "feedback_to_publisher": pub_after["feedback_received"],
     }
@@ -260,6 +262,7 @@ def step_row(label: str, n: int, m: dict[str, Any], server: str) -> dict[str, An
         "publisher_retransmissions": m["publisher_retransmissions"],
         "node_dropped": m["node_dropped"],
         "node_keyframe_requests": m["node_keyframe_requests"],
+        "node_mux_dropped": m["node_mux_dropped"],
         "feedback_from_subscribers_per_s": per_second(feedback_in, wall),
         "remb_min_bps_from_subscribers": feedback_in.get("remb_min_bps", 0),
         "feedback_to_publisher_per_s": per_second(m["feedback_to_publisher"], wall),
@@ -297,17 +300,32 @@ def step_limit(row: dict[str, Any], server: str) -> str:
 
 
 async def run_spaces(
-    plan: Plan, plane: str = "native"
+    plan: Plan,
+    plane: str = "native",
+    *,
+    label: str = "",
+    node_env: dict[str, str] | None = None,
+    on_step: Callable[[dict[str, Any], int], None] | None = None,
+    limit: Callable[[dict[str, Any]], str] | None = None,
+    stop_on_join_failure: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The Spaces node with one data plane (``SPACES_MEDIA_DATAPLANE``)."""
+    """The Spaces steps. ``node_env`` configures the media node (``bench single-port`` runs
+    this twice, once per UDP mode); ``on_step(row, node_pid)`` adds to each step's row;
+    ``limit(row)`` replaces ``step_limit`` as the rule for the last step. With
+    ``stop_on_join_failure``, subscribers or late joiners that cannot join end the steps
+    (recorded in ``extra["stopped"]``) instead of the run. ``plane``: the node's
+    ``SPACES_MEDIA_DATAPLANE``."""
+    label = label or ("spaces" if plane == "native" else f"spaces-{plane}")
     cluster = Cluster()
-    system = System("spaces" if plane == "native" else f"spaces-{plane}", cluster, plan)
+    system = System(label, cluster, plan)
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"join_ms": []}
     try:
         redis_pid = cluster.start_redis()
         api = cluster.start_spaces("api", "serve", "--services", "control,auth,presence")
-        node = cluster.start_spaces("node", "media-node", SPACES_MEDIA_DATAPLANE=plane)
+        node = cluster.start_spaces(
+            "node", "media-node", **{"SPACES_MEDIA_DATAPLANE": plane, **(node_env or {})}
+        )
         await asyncio.gather(cluster.wait_serving(api), cluster.wait_serving(node))
         admin = Admin(api.address, cluster.admin_key)
         key = await admin.signing_key()
@@ -326,8 +344,15 @@ async def run_spaces(
             }
         )
         for n in plan.steps:
-            say(f"fanout/spaces ({plane} plane): {n} subscriber(s)")
-            extra["join_ms"] += await system.grow(n)
+            say(f"fanout/{label} ({plane} plane): {n} subscriber(s)")
+            try:
+                extra["join_ms"] += await system.grow(n)
+            except WorkerError as exc:
+                if not stop_on_join_failure:
+                    raise
+                extra["stopped"] = f"N = {n}: {str(exc).splitlines()[0]}"
+                say(f"  stopping: subscribers could not join ({extra['stopped']})")
+                break
             await asyncio.sleep(plan.warmup_s)
             m = await measure_window(
                 system.pids,
@@ -337,7 +362,18 @@ async def run_spaces(
                 plan.quick,
                 node.metrics_port,
             )
-            late = await system.late_joiners(plan.late_per_step)
+            try:
+                late = await system.late_joiners(plan.late_per_step)
+            except WorkerError as exc:
+                if not stop_on_join_failure:
+                    raise
+                # The window was measured: keep the step, without late joiners.
+                extra["stopped"] = f"N = {n} (late joiners): {str(exc).splitlines()[0]}"
+                say(f"  stopping: late joiners could not join ({extra['stopped']})")
+                rows.append(step_row("spaces", n, m, "node"))
+                if on_step is not None:
+                    on_step(rows[-1], node.pid)
+                break
             if "decoded_sample" not in extra and plane == "native":
                 # One late joiner that decodes, at the lightest load: the forwarded stream
                 # must decode into the publisher's test pattern.
@@ -352,15 +388,17 @@ async def run_spaces(
             row["late_first_frame_ms"] = late["first_frame_ms"]
             row["late_joined_ms"] = late["joined_ms"]
             row["late_connected_ms"] = late["connected_ms"]
+            if on_step is not None:
+                on_step(row, node.pid)
             rows.append(row)
             say(
                 f"  node {row['server_cores']:.3f} cores, {row['forwarded_pps']:.0f} pkt/s, "
                 f"loss {row['loss']:.4%}, generators {row['generator_cores']:.2f} cores"
             )
-            limit = step_limit(row, "node")
-            if limit:
-                row["limit"] = limit
-                say(f"  stopping: {limit}")
+            reason = limit(row) if limit is not None else step_limit(row, "node")
+            if reason:
+                row["limit"] = reason
+                say(f"  stopping: {reason}")
                 break
     finally:
         await system.close()

@@ -37,6 +37,7 @@ def test_help_lists_every_benchmark() -> None:
     for name in (
         "join",
         "fanout",
+        "single-port",
         "latency",
         "meetings",
         "broadcast",
@@ -68,6 +69,15 @@ FIGURES = {
         "planes.native.pps_per_core",
         "planes.python.pps_per_core",
         "planes.native.generator_cores",
+    ],
+    "single-port": [
+        "summary.modes.port-range.marginal_cores_per_subscriber",
+        "summary.modes.single-port.marginal_cores_per_subscriber",
+        "summary.modes.single-port.udp_sockets_at_max",
+        "summary.modes.port-range.udp_sockets_at_max",
+        "summary.modes.single-port.mux_dropped",
+        "summary.single_vs_range_marginal_ratio",
+        "summary.single_vs_range_cores_ratio",
     ],
     "latency": [
         "summary.added_p50_ms",
@@ -112,6 +122,11 @@ FIGURES = {
 }
 
 
+TIMEOUT_S = {"single-port": 420}
+"""A quick run's limit when it is not the default: single-port starts two clusters, one per
+UDP mode."""
+
+
 def lookup(document: dict[str, Any], path: str) -> Any:
     value: Any = document
     for part in path.split("."):
@@ -121,7 +136,7 @@ def lookup(document: dict[str, Any], path: str) -> Any:
 
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_quick_run_produces_figures(name: str, tmp_path: Path) -> None:
-    result = run_bench(name, "--quick", "--out", str(tmp_path))
+    result = run_bench(name, "--quick", "--out", str(tmp_path), timeout=TIMEOUT_S.get(name, 240))
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
     document = json.loads((tmp_path / f"{name}.quick.json").read_text())
     assert document["benchmark"] == name

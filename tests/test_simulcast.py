@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
+from spaces import metrics
 from spaces.config import SimulcastConfig, parse_encodings
 from spaces.media.room import PublishedTrack
 from spaces.server import SpacesServer
@@ -167,10 +169,18 @@ async def test_a_requested_low_maximum_gives_that_layer_and_switches_keep_decodi
     await until_width(viewer, WIDTHS[-1], timeout=25)
     await until_width(other, WIDTHS[-1], timeout=25)
     before = await inbound(viewer)
+    switches = {d: _sample(metrics.LAYER_SWITCHES, direction=d) for d in ("up", "down")}
+    keyframes = _sample(metrics.SWITCH_KEYFRAME_REQUESTS)
+    estimates = _histogram(metrics.ESTIMATED_BANDWIDTH)
+    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="2") == 2
     # Down to the lowest layer by quality, then to the middle one by rendered size, then back up.
     await set_quality(viewer, "pub", {"quality": "low"})
     low = await until_width(viewer, WIDTHS[0], timeout=10)
     assert followed(track)["viewer"] == ["q"]
+    # The metrics count it: one subscription on each of the lowest and the top layer.
+    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="0") == 1
+    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="2") == 1
+    assert _sample(metrics.AUDIO_ONLY_SUBSCRIBERS) == 0
     assert followed(track)["other"] == ["f"], "another subscriber keeps its own layer"
     await set_quality(viewer, "pub", {"width": 400, "height": 220})
     mid = await until_width(viewer, WIDTHS[1], timeout=10)
@@ -188,6 +198,16 @@ async def test_a_requested_low_maximum_gives_that_layer_and_switches_keep_decodi
     # The switches were asked for by PLI on the target layer: the keyframe requester of each
     # layer the viewer went to sent at least one.
     assert all(layer.keyframe_requests_sent >= 1 for layer in track.layers)
+    # Metrics: the three switches (one down to "q", one up to "h", one up to "f"), each of them
+    # asking its target layer for a keyframe; the estimates of both subscribers observed on
+    # every tick (0.5 s), on the unshaped link above 1.5 Mbps.
+    assert _sample(metrics.LAYER_SWITCHES, direction="down") == switches["down"] + 1
+    assert _sample(metrics.LAYER_SWITCHES, direction="up") == switches["up"] + 2
+    assert _sample(metrics.SWITCH_KEYFRAME_REQUESTS) == keyframes + 3
+    now = _histogram(metrics.ESTIMATED_BANDWIDTH)
+    assert now["+Inf"] - estimates["+Inf"] >= 10, (estimates, now)
+    above = now["+Inf"] - now["1500000.0"] - (estimates["+Inf"] - estimates["1500000.0"])
+    assert above >= 10, (estimates, now)
 
 
 async def _decoded_more(page: Page, count: int) -> bool:
@@ -218,3 +238,25 @@ async def test_the_python_sdk_asks_for_a_layer_and_bad_requests_are_refused(worl
         await eventually(lambda: camera.last_frame.width == WIDTHS[-1], timeout=10)
     finally:
         await python.leave()
+
+
+def _sample(metric: Any, **labels: str) -> float:
+    name = metric._name
+    suffix = "_total" if metric._type == "counter" else ""
+    value = REGISTRY.get_sample_value(name + suffix, labels)
+    return value or 0.0
+
+
+def _histogram(metric: Any) -> dict[str, float]:
+    """Cumulative bucket counts by upper bound ("1500000.0", "+Inf", ...)."""
+    out: dict[str, float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                bound = sample.labels["le"]
+                out[bound if bound == "+Inf" else str(float(bound))] = sample.value
+    return out
+
+
+async def _equal(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)

@@ -325,7 +325,8 @@ async def test_a_peer_whose_address_changes_keeps_media_and_consent(
             await eventually(lambda p=node_pc, n=new: nominated(p).remote_addr == n, timeout=8)
             await packets_keep_coming(track)
         # Well past the point where consent to the old addresses would have expired.
-        await asyncio.sleep(aioice.ice.CONSENT_FAILURES * 1.2 + 2)
+        # (Each unanswered check: its interval, at most 1.2 times the nominal, then one RTO.)
+        await asyncio.sleep(aioice.ice.CONSENT_FAILURES * (1.2 + stun.RETRY_RTO) + 2)
         for client_pc, node_pc, _ in moves:
             assert node_pc.connectionState == "connected"
             assert nominated(client_pc).remote_addr == the_mux(server).sockname
@@ -465,4 +466,45 @@ async def test_the_mux_dispatch_is_a_plain_entry_point_for_a_native_plane() -> N
         assert [addr for _, addr in recorder.received] == [peer] * 3
         assert link.last_heard(peer) is not None
     finally:
+        mux.close()
+
+
+async def test_a_burst_queued_on_the_shared_socket_is_read_in_one_go() -> None:
+    """asyncio reads a datagram socket one datagram per event-loop iteration: behind one socket
+    for every peer connection, that let a busy node's queue grow until consent checks timed out
+    behind media. The mux reads what is queued (up to READ_BATCH) when the socket is ready."""
+    mux = await UdpMux.bind("127.0.0.1", 0)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        recorder = Recorder()
+        mux.register("abcd", recorder)
+        sender.bind(("127.0.0.1", 0))
+        sender.sendto(binding_request("abcd:efgh", "pw"), mux.sockname)
+        await eventually(lambda: len(recorder.received) == 1)
+        burst = udp_mux.READ_BATCH + 10
+        for i in range(burst):
+            sender.sendto(b"\x80\x60" + i.to_bytes(2, "big") + bytes(28), mux.sockname)
+        # Loopback queues each datagram on the mux's socket before sendto returns. The first
+        # yield lets the loop poll the socket and run its reader after this task; the second
+        # comes back after it.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(recorder.received) == 1 + udp_mux.READ_BATCH
+        await eventually(lambda: len(recorder.received) == 1 + burst)
+        sequence = [int.from_bytes(data[2:4], "big") for data, _ in recorder.received[1:]]
+        assert sequence == list(range(burst))
+        # Garbage is read in batches too, and each datagram counted.
+        before = mux.dropped[udp_mux.DROP_UNKNOWN_ADDRESS]
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            stranger.bind(("127.0.0.1", 0))
+            for _ in range(20):
+                stranger.sendto(b"\x80" + bytes(20), mux.sockname)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert mux.dropped[udp_mux.DROP_UNKNOWN_ADDRESS] == before + 20
+        finally:
+            stranger.close()
+    finally:
+        sender.close()
         mux.close()

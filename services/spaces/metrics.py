@@ -58,6 +58,41 @@ UDP_MUX_ADDRESSES = Gauge(
 KEYFRAME_REQUESTS = Counter(
     "spaces_keyframe_requests_total", "Keyframe requests sent upstream to publishers"
 )
+LAYER_SWITCHES = Counter(
+    "spaces_simulcast_layer_switches_total",
+    "Simulcast layer switches decided for subscribers: up, down, off (audio only or no video "
+    "wanted), on (video again)",
+    ["direction"],
+)
+SWITCH_KEYFRAME_REQUESTS = Counter(
+    "spaces_simulcast_switch_keyframe_requests_total",
+    "Keyframe requests (PLI on the target layer's SSRC) asked for by simulcast layer switches",
+)
+LAYER_SUBSCRIBERS = Gauge(
+    "spaces_simulcast_layer_subscribers",
+    "Subscriptions forwarded each simulcast layer on this node (layer 0: the lowest)",
+    ["layer"],
+)
+AUDIO_ONLY_SUBSCRIBERS = Gauge(
+    "spaces_simulcast_audio_only_subscribers",
+    "Subscribers whose estimated bandwidth cannot carry the lowest layers: audio only",
+)
+ESTIMATED_BANDWIDTH = Histogram(
+    "spaces_subscriber_estimated_bandwidth_bps",
+    "Subscribers' estimated bandwidth (bits per second), observed at every estimate tick",
+    buckets=(
+        100_000,
+        200_000,
+        300_000,
+        500_000,
+        750_000,
+        1_000_000,
+        1_500_000,
+        2_000_000,
+        3_000_000,
+        5_000_000,
+    ),
+)
 DECODERS_CREATED = Counter(
     "spaces_media_decoders_created_total",
     "aiortc decoders instantiated in this process (a forwarding node must create none)",

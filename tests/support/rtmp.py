@@ -143,14 +143,51 @@ def decode_video(
     return frames
 
 
+def _flv_tail(data: bytes) -> bytes:
+    """An FLV of a (possibly still growing) recording's header tags (metadata, the codecs'
+    configurations) and its complete tags from the last video keyframe on: enough to decode
+    the newest pictures without decoding the whole recording again."""
+    if len(data) < 13 or data[:3] != b"FLV":
+        return data
+    header_end = int.from_bytes(data[5:9], "big") + 4  # the header and PreviousTagSize0
+    head: list[bytes] = []
+    tags: list[tuple[int, bool]] = []  # (offset, is a video keyframe)
+    pos = header_end
+    while pos + 11 <= len(data):
+        size = int.from_bytes(data[pos + 1 : pos + 4], "big")
+        end = pos + 11 + size + 4
+        if end > len(data):
+            break  # still being written
+        kind = data[pos] & 0x1F
+        body = data[pos + 11 : pos + 11 + size]
+        config = kind == 18 or (kind in (8, 9) and len(body) > 1 and body[1] == 0)
+        if config and not any(t for _, t in tags):
+            head.append(data[pos:end])
+        else:
+            tags.append((pos, kind == 9 and len(body) > 1 and body[0] >> 4 == 1 and body[1] == 1))
+        pos = end
+    keyframes = [offset for offset, key in tags if key]
+    if not keyframes:
+        return data[:pos]
+    return data[:header_end] + b"".join(head) + data[keyframes[-1] : pos]
+
+
 def last_video_frame(path: Path) -> Any:
-    """The rgb ndarray of the last decodable video frame of a recording, or None."""
+    """The rgb ndarray of the last decodable video frame of a recording, or None. Decodes from
+    the last keyframe only (a recording grows by 30 frames a second; decoding all of it on
+    every look would take seconds of CPU, and delay the look by as much)."""
+    import io
+
     import av
 
+    try:
+        data = _flv_tail(path.read_bytes())
+    except OSError:
+        return None
     last = None
     with (
         contextlib.suppress(av.error.InvalidDataError, av.error.EOFError, OSError),
-        av.open(str(path)) as container,
+        av.open(io.BytesIO(data), format="flv") as container,
     ):
         for frame in container.decode(video=0):
             last = frame

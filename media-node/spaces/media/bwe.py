@@ -8,7 +8,9 @@ negotiate transport-cc with subscribers (aiortc has no transport-wide sequence n
 that REMB is the delay signal. The node runs the loss-based part, on the fraction lost in each
 receiver report and, faster, on the share of packets the subscriber NACKs:
 
-* **congestion**: loss above ``LOSS_HIGH`` cuts the estimate to what arrived, the rate sent
+* **congestion**: loss above ``LOSS_HIGH`` (NACK loss: the distinct packets NACKed in a
+  tick over the most packets sent in any tick of the last 2 s, since a NACK can come a tick
+  after its packet and a browser repeats them) cuts the estimate to what arrived, the rate sent
   (the most sent in any tick of the last 2 s, the span a report covers) times ``1 - loss``, less
   ``DELIVERED_MARGIN`` (GCC cuts to ``1 - loss / 2`` of its estimate and
   repeats; after a layer switch the rate sent can be several times the link, and one step to
@@ -21,13 +23,25 @@ receiver report and, faster, on the share of packets the subscriber NACKs:
   that a subscriber on audio only can come back;
 * after a cut, loss and REMB are ignored for ``CUT_HOLD_S``: they describe packets sent before
   it (a receiver report covers the last second);
-* no cut while only the lowest layers (or audio) are sent: there is nothing less to send, and
-  audio only comes from the allocation, not from audio's own losses;
-* right after a cut (``congested``) NACKs are not answered: resending into the queue that
-  caused the loss makes it worse, and the layer switch brings a keyframe anyway;
+* a loss cut goes no lower than the lowest layers' need (``floor_need``): on a link that
+  suddenly narrows, the loss of a queue overflowing says little about how narrow (NACKs and
+  reports lag the rate sent), and one step to audio only would leave the subscriber there for
+  a whole backoff; below the lowest layers is a falling REMB's call (next point);
+* no cut while no video is sent (audio only): audio only comes from the allocation, not from
+  audio's own losses; while only the lowest layers are sent, loss does not cut (NACKs repair
+  it, and a loaded machine or a subscriber's first packets lose some with no narrow link),
+  only a falling REMB does (the browser measured the queue growing): that is the way down to
+  audio only;
+* right after a cut (``congested``) NACKs are not answered while the subscriber still waits
+  for the lower layer's keyframe: resending into the queue that caused the loss makes it
+  worse, and the switch brings a keyframe anyway (once on the lower layer, they are);
 * after a cut, raises wait ``BACKOFF_S``; a cut within ``FAILED_RAISE_S`` of a layer raise
-  means the raise was too much, and doubles the wait (up to ``BACKOFF_MAX_S``); a raise that
-  holds for ``FAILED_RAISE_S`` resets it.
+  means the raise was too much, and doubles the wait (up to ``BACKOFF_MAX_S``), this cut's wait
+  included; a raise that holds for ``FAILED_RAISE_S`` resets it. The node probes by raising a
+  layer (no padding probes): a failed probe costs the subscriber the higher layer's keyframe
+  stuck in the queue and a freeze of one to two seconds while it goes back down, so after a
+  congestion the first probe waits long enough (``BACKOFF_S``) that a link that stays narrow
+  sees few of them.
 
 A browser's REMB starts at what it receives, grows 8% a second and at most to 1.5 times what it
 receives: right after a layer goes up it lies far below the new rate without any congestion
@@ -50,7 +64,7 @@ MIN_CAP_BPS = 300_000
 MIN_BPS = 30_000
 CUT_HOLD_S = 1.5
 FAILED_RAISE_S = 4.0
-BACKOFF_S = 6.0
+BACKOFF_S = 12.0
 BACKOFF_MAX_S = 30.0
 PACKET_OVERHEAD_BYTES = 60
 """RTP header and extensions, SRTP tag, UDP and IP headers: counted on top of each payload."""
@@ -68,12 +82,13 @@ class Estimator:
         self._last_raise = -1e9
         self._blocked_until = -1e9
         self._backoff = BACKOFF_S
-        self._nacks = 0
+        self._nacked: set[int] = set()
         self._remb: int | None = None
         self._last_remb: int | None = None
         self._loss = 0.0
         self.cuts = 0
         self._recent_sent: list[int] = []
+        self._recent_packets: list[int] = []
 
     # --- feedback -------------------------------------------------------------------------
 
@@ -84,28 +99,43 @@ class Estimator:
     def on_remb(self, bitrate: int) -> None:
         self._remb = bitrate if self._remb is None else min(self._remb, bitrate)
 
-    def on_nack(self, packets: int = 1) -> None:
-        self._nacks += packets
+    def on_nack(self, sequence_number: int) -> None:
+        """One NACKed packet (a DownTrack's sequence number) still worth resending."""
+        self._nacked.add(sequence_number)
 
     # --- decisions ------------------------------------------------------------------------
 
-    def tick(self, now: float, sent_bytes: int, sent_packets: int, floor_need: int) -> int:
+    def tick(
+        self,
+        now: float,
+        sent_bytes: int,
+        sent_packets: int,
+        floor_need: int,
+        video_off: bool,
+        at_floor: bool = False,
+    ) -> int:
         """Update from the feedback since the last tick and what was sent meanwhile
-        (``floor_need``: what the lowest layers of the subscriptions need). Returns the
+        (``floor_need``: what the lowest layers of the subscriptions need; ``video_off``: the
+        subscriber gets audio only; ``at_floor``: it gets the lowest layers). Returns the
         estimate."""
         elapsed = max(now - self._last_tick, 1e-3)
         self._last_tick = now
         sent_bps = int((sent_bytes + sent_packets * PACKET_OVERHEAD_BYTES) * 8 / elapsed)
         self.sent_bps = sent_bps
-        nack_loss = min(self._nacks / sent_packets, 1.0) if sent_packets else 0.0
-        loss = max(self._loss, nack_loss)
-        remb, self._remb, self._loss, self._nacks = self._remb, None, 0.0, 0
         # Reports describe up to the last second or two: what was sent then is the rate lost of.
         self._recent_sent = [*self._recent_sent[-3:], sent_bps]
+        self._recent_packets = [*self._recent_packets[-3:], sent_packets]
         sent_then = max(self._recent_sent)
+        packets_then = max(self._recent_packets)
+        nacks = len(self._nacked)
+        nack_loss = min(nacks / packets_then, 1.0) if packets_then else 0.0
+        loss = max(self._loss, nack_loss)
+        remb, self._remb, self._loss = self._remb, None, 0.0
+        self._nacked.clear()
         cut: int | None = None
-        if loss > LOSS_HIGH and sent_then:
-            cut = int(sent_then * (1 - loss) * DELIVERED_MARGIN)
+        if loss > LOSS_HIGH and sent_then and not at_floor:
+            delivered = int(sent_then * (1 - loss) * DELIVERED_MARGIN)
+            cut = max(delivered, floor_need)
         if remb is not None:
             previous, self._last_remb = self._last_remb, remb
             falling = previous is not None and remb < previous * (1 - REMB_DROP)
@@ -113,8 +143,8 @@ class Estimator:
                 cut = remb if cut is None else min(cut, remb)
         if cut is not None and now - self._last_cut < CUT_HOLD_S:
             pass  # feedback about what was sent before the last cut
-        elif cut is not None and sent_bps <= floor_need:
-            pass  # only the lowest layers (or audio) went out: there is nothing less to send
+        elif cut is not None and video_off:
+            pass  # audio only: its own losses change nothing
         elif cut is not None and cut < self.estimate:
             self._cut(max(cut, MIN_BPS), now)
         elif now - self._last_cut >= 1.0:
@@ -131,9 +161,9 @@ class Estimator:
         self._last_cut = now
         # Congestion means the layers were above the link: wait before trying higher again,
         # longer each time a raise is what caused it.
-        self._blocked_until = now + self._backoff
         if now - self._last_raise < FAILED_RAISE_S:
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        self._blocked_until = now + self._backoff
 
     def congested(self, now: float) -> bool:
         """Right after a cut: retransmissions would only add to the queue that caused it."""

@@ -105,6 +105,8 @@ class Allocation:
     """bits per second the lowest live layers (and the audio) take: below it, audio only."""
     raised: bool = False
     """Some subscription goes to a higher layer than it receives."""
+    at_floor: bool = False
+    """Every video subscription gets its lowest live layer (or none)."""
 
 
 class Allocator:
@@ -156,7 +158,7 @@ class Allocator:
             self.audio_only = True
             self._up_since.clear()
             targets = {i.key: -1 for i in wanted}
-            return Allocation(targets, True, 0, floor)
+            return Allocation(targets, True, 0, floor, at_floor=True)
         self.audio_only = False
         targets = {i.key: floors.get(i.key, -1) for i in wanted}
         spent = floor_cost
@@ -206,7 +208,8 @@ class Allocator:
             if target > _current(wanted, key):
                 self._up_since.pop(key, None)
                 raised = True
-        return Allocation(targets, False, spent, floor, raised)
+        at_floor = all(targets[i.key] == floors.get(i.key, -1) for i in wanted)
+        return Allocation(targets, False, spent, floor, raised, at_floor)
 
 
 def _lowest_live(layers: Sequence[LayerInfo], ceiling: int) -> int:

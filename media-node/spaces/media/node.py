@@ -52,6 +52,10 @@ MEDIA_SERVICE = media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name
 VERSION = "0.1.0"
 
 
+MAX_GAUGED_LAYERS = 4
+"""Simulcast layers (lowest first) with a subscriber gauge each."""
+
+
 class MediaNode:
     def __init__(
         self,
@@ -165,6 +169,24 @@ class MediaNode:
         metrics.UDP_MUX_ENDPOINTS.set_function(lambda: sum(m.endpoints for m in self.udp_muxes))
         metrics.UDP_MUX_ADDRESSES.set_function(lambda: sum(m.addresses for m in self.udp_muxes))
 
+    def _simulcast_gauges(self) -> None:
+        """Subscriptions per simulcast layer and audio-only subscribers, counted at scrape."""
+        for index in range(MAX_GAUGED_LAYERS):
+            metrics.LAYER_SUBSCRIBERS.labels(str(index)).set_function(
+                lambda index=index: self._layer_subscribers(index)
+            )
+        metrics.AUDIO_ONLY_SUBSCRIBERS.set_function(
+            lambda: sum(1 for s in self.sessions.values() if s.audio_only)
+        )
+
+    def _layer_subscribers(self, index: int) -> int:
+        return sum(
+            len(track.layers[index].downtracks)
+            for room in self.rooms.values()
+            for track in room.tracks.values()
+            if len(track.layers) > index
+        )
+
     @staticmethod
     def _count_mux_drop(reason: str) -> None:
         metrics.UDP_MUX_DROPPED.labels(reason).inc()
@@ -172,6 +194,7 @@ class MediaNode:
     async def start(self) -> None:
         logs.bind_process(node_id=self.node_id)
         await self._bind_single_port()
+        self._simulcast_gauges()
         self.state = node_pb2.NODE_STATE_SERVING
         self._heartbeat.start()
         self._tasks = [

@@ -22,14 +22,14 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
-from spaces import errors, ids
+from spaces import errors, ids, metrics
 from spaces.config import ServerConfig
 from spaces.media.aiortc_adapter import (
     Codec,
@@ -220,6 +220,7 @@ class Session:
         """The subscriber's estimated bandwidth (bits per second) while it receives simulcast
         tracks (the only ones the estimate can change anything for); None otherwise."""
         self._floor = 0
+        self._at_floor = False
         self._counted: dict[int, tuple[int, int]] = {}
         """id(sink) -> its (packets, bytes) at the last estimate tick."""
         self._allocating: asyncio.Task[None] | None = None
@@ -823,6 +824,11 @@ class Session:
 
     # --- simulcast layers --------------------------------------------------------------------
 
+    @property
+    def audio_only(self) -> bool:
+        """Its estimated bandwidth cannot carry the lowest layers: it gets no video."""
+        return self._allocator.audio_only
+
     def _set_video_quality(self, event: ev.SetVideoQuality) -> None:
         try:
             request = VideoRequest(event.quality, event.width, event.height)
@@ -862,12 +868,16 @@ class Session:
 
     def _nacked(self, downtrack: DownTrack) -> Callable[[int], None]:
         def on_nack(sequence_number: int) -> None:
-            if self.estimate is not None and self._bwe.congested(time.monotonic()):
+            switching = downtrack.target is not downtrack.source
+            if switching and self.estimate is not None and self._bwe.congested(time.monotonic()):
+                # Going down on congestion: the lower layer's keyframe is coming, and resending
+                # the higher layer's packets would only add to the queue. Once on the layer
+                # that fits, its losses are resent as always.
                 return
             # Only NACKs of packets still worth resending are loss now: a browser goes on
             # asking for old ones (those of a layer it no longer gets) for seconds.
             if downtrack.retransmit(sequence_number):
-                self._bwe.on_nack()
+                self._bwe.on_nack(sequence_number)
 
         return on_nack
 
@@ -916,7 +926,10 @@ class Session:
         if not any(s.track.layers and s.downtrack for s in self._subs.values()):
             self.estimate = None
             return
-        self.estimate = self._bwe.tick(now, octets, packets, self._floor)
+        self.estimate = self._bwe.tick(
+            now, octets, packets, self._floor, self._allocator.audio_only, self._at_floor
+        )
+        metrics.ESTIMATED_BANDWIDTH.observe(self.estimate)
 
     def allocate(self, tick: bool = False) -> None:
         """Give each video subscription its layer (see spaces.media.layers)."""
@@ -935,6 +948,7 @@ class Session:
             allow_raise=self.estimate is None or self._bwe.may_raise(now),
         )
         self._floor = allocation.floor
+        self._at_floor = allocation.at_floor
         if allocation.raised and self.estimate is not None:
             self._bwe.raised(now)
         for sub in self._subs.values():
@@ -950,11 +964,13 @@ class Session:
                 continue
             layers = target.track.layers
             downtrack = target.downtrack
-            if congested and index >= 0 and downtrack.target in layers[index + 1 :]:
+            before = downtrack.target
+            if congested and index >= 0 and before in layers[index + 1 :]:
                 # Down on congestion: stop the layer that overloads the link now, so that the
                 # lower layer's keyframe is not lost in the queue it built.
                 downtrack.follow(None)
             downtrack.follow(layers[index] if index >= 0 else None)
+            _count_switch(layers, before, downtrack.target)
         if allocation.audio_only != was_audio_only:
             logger.info(
                 "%s: %s (estimate %s bps)",
@@ -1002,3 +1018,20 @@ class Session:
         if release:
             await self.node.release(self.space_id, self.connection_id, release)
         self.node.session_closed(self)
+
+
+def _count_switch(
+    layers: Sequence[TrackForwarder], before: TrackForwarder | None, after: TrackForwarder | None
+) -> None:
+    """Metrics of one layer decision: a new target is a switch, which asks for a keyframe."""
+    if after is before:
+        return
+    if after is None:
+        metrics.LAYER_SWITCHES.labels("off").inc()
+        return
+    metrics.SWITCH_KEYFRAME_REQUESTS.inc()
+    if before is None:
+        direction = "on"
+    else:
+        direction = "up" if layers.index(after) > layers.index(before) else "down"
+    metrics.LAYER_SWITCHES.labels(direction).inc()

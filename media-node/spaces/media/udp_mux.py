@@ -16,6 +16,9 @@ LiveKit's UDPMux routes them:
 * anything else (not STUN, a ufrag nobody has, a malformed header) is dropped and counted,
   without reaching any endpoint.
 
+When the socket is readable the mux reads what is queued on it (up to ``READ_BATCH``), not the
+one datagram per event-loop iteration that asyncio reads.
+
 This module knows nothing of aioice: endpoints are anything with ``datagram_received`` and
 ``connection_lost`` (``aiortc_adapter`` registers aioice protocols). ``datagram_received`` on
 the mux is a plain entry point, usable as the fallback of a native plane that reads the socket
@@ -64,6 +67,12 @@ MAX_ADDRESSES_PER_ENDPOINT = 16
 """Remote addresses one endpoint keeps (host, reflexive and relayed candidates of its peer, and
 addresses it was rebound from); beyond that the least recently heard one is forgotten, so
 someone who learnt a ufrag cannot grow the table without bound."""
+
+READ_BATCH = 64
+"""Datagrams read from the shared socket per readiness event. asyncio's datagram transport reads
+one per event-loop iteration, which a socket per peer connection can live with, but one socket
+carrying every connection cannot: on a busy node its queue grew by seconds (consent checks
+timed out behind media). Bounded, so that a flooded socket cannot starve the loop."""
 
 SOCKET_BUFFER_BYTES = 4 << 20
 """Asked for both directions: one socket now carries what hundreds did. The kernel caps it at
@@ -188,6 +197,40 @@ class MuxLink(asyncio.DatagramTransport):
         self.close()
 
 
+class _SocketReader(asyncio.DatagramProtocol):
+    """The shared socket's asyncio protocol: each datagram asyncio reads goes to the mux, and
+    so do the ones queued behind it, up to ``READ_BATCH``. (The mux's own
+    ``datagram_received`` only dispatches: as a native plane's fallback it must not read.)"""
+
+    def __init__(self, mux: UdpMux) -> None:
+        self.mux = mux
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.mux.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.mux.connection_lost(exc)
+
+    def error_received(self, exc: Exception) -> None:
+        self.mux.error_received(exc)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        mux = self.mux
+        mux.datagram_received(data, addr)
+        sock = mux.raw_socket
+        for _ in range(READ_BATCH - 1):
+            if sock is None or mux.raw_socket is None:
+                return
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                mux.error_received(exc)
+                return
+            mux.datagram_received(data, addr)
+
+
 class UdpMux(asyncio.DatagramProtocol):
     """One bound UDP socket and the endpoints behind it."""
 
@@ -223,7 +266,7 @@ class UdpMux(asyncio.DatagramProtocol):
                     pass
             sock.bind((host, port))
             sock.setblocking(False)
-            await loop.create_datagram_endpoint(lambda: mux, sock=sock)
+            await loop.create_datagram_endpoint(lambda: _SocketReader(mux), sock=sock)
         except BaseException:
             sock.close()
             raise
