@@ -572,3 +572,50 @@ def test_a_backed_up_subscriber_waits_for_a_keyframe_and_the_others_get_everythi
         shaper.close()
         slow_out.close()
         wire.close()
+
+
+class _Owner:
+    """A Python object that owns native objects which call back into it: the shape every
+    forwarder, DTLS transport and socket protocol has in the node."""
+
+    def callback(self, *args: object) -> None:
+        del args
+
+
+def test_native_objects_in_a_cycle_through_their_callbacks_are_collected_without_close() -> None:
+    """Each native type takes part in the cyclic GC: an owner whose native object holds its
+    bound method (and whose peer holds a source holding a down holding the peer) is freed by
+    the collector even when nobody called close(), as on an error path."""
+    import gc
+    import weakref
+
+    def build() -> weakref.ref[_Owner]:
+        owner = _Owner()
+        source = dp.Source(
+            dp.CODEC_VP8,
+            90000,
+            True,
+            0,
+            owner.callback,
+            owner.callback,
+            owner.callback,
+            owner.callback,
+        )
+        peer = dp.Peer()
+        peer.set_handlers(owner.callback, owner.callback)
+        peer.set_sender(owner.callback)
+        peer.add_source(1234, source)
+        down = dp.Down(peer, 5678, 96, 0, 0)
+        source.add(down)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        native = dp.Socket(sock.fileno(), owner.callback)
+        native.add_peer(("127.0.0.1", 9), peer)
+        owner.__dict__.update(source=source, peer=peer, down=down, native=native, sock=sock)
+        sock.close()
+        return weakref.ref(owner)
+
+    gc.collect()
+    owners = [build() for _ in range(20)]
+    gc.collect()
+    alive = [ref for ref in owners if ref() is not None]
+    assert not alive, f"{len(alive)} of {len(owners)} owners kept alive by their native objects"

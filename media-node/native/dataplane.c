@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -29,6 +30,8 @@
 #define BATCH 32
 #define MAX_READ_BATCHES 8
 #define HISTORY 1024
+/* a video source's history: the packets, their arrival times and lengths, in one mapping */
+#define HISTORY_MAP ((size_t)HISTORY * (MAX_DATAGRAM + sizeof(long long) + sizeof(uint16_t)))
 #define RTX_MAX_AGE_NS 1000000000LL
 #define MAX_ADDRS 64
 
@@ -825,6 +828,7 @@ peer_routed(PeerObject *p)
 static void
 Peer_dealloc(PeerObject *self)
 {
+    PyObject_GC_UnTrack(self);
     if (self->rx)
         srtp_dealloc(self->rx);
     if (self->tx)
@@ -1387,13 +1391,20 @@ Source_init(SourceObject *self, PyObject *args, PyObject *kwds)
     Py_INCREF(on_behind);
     Py_XSETREF(self->on_behind, on_behind);
     if (video && self->history == NULL) {
-        self->history = PyMem_Calloc(HISTORY, MAX_DATAGRAM);
-        self->history_len = PyMem_Calloc(HISTORY, sizeof(uint16_t));
-        self->history_at = PyMem_Calloc(HISTORY, sizeof(long long));
-        if (!self->history || !self->history_len || !self->history_at) {
+        /* One private anonymous mapping per source, not the heap: its pages are zero and
+         * resident only once written, and unmapping gives them back to the system at once.
+         * 1.5 MB blocks from malloc raise glibc's dynamic mmap threshold after the first
+         * free, after which they come from the heap and fragment it: under churn the node's
+         * memory grew though every source was freed (tests/test_churn_soak.py). */
+        void *map = mmap(NULL, HISTORY_MAP, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                         -1, 0);
+        if (map == MAP_FAILED) {
             PyErr_NoMemory();
             return -1;
         }
+        self->history = map;
+        self->history_at = (long long *)((uint8_t *)map + (size_t)HISTORY * MAX_DATAGRAM);
+        self->history_len = (uint16_t *)(self->history_at + HISTORY);
     }
     return 0;
 }
@@ -1408,11 +1419,11 @@ source_clear_downs(SourceObject *self)
 static void
 Source_dealloc(SourceObject *self)
 {
+    PyObject_GC_UnTrack(self);
     source_clear_downs(self);
     PyMem_Free(self->downs);
-    PyMem_Free(self->history);
-    PyMem_Free(self->history_len);
-    PyMem_Free(self->history_at);
+    if (self->history != NULL)
+        munmap(self->history, HISTORY_MAP);
     Py_XDECREF(self->on_keyframe);
     Py_XDECREF(self->on_level);
     Py_XDECREF(self->on_nack);
@@ -1620,10 +1631,38 @@ static PyGetSetDef Source_getset[] = {
     {"downs", (getter)Source_get_ndowns, NULL, NULL, NULL},
     {NULL}};
 
+/* The cyclic GC: a source's callbacks are bound methods of the objects that own it, so a
+ * source that is never closed is still collected with its owner. Clearing detaches the downs
+ * and drops the callbacks; the object stays usable (as after close). */
+static int
+Source_traverse(SourceObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->on_keyframe);
+    Py_VISIT(self->on_level);
+    Py_VISIT(self->on_nack);
+    Py_VISIT(self->on_behind);
+    for (Py_ssize_t i = 0; i < self->ndowns; i++)
+        Py_VISIT(self->downs[i]);
+    return 0;
+}
+
+static int
+Source_clear(SourceObject *self)
+{
+    source_clear_downs(self);
+    Py_XSETREF(self->on_keyframe, Py_NewRef(Py_None));
+    Py_XSETREF(self->on_level, Py_NewRef(Py_None));
+    Py_XSETREF(self->on_nack, Py_NewRef(Py_None));
+    Py_XSETREF(self->on_behind, Py_NewRef(Py_None));
+    return 0;
+}
+
 static PyTypeObject SourceType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "spaces.media._dataplane.Source",
     .tp_basicsize = sizeof(SourceObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Source_traverse,
+    .tp_clear = (inquiry)Source_clear,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Source_init,
     .tp_dealloc = (destructor)Source_dealloc,
@@ -1658,6 +1697,7 @@ Down_init(DownObject *self, PyObject *args, PyObject *kwds)
 static void
 Down_dealloc(DownObject *self)
 {
+    PyObject_GC_UnTrack(self);
     Py_XDECREF(self->peer);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1757,10 +1797,20 @@ static PyGetSetDef Down_getset[] = {
     {"connected", (getter)Down_get_connected, NULL, NULL, NULL},
     {NULL}};
 
+/* A down holds its peer; the peer's sources (which hold the downs) are cleared by the peer's and
+ * the source's tp_clear, so the down needs no tp_clear of its own (its peer stays valid). */
+static int
+Down_traverse(DownObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->peer);
+    return 0;
+}
+
 static PyTypeObject DownType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "spaces.media._dataplane.Down",
     .tp_basicsize = sizeof(DownObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Down_traverse,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Down_init,
     .tp_dealloc = (destructor)Down_dealloc,
@@ -2016,6 +2066,7 @@ socket_clear(SocketObject *self)
 static void
 Socket_dealloc(SocketObject *self)
 {
+    PyObject_GC_UnTrack(self);
     socket_clear(self);
     Py_XDECREF(self->fallback);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -2227,10 +2278,29 @@ static PyMemberDef Socket_members[] = {
 static PyGetSetDef Socket_getset[] = {{"peers", (getter)Socket_get_peers, NULL, NULL, NULL},
                                       {NULL}};
 
+static int
+Socket_traverse(SocketObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fallback);
+    for (Py_ssize_t i = 0; i < self->npeers; i++)
+        Py_VISIT(self->peers[i].peer);
+    return 0;
+}
+
+static int
+Socket_clear(SocketObject *self)
+{
+    socket_clear(self);
+    Py_XSETREF(self->fallback, Py_NewRef(Py_None));
+    return 0;
+}
+
 static PyTypeObject SocketType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "spaces.media._dataplane.Socket",
     .tp_basicsize = sizeof(SocketObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Socket_traverse,
+    .tp_clear = (inquiry)Socket_clear,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Socket_init,
     .tp_dealloc = (destructor)Socket_dealloc,
@@ -2265,10 +2335,33 @@ static PyMemberDef Peer_members[] = {
 
 static PyGetSetDef Peer_getset[] = {{"addr", (getter)Peer_get_addr, NULL, NULL, NULL}, {NULL}};
 
+static int
+Peer_traverse(PeerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->on_rtcp);
+    Py_VISIT(self->on_rtp);
+    Py_VISIT(self->sender);
+    for (Py_ssize_t i = 0; i < self->nsources; i++)
+        Py_VISIT(self->sources[i].source);
+    return 0;
+}
+
+static int
+Peer_clear(PeerObject *self)
+{
+    peer_clear_sources(self);
+    Py_CLEAR(self->sender);
+    Py_XSETREF(self->on_rtp, Py_NewRef(Py_None));
+    Py_XSETREF(self->on_rtcp, Py_NewRef(Py_None));
+    return 0;
+}
+
 static PyTypeObject PeerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "spaces.media._dataplane.Peer",
     .tp_basicsize = sizeof(PeerObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Peer_traverse,
+    .tp_clear = (inquiry)Peer_clear,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Peer_init,
     .tp_dealloc = (destructor)Peer_dealloc,
