@@ -411,6 +411,122 @@ def test_a_down_switching_sources_continues_its_sequence_and_timestamps() -> Non
         wire.close()
 
 
+def vp8(picture: int, tl0: int, key: bool, long: bool = True) -> bytes:
+    """A VP8 payload whose descriptor carries a picture id (15- or 7-bit) and TL0PICIDX."""
+    pic = bytes([0x80 | picture >> 8, picture & 0xFF]) if long else bytes([picture & 0x7F])
+    header = b"\x00\x9d\x01\x2a" if key else b"\x01"
+    return bytes([0x90, 0xC0]) + pic + bytes([tl0]) + header + bytes(range(120))
+
+
+def plain(key: bytes, datagram: bytes) -> bytes:
+    return _receivers.setdefault(key, reference(key, outbound=False)).unprotect(datagram)
+
+
+def test_a_down_switches_simulcast_layers_at_the_keyframe_with_picture_ids_continuous() -> None:
+    """Source.switch: the down keeps its layer until the target's keyframe, then forwards the
+    target from it; sequence numbers, picture ids and TL0PICIDX go on from the last sent, and
+    the rest of each packet is the publisher's (forwarding.py DownTrack._rewrite_vp8)."""
+    from spaces.media.forwarding import vp8_descriptor
+
+    wire = Wire(subscribers=1)
+    low = dp.Source(dp.CODEC_VP8, 90000, True, rewrite_vp8=True)
+    high = dp.Source(dp.CODEC_VP8, 90000, True, rewrite_vp8=True)
+    wire.pub_peer.add_source(0xA1, low)
+    wire.pub_peer.add_source(0xA2, high)
+    key = wire.sub_keys[0]
+    down = wire.downs[0]
+    try:
+        low.add(down)
+        wire.publish(
+            rtp(100, ssrc=0xA1, payload=vp8(1000, 10, key=True)),
+            rtp(101, ssrc=0xA1, payload=vp8(1001, 10, key=False)),
+        )
+        high.switch(down)
+        assert down.pending is high and down.source is low
+        wire.publish(
+            rtp(102, ssrc=0xA1, payload=vp8(1002, 10, key=False)),  # the old layer goes on
+            rtp(5000, ssrc=0xA2, payload=vp8(7000, 200, key=False)),  # not yet the new one
+        )
+        assert down.source is low
+        wire.publish(
+            rtp(5001, ssrc=0xA2, payload=vp8(7001, 200, key=True)),
+            rtp(5002, ssrc=0xA2, payload=vp8(7002, 200, key=False)),
+            rtp(103, ssrc=0xA1, payload=vp8(1003, 11, key=False)),  # left behind
+        )
+        assert down.source is high and down.pending is None and low.downs == 0
+        raw = wire.received(0)
+        got = [plain(key, d) for d in raw]
+        seqs = [struct.unpack("!H", p[2:4])[0] for p in got]
+        assert seqs == [100, 101, 102, 103, 104]
+        pictures = []
+        for packet, sent in zip(
+            got,
+            [
+                vp8(1000, 10, True),
+                vp8(1001, 10, False),
+                vp8(1002, 10, False),
+                vp8(7001, 200, True),
+                vp8(7002, 200, False),
+            ],
+            strict=True,
+        ):
+            assert packet[0] == 0x80  # no extension block: the payload follows the header
+            payload = packet[12:]
+            descriptor = vp8_descriptor(payload)
+            assert descriptor is not None
+            pictures.append((descriptor[1], descriptor[4]))
+            assert payload[:2] == sent[:2] and payload[5:] == sent[5:]  # only pic and TL0 differ
+        assert pictures == [(1000, 10), (1001, 10), (1002, 10), (1003, 11), (1004, 11)]
+        # A retransmission is the same packet again; continuity is untouched by it.
+        first = wire.received(0)
+        assert first == []
+        assert down.retransmit(104) is True
+        assert wire.received(0) == [raw[-1]]  # the same packet and SRTP index, byte for byte
+        wire.publish(rtp(5003, ssrc=0xA2, payload=vp8(7003, 201, key=False)))
+        last = plain(key, wire.received(0)[0])
+        assert vp8_descriptor(last[12:])[1:5:3] == (1005, 12)  # type: ignore[index]
+    finally:
+        wire.close()
+
+
+def test_a_cancelled_switch_stays_and_seven_bit_picture_ids_wrap() -> None:
+    wire = Wire(subscribers=1)
+    low = dp.Source(dp.CODEC_VP8, 90000, True, rewrite_vp8=True)
+    high = dp.Source(dp.CODEC_VP8, 90000, True, rewrite_vp8=True)
+    wire.pub_peer.add_source(0xA1, low)
+    wire.pub_peer.add_source(0xA2, high)
+    key = wire.sub_keys[0]
+    down = wire.downs[0]
+    from spaces.media.forwarding import vp8_descriptor
+
+    try:
+        low.add(down)
+        wire.publish(rtp(1, ssrc=0xA1, payload=vp8(126, 3, key=True, long=False)))
+        high.switch(down)
+        high.cancel(down)
+        assert down.pending is None
+        wire.publish(rtp(50, ssrc=0xA2, payload=vp8(5, 9, key=True, long=False)))
+        assert down.source is low  # the cancelled switch did not happen
+        high.switch(down)
+        wire.publish(
+            rtp(51, ssrc=0xA2, payload=vp8(6, 9, key=True, long=False)),
+            rtp(52, ssrc=0xA2, payload=vp8(7, 9, key=False, long=False)),
+        )
+        got = [plain(key, d) for d in wire.received(0)]
+        pictures = [vp8_descriptor(p[12:])[1] for p in got]  # type: ignore[index]
+        assert pictures == [126, 127, 0]  # 7-bit: wraps at 128
+        # Closing the target while a switch is pending leaves the down where it was.
+        assert down.source is high
+        high.switch(down)  # already its source: nothing pending
+        assert down.pending is None
+        low.switch(down)
+        assert down.pending is low
+        low.close()
+        assert down.pending is None and down.source is high
+    finally:
+        wire.close()
+
+
 def srtp_header(key: bytes, datagram: bytes) -> tuple[int, int]:
     """Sequence number and timestamp of a datagram a subscriber got (checked by decrypting)."""
     receiver = _receivers.setdefault(key, reference(key, outbound=False))

@@ -195,6 +195,47 @@ typedef struct {
     int voice;    /* the V bit of the audio level */
 } rtp_t;
 
+/* Where a VP8 payload descriptor (RFC 7741) keeps its picture id and TL0PICIDX: forwarding.py
+ * vp8_descriptor. */
+typedef struct {
+    int pic_pos, tl0_pos; /* offsets into the payload, or -1 */
+    int pic, tl0;
+    int long_pic; /* a 15-bit picture id */
+} vp8_t;
+
+static int
+vp8_parse(const uint8_t *p, size_t n, vp8_t *out)
+{
+    size_t pos = 2;
+    out->pic_pos = out->tl0_pos = -1;
+    out->pic = out->tl0 = out->long_pic = 0;
+    if (n < 3 || !(p[0] & 0x80))
+        return 0;
+    uint8_t ext = p[1];
+    if (ext & 0x80) {
+        out->pic_pos = (int)pos;
+        if (p[pos] & 0x80) {
+            if (n < pos + 2)
+                return 0;
+            out->long_pic = 1;
+            out->pic = ((p[pos] & 0x7F) << 8) | p[pos + 1];
+            pos += 2;
+        } else {
+            out->pic = p[pos] & 0x7F;
+            pos += 1;
+        }
+    }
+    if (ext & 0x40) {
+        if (n <= pos) {
+            out->pic_pos = -1;
+            return 0;
+        }
+        out->tl0_pos = (int)pos;
+        out->tl0 = p[pos];
+    }
+    return out->pic_pos >= 0 || out->tl0_pos >= 0;
+}
+
 /* Parses header, CSRCs, extensions (one- and two-byte), and padding. Returns 0 or -1. */
 static int
 rtp_parse(const uint8_t *p, size_t n, int level_id, rtp_t *out)
@@ -1032,6 +1073,7 @@ typedef struct {
      * packet cannot be sent (so the subscriber sees no sequence gap and the sender reports
      * count only what went out) */
     uint16_t prev_seq;
+    int prev_pic, prev_tl0;
     uint32_t prev_ts, prev_rtp_ts;
     long long prev_at;
     unsigned long long prev_ntp;
@@ -1056,8 +1098,12 @@ out_queue_done(out_t *o)
 struct SourceObject {
     PyObject_HEAD
     int codec, clock_rate, level_id, is_video, paused, closed;
+    int rewrite_vp8; /* a simulcast layer: picture ids continue per down across switches */
     DownObject **downs;
     Py_ssize_t ndowns, cap;
+    DownObject **switching; /* strong: downs that switch to this source at its next keyframe */
+    Py_ssize_t nswitching, switching_cap;
+    long long last_at; /* monotonic ns of the newest packet with a payload */
     PyObject *on_keyframe, *on_level, *on_nack, *on_behind;
     /* aiortc's StreamStatistics, for its receiver reports */
     int stats_started, has_last;
@@ -1082,7 +1128,11 @@ struct DownObject {
     PeerObject *peer;     /* strong */
     SourceObject *source; /* borrowed: the source holds this down while it is attached */
     SourceObject *last_source; /* borrowed identity only (never dereferenced) */
+    SourceObject *pending; /* borrowed: the source whose switching list holds this down */
     uint32_t ssrc;
+    uint16_t pic_offset;
+    uint8_t tl0_offset;
+    int last_out_pic, last_out_tl0; /* the last VP8 picture id and TL0PICIDX sent, or -1 */
     int payload_type, abs_id, level_id;
     int waiting_keyframe, started, start_seq;
     uint16_t seq_offset, last_out_seq;
@@ -1093,6 +1143,7 @@ struct DownObject {
 };
 
 static PyTypeObject SourceType, DownType;
+static void source_take_switching(SourceObject *src);
 
 static inline int
 uint16_gt(uint16_t a, uint16_t b)
@@ -1190,8 +1241,8 @@ cmp_u16(const void *a, const void *b)
 
 /* One subscriber's copy of a packet: rewritten, protected, queued. 1 if queued. */
 static int
-down_send(DownObject *down, const rtp_t *pkt, int keyframe, unsigned long long ntp,
-          long long now)
+down_send(DownObject *down, const rtp_t *pkt, const vp8_t *vp8, int keyframe,
+          unsigned long long ntp, long long now)
 {
     PeerObject *peer = down->peer;
     if (!peer_routed(peer)) { /* its transport is not up (yet, or any more) */
@@ -1219,6 +1270,15 @@ down_send(DownObject *down, const rtp_t *pkt, int keyframe, unsigned long long n
                 uint32_t gap = (uint32_t)(long long)(elapsed * down->source->clock_rate);
                 uint32_t next_ts = down->last_out_ts + gap;
                 down->ts_offset = next_ts - pkt->ts;
+                if (vp8 != NULL) {
+                    /* The picture id goes on from the last one sent (TL0PICIDX too), so the
+                     * decoder sees the next picture, not a jump from another stream. */
+                    int mask = vp8->long_pic ? 0x7FFF : 0x7F;
+                    if (down->last_out_pic >= 0)
+                        down->pic_offset = (uint16_t)((down->last_out_pic + 1 - vp8->pic) & mask);
+                    if (down->last_out_tl0 >= 0)
+                        down->tl0_offset = (uint8_t)((down->last_out_tl0 + 1 - vp8->tl0) & 0xFF);
+                }
             }
         }
         down->start_seq = pkt->seq;
@@ -1243,8 +1303,29 @@ down_send(DownObject *down, const rtp_t *pkt, int keyframe, unsigned long long n
     wr32(b + 4, ts);
     wr32(b + 8, down->ssrc);
     memcpy(b + 12 + ext, pkt->payload, pkt->payload_len);
+    int prev_pic = down->last_out_pic, prev_tl0 = down->last_out_tl0;
+    if (vp8 != NULL) {
+        /* forwarding.py DownTrack._rewrite_vp8 */
+        uint8_t *d = b + 12 + ext;
+        if (vp8->pic_pos >= 0) {
+            int pic = (vp8->pic + down->pic_offset) & (vp8->long_pic ? 0x7FFF : 0x7F);
+            down->last_out_pic = pic;
+            if (vp8->long_pic) {
+                d[vp8->pic_pos] = (uint8_t)(0x80 | (pic >> 8));
+                d[vp8->pic_pos + 1] = (uint8_t)(pic & 0xFF);
+            } else
+                d[vp8->pic_pos] = (uint8_t)pic;
+        }
+        if (vp8->tl0_pos >= 0) {
+            int tl0 = (vp8->tl0 + down->tl0_offset) & 0xFF;
+            down->last_out_tl0 = tl0;
+            d[vp8->tl0_pos] = (uint8_t)tl0;
+        }
+    }
     int len = (int)(12 + ext + pkt->payload_len);
     if (peer_protect_rtp(peer, b, &len)) {
+        down->last_out_pic = prev_pic;
+        down->last_out_tl0 = prev_tl0;
         down->dropped++;
         counters.send_failed++;
         return 0;
@@ -1253,6 +1334,8 @@ down_send(DownObject *down, const rtp_t *pkt, int keyframe, unsigned long long n
     o->skip = 0;
     o->payload_len = pkt->payload_len;
     o->prev_seq = down->last_out_seq;
+    o->prev_pic = prev_pic;
+    o->prev_tl0 = prev_tl0;
     o->prev_ts = down->last_out_ts;
     o->prev_at = down->last_out_at;
     o->prev_rtp_ts = down->last_rtp_ts;
@@ -1305,12 +1388,19 @@ source_push(SourceObject *src, const uint8_t *data, size_t len, int count_stats)
     int keyframe = keyframe_start(src->codec, pkt.payload, pkt.payload_len);
     long long now = monotonic_ns();
     if (!src->paused && pkt.payload_len > 0) {
+        src->last_at = now;
         source_history_put(src, data, len, pkt.seq, now);
+        if (keyframe && src->nswitching)
+            source_take_switching(src);
         if (src->ndowns) {
             unsigned long long ntp = ntp_now();
             unsigned long long sent = 0;
+            vp8_t vp8;
+            const vp8_t *rewrite =
+                src->rewrite_vp8 && vp8_parse(pkt.payload, pkt.payload_len, &vp8) ? &vp8 : NULL;
             for (Py_ssize_t i = 0; i < src->ndowns; i++)
-                sent += (unsigned long long)down_send(src->downs[i], &pkt, keyframe, ntp, now);
+                sent += (unsigned long long)down_send(src->downs[i], &pkt, rewrite, keyframe, ntp,
+                                                      now);
             src->forwarded += sent;
             src->forwarded_bytes += sent * pkt.payload_len;
         }
@@ -1352,6 +1442,18 @@ source_detach(SourceObject *src, DownObject *down)
 }
 
 static void
+source_unswitch(SourceObject *src, DownObject *down)
+{
+    for (Py_ssize_t i = 0; i < src->nswitching; i++)
+        if (src->switching[i] == down) {
+            src->switching[i] = src->switching[--src->nswitching];
+            down->pending = NULL;
+            Py_DECREF(down);
+            return;
+        }
+}
+
+static void
 down_fall_behind(DownObject *down)
 {
     down->dropped++;
@@ -1368,15 +1470,16 @@ static int
 Source_init(SourceObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"codec", "clock_rate", "video", "level_id", "on_keyframe",
-                             "on_level", "on_nack", "on_behind", NULL};
+                             "on_level", "on_nack", "on_behind", "rewrite_vp8", NULL};
     PyObject *on_keyframe = Py_None, *on_level = Py_None, *on_nack = Py_None,
              *on_behind = Py_None;
-    int video = 0;
+    int video = 0, rewrite_vp8 = 0;
     self->level_id = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii|piOOOO", kwlist, &self->codec,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii|piOOOOp", kwlist, &self->codec,
                                      &self->clock_rate, &video, &self->level_id, &on_keyframe,
-                                     &on_level, &on_nack, &on_behind))
+                                     &on_level, &on_nack, &on_behind, &rewrite_vp8))
         return -1;
+    self->rewrite_vp8 = rewrite_vp8 && self->codec == CODEC_VP8;
     if (self->clock_rate <= 0) {
         PyErr_SetString(PyExc_ValueError, "clock_rate must be positive");
         return -1;
@@ -1414,6 +1517,8 @@ source_clear_downs(SourceObject *self)
 {
     while (self->ndowns > 0)
         source_detach(self, self->downs[self->ndowns - 1]);
+    while (self->nswitching > 0)
+        source_unswitch(self, self->switching[self->nswitching - 1]);
 }
 
 static void
@@ -1422,6 +1527,7 @@ Source_dealloc(SourceObject *self)
     PyObject_GC_UnTrack(self);
     source_clear_downs(self);
     PyMem_Free(self->downs);
+    PyMem_Free(self->switching);
     if (self->history != NULL)
         munmap(self->history, HISTORY_MAP);
     Py_XDECREF(self->on_keyframe);
@@ -1440,8 +1546,54 @@ source_after_batch(SourceObject *src)
     }
 }
 
-/* add(down): the down forwards this source from its next keyframe (video) or packet (audio).
- * A down that followed another source continues its sequence numbers and timestamps. */
+/* ``down`` forwards this source from its next keyframe (video) or packet (audio). A down that
+ * followed another source continues its sequence numbers, timestamps and picture ids. */
+static int
+source_attach(SourceObject *self, DownObject *down)
+{
+    if (down->pending == self)
+        source_unswitch(self, down);
+    if (down->source == self)
+        return 0;
+    if (self->ndowns == self->cap) {
+        Py_ssize_t cap = self->cap ? self->cap * 2 : 8;
+        DownObject **grown = PyMem_Realloc(self->downs, sizeof(DownObject *) * (size_t)cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->downs = grown;
+        self->cap = cap;
+    }
+    if (down->source != NULL)
+        source_detach(down->source, down);
+    if (down->last_source != self)
+        down->start_seq = -1;
+    Py_INCREF(down);
+    self->downs[self->ndowns++] = down;
+    down->source = self;
+    down->last_source = self;
+    down->waiting_keyframe = self->is_video;
+    return 0;
+}
+
+/* At a keyframe: every down waiting to switch here leaves its source and starts on this one,
+ * with this packet (forwarding.py TrackForwarder.on_packet, DownTrack.switch_now). */
+static void
+source_take_switching(SourceObject *src)
+{
+    while (src->nswitching > 0) {
+        DownObject *down = src->switching[src->nswitching - 1];
+        Py_INCREF(down);
+        if (source_attach(src, down) < 0) {
+            PyErr_WriteUnraisable(NULL);
+            source_unswitch(src, down);
+        }
+        Py_DECREF(down);
+    }
+}
+
+/* add(down): the down forwards this source from its next keyframe (video) or packet (audio). */
 static PyObject *
 Source_add(SourceObject *self, PyObject *arg)
 {
@@ -1449,26 +1601,50 @@ Source_add(SourceObject *self, PyObject *arg)
         PyErr_SetString(PyExc_TypeError, "add() takes a Down");
         return NULL;
     }
+    if (source_attach(self, (DownObject *)arg) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* switch(down): the down goes on with its current source until this one's next keyframe, and
+ * from that keyframe on forwards this one (leaving a switch pending elsewhere). */
+static PyObject *
+Source_switch(SourceObject *self, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &DownType)) {
+        PyErr_SetString(PyExc_TypeError, "switch() takes a Down");
+        return NULL;
+    }
     DownObject *down = (DownObject *)arg;
-    if (down->source == self)
+    if (self->closed || down->pending == self || down->source == self)
         Py_RETURN_NONE;
-    if (down->source != NULL)
-        source_detach(down->source, down);
-    if (down->last_source != self)
-        down->start_seq = -1;
-    if (self->ndowns == self->cap) {
-        Py_ssize_t cap = self->cap ? self->cap * 2 : 8;
-        DownObject **grown = PyMem_Realloc(self->downs, sizeof(DownObject *) * (size_t)cap);
+    if (self->nswitching == self->switching_cap) {
+        Py_ssize_t cap = self->switching_cap ? self->switching_cap * 2 : 4;
+        DownObject **grown =
+            PyMem_Realloc(self->switching, sizeof(DownObject *) * (size_t)cap);
         if (grown == NULL)
             return PyErr_NoMemory();
-        self->downs = grown;
-        self->cap = cap;
+        self->switching = grown;
+        self->switching_cap = cap;
     }
+    if (down->pending != NULL)
+        source_unswitch(down->pending, down);
     Py_INCREF(down);
-    self->downs[self->ndowns++] = down;
-    down->source = self;
-    down->last_source = self;
-    down->waiting_keyframe = self->is_video;
+    self->switching[self->nswitching++] = down;
+    down->pending = self;
+    Py_RETURN_NONE;
+}
+
+/* cancel(down): a switch to this source pending for the down is called off. */
+static PyObject *
+Source_cancel(SourceObject *self, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &DownType)) {
+        PyErr_SetString(PyExc_TypeError, "cancel() takes a Down");
+        return NULL;
+    }
+    if (((DownObject *)arg)->pending == self)
+        source_unswitch(self, (DownObject *)arg);
     Py_RETURN_NONE;
 }
 
@@ -1610,6 +1786,8 @@ Source_get_ndowns(SourceObject *self, void *c)
 
 static PyMethodDef Source_methods[] = {
     {"add", (PyCFunction)Source_add, METH_O, NULL},
+    {"switch", (PyCFunction)Source_switch, METH_O, NULL},
+    {"cancel", (PyCFunction)Source_cancel, METH_O, NULL},
     {"remove", (PyCFunction)Source_remove, METH_O, NULL},
     {"restart", (PyCFunction)Source_restart, METH_NOARGS, NULL},
     {"close", (PyCFunction)Source_close, METH_NOARGS, NULL},
@@ -1624,6 +1802,7 @@ static PyMemberDef Source_members[] = {
     {"forwarded_bytes", T_ULONGLONG, offsetof(SourceObject, forwarded_bytes), READONLY, NULL},
     {"keyframes", T_ULONGLONG, offsetof(SourceObject, keyframes), READONLY, NULL},
     {"behind", T_ULONGLONG, offsetof(SourceObject, behind), READONLY, NULL},
+    {"last_at_ns", T_LONGLONG, offsetof(SourceObject, last_at), READONLY, NULL},
     {NULL}};
 
 static PyGetSetDef Source_getset[] = {
@@ -1643,6 +1822,8 @@ Source_traverse(SourceObject *self, visitproc visit, void *arg)
     Py_VISIT(self->on_behind);
     for (Py_ssize_t i = 0; i < self->ndowns; i++)
         Py_VISIT(self->downs[i]);
+    for (Py_ssize_t i = 0; i < self->nswitching; i++)
+        Py_VISIT(self->switching[i]);
     return 0;
 }
 
@@ -1691,6 +1872,8 @@ Down_init(DownObject *self, PyObject *args, PyObject *kwds)
     self->ssrc = (uint32_t)ssrc;
     self->start_seq = -1;
     self->waiting_keyframe = 1;
+    self->last_out_pic = -1;
+    self->last_out_tl0 = -1;
     return 0;
 }
 
@@ -1725,12 +1908,18 @@ Down_retransmit(DownObject *self, PyObject *arg)
         Py_RETURN_FALSE;
     /* Sent at once, as its own datagram, keeping the down's continuity state untouched. */
     uint16_t keep_seq = self->last_out_seq;
+    int keep_pic = self->last_out_pic, keep_tl0 = self->last_out_tl0;
     uint32_t keep_ts = self->last_out_ts;
     long long keep_at = self->last_out_at;
     unsigned long long keep_count = self->packet_count, keep_octets = self->octet_count;
     out_flush();
-    down_send(self, &pkt, 0, ntp_now(), now);
+    vp8_t vp8;
+    const vp8_t *rewrite =
+        src->rewrite_vp8 && vp8_parse(pkt.payload, pkt.payload_len, &vp8) ? &vp8 : NULL;
+    down_send(self, &pkt, rewrite, 0, ntp_now(), now);
     self->last_out_seq = keep_seq;
+    self->last_out_pic = keep_pic;
+    self->last_out_tl0 = keep_tl0;
     self->last_out_ts = keep_ts;
     self->last_out_at = keep_at;
     self->packet_count = keep_count + 1;
@@ -1791,8 +1980,18 @@ static PyMemberDef Down_members[] = {
     {"ssrc", T_UINT, offsetof(DownObject, ssrc), READONLY, NULL},
     {NULL}};
 
+static PyObject *
+Down_get_pending(DownObject *self, void *c)
+{
+    (void)c;
+    if (self->pending == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef((PyObject *)self->pending);
+}
+
 static PyGetSetDef Down_getset[] = {
     {"source", (getter)Down_get_source, NULL, NULL, NULL},
+    {"pending", (getter)Down_get_pending, NULL, NULL, NULL},
     {"waiting_keyframe", (getter)Down_get_waiting, (setter)Down_set_waiting, NULL, NULL},
     {"connected", (getter)Down_get_connected, NULL, NULL, NULL},
     {NULL}};
@@ -1826,6 +2025,8 @@ out_unsend(out_t *o)
 {
     DownObject *down = o->down;
     down->last_out_seq = o->prev_seq;
+    down->last_out_pic = o->prev_pic;
+    down->last_out_tl0 = o->prev_tl0;
     down->last_out_ts = o->prev_ts;
     down->last_out_at = o->prev_at;
     down->last_rtp_ts = o->prev_rtp_ts;

@@ -503,9 +503,7 @@ class TrackForwarder:
         """The current packet's VP8 descriptor, when picture ids are rewritten."""
         self.history: list[tuple[RtpPacket, float] | None] = [None] * HISTORY
         self.paused = False
-        self.last_packet_at = 0.0
-        """When the publisher last sent on this source (monotonic): a simulcast layer the
-        publisher stopped sending is not one to follow."""
+        self._last_packet_at = 0.0
         self.ssrc = 0
         """The publisher's SSRC, learned from its packets (keyframe requests name it)."""
         self._metric_packets = metrics.FORWARDED_PACKETS.labels(kind=kind)
@@ -522,11 +520,20 @@ class TrackForwarder:
                 clock_rate,
                 self.is_video,
                 native.audio_level_id,
-                self._keyframes.keyframe_seen,
+                self._native_keyframe,
                 on_audio_level,
                 native.on_nack,
                 self._native_behind,
+                self.rewrites_vp8,
             )
+
+    @property
+    def last_packet_at(self) -> float:
+        """When the publisher last sent on this source (monotonic): a simulcast layer the
+        publisher stopped sending is not one to follow."""
+        if self.native is not None:
+            return self.native.last_at_ns / 1e9
+        return self._last_packet_at
 
     def add(self, downtrack: DownTrack) -> None:
         self.downtracks = (*self.downtracks, downtrack)
@@ -542,9 +549,29 @@ class TrackForwarder:
 
     def expect_switch(self, downtrack: DownTrack) -> None:
         self.switching = (*self.switching, downtrack)
+        if self.native is not None and downtrack.native is not None:
+            # The native source moves the Down at its keyframe; _native_keyframe follows.
+            self.native.switch(downtrack.native)
 
     def cancel_switch(self, downtrack: DownTrack) -> None:
         self.switching = tuple(d for d in self.switching if d is not downtrack)
+        if self.native is not None and downtrack.native is not None:
+            self.native.cancel(downtrack.native)
+
+    def _native_keyframe(self) -> None:
+        """A keyframe went through the native source, which moved the Downs switching to it
+        (before forwarding it): their DownTracks follow."""
+        self._keyframes.keyframe_seen()
+        if not self.switching:
+            return
+        native = self.native
+        moved = tuple(
+            d for d in self.switching if d.native is not None and d.native.source is native
+        )
+        if moved:
+            self.switching = tuple(d for d in self.switching if d not in moved)
+            for downtrack in moved:
+                downtrack.switch_now(self)
 
     def _native_behind(self) -> None:
         """A subscriber's socket was full: it waits for a keyframe (dropped in C)."""
@@ -576,6 +603,8 @@ class TrackForwarder:
         if self.is_video:
             for downtrack in self.downtracks:
                 downtrack.waiting_keyframe = True
+            if self.native is not None:
+                self.native.restart()
             self._keyframes.request_again()
 
     def set_paused(self, paused: bool) -> None:
@@ -638,7 +667,7 @@ class TrackForwarder:
         if self.paused or not packet.payload:
             return
         now = time.monotonic()
-        self.last_packet_at = now
+        self._last_packet_at = now
         self.history[packet.sequence_number % HISTORY] = (packet, now)
         if self.rewrites_vp8:
             self.vp8 = vp8_descriptor(packet.payload)

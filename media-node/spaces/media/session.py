@@ -537,9 +537,10 @@ class Session:
                 keyframe_interval_s=interval,
                 on_audio_level=on_level,
                 rid=rid,
-                # The native plane forwards tracks without simulcast (layer switching, with its
-                # VP8 picture id rewrite, runs in Python).
-                native=plane.binding(transceiver) if plane is not None and not rid else None,
+                # Each simulcast layer is a native source of its own (bound to its SSRC at
+                # its first packet); Downs switch between them natively at keyframes, with
+                # the VP8 picture id rewrite.
+                native=plane.binding(transceiver) if plane is not None else None,
             )
             forwarder.set_paused(declared.muted)
             return forwarder
