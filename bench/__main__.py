@@ -42,6 +42,7 @@ def benchmarks() -> dict[str, Benchmark]:
         latency,
         meetings,
         redis_ceiling,
+        simulcast,
         single_port,
     )
 
@@ -54,6 +55,7 @@ def benchmarks() -> dict[str, Benchmark]:
             latency,
             meetings,
             dataplane,
+            simulcast,
             broadcast,
             browser_join,
             redis_ceiling,

@@ -43,6 +43,7 @@ def test_help_lists_every_benchmark() -> None:
         "broadcast",
         "browser-join",
         "redis",
+        "simulcast",
         "all",
     ):
         assert name in result.stdout
@@ -98,6 +99,13 @@ FIGURES = {
         "summary.receive_us_python",
         "summary.per_subscriber_us_native",
         "summary.per_subscriber_us_python",
+    ],
+    "simulcast": [
+        "summary.simulcast_vs_single_at_most",
+        "summary.selection_vs_forwarding_worst",
+        "summary.selection_us_per_tick",
+        "summary.single_cores_at_most",
+        "summary.simulcast_top_cores_at_most",
     ],
     "redis": [
         "summary.redis_us_per_participant_s",

@@ -94,6 +94,11 @@ class PublishedTrack:
     top one). Empty for a track without simulcast."""
     layer_bitrates: tuple[int, ...] = ()
     layer_scales: tuple[float, ...] = ()
+    _layer_info: tuple[tuple[Any, ...], tuple[LayerInfo, ...]] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """The last ``layer_info`` and what it was built from: every subscriber's session asks
+    for it every allocation tick, and it changes only when a layer starts or stops."""
 
     @property
     def forwarders(self) -> tuple[TrackForwarder, ...]:
@@ -103,17 +108,24 @@ class PublishedTrack:
         """The layers as the allocation sees them (a track without simulcast has one)."""
         if not self.layers:
             return (LayerInfo(bitrate=self.layer_bitrates[0] if self.layer_bitrates else 0),)
-        return tuple(
+        live = tuple(now - layer.last_packet_at < LAYER_STALE_S for layer in self.layers)
+        key = (self.width, self.height, live)
+        cached = self._layer_info
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        info = tuple(
             LayerInfo(
                 bitrate=bitrate,
                 width=int(self.width / scale) if self.width else 0,
                 height=int(self.height / scale) if self.height else 0,
-                live=now - layer.last_packet_at < LAYER_STALE_S,
+                live=is_live,
             )
-            for layer, bitrate, scale in zip(
-                self.layers, self.layer_bitrates, self.layer_scales, strict=True
+            for is_live, bitrate, scale in zip(
+                live, self.layer_bitrates, self.layer_scales, strict=True
             )
         )
+        self._layer_info = (key, info)
+        return info
 
     def view(self) -> ev.Track:
         return ev.Track(
