@@ -22,7 +22,7 @@ from spaces import errors
 from spaces.auth.keys import generate_signing_key
 from spaces.sdk import client as sdk
 from spaces.store import keys
-from spaces.store.base import Reservation
+from spaces.store.base import Reservation, SigningKeyRecord
 from spaces.store.redis import RedisStore
 from spaces.store.router import ClusterRouter
 from spaces.v1 import event_pb2, node_pb2, presence_pb2, presence_pb2_grpc, signing_key_pb2
@@ -342,6 +342,15 @@ async def test_shards_on_the_other_primaries_keep_working_while_one_is_down(
 # --- failover ---------------------------------------------------------------------------------
 
 
+async def signing_key_after_failover(store: RedisStore, key_id: str) -> SigningKeyRecord | None:
+    """The key's record, once this store's slot map has caught up with the failover."""
+    for _ in range(100):
+        with contextlib.suppress(errors.StoreUnavailable):
+            return await store.get_signing_key(key_id)
+        await asyncio.sleep(0.1)
+    raise AssertionError("the store did not answer after the failover")
+
+
 @pytest.fixture
 def failover_cluster() -> Any:
     cluster = RedisClusterProcess(masters=3, replicas=1, node_timeout_ms=1_000).start()
@@ -416,7 +425,7 @@ async def test_a_primary_killed_and_failed_over_loses_no_participant_and_duplica
         victim = next(
             n for n in cluster.nodes if n.address == f"{victim_address[0]}:{victim_address[1]}"
         )
-        assert cluster.command(victim, "WAIT", "1", "5000") >= 1
+        await asyncio.to_thread(cluster.wait_replicated, victim)
         on_victim = [s for s in space_ids if router.owner(keys.shard_of(s)) == victim_address]
         killed_at_ms = await store.now_ms()
         cluster.kill(victim)
@@ -442,6 +451,11 @@ async def test_a_primary_killed_and_failed_over_loses_no_participant_and_duplica
         await asyncio.to_thread(cluster.wait_failover, victim, 30)
         failed_over = time.monotonic() - killed_at
         await asyncio.gather(*contesting)
+        # The promoted replica has the primary's data: had it lost the signing key, every join
+        # after the failover would be UNAUTHENTICATED, rightly, and the codes below would say so.
+        assert await signing_key_after_failover(store, tenant.key.id) is not None, (
+            "the promoted replica lost the signing key: it was killed before its copy was whole"
+        )
         assert codes.count("OK") == 1, {c: codes.count(c) for c in set(codes)}
         assert set(codes) <= {"OK", "ALREADY_EXISTS", "UNAVAILABLE"}
         assert "UNAVAILABLE" in codes, "the joins did run while the shard had no primary"

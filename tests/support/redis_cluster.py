@@ -90,6 +90,8 @@ class RedisClusterProcess:
             timeout=60,
         )
         self.wait_healthy()
+        for primary in self.primaries() if self.replicas else []:
+            self.wait_replicated(primary)
         return self
 
     def _launch(self, node: ClusterNode) -> None:
@@ -173,6 +175,33 @@ class RedisClusterProcess:
                 return
             time.sleep(0.1)
         raise RuntimeError("redis cluster did not become healthy")
+
+    def wait_replicated(self, primary: ClusterNode, timeout: float = 30.0) -> None:
+        """Until every replica of ``primary`` has applied each write ``primary`` had taken when
+        this was called, so that killing ``primary`` then loses nothing.
+
+        Not ``WAIT``: from a connection that wrote nothing it waits for no offset at all, and a
+        replica counts as soon as ``primary`` has streamed it the RDB of its first sync, before
+        the replica has loaded it or received the writes queued meanwhile. A kill in that
+        window promotes a replica that lacks them (an empty one, if it was the first sync)."""
+        info = self.command(primary, "INFO", "replication")
+        target = int(info["master_repl_offset"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.command(primary, "INFO", "replication")
+            listed = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            replicas = [n for n in self.nodes if n.port in {int(v["port"]) for v in listed}]
+            if len(replicas) == int(info.get("connected_slaves", 0)) > 0:
+                states = [self.command(n, "INFO", "replication") for n in replicas]
+                if all(
+                    s.get("master_link_status") == "up"
+                    and not int(s.get("master_sync_in_progress", 0))
+                    and int(s.get("slave_repl_offset", -1)) >= target
+                    for s in states
+                ):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"the replicas of {primary.address} did not catch up")
 
     def kill(self, node: ClusterNode) -> None:
         if node.proc is not None and node.proc.poll() is None:
