@@ -8,6 +8,8 @@ its data. A Redis Cluster failover is tests/test_redis_cluster.py."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,8 +19,8 @@ import redis.asyncio as aioredis
 from spaces import errors
 from spaces.auth.tokens import TokenVerifier
 from spaces.server import SpacesServer
-from spaces.store.redis import RedisStore
-from spaces.v1 import presence_pb2
+from spaces.store.redis import UNBLOCKED, RedisStore
+from spaces.v1 import node_pb2, presence_pb2
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.system import Admin, Tenant, eventually, make_config, start_server
 
@@ -110,6 +112,46 @@ async def test_a_key_lookup_that_redis_cannot_answer_is_a_store_error_not_an_unk
         await promote(redis)
         assert (await verifier.verify(token)).key_id == tenant.key.id
     finally:
+        await promote(redis)
+        await redis.aclose()
+        await store.close()
+
+
+async def test_a_blocking_read_that_a_demotion_ends_is_retried_and_the_stream_goes_on(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A demoted server ends blocking reads with ``UNBLOCKED``, which redis-py raises as a plain
+    ResponseError: the node's command stream must treat it as "Redis cannot answer" and read
+    on, not die (a node would stop hearing kicks and space closes)."""
+    store = RedisStore(private_redis.url)
+    await store.start()
+    redis = aioredis.from_url(private_redis.url)
+    received: list[node_pb2.NodeCommand] = []
+
+    async def consume() -> None:
+        async for command in store.node_commands("node-u"):
+            received.append(command)
+            if len(received) == 2:
+                return
+
+    task = asyncio.create_task(consume())
+    try:
+        await asyncio.sleep(0.3)  # reading: the stream starts after what is already there
+        kick = node_pb2.NodeCommand(kick=node_pb2.KickConnection(connection_id="c1"))
+        await store.publish_node_command("node-u", kick)
+        await eventually(lambda: len(received) == 1, timeout=5)
+        await asyncio.sleep(0.3)  # the next read is blocked on the server
+        with caplog.at_level(logging.WARNING, logger="spaces.store.redis"):
+            await demote(redis)
+            await eventually(lambda: UNBLOCKED in caplog.text, timeout=5)
+        assert not task.done(), task
+        await promote(redis)
+        second = node_pb2.NodeCommand(kick=node_pb2.KickConnection(connection_id="c2"))
+        await store.publish_node_command("node-u", second)
+        await asyncio.wait_for(task, timeout=10)
+        assert [c.kick.connection_id for c in received] == ["c1", "c2"]
+    finally:
+        task.cancel()
         await promote(redis)
         await redis.aclose()
         await store.close()

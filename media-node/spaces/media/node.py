@@ -359,7 +359,8 @@ class MediaNode:
                 self.dataplane.refresh()
                 for room in list(self.rooms.values()):
                     for track in list(room.tracks.values()):
-                        track.forwarder.sync_metrics()
+                        for forwarder in track.forwarders:
+                            forwarder.sync_metrics()
             except Exception:
                 logger.exception("native data plane sync failed")
 

@@ -84,6 +84,27 @@ _SCRIPT_ERRORS: dict[str, type[errors.SpacesError]] = {
 }
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, *REDIRECTS)
 """Failures that mean "Redis cannot answer right now" (retry later), not a bug."""
+UNBLOCKED = "UNBLOCKED"
+"""The error a server ends a blocking read with when its primary becomes a replica (failover):
+redis-py raises it as a plain ResponseError, and it means the same as a lost connection."""
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """``exc``, or the connection error it stands for (an UNBLOCKED reply)."""
+    if isinstance(exc, RedisResponseError) and str(exc).startswith(UNBLOCKED):
+        return RedisConnectionError(str(exc))
+    return exc
+
+
+def _reply_error(reply: Exception) -> Exception:
+    """What an error reply inside a pipeline raises: StoreUnavailable when Redis cannot answer
+    right now (the shard is failing over), else the reply itself (a bug)."""
+    unavailable = _unavailable(reply)
+    if isinstance(unavailable, _UNAVAILABLE):
+        return errors.StoreUnavailable()
+    return reply
+
+
 REDIRECT_RETRIES = 3
 SHARDS = range(keys.SHARDS)
 EVERY_STREAM = range(keys.STREAMS)
@@ -167,7 +188,13 @@ class RedisStore:
         async def attempt() -> Any:
             for tries in range(REDIRECT_RETRIES + 1):
                 try:
-                    return await fn()
+                    try:
+                        return await fn()
+                    except RedisResponseError as exc:
+                        unavailable = _unavailable(exc)
+                        if unavailable is exc:
+                            raise
+                        raise unavailable from exc
                 except _UNAVAILABLE as exc:
                     if tries == REDIRECT_RETRIES or not await self._router.recover(exc):
                         raise
@@ -1031,7 +1058,7 @@ class RedisStore:
                 for reply in replies:
                     if isinstance(reply, Exception):
                         if "BUSYGROUP" not in str(reply):
-                            raise reply
+                            raise _reply_error(reply)
                     else:
                         created += 1
                 if created:
@@ -1068,7 +1095,7 @@ class RedisStore:
             if isinstance(reply, RedisResponseError) and "NOGROUP" in str(reply):
                 lost.append(index)
             elif isinstance(reply, Exception):
-                raise reply
+                raise _reply_error(reply) from reply
             else:
                 for _, entries in reply or []:
                     events += [event_from_entry(i, fields) for i, fields in entries if fields]
@@ -1107,7 +1134,7 @@ class RedisStore:
             if isinstance(reply, RedisResponseError) and "NOGROUP" in str(reply):
                 continue
             if isinstance(reply, Exception):
-                raise reply
+                raise _reply_error(reply) from reply
             # reply[2] lists entries trimmed from the stream: XAUTOCLAIM already dropped them
             # from the pending list, and there is nothing left to deliver.
             events += [event_from_entry(i, fields) for i, fields in reply[1] if fields]
