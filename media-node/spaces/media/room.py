@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from spaces.media.aiortc_adapter import Codec
+from spaces.media.dynacast import LayerDemand
 from spaces.media.forwarding import TrackForwarder
 from spaces.media.layers import LAYER_STALE_S, LayerInfo
 from spaces.media.speakers import SpeakerDetector
@@ -94,6 +95,8 @@ class PublishedTrack:
     top one). Empty for a track without simulcast."""
     layer_bitrates: tuple[int, ...] = ()
     layer_scales: tuple[float, ...] = ()
+    dynacast: LayerDemand | None = None
+    """A simulcast track's layers the publisher is asked to send (spaces.media.dynacast)."""
 
     @property
     def forwarders(self) -> tuple[TrackForwarder, ...]:
