@@ -1,7 +1,7 @@
 """Simulcast without a browser: the SDP fix-ups, binding layer SSRCs by rid, switching a
 subscriber between layers at a keyframe with continuous sequence numbers, timestamps and VP8
-picture ids (on real encoder output), the layer policy, which layers a publisher need send (dynacast), the config and the wire
-messages."""
+picture ids (on real encoder output), the layer policy, which layers a publisher need send
+(dynacast), the config and the wire messages."""
 
 from __future__ import annotations
 
