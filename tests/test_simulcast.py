@@ -284,6 +284,34 @@ async def test_layers_no_subscriber_wants_stop_being_sent_and_resume_on_demand(
     await until_width(viewer, WIDTHS[-1], timeout=25)
 
 
+async def test_a_publisher_alone_pauses_every_layer_and_the_first_subscriber_resumes_them(
+    world: World,
+) -> None:
+    publisher = await world.joined("pub", publish=True)
+    track = await eventually(lambda: world.room_track("pub"), timeout=10)
+    assert track.dynacast is not None
+
+    async def all_paused() -> bool:
+        out = await outbound(publisher)
+        return len(out) == 3 and not any(s["active"] for s in out.values())
+
+    # Nobody subscribes: nothing is wanted (as LiveKit's OFF), so no encoding stays active.
+    await eventually(all_paused, timeout=15, interval=0.25)
+    assert track.dynacast.sending == 0
+    assert _sample(metrics.PAUSED_LAYERS) == 3
+    flat = {rid: s["bytesSent"] for rid, s in (await outbound(publisher)).items()}
+    # The first subscriber wants everything: every layer resumes, and it gets video.
+    viewer = await world.joined("viewer")
+
+    async def all_sending() -> bool:
+        out = await outbound(publisher)
+        return all(out[rid]["active"] and out[rid]["bytesSent"] > flat[rid] for rid in flat)
+
+    await eventually(all_sending, timeout=10, interval=0.2)
+    assert track.dynacast.sending == 3
+    await until_width(viewer, WIDTHS[-1], timeout=25)
+
+
 async def _decoded_more(page: Page, count: int) -> bool:
     return (await inbound(page)).get("framesDecoded", 0) >= count
 
