@@ -8,6 +8,7 @@ each layer is sent at about its configured bitrate."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -208,6 +209,107 @@ async def test_a_requested_low_maximum_gives_that_layer_and_switches_keep_decodi
     assert now["+Inf"] - estimates["+Inf"] >= 10, (estimates, now)
     above = now["+Inf"] - now["1500000.0"] - (estimates["+Inf"] - estimates["1500000.0"])
     assert above >= 10, (estimates, now)
+
+
+async def outbound(page: Page) -> dict[str, dict[str, Any]]:
+    """The page's outbound video stats per rid, with the time they were read (ms)."""
+    stats = await page.js("() => harness.rtpStats()")
+    return {s["rid"]: {**s, "at": stats["at"]} for s in stats["outbound"]}
+
+
+async def sent_rates(page: Page, seconds: float = 2.0) -> dict[str, float]:
+    """What the page sends of each layer (bits per second) over ``seconds``."""
+    before = await outbound(page)
+    await asyncio.sleep(seconds)
+    after = await outbound(page)
+    return {
+        rid: (after[rid]["bytesSent"] - before[rid]["bytesSent"])
+        * 8000
+        / (after[rid]["at"] - before[rid]["at"])
+        for rid in after
+        if rid in before
+    }
+
+
+async def test_layers_no_subscriber_wants_stop_being_sent_and_resume_on_demand(
+    world: World,
+) -> None:
+    publisher = await world.joined("pub", publish=True)
+    viewer = await world.joined("viewer")
+    track = await eventually(lambda: world.room_track("pub"), timeout=10)
+    assert track.dynacast is not None
+    await until_width(viewer, WIDTHS[-1], timeout=25)
+    full = await sent_rates(publisher)
+    assert all(full[rid] > 0 for rid in ("q", "h", "f")), full
+    pauses = _sample(metrics.DYNACAST_UPDATES, change="pause")
+    resumes = _sample(metrics.DYNACAST_UPDATES, change="resume")
+    # The only subscriber wants the lowest layer: the node asks the publisher for q alone
+    # (after the pause delay), and the browser stops encoding h and f.
+    await set_quality(viewer, "pub", {"quality": "low"})
+    await until_width(viewer, WIDTHS[0], timeout=10)
+
+    async def paused() -> dict[str, dict[str, Any]] | None:
+        out = await outbound(publisher)
+        return out if not out["f"]["active"] and not out["h"]["active"] else None
+
+    stopped = await eventually(paused, timeout=15, interval=0.25)
+    assert stopped["q"]["active"], stopped
+    assert track.dynacast.sending == 1
+    assert _sample(metrics.PAUSED_LAYERS) == 2
+    assert _sample(metrics.DYNACAST_UPDATES, change="pause") == pauses + 1
+    # Paused for real: f and h send nothing more, q goes on.
+    await asyncio.sleep(0.5)  # packets already queued in the pacer when the encoding stopped
+    low = await sent_rates(publisher)
+    assert low["f"] == 0 and low["h"] == 0, low
+    assert low["q"] > 0, low
+    assert followed(track) == {"viewer": ["q"]}, "nothing of a paused layer is forwarded"
+    print(
+        f"dynacast: publisher sends {sum(full.values()) / 1000:.0f} kbps with every layer "
+        f"({', '.join(f'{r} {v / 1000:.0f}' for r, v in full.items())}), "
+        f"{sum(low.values()) / 1000:.0f} kbps with q alone"
+    )
+    # Demand for the top layer again: the publisher sends it within 5 s (no pause delay).
+    flat = (await outbound(publisher))["f"]["bytesSent"]
+    await set_quality(viewer, "pub", {"quality": "high"})
+
+    async def resumed() -> bool:
+        out = await outbound(publisher)
+        return bool(out["f"]["active"] and out["f"]["bytesSent"] > flat)
+
+    await eventually(resumed, timeout=5, interval=0.1)
+    assert _sample(metrics.DYNACAST_UPDATES, change="resume") == resumes + 1
+    assert track.dynacast.sending == 3
+    assert _sample(metrics.PAUSED_LAYERS) == 0
+    # ...and the viewer climbs back to it.
+    await until_width(viewer, WIDTHS[-1], timeout=25)
+
+
+async def test_a_publisher_alone_pauses_every_layer_and_the_first_subscriber_resumes_them(
+    world: World,
+) -> None:
+    publisher = await world.joined("pub", publish=True)
+    track = await eventually(lambda: world.room_track("pub"), timeout=10)
+    assert track.dynacast is not None
+
+    async def all_paused() -> bool:
+        out = await outbound(publisher)
+        return len(out) == 3 and not any(s["active"] for s in out.values())
+
+    # Nobody subscribes: nothing is wanted (as LiveKit's OFF), so no encoding stays active.
+    await eventually(all_paused, timeout=15, interval=0.25)
+    assert track.dynacast.sending == 0
+    assert _sample(metrics.PAUSED_LAYERS) == 3
+    flat = {rid: s["bytesSent"] for rid, s in (await outbound(publisher)).items()}
+    # The first subscriber wants everything: every layer resumes, and it gets video.
+    viewer = await world.joined("viewer")
+
+    async def all_sending() -> bool:
+        out = await outbound(publisher)
+        return all(out[rid]["active"] and out[rid]["bytesSent"] > flat[rid] for rid in flat)
+
+    await eventually(all_sending, timeout=10, interval=0.2)
+    assert track.dynacast.sending == 3
+    await until_width(viewer, WIDTHS[-1], timeout=25)
 
 
 async def _decoded_more(page: Page, count: int) -> bool:

@@ -1,6 +1,7 @@
 """Simulcast without a browser: the SDP fix-ups, binding layer SSRCs by rid, switching a
 subscriber between layers at a keyframe with continuous sequence numbers, timestamps and VP8
-picture ids (on real encoder output), the layer policy, the config and the wire messages."""
+picture ids (on real encoder output), the layer policy, which layers a publisher need send
+(dynacast), the config and the wire messages."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from spaces.media.aiortc_adapter import (
     answer_with_simulcast,
     offered_simulcast,
 )
+from spaces.media.dynacast import PAUSE_AFTER_S, LayerDemand, wanted_top
 from spaces.media.forwarding import (
     DownTrack,
     SenderState,
@@ -282,6 +284,67 @@ def test_layers_the_publisher_does_not_send_are_skipped() -> None:
     paused_top = (THREE[0], THREE[1], LayerInfo(1_500_000, 1280, 720, live=False))
     wanted = [Wanted("a", paused_top, VideoRequest(), current=-1)]
     assert allocator.allocate(wanted, None, 0.0).targets == {"a": 1}
+
+
+def test_the_wanted_layer_is_the_highest_any_request_allows_whatever_is_live() -> None:
+    assert wanted_top(THREE, []) == -1, "no subscriber wants nothing"
+    assert wanted_top(THREE, [VideoRequest("off")]) == -1
+    assert wanted_top(THREE, [VideoRequest("low"), VideoRequest("off")]) == 0
+    assert wanted_top(THREE, [VideoRequest("low"), VideoRequest(width=600, height=300)]) == 1
+    assert wanted_top(THREE, [VideoRequest("low"), VideoRequest()]) == 2
+    # A paused layer is still wanted by a request that allows it (else it never resumes).
+    paused = (THREE[0], LayerInfo(500_000, 640, 360, live=False), THREE[2])
+    assert wanted_top(paused, [VideoRequest("medium")]) == 1
+
+
+def test_unwanted_layers_pause_after_the_delay_and_resume_at_once() -> None:
+    demand = LayerDemand(("q", "h", "f"), now=100.0)
+    assert demand.sending == 3 and demand.paused == 0
+    # The only subscriber asks for the lowest layer: h and f go once unneeded long enough
+    # (counted from the publication too).
+    assert demand.update(0, 101.0) is None
+    assert demand.update(0, 100.0 + PAUSE_AFTER_S - 0.1) is None
+    assert demand.update(0, 100.0 + PAUSE_AFTER_S + 0.1) == ("q",)
+    assert demand.paused == 2
+    assert demand.update(0, 110.0) is None, "told once"
+    # Demand for the top layer resumes every layer up to it at once.
+    assert demand.update(2, 110.5) == ("q", "h", "f")
+    # Down and back up within the delay: the publisher is not told at all.
+    assert demand.update(1, 111.0) is None
+    assert demand.update(2, 111.0 + PAUSE_AFTER_S - 0.5) is None
+    assert demand.sending == 3
+    # Each layer pauses on its own clock: f last wanted at t=120, h at t=121.
+    assert demand.update(2, 120.0) is None
+    assert demand.update(1, 121.0) is None
+    assert demand.update(0, 121.5) is None
+    assert demand.update(0, 120.0 + PAUSE_AFTER_S + 0.1) == ("q", "h")
+    assert demand.update(0, 121.0 + PAUSE_AFTER_S + 0.1) == ("q",)
+    # No subscriber at all (or none wanting video): every layer pauses, as LiveKit's OFF.
+    assert demand.update(0, 129.5) is None
+    assert demand.update(-1, 130.0) is None
+    assert demand.update(-1, 130.0 + PAUSE_AFTER_S + 0.1) == ()
+    assert demand.paused == 3
+    assert demand.update(5, 140.0) == ("q", "h", "f"), "a wanted index past the top is the top"
+    with pytest.raises(ValueError):
+        LayerDemand((), now=0.0)
+
+
+def test_a_layer_no_subscriber_follows_forwards_nothing() -> None:
+    """What the unmodified Mux SDK, which cannot be told to pause, costs subscribers of a layer
+    nobody wants: nothing (its packets are kept for NACKs, and no downtrack gets them)."""
+    low = TrackForwarder("t", "video", "VP8", 90000, lambda: None, 0.0, rid="q")
+    high = TrackForwarder("t", "video", "VP8", 90000, lambda: None, 0.0, rid="f")
+    demux = SimulcastDemux((low, high))
+    sink = RecordingSink()
+    low.add(DownTrack(low, sink, SenderState(), "viewer", 1 << 20))
+    q = layer_stream("q", 0x1111, 1, 0, 0, 4, keyframes={0})
+    f = layer_stream("f", 0x2222, 1, 0, 0, 4, keyframes={0})
+    for index in range(4):
+        for packet in q[index] + f[index]:
+            demux.on_packet(packet)
+    assert len(sink.sent) == sum(len(g) for g in q)
+    assert {parsed(d)[2] for d in sink.sent} == {p.payload for g in q for p in g}
+    assert high.downtracks == () and high.switching == ()
 
 
 def test_screen_shares_are_raised_before_cameras() -> None:

@@ -1386,7 +1386,12 @@ export class Space extends Emitter {
     });
   }
 
-  /** Dynacast: send only the layers of a published track that some subscriber receives. */
+  /** Dynacast: send only the layers (rids) of a published track that some subscriber wants;
+   * the node sends `layers_wanted` when that changes (pausing a layer a few seconds after it
+   * went unused, resuming at once).
+   * @param {Connection} conn
+   * @param {string} tid the published track's id
+   * @param {string[]} rids the encodings to keep active; every other one is paused */
   async #layersWanted(conn, tid, rids) {
     const track = [...conn.sending.keys()].find((t) => t.tid === tid);
     const sender = track && conn.sending.get(track)?.sender;

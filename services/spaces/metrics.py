@@ -73,6 +73,16 @@ LAYER_SUBSCRIBERS = Gauge(
     "Subscriptions forwarded each simulcast layer on this node (layer 0: the lowest)",
     ["layer"],
 )
+PAUSED_LAYERS = Gauge(
+    "spaces_simulcast_paused_layers",
+    "Simulcast layers no subscriber wants (dynacast): our web client is told to stop sending "
+    "them; of other publishers they are only not forwarded",
+)
+DYNACAST_UPDATES = Counter(
+    "spaces_simulcast_dynacast_updates_total",
+    "Changes to the layers a simulcast publisher is asked to send: pause (fewer), resume (more)",
+    ["change"],
+)
 AUDIO_ONLY_SUBSCRIBERS = Gauge(
     "spaces_simulcast_audio_only_subscribers",
     "Subscribers whose estimated bandwidth cannot carry the lowest layers: audio only",

@@ -178,6 +178,15 @@ class MediaNode:
         metrics.AUDIO_ONLY_SUBSCRIBERS.set_function(
             lambda: sum(1 for s in self.sessions.values() if s.audio_only)
         )
+        metrics.PAUSED_LAYERS.set_function(self._paused_layers)
+
+    def _paused_layers(self) -> int:
+        return sum(
+            track.dynacast.paused
+            for room in self.rooms.values()
+            for track in room.tracks.values()
+            if track.dynacast is not None
+        )
 
     def _layer_subscribers(self, index: int) -> int:
         return sum(

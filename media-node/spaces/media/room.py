@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from spaces.media.aiortc_adapter import Codec
+from spaces.media.dynacast import LayerDemand
 from spaces.media.forwarding import TrackForwarder
 from spaces.media.layers import LAYER_STALE_S, LayerInfo
 from spaces.media.speakers import SpeakerDetector
@@ -99,6 +100,8 @@ class PublishedTrack:
     )
     """The last ``layer_info`` and what it was built from: every subscriber's session asks
     for it every allocation tick, and it changes only when a layer starts or stops."""
+    dynacast: LayerDemand | None = None
+    """A simulcast track's layers the publisher is asked to send (spaces.media.dynacast)."""
 
     @property
     def forwarders(self) -> tuple[TrackForwarder, ...]:

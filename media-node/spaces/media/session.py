@@ -55,6 +55,7 @@ from spaces.media.aiortc_adapter import (
     without_empty_bundle,
 )
 from spaces.media.bwe import Estimator
+from spaces.media.dynacast import LayerDemand, wanted_top
 from spaces.media.forwarding import DownTrack, SenderState, SimulcastDemux, TrackForwarder
 from spaces.media.layers import Allocator, VideoRequest, Wanted
 from spaces.media.room import ManualSubscription, PublishedTrack, Room
@@ -554,8 +555,10 @@ class Session:
         layers: tuple[TrackForwarder, ...] = ()
         bitrates: tuple[int, ...] = ()
         scales: tuple[float, ...] = ()
+        demand: LayerDemand | None = None
         if rids:
             ordered = self._ordered_rids(rids, declared)
+            demand = LayerDemand(ordered, time.monotonic())
             layers = tuple(forwarder_for(rid, None) for rid in ordered)
             by_rid = {e.rid: e for e in self.node.config.simulcast.layers(declared.source)}
             count = len(ordered)
@@ -592,6 +595,7 @@ class Session:
             layers=layers,
             layer_bitrates=bitrates,
             layer_scales=scales,
+            dynacast=demand,
         )
 
     def _set_muted(self, event: ev.SetMuted) -> None:
@@ -755,6 +759,7 @@ class Session:
                 transceiver=transceiver,
                 request=self._requests.get(track.id, VideoRequest()),
             )
+            self._demand_changed(track)
         self.node.apply_ice_policy(pc)
         offer = await pc.createOffer()
         await pc.setLocalDescription(offer)
@@ -847,6 +852,7 @@ class Session:
         if sub is not None:
             sub.request = request
         self.allocate()
+        self._demand_changed(track)
         self.send(ev.Ack(event.request_id))
 
     def _first_source(self, sub: Subscription) -> TrackForwarder:
@@ -986,8 +992,57 @@ class Session:
             await asyncio.sleep(ALLOCATE_INTERVAL_S)
             try:
                 self.allocate(tick=True)
+                self.update_dynacast()
             except Exception:
                 logger.exception("session %s: layer allocation failed", self.connection_id)
+
+    # --- dynacast ----------------------------------------------------------------------------
+
+    def layer_request(self, track: PublishedTrack) -> VideoRequest | None:
+        """What this subscriber asks of ``track`` (None: not subscribed to it)."""
+        sub = self._subs.get(track.id)
+        if sub is None or sub.track is not track:
+            return None
+        return sub.request
+
+    def _demand_changed(self, track: PublishedTrack) -> None:
+        """A subscription of ``track`` appeared or asks for more: its publisher may need to
+        resume layers now rather than at its next tick."""
+        if track.dynacast is None:
+            return
+        owner = self.room.sessions.get(track.owner.connection_id)
+        if owner is not None and owner is not self:
+            owner.update_dynacast()
+
+    def update_dynacast(self) -> None:
+        """Tell the client which layers of its simulcast tracks some subscriber wants (see
+        spaces.media.dynacast); the others it may pause."""
+        if self._closed:
+            return
+        now = time.monotonic()
+        for track in self._published.values():
+            demand = track.dynacast
+            if demand is None or self.room.tracks.get(track.id) is not track:
+                continue
+            requests = [
+                request
+                for member in self.room.sessions.values()
+                if (request := member.layer_request(track)) is not None
+            ]
+            before = demand.sending
+            rids = demand.update(wanted_top(track.layer_info(now), requests), now)
+            if rids is None:
+                continue
+            change = "resume" if demand.sending > before else "pause"
+            metrics.DYNACAST_UPDATES.labels(change).inc()
+            logger.info(
+                "%s: track %s: layers wanted %s (%d subscriptions)",
+                self.connection_id,
+                track.id,
+                ",".join(rids) or "none",
+                len(requests),
+            )
+            self.send(ev.LayersWanted(track.id, rids))
 
     # --- ending ------------------------------------------------------------------------------
 
