@@ -100,7 +100,7 @@ web-deps: $(STAMP) ## What the browser tests need: Debian's chromium and npm (if
 	@$(BIN)/python -c 'from tests.support.browser import mux_sdk; mux_sdk()'
 
 test: $(STAMP) redis coturn media-tools web-deps checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
-	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" --durations=30 $(PYTEST_ARGS)
 
 test-faults: $(STAMP) redis media-tools ## Only the fault-tolerance tests (also part of `make test`)
 	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py tests/test_broadcast_faults.py $(PYTEST_ARGS)
