@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import struct
 
 import av
@@ -172,3 +173,46 @@ async def test_keyframe_requests_are_merged_and_rate_limited() -> None:
     assert len(sent) == 2
     assert sent[1] - sent[0] >= 0.19
     requester.close()
+
+
+async def test_a_keyframe_request_that_brings_none_is_repeated_while_a_subscriber_waits() -> None:
+    # A PLI can bring no keyframe (a browser ignores one within 300 ms of the last it acted on;
+    # a datagram is lost), and a subscriber waiting for a keyframe is sent nothing, so its
+    # browser never asks itself: the node asks again until the keyframe comes.
+    loop = asyncio.get_running_loop()
+    requests: list[float] = []
+    forwarder = TrackForwarder(
+        "t", "video", "VP8", 90000, lambda: requests.append(loop.time()), 0.02
+    )
+    sink = RecordingSink()
+    late = DownTrack(forwarder, sink, SenderState(), "late", 1 << 20)
+    forwarder.add(late)
+    stream = packets(8, keyframes={0, 6})
+    key = next(i for i, p in enumerate(stream) if p.timestamp == 6 * 3000)
+    late.request_keyframe()  # this one brings nothing
+    assert len(requests) == 1
+    for packet in stream[2:key]:  # delta frames only: it keeps waiting
+        forwarder.on_packet(packet)
+    await asyncio.sleep(0.1)
+    assert not sink.sent
+    assert len(requests) >= 2, "the request that brought no keyframe was not repeated"
+    assert all(b - a >= 0.06 - 1e-3 for a, b in itertools.pairwise(requests)), requests
+    for packet in stream[key:]:
+        forwarder.on_packet(packet)
+    assert sink.sent and vp8_keyframe_start(sink.sent[0][12:])
+    asked = len(requests)
+    await asyncio.sleep(0.15)
+    assert len(requests) == asked, "asked again after the keyframe came"
+    forwarder.close()
+
+
+async def test_no_keyframe_request_is_repeated_once_nobody_waits() -> None:
+    requests: list[int] = []
+    forwarder = TrackForwarder("t", "video", "VP8", 90000, lambda: requests.append(1), 0.02)
+    downtrack = DownTrack(forwarder, RecordingSink(), SenderState(), "viewer", 1 << 20)
+    forwarder.add(downtrack)
+    downtrack.request_keyframe()
+    downtrack.detach()  # the subscription ends before any keyframe
+    await asyncio.sleep(0.15)
+    assert requests == [1]
+    forwarder.close()

@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from spaces.config import LimitsConfig, ServerConfig
-from spaces.media.room import Room
-from spaces.media.session import Session
+from spaces.media.aiortc_adapter import Codec
+from spaces.media.forwarding import DownTrack, SenderState, TrackForwarder
+from spaces.media.room import PublishedTrack, Room
+from spaces.media.session import Session, Subscription
 from spaces.session import events as ev
 from spaces.store.base import Reservation
 from spaces.store.memory import MemoryStore
+from tests.test_forwarding import RecordingSink
 
 
 @dataclass
@@ -294,3 +299,80 @@ async def test_client_chosen_track_ids_are_unique_in_the_space_and_follow_a_reco
         assert world.room.tracks["cam-1"].owner is again
     finally:
         await pc.close()
+
+
+# --- simulcast layers: a client's request (the policy itself: tests/test_simulcast_core.py) ----
+
+
+def _subscribed(
+    world: World, viewer: Session, owner: Session, current: int
+) -> tuple[PublishedTrack, list[str]]:
+    """A three-layer track of ``owner`` (every layer being sent) that ``viewer`` receives at
+    layer ``current``, wired as ``Session._subscriber_answer`` wires one (the sink records:
+    no peer connection). Returns the track and the keyframe requests (by rid) sent since."""
+    plis: list[str] = []
+    layers = tuple(
+        TrackForwarder("cam", "video", "VP8", 90000, lambda r=rid: plis.append(r), 0.0, rid=rid)
+        for rid in ("q", "h", "f")
+    )
+    now = time.monotonic()
+    for layer in layers:
+        layer.last_packet_at = now
+    track = PublishedTrack(
+        id="cam",
+        owner=owner,
+        mid="1",
+        kind="video",
+        source="camera",
+        codec=Codec("video/VP8", 90000, 96, {}),
+        forwarder=layers[-1],
+        width=960,
+        height=540,
+        layers=layers,
+        layer_bitrates=(150_000, 500_000, 1_500_000),
+        layer_scales=(4.0, 2.0, 1.0),
+    )
+    world.room.tracks[track.id] = track
+    downtrack = DownTrack(layers[current], RecordingSink(), SenderState(), "viewer", 1 << 20)
+    layers[current].add(downtrack)
+    viewer._subs[track.id] = Subscription(track, SimpleNamespace(kind="video"), downtrack)
+    plis.clear()
+    return track, plis
+
+
+async def test_a_request_for_a_higher_layer_switches_at_once_not_when_the_estimate_grows(
+    world: World,
+) -> None:
+    pub, _ = await world.enter("pub")
+    viewer, _ = await world.enter("viewer")
+    track, plis = _subscribed(world, viewer, pub, current=1)
+    # The estimate carries the middle layer the viewer gets, not the top one (what it reads
+    # after a while on a lower layer: it grows 25% a second, to 4 times what is sent).
+    viewer._bwe.estimate = viewer.estimate = 800_000
+    viewer.allocate()
+    downtrack = viewer._subs[track.id].downtrack
+    assert downtrack is not None and downtrack.target is track.layers[1]
+    await viewer.handle(ev.SetVideoQuality(request_id=7, track_id=track.id, quality=""))
+    # The top layer is followed now, and asked for the keyframe the switch happens at.
+    assert downtrack.target is track.layers[2]
+    assert plis == ["f"]
+    assert viewer.estimate is not None and viewer.estimate >= 1_500_000
+    # Down is as prompt, and needs no probe.
+    await viewer.handle(ev.SetVideoQuality(request_id=8, track_id=track.id, quality="low"))
+    assert downtrack.target is track.layers[0]
+    assert viewer.estimate >= 1_500_000
+
+
+async def test_a_request_does_not_override_the_backoff_after_congestion(
+    world: World,
+) -> None:
+    pub, _ = await world.enter("pub")
+    viewer, _ = await world.enter("viewer")
+    track, plis = _subscribed(world, viewer, pub, current=1)
+    viewer._bwe.estimate = viewer.estimate = 800_000
+    viewer._bwe._cut(700_000, time.monotonic())  # congestion just now: a backoff runs
+    viewer.estimate = viewer._bwe.estimate
+    await viewer.handle(ev.SetVideoQuality(request_id=7, track_id=track.id, quality=""))
+    downtrack = viewer._subs[track.id].downtrack
+    assert downtrack is not None and downtrack.target is track.layers[1]
+    assert plis == [] and viewer.estimate == 700_000

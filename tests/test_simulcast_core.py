@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import struct
 from typing import Any
 
@@ -20,6 +21,7 @@ from spaces.media.aiortc_adapter import (
     answer_with_simulcast,
     offered_simulcast,
 )
+from spaces.media.bwe import BACKOFF_S, Estimator
 from spaces.media.dynacast import PAUSE_AFTER_S, LayerDemand, wanted_top
 from spaces.media.forwarding import (
     DownTrack,
@@ -29,7 +31,15 @@ from spaces.media.forwarding import (
     vp8_descriptor,
     vp8_keyframe_start,
 )
-from spaces.media.layers import Allocator, LayerInfo, VideoRequest, Wanted, max_layer
+from spaces.media.layers import (
+    UP_HEADROOM,
+    Allocator,
+    LayerInfo,
+    VideoRequest,
+    Wanted,
+    max_layer,
+    request_need,
+)
 from spaces.session import events as ev
 from spaces.session import grpc_wire
 from spaces.session.mux_wire import JoinInfo, MuxWire, ProtocolError
@@ -412,3 +422,34 @@ def test_audio_only_and_layers_wanted_reach_only_our_client(ours: bool) -> None:
         ]
     else:
         assert out == [], "Mux's SDK does not know these messages"
+
+
+# --- a client's request (the session's part: tests/test_session_core.py) -------------------
+
+
+def test_an_estimate_probe_raises_it_at_once_unless_backing_off() -> None:
+    estimator = Estimator(0.0, start_bps=800_000)
+    assert estimator.probe(600_000, 1.0), "already carried"
+    assert estimator.estimate == 800_000
+    assert estimator.probe(1_800_000, 1.0)
+    assert estimator.estimate == 1_800_000
+    estimator._cut(500_000, 2.0)
+    assert not estimator.probe(1_800_000, 2.5)
+    assert not estimator.probe(1_800_000, 2.0 + BACKOFF_S - 0.1)
+    assert estimator.estimate == 500_000
+    assert estimator.probe(1_800_000, 2.0 + BACKOFF_S)
+
+
+def test_a_requested_raise_skips_the_hold_and_request_need_prices_it() -> None:
+    wanted = [
+        Wanted("a", THREE, VideoRequest(), current=0),
+        Wanted("b", THREE, VideoRequest("medium"), current=1),
+    ]
+    # "a" to its top layer, "b" keeping its middle one, with the raise's headroom.
+    assert request_need(wanted, "a") == math.ceil((1_500_000 + 500_000) * UP_HEADROOM)
+    assert request_need(wanted, "a", audio_tracks=2) == request_need(wanted, "a") + 2 * 40_000
+    assert request_need(wanted, "b") is None, "its request allows no more than it gets"
+    budget = request_need(wanted, "a")
+    assert Allocator().allocate(wanted, budget, 0.0).targets == {"a": 0, "b": 1}
+    targets = Allocator().allocate(wanted, budget, 0.0, requested={"a"}).targets
+    assert targets == {"a": 2, "b": 1}

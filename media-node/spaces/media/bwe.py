@@ -35,6 +35,8 @@ receiver report and, faster, on the share of packets the subscriber NACKs:
 * right after a cut (``congested``) NACKs are not answered while the subscriber still waits
   for the lower layer's keyframe: resending into the queue that caused the loss makes it
   worse, and the switch brings a keyframe anyway (once on the lower layer, they are);
+* a client's request for more than the estimate carries is tried at once (``probe``): the
+  estimate goes to what the requested layer needs, unless a backoff is on;
 * after a cut, raises wait ``BACKOFF_S``; a cut within ``FAILED_RAISE_S`` of a layer raise
   means the raise was too much, and doubles the wait (up to ``BACKOFF_MAX_S``), this cut's wait
   included; a raise that holds for ``FAILED_RAISE_S`` resets it. The node probes by raising a
@@ -172,6 +174,20 @@ class Estimator:
     def may_raise(self, now: float) -> bool:
         """Whether a layer may go up now (not right after a cut, nor during a backoff)."""
         return now >= self._blocked_until and now - self._last_cut >= 1.0
+
+    def probe(self, goal_bps: int, now: float) -> bool:
+        """The client asked for a layer the estimate does not carry yet: try it at once (the
+        node probes by raising a layer, here the one asked for) rather than grow into it at
+        ``GROWTH_PER_S``, within ``CAP_FACTOR`` of the lower layer's rate, which takes many
+        seconds. Not during a backoff: congestion is recent, and the request does not widen the
+        link. Returns whether the estimate now carries ``goal_bps``; the caller's raise then
+        counts as one (``raised``), so congestion right after it doubles the next backoff."""
+        if goal_bps <= self.estimate:
+            return True
+        if not self.may_raise(now):
+            return False
+        self.estimate = goal_bps
+        return True
 
     def raised(self, now: float) -> None:
         """A layer went up: a cut soon after means it was too much."""

@@ -146,14 +146,27 @@ def extension_block(elements: list[tuple[int, bytes]]) -> bytes:
 
 class KeyframeRequester:
     """Merges subscribers' keyframe requests into PLIs to one publisher: at most one every
-    ``min_interval``, none while a requested keyframe is still on its way."""
+    ``min_interval``, none while a requested keyframe is still on its way.
 
-    def __init__(self, send_pli: Callable[[], None], min_interval_s: float) -> None:
+    A PLI that brings no keyframe within ``3 * min_interval`` is sent again, for as long as
+    ``waiting()`` says a subscriber still waits for one: a PLI can bring none (a browser ignores
+    one that comes within 300 ms of the last it acted on, a datagram is lost, the publisher's
+    SSRC is not known yet), and a subscriber that waits for a keyframe is sent nothing, so its
+    browser never asks itself: without the retry it would wait forever."""
+
+    def __init__(
+        self,
+        send_pli: Callable[[], None],
+        min_interval_s: float,
+        waiting: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._send_pli = send_pli
         self._min_interval = min_interval_s
+        self._waiting = waiting
         self._last_sent = -1e9
         self._awaiting = False
         self._scheduled: asyncio.TimerHandle | None = None
+        self._retry: asyncio.TimerHandle | None = None
         self.sent = 0
 
     def request(self) -> None:
@@ -172,10 +185,22 @@ class KeyframeRequester:
         self._last_sent = time.monotonic()
         self._awaiting = True
         self.sent += 1
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = asyncio.get_running_loop().call_later(self._min_interval * 3, self._check)
         metrics.KEYFRAME_REQUESTS.inc()
         self._send_pli()
 
+    def _check(self) -> None:
+        """No keyframe since the last PLI: ask again if someone still waits for one."""
+        self._retry = None
+        if self._awaiting and self._scheduled is None and self._waiting():
+            self._fire()
+
     def keyframe_seen(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self._awaiting = False
 
     def request_again(self) -> None:
@@ -187,6 +212,9 @@ class KeyframeRequester:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
 
 # --- per subscriber -------------------------------------------------------------------------
@@ -491,7 +519,7 @@ class TrackForwarder:
         self.codec_name = codec_name
         self.clock_rate = clock_rate
         self._is_keyframe = keyframe_detector(codec_name)
-        self._keyframes = KeyframeRequester(send_pli, keyframe_interval_s)
+        self._keyframes = KeyframeRequester(send_pli, keyframe_interval_s, self._someone_waits)
         self._on_audio_level = on_audio_level
         self.downtracks: tuple[DownTrack, ...] = ()
         self.switching: tuple[DownTrack, ...] = ()
@@ -572,6 +600,19 @@ class TrackForwarder:
             self.switching = tuple(d for d in self.switching if d not in moved)
             for downtrack in moved:
                 downtrack.switch_now(self)
+
+    def _someone_waits(self) -> bool:
+        """Whether a subscriber waits for this source's next keyframe (to start, to resume or
+        to switch to it)."""
+        if self.paused:
+            return False  # muted: no frames to wait for; unmuting asks again
+        if self.switching:
+            return True
+        for downtrack in self.downtracks:
+            native = downtrack.native
+            if native.waiting_keyframe if native is not None else downtrack.waiting_keyframe:
+                return True
+        return False
 
     def _native_behind(self) -> None:
         """A subscriber's socket was full: it waits for a keyframe (dropped in C)."""

@@ -5,6 +5,9 @@ gets at most the layer its client asked for (a quality, or the size it renders a
 layers the publisher is sending now. The allocation gives every track its lowest layer first,
 then raises tracks one layer at a time while the budget lasts, screen shares first. A raise
 needs headroom (``UP_HEADROOM``) and a steady estimate (``UP_HOLD_S``); a cut happens at once.
+A raise the client itself asked for (its request now allows more than it receives) needs no
+hold: the hold smooths a noisy estimate, and a request is not noise (``request_need`` tells the
+estimator what to try for it, ``spaces.media.bwe.Estimator.probe``).
 When even the lowest layers do not fit, the subscriber gets no video at all (audio only) until
 the estimate recovers past ``RESUME_HEADROOM``.
 
@@ -14,7 +17,8 @@ next keyframe (``forwarding.DownTrack.follow``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 QUALITIES = ("low", "medium", "high")
@@ -124,16 +128,13 @@ class Allocator:
         now: float,
         audio_tracks: int = 0,
         allow_raise: bool = True,
+        requested: Collection[str] = (),
     ) -> Allocation:
         """``budget``: the estimated bandwidth (None: unknown, so no limit). ``allow_raise``
-        false: no subscription goes above what it receives (the estimator backs off)."""
-        ceilings: dict[str, int] = {}
-        for item in wanted:
-            top = max_layer(item.layers, item.request)
-            # Only layers being sent: the highest live one at or below the ceiling.
-            while top >= 0 and not item.layers[top].live:
-                top -= 1
-            ceilings[item.key] = top
+        false: no subscription goes above what it receives (the estimator backs off).
+        ``requested``: subscriptions whose client just asked for more than they receive,
+        raised (within the budget) without the hold."""
+        ceilings = {item.key: _ceiling(item) for item in wanted}
         if budget is None:
             self.audio_only = False
             targets = dict(ceilings)
@@ -191,7 +192,7 @@ class Allocator:
                 extra = item.layers[nxt].bitrate - item.layers[target].bitrate
                 if (spent + extra) * UP_HEADROOM > available:
                     continue
-                if nxt > item.current:
+                if nxt > item.current and item.key not in requested:
                     # A raise beyond what it receives now must have been possible for a while.
                     seen_up.add(item.key)
                     since = self._up_since.setdefault(item.key, now)
@@ -210,6 +211,37 @@ class Allocator:
                 raised = True
         at_floor = all(targets[i.key] == floors.get(i.key, -1) for i in wanted)
         return Allocation(targets, False, spent, floor, raised, at_floor)
+
+
+def request_need(wanted: Sequence[Wanted], key: str, audio_tracks: int = 0) -> int | None:
+    """The budget at which subscription ``key`` gets the highest live layer its request
+    allows while the others keep what they receive (their lowest live layer at least), with a
+    raise's headroom; None when that layer is not above what ``key`` receives."""
+    total = 0
+    lifted = False
+    for item in wanted:
+        top = _ceiling(item)
+        if top < 0:
+            continue
+        if item.key == key:
+            if top <= item.current:
+                return None
+            lifted = True
+            layer = top
+        else:
+            layer = max(min(item.current, top), _lowest_live(item.layers, top))
+        total += item.layers[layer].bitrate
+    if not lifted:
+        return None
+    return math.ceil(total * UP_HEADROOM) + audio_tracks * AUDIO_BITRATE
+
+
+def _ceiling(item: Wanted) -> int:
+    """The highest layer ``item``'s request allows that is being sent (-1: none)."""
+    top = max_layer(item.layers, item.request)
+    while top >= 0 and not item.layers[top].live:
+        top -= 1
+    return top
 
 
 def _lowest_live(layers: Sequence[LayerInfo], ceiling: int) -> int:

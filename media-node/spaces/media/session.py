@@ -22,7 +22,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -57,7 +57,7 @@ from spaces.media.aiortc_adapter import (
 from spaces.media.bwe import Estimator
 from spaces.media.dynacast import LayerDemand, wanted_top
 from spaces.media.forwarding import DownTrack, SenderState, SimulcastDemux, TrackForwarder
-from spaces.media.layers import Allocator, VideoRequest, Wanted
+from spaces.media.layers import Allocator, VideoRequest, Wanted, request_need
 from spaces.media.room import ManualSubscription, PublishedTrack, Room
 from spaces.session import events as ev
 from spaces.store.base import Claim, Store
@@ -849,11 +849,29 @@ class Session:
             self._requests.pop(next(iter(self._requests)))
         self._requests[event.track_id] = request
         sub = self._subs.get(event.track_id)
+        requested: set[str] = set()
         if sub is not None:
             sub.request = request
-        self.allocate()
+            if self._probe_for(sub):
+                requested.add(sub.track.id)
+        self.allocate(requested=requested)
         self._demand_changed(track)
         self.send(ev.Ack(event.request_id))
+
+    def _probe_for(self, sub: Subscription) -> bool:
+        """A request that lets ``sub`` go above the layer it receives takes effect now (the
+        target layer is asked for a keyframe and followed from it): the estimate is raised to
+        what that layer needs, unless it is backing off after congestion. Without this the raise
+        waits for the estimate to grow into it and then a hold, many seconds on any link."""
+        if self.estimate is None or not sub.track.layers or sub.downtrack is None:
+            return False
+        now = time.monotonic()
+        goal = request_need(self._wanted(now), sub.track.id, self._audio_count())
+        # The estimate also covers what the tracks without simulcast are reckoned to take.
+        if goal is None or not self._bwe.probe(goal + self._single_layer_need(), now):
+            return False
+        self.estimate = self._bwe.estimate
+        return True
 
     def _first_source(self, sub: Subscription) -> TrackForwarder:
         """The layer a new subscription starts on: what the allocation would give it now."""
@@ -909,12 +927,15 @@ class Session:
         """The estimate less what the tracks without simulcast are reckoned to take."""
         if self.estimate is None:
             return None
-        single = sum(
+        return max(self.estimate - self._single_layer_need(), 0)
+
+    def _single_layer_need(self) -> int:
+        """What the video tracks without simulcast are reckoned to take."""
+        return sum(
             SINGLE_LAYER_BITRATE
             for s in self._subs.values()
             if s.track.kind == "video" and not s.track.layers and s.request.quality != "off"
         )
-        return max(self.estimate - single, 0)
 
     def _tick_estimate(self, now: float) -> None:
         """Feed the estimator what was sent since the last tick."""
@@ -938,8 +959,9 @@ class Session:
         )
         metrics.ESTIMATED_BANDWIDTH.observe(self.estimate)
 
-    def allocate(self, tick: bool = False) -> None:
-        """Give each video subscription its layer (see spaces.media.layers)."""
+    def allocate(self, tick: bool = False, requested: Collection[str] = ()) -> None:
+        """Give each video subscription its layer (see spaces.media.layers); ``requested``:
+        the subscriptions whose client just asked for more (raised without a hold)."""
         if self._closed:
             return
         now = time.monotonic()
@@ -953,6 +975,7 @@ class Session:
             now,
             self._audio_count(),
             allow_raise=self.estimate is None or self._bwe.may_raise(now),
+            requested=requested,
         )
         self._floor = allocation.floor
         self._at_floor = allocation.at_floor
