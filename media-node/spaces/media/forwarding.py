@@ -560,8 +560,12 @@ class TrackForwarder:
         """When the publisher last sent on this source (monotonic): a simulcast layer the
         publisher stopped sending is not one to follow."""
         if self.native is not None:
-            return self.native.last_at_ns / 1e9
+            return max(self.native.last_at_ns / 1e9, self._last_packet_at)
         return self._last_packet_at
+
+    @last_packet_at.setter
+    def last_packet_at(self, at: float) -> None:
+        self._last_packet_at = at
 
     def add(self, downtrack: DownTrack) -> None:
         self.downtracks = (*self.downtracks, downtrack)
