@@ -842,3 +842,6 @@ async def test_a_publisher_asking_for_dtx_sends_it_and_the_subscriber_hears_it_w
     assert after["totalAudioEnergy"] > before["totalAudioEnergy"], after  # the beeps
     assert samples > 48000 * 4, samples  # the decoder played the whole time
     assert concealed < samples * 0.05, (concealed, samples)  # measured: under 2 %
+    assert after["audioLevel"] is not None, after
+    # The node read the tones' audio-level extension through the DTX stream: Alice speaks.
+    await until_seen(bob, "ActiveSpeakersChanged", lambda e: "alice" in e["speakers"])
