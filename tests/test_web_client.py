@@ -724,3 +724,124 @@ async def test_the_readme_browser_example_works(world: World) -> None:
     assert close_to((await page.js("() => harness.stats().other"))["color"], GREEN)
     await until_frames(other, "readme/camera", 10)
     assert_every_frame_is((await video(other))["readme/camera"], RED, "other sees the example")
+
+
+# --- audio: Opus DTX ------------------------------------------------------------------------
+
+ASK_FOR_DTX = """() => {
+  // A microphone that is silent but for a 300 ms tone every 1.5 s (Chromium's fake one is
+  // never silent enough for DTX).
+  const ctx = new AudioContext();
+  const tone = ctx.createOscillator();
+  const gain = ctx.createGain();
+  gain.gain.value = 0;
+  const out = ctx.createMediaStreamDestination();
+  tone.connect(gain);
+  gain.connect(out);
+  tone.start();
+  setInterval(() => {
+    gain.gain.setValueAtTime(0.5, ctx.currentTime);
+    gain.gain.setValueAtTime(0, ctx.currentTime + 0.3);
+  }, 1500);
+  navigator.mediaDevices.getUserMedia = async () => new MediaStream(out.stream.getAudioTracks());
+  // What an app does to have Chromium send Opus DTX: usedtx=1 on Opus in its offer. The node
+  // answers it, and Chromium's sender follows the answer's fmtp.
+  const createOffer = RTCPeerConnection.prototype.createOffer;
+  RTCPeerConnection.prototype.createOffer = async function (...args) {
+    const offer = await createOffer.apply(this, args);
+    const opus = /a=rtpmap:(\\d+) opus\\/48000/i.exec(offer.sdp);
+    if (!opus) return offer;
+    const fmtp = new RegExp(`(a=fmtp:${opus[1]} [^\\r\\n]*)`);
+    const sdp = offer.sdp.replace(fmtp, "$1;usedtx=1");
+    window.offers.push(sdp);
+    return { type: offer.type, sdp };
+  };
+  window.offers = [];
+  window.answers = [];
+  const setRemote = RTCPeerConnection.prototype.setRemoteDescription;
+  RTCPeerConnection.prototype.setRemoteDescription = function (description, ...rest) {
+    if (description && description.type === "answer") window.answers.push(description.sdp);
+    return setRemote.call(this, description, ...rest);
+  };
+}"""
+
+PLAY_AUDIO = """() => {
+  // Play every received audio track, so that the decoder runs (inbound-rtp counts samples
+  // only for audio that is played out).
+  const RecordingPeerConnection = window.RTCPeerConnection;
+  window.RTCPeerConnection = class extends RecordingPeerConnection {
+    constructor(...args) {
+      super(...args);
+      this.addEventListener("track", (e) => {
+        if (e.track.kind !== "audio") return;
+        const element = new Audio();
+        element.srcObject = new MediaStream([e.track]);
+        element.play();
+      });
+    }
+  };
+}"""
+
+
+async def audio_stats(page: Page) -> dict[str, Any]:
+    stats: dict[str, Any] = await page.js("() => harness.audioStats()")
+    return stats
+
+
+async def test_a_publisher_asking_for_dtx_sends_it_and_the_subscriber_hears_it_with_levels(
+    world: World,
+) -> None:
+    """Opus DTX end to end: the node answers usedtx=1 to a publisher that offers it, so
+    Chromium sends silence as a packet every 400 ms instead of 50 a second; the node forwards
+    the sparse stream (timestamps jumping) and the subscriber decodes it, with the
+    microphone's tones in its audio energy, no loss, low jitter and little concealment."""
+    bob = await world.page("bob", GREEN)
+    await bob.js(PLAY_AUDIO)
+    token = world.tenant.token(world.space_id, "bob", role="publisher")
+    result = await bob.js("([t, o]) => app.join(t, o)", [token, {}])
+    assert result.get("participantId") == "bob", (result, bob.log())
+    alice = await world.page("alice", RED)
+    await alice.js(ASK_FOR_DTX)
+    token = world.tenant.token(world.space_id, "alice", role="publisher")
+    result = await alice.js("([t, o]) => app.join(t, o)", [token, {}])
+    assert result.get("participantId") == "alice", (result, alice.log())
+    published = await alice.js("() => app.publish({audio: true, video: false})")
+    assert isinstance(published, list), (published, alice.log())
+    answers: list[str] = await alice.js("() => window.answers")
+    assert any(re.search(r"a=fmtp:\d+ [^\r\n]*usedtx=1", sdp) for sdp in answers), answers
+    # Chromium offers RED (RFC 2198) too; the node answers plain Opus (docs/architecture.md,
+    # "Audio"), so Chromium sends plain Opus.
+    offers: list[str] = await alice.js("() => window.offers")
+    assert any(re.search(r"a=rtpmap:\d+ red/48000/2", sdp) for sdp in offers), offers
+    assert not any(re.search(r"a=rtpmap:\d+ red/", sdp, re.I) for sdp in answers), answers
+
+    async def receiving() -> dict[str, Any] | None:
+        inbound = (await audio_stats(bob))["inbound"]
+        return next((s for s in inbound if s["packetsReceived"] > 0), None)
+
+    await eventually(receiving, timeout=15.0)
+    before_pub = (await audio_stats(alice))["outbound"][0]
+    before = await receiving()
+    assert before is not None
+    await asyncio.sleep(5.0)
+    after_pub = (await audio_stats(alice))["outbound"][0]
+    after = await receiving()
+    assert after is not None
+    sent = after_pub["packetsSent"] - before_pub["packetsSent"]
+    received = after["packetsReceived"] - before["packetsReceived"]
+    samples = after["totalSamplesReceived"] - before["totalSamplesReceived"]
+    concealed = after["concealedSamples"] - before["concealedSamples"]
+    assert after["mimeType"].lower() == "audio/opus"
+    assert after_pub["mimeType"].lower() == "audio/opus"
+    assert after["jitter"] < 0.05, after  # measured: 6 ms
+    # Without DTX Chromium sends 50 packets a second (250 here); with it, about 100 (the tones
+    # at 50 a second, the silence at a few).
+    assert 0 < sent < 50 * 5 * 0.6, sent
+    assert received >= sent * 0.9, (sent, received)
+    assert after["packetsLost"] == 0, after
+    assert after["totalAudioEnergy"] > before["totalAudioEnergy"], after  # the beeps
+    assert samples > 48000 * 4, samples  # the decoder played the whole time
+    assert concealed < samples * 0.05, (concealed, samples)  # measured: under 2 %
+    assert after["audioLevel"] is not None, after
+    # The node read the tones' audio-level extension through the DTX stream: Alice speaks.
+    await until_seen(bob, "ActiveSpeakersChanged", lambda e: "alice" in e["speakers"])

@@ -9,6 +9,7 @@
 //   shifting noise around the colour, so an encoder needs its whole bitrate (simulcast tests).
 // - rtpStats(): the video inbound-rtp and outbound-rtp stats of every peer connection the page
 //   made (each outbound entry per simulcast layer, with its rid).
+// - audioStats(): the same for audio, with each stream's codec (mime type, payload type, fmtp).
 "use strict";
 window.harness = (() => {
   const watched = new Map();
@@ -107,6 +108,44 @@ window.harness = (() => {
             bytesSent: s.bytesSent || 0,
             qualityLimitationReason: s.qualityLimitationReason || "",
           });
+        }
+      }
+    }
+    return { inbound, outbound, at: performance.now() };
+  }
+
+  // The audio inbound-rtp and outbound-rtp stats of every peer connection the page has, and
+  // the payload types each inbound stream's codec was negotiated with.
+  async function audioStats() {
+    const inbound = [];
+    const outbound = [];
+    for (const pc of peerConnections) {
+      if (pc.connectionState === "closed") continue;
+      const report = await pc.getStats();
+      for (const s of report.values()) {
+        if (s.kind !== "audio") continue;
+        const codec = s.codecId ? report.get(s.codecId) : undefined;
+        const common = {
+          mid: s.mid,
+          mimeType: codec ? codec.mimeType : "",
+          payloadType: codec ? codec.payloadType : -1,
+          sdpFmtpLine: codec ? codec.sdpFmtpLine || "" : "",
+        };
+        if (s.type === "inbound-rtp") {
+          inbound.push({
+            ...common,
+            packetsReceived: s.packetsReceived || 0,
+            packetsLost: s.packetsLost || 0,
+            jitter: s.jitter || 0,
+            audioLevel: s.audioLevel,
+            totalAudioEnergy: s.totalAudioEnergy || 0,
+            totalSamplesReceived: s.totalSamplesReceived || 0,
+            concealedSamples: s.concealedSamples || 0,
+            silentConcealedSamples: s.silentConcealedSamples || 0,
+            concealmentEvents: s.concealmentEvents || 0,
+          });
+        } else if (s.type === "outbound-rtp") {
+          outbound.push({ ...common, packetsSent: s.packetsSent || 0 });
         }
       }
     }
@@ -237,5 +276,5 @@ window.harness = (() => {
       .filter((m) => !key || m[key] !== undefined);
   }
 
-  return { setColor, setCamera, rtpStats, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
+  return { setColor, setCamera, rtpStats, audioStats, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
 })();

@@ -93,6 +93,7 @@ __all__ = [
     "TurnServer",
     "accept_simulcast",
     "add_remote_candidate",
+    "answer_dtx",
     "answer_with_simulcast",
     "apply_ice_policy",
     "check_answer",
@@ -159,6 +160,24 @@ def restrict_codecs(
         if is_rtx(c) and c.parameters.get("apt") == chosen.payloadType
     ]
     return _codec(chosen)
+
+
+def answer_dtx(transceiver: RTCRtpTransceiver, offered: tuple[Codec, ...]) -> bool:
+    """Answer ``usedtx=1`` on the chosen Opus codec when the offer asks for it, so that a
+    publisher that wants DTX sends it (a browser's sender follows the answer's fmtp; aiortc
+    answers its own Opus parameters, which have none, and a browser would send 50 packets a
+    second of silence). The node forwards the sparse packets as they come. Call after
+    ``restrict_codecs``; returns whether DTX was answered."""
+    chosen = next((c for c in transceiver._codecs if not is_rtx(c)), None)
+    if chosen is None or chosen.mimeType.lower() != "audio/opus":
+        return False
+    asked = any(
+        c.payload_type == chosen.payloadType and str(c.parameters.get("usedtx", "0")) == "1"
+        for c in offered
+    )
+    if asked:
+        chosen.parameters["usedtx"] = 1
+    return asked
 
 
 def prefer_codec(transceiver: RTCRtpTransceiver, codec: Codec) -> None:

@@ -38,6 +38,7 @@ from spaces.media.aiortc_adapter import (
     SimulcastOffer,
     accept_simulcast,
     add_remote_candidate,
+    answer_dtx,
     answer_with_simulcast,
     check_answer,
     hook_sender,
@@ -421,6 +422,7 @@ class Session:
             codec = restrict_codecs(transceiver, allowed_codec)
             if codec is None:  # checked above; kept for safety against aiortc's matching
                 raise errors.UnsupportedCodec()
+            answer_dtx(transceiver, media[mid].codecs)
             offer = simulcast.get(mid) if transceiver.kind == "video" else None
             if offer is not None:
                 accept_simulcast(transceiver, offer)
