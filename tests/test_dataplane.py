@@ -735,3 +735,18 @@ def test_native_objects_in_a_cycle_through_their_callbacks_are_collected_without
     gc.collect()
     alive = [ref for ref in owners if ref() is not None]
     assert not alive, f"{len(alive)} of {len(owners)} owners kept alive by their native objects"
+
+
+def test_jitter_stays_small_across_a_timestamp_wrap() -> None:
+    """Packets paced as their timestamps say, the timestamps wrapping past 2^32: the jitter the
+    receiver reports stays near zero (RFC 3550 A.8 takes the difference modulo 2^32)."""
+    source = dp.Source(dp.CODEC_OTHER, 48000, False)
+    ts = (1 << 32) - 5 * 960
+    for seq in range(12):
+        source.count(seq, ts & 0xFFFFFFFF)
+        ts += 960
+        time.sleep(0.02)
+    stats = source.stats()
+    assert stats is not None
+    jitter_ticks = stats[4] >> 4
+    assert jitter_ticks < 48 * 10, f"jitter {jitter_ticks} ticks ({jitter_ticks / 48:.1f} ms)"

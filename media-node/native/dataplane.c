@@ -1185,7 +1185,11 @@ source_stats(SourceObject *src, uint16_t seq, uint32_t ts)
             src->cycles += 1 << 16;
         src->max_seq = seq;
         if (src->has_last && (long long)ts != src->last_ts && src->packets_received > 1) {
-            long long diff = (arrival - src->last_arrival) - ((long long)ts - src->last_ts);
+            /* RFC 3550 A.8, with the timestamp difference taken modulo 2^32 (signed): across
+             * a timestamp wrap the plain difference is off by 2^32 (aiortc's copy has that bug,
+             * which made the reported jitter jump to ~10^8 ticks). */
+            long long diff =
+                (arrival - src->last_arrival) - (long long)(int32_t)(ts - (uint32_t)src->last_ts);
             if (diff < 0)
                 diff = -diff;
             src->jitter_q4 += diff - ((src->jitter_q4 + 8) >> 4);
