@@ -9,6 +9,7 @@
 //   shifting noise around the colour, so an encoder needs its whole bitrate (simulcast tests).
 // - rtpStats(): the video inbound-rtp and outbound-rtp stats of every peer connection the page
 //   made (each outbound entry per simulcast layer, with its rid).
+// - sendEncodings(): the encodings (getParameters) of every video sender the page made.
 "use strict";
 window.harness = (() => {
   const watched = new Map();
@@ -111,6 +112,25 @@ window.harness = (() => {
       }
     }
     return { inbound, outbound, at: performance.now() };
+  }
+
+  function sendEncodings() {
+    const out = [];
+    for (const pc of peerConnections) {
+      if (pc.connectionState === "closed") continue;
+      for (const sender of pc.getSenders()) {
+        if (!sender.track || sender.track.kind !== "video") continue;
+        out.push(
+          sender.getParameters().encodings.map((e) => ({
+            rid: e.rid || "",
+            active: e.active,
+            maxBitrate: e.maxBitrate || 0,
+            scaleResolutionDownBy: e.scaleResolutionDownBy || 1,
+          })),
+        );
+      }
+    }
+    return out;
   }
 
   // The local UDP port of each peer connection that receives video (its nominated pair).
@@ -237,5 +257,5 @@ window.harness = (() => {
       .filter((m) => !key || m[key] !== undefined);
   }
 
-  return { setColor, setCamera, rtpStats, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
+  return { setColor, setCamera, rtpStats, sendEncodings, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
 })();
