@@ -1,7 +1,8 @@
 """Simulcast in real headless Chromium against a real single-process server: a page publishes
 three VP8 layers (our client, with the encodings from ``joined.simulcast``), the node receives
 each at the RTP level and forwards each subscriber exactly one, at the layer its request and its
-link allow, switching at keyframes without breaking the decoder.
+link allow, switching at keyframes without breaking the decoder. The unmodified Mux SDK
+(installed from npm at test time) publishes the same layers from the same ``joined``.
 
 The publisher paints shifting noise around its colour (tests/support/harness.js, ``busy``), so
 each layer is sent at about its configured bitrate."""
@@ -24,6 +25,12 @@ from spaces.media.room import PublishedTrack
 from spaces.server import SpacesServer
 from tests.support.browser import Page, chromium
 from tests.support.system import Admin, Tenant, eventually, start_server, web_config
+from tests.test_browser_mux import JOIN as MUX_JOIN
+
+PUBLISHING = """    const tracks = await MuxSpaces.getUserMedia({ audio: true, video: true });
+    await me.publishTracks(tracks);
+"""
+assert PUBLISHING in MUX_JOIN
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -72,6 +79,19 @@ class World:
         if publish:
             published = await page.js("() => app.publish({audio: true, video: true})")
             assert isinstance(published, list), (published, page.log())
+        return page
+
+    async def mux_joined(self, name: str, *, publish: bool) -> Page:
+        """A page running the unmodified Mux SDK (test_browser_mux's JOIN), publishing its
+        camera and microphone or only subscribing."""
+        signal = self.server.signal
+        page = await Page.open(self.browser, str(signal.url), name, (40, 40, 200))
+        await page.js("c => harness.setCamera(c)", CAMERA)
+        await page.load_mux_sdk(f"ws://127.0.0.1:{signal.port}")
+        self.pages.append(page)
+        script = MUX_JOIN if publish else MUX_JOIN.replace(PUBLISHING, "")
+        outcome = await page.js(script, [self.tenant.token(self.space_id, name), name])
+        assert outcome == {"id": name}, (outcome, page.log())
         return page
 
     def room_track(self, participant_id: str, source: str = "camera") -> PublishedTrack | None:
@@ -362,3 +382,86 @@ def _histogram(metric: Any) -> dict[str, float]:
 
 async def _equal(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+async def until_settled(
+    world: World, track: PublishedTrack, page: Page, rid: str, width: int, timeout: float
+) -> None:
+    """Until ``page`` (a participant named as its page) follows layer ``rid`` of ``track`` and
+    decodes it ``width`` wide, chosen with a bandwidth estimate (a new subscription's first
+    layer is chosen before the subscriber has any)."""
+
+    async def check() -> bool:
+        room = world.server.media_node.rooms[world.space_id]
+        session = next(s for s in room.sessions.values() if s.participant_id == page.name)
+        if session.estimate is None or followed(track).get(page.name) != [rid]:
+            return False
+        return bool((await inbound(page)).get("frameWidth") == width)
+
+    try:
+        await eventually(check, timeout=timeout, interval=0.25)
+    except AssertionError:
+        raise AssertionError(
+            f"{page.name}: never on {rid} ({width} wide): {followed(track)}, {await inbound(page)}"
+        ) from None
+
+
+def received(layer: Any) -> int:
+    """Packets the node has received on one layer (the native plane counts them)."""
+    assert layer.native is not None, "the node runs the native data plane"
+    return int(layer.native.packets_in)
+
+
+async def test_the_unmodified_mux_sdk_publishes_the_joined_layers_and_subscribers_get_them(
+    world: World,
+) -> None:
+    publisher = await world.mux_joined("pub", publish=True)
+    # publishTracks() resolves before the SDK negotiates: the track is there once it offered.
+    track = await eventually(lambda: world.room_track("pub"), timeout=10)
+    assert [f.rid for f in track.layers] == ["q", "h", "f"]
+    # The SDK got the camera encodings in joined, made them its sender's encodings, and
+    # offered them as simulcast.
+    (joined,) = await publisher.js("harness.messages('in', 'joined')")
+    encodings = joined["joined"]["simulcast"]["camera_encodings"]
+    assert [e["rid"] for e in encodings] == ["q", "h", "f"], encodings
+    (sending,) = await publisher.js("harness.sendEncodings()")
+    assert [(e["rid"], e["scaleResolutionDownBy"], e["maxBitrate"]) for e in sending] == [
+        (e["rid"], e["scale_resolution_down_by"], e["max_bitrate"]) for e in encodings
+    ], (sending, encodings)
+    (offer,) = await publisher.js("harness.messages('out', 'offer')")
+    assert "a=simulcast:send q;h;f" in offer["offer"], offer
+    # The node received each as a layer: an SSRC of its own, and packets on every layer.
+    await eventually(lambda: live_layers(track) == ["q", "h", "f"], timeout=20)
+    assert len({f.ssrc for f in track.layers}) == 3
+    # The publisher's stats, once connected: an outbound-rtp per encoding of joined, sending.
+    rates = await sent_rates(publisher)
+    assert sorted(rates) == ["f", "h", "q"] and all(v > 0 for v in rates.values()), (
+        rates,
+        await outbound(publisher),
+    )
+    before = [received(layer) for layer in track.layers]
+    await asyncio.sleep(1.0)
+    after = [received(layer) for layer in track.layers]
+    assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)
+    # A second Mux page and one of our own client each settle on the top layer (their
+    # bandwidth estimates climb to it: Mux's SDK has no way to ask for a layer).
+    mux_viewer = await world.mux_joined("muxviewer", publish=False)
+    viewer = await world.joined("viewer")
+    await until_settled(world, track, mux_viewer, "f", WIDTHS[-1], timeout=25)
+    await until_settled(world, track, viewer, "f", WIDTHS[-1], timeout=25)
+    # Ours asks for the lowest layer: it gets q (the Mux page keeps f), then f again.
+    await set_quality(viewer, "pub", {"quality": "low"})
+    low = await until_width(viewer, WIDTHS[0], timeout=10)
+    assert followed(track) == {"muxviewer": ["f"], "viewer": ["q"]}, followed(track)
+    await set_quality(viewer, "pub", {"quality": ""})
+    high = await until_width(viewer, WIDTHS[-1], timeout=15)
+    assert followed(track) == {"muxviewer": ["f"], "viewer": ["f"]}, followed(track)
+    assert high["framesDecoded"] > low["framesDecoded"]
+    await eventually(
+        lambda: _decoded_more(viewer, high["framesDecoded"] + 15), timeout=10, interval=0.25
+    )
+    stats = await inbound(mux_viewer)
+    assert stats["frameWidth"] == WIDTHS[-1], stats
+    # Mux's SDK cannot be told to pause a layer (it was alone at first, wanting none): it is
+    # never sent our layers_wanted.
+    assert await publisher.js("harness.messages('in', 'layers_wanted')") == []

@@ -10,6 +10,7 @@
 // - rtpStats(): the video inbound-rtp and outbound-rtp stats of every peer connection the page
 //   made (each outbound entry per simulcast layer, with its rid).
 // - audioStats(): the same for audio, with each stream's codec (mime type, payload type, fmtp).
+// - sendEncodings(): the encodings (getParameters) of every video sender the page made.
 "use strict";
 window.harness = (() => {
   const watched = new Map();
@@ -152,6 +153,25 @@ window.harness = (() => {
     return { inbound, outbound, at: performance.now() };
   }
 
+  function sendEncodings() {
+    const out = [];
+    for (const pc of peerConnections) {
+      if (pc.connectionState === "closed") continue;
+      for (const sender of pc.getSenders()) {
+        if (!sender.track || sender.track.kind !== "video") continue;
+        out.push(
+          sender.getParameters().encodings.map((e) => ({
+            rid: e.rid || "",
+            active: e.active,
+            maxBitrate: e.maxBitrate || 0,
+            scaleResolutionDownBy: e.scaleResolutionDownBy || 1,
+          })),
+        );
+      }
+    }
+    return out;
+  }
+
   // The local UDP port of each peer connection that receives video (its nominated pair).
   async function receivingPorts() {
     const ports = [];
@@ -276,5 +296,5 @@ window.harness = (() => {
       .filter((m) => !key || m[key] !== undefined);
   }
 
-  return { setColor, setCamera, rtpStats, audioStats, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
+  return { setColor, setCamera, rtpStats, audioStats, sendEncodings, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
 })();
