@@ -150,6 +150,13 @@ def test_quick_run_produces_figures(name: str, tmp_path: Path) -> None:
     assert document["benchmark"] == name
     assert document["machine"]["cores"] >= 1 and document["machine"]["cpu_model"]
     for path in FIGURES[name]:
+        if name == "single-port" and path == "summary.single_vs_range_marginal_ratio":
+            # A ratio only over a positive port-range slope: two quick steps on a busy machine
+            # can give a flat or negative one, and then the bench reports none.
+            ranged = document["summary"]["modes"]["port-range"]["marginal_cores_per_subscriber"]
+            if not ranged > 0:
+                assert lookup(document, path) is None, document["summary"]
+                continue
         assert is_figure(lookup(document, path)), f"{name}: {path} = {lookup(document, path)!r}"
     assert document["targets"], "each benchmark reports its targets"
     if name == "fanout":
