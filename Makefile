@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 NETNS := tests/in-netns
 
-.PHONY: help install native-deps generate checkgenerate lint fmt test test-faults test-slow run cluster bench bench-quick redis coturn media-tools web-deps clean
+.PHONY: help install native-deps generate checkgenerate lint fmt test test-bench test-faults test-slow run cluster bench bench-quick redis coturn media-tools web-deps clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -100,7 +100,10 @@ web-deps: $(STAMP) ## What the browser tests need: Debian's chromium and npm (if
 	@$(BIN)/python -c 'from tests.support.browser import mux_sdk; mux_sdk()'
 
 test: $(STAMP) redis coturn media-tools web-deps checkgenerate ## Run the test suite in a private network namespace (starts its own servers; no setup needed)
-	$(NETNS) $(BIN)/python -m pytest -q -m "not slow" --durations=30 $(PYTEST_ARGS)
+	$(NETNS) $(BIN)/python -m pytest -q -m "not slow and not bench" --durations=30 $(PYTEST_ARGS)
+
+test-bench: $(STAMP) redis media-tools web-deps ## Every benchmark in its smallest configuration, asserting it produces its figures (CI runs it after `make test`; ~4 min)
+	$(NETNS) $(BIN)/python -m pytest -q -m bench --durations=10 $(PYTEST_ARGS)
 
 test-faults: $(STAMP) redis media-tools ## Only the fault-tolerance tests (also part of `make test`)
 	$(NETNS) $(BIN)/python -m pytest -q tests/test_faults.py tests/test_broadcast_faults.py $(PYTEST_ARGS)
