@@ -61,7 +61,7 @@ def test_the_built_wheel_contains_every_module(tmp_path: Path) -> None:
         assert module in names, module
 
 
-def test_ci_runs_make_test_and_nothing_cleverer() -> None:
+def test_ci_runs_the_readmes_test_commands_and_nothing_cleverer() -> None:
     script = ROOT / ".ci" / "run"
     assert script.stat().st_mode & 0o111, ".ci/run must be executable"
     commands = [
@@ -69,4 +69,7 @@ def test_ci_runs_make_test_and_nothing_cleverer() -> None:
         for line in script.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))
     ]
-    assert commands == ["make test"]
+    assert commands == ["make test", "make test-bench"]
+    readme = (ROOT / "README.md").read_text()
+    for command in commands:
+        assert f"`{command}`" in readme, f"the README does not name {command}"

@@ -38,6 +38,7 @@ from spaces.media.layers import (
     VideoRequest,
     Wanted,
     max_layer,
+    next_need,
     request_need,
 )
 from spaces.session import events as ev
@@ -453,3 +454,40 @@ def test_a_requested_raise_skips_the_hold_and_request_need_prices_it() -> None:
     assert Allocator().allocate(wanted, budget, 0.0).targets == {"a": 0, "b": 1}
     targets = Allocator().allocate(wanted, budget, 0.0, requested={"a"}).targets
     assert targets == {"a": 2, "b": 1}
+
+
+def test_next_need_prices_the_cheapest_one_layer_raise() -> None:
+    wanted = [
+        Wanted("a", THREE, VideoRequest(), current=0),
+        Wanted("b", THREE, VideoRequest(), current=1),
+        Wanted("c", THREE, VideoRequest("low"), current=0),
+    ]
+    # "a" from q to h is cheaper than "b" from h to f; "c" may not go higher at all.
+    a_up = math.ceil((500_000 + 500_000 + 150_000) * UP_HEADROOM) + 40_000
+    assert next_need(wanted, audio_tracks=1) == a_up
+    at_top = [Wanted("a", THREE, VideoRequest(), current=2)]
+    assert next_need(at_top) is None
+    # A layer the publisher does not send is stepped over.
+    gap = (THREE[0], LayerInfo(500_000, live=False), THREE[2])
+    assert next_need([Wanted("a", gap, VideoRequest(), current=0)]) == math.ceil(
+        1_500_000 * UP_HEADROOM
+    )
+
+
+def test_the_estimate_grows_to_the_next_layers_need_past_the_cap_unless_backing_off() -> None:
+    """A quiet scene sends far below its layer's nominal rate: CAP_FACTOR times that can stay
+    below what the next layer needs, and the estimate would never get there."""
+    sent = 100_000 // 8 // 2  # bytes in a 0.5 s tick: 100 kbps
+    capped = Estimator(0.0, start_bps=300_000)
+    probing = Estimator(0.0, start_bps=300_000)
+    need = 700_000
+    for tick in range(1, 30):
+        now = tick * 0.5
+        capped.tick(now, sent, 10, 150_000, False)
+        probing.tick(now, sent, 10, 150_000, False, next_need=need)
+    assert capped.estimate < need, "without the need the cap (4x what is sent) holds it"
+    assert probing.estimate == need, "with it the estimate reaches the next layer, no further"
+    probing._cut(200_000, 20.0)
+    for tick in range(1, 10):
+        probing.tick(20.0 + tick * 0.5, sent, 10, 150_000, False, next_need=need)
+    assert probing.estimate < need, "not while backing off after congestion"

@@ -115,6 +115,7 @@ class Estimator:
         floor_need: int,
         video_off: bool,
         at_floor: bool = False,
+        next_need: int | None = None,
     ) -> int:
         """Update from the feedback since the last tick and what was sent meanwhile
         (``floor_need``: what the lowest layers of the subscriptions need; ``video_off``: the
@@ -151,6 +152,11 @@ class Estimator:
             self._cut(max(cut, MIN_BPS), now)
         elif now - self._last_cut >= 1.0:
             cap = max(CAP_FACTOR * sent_bps, 2 * floor_need, MIN_CAP_BPS)
+            if next_need is not None and self.may_raise(now):
+                # What the next layer up needs (``layers.next_need``): a quiet scene sends well
+                # below its layers' nominal rates, so CAP_FACTOR times what is sent can stay
+                # short of the next layer for good. The raise is the probe.
+                cap = max(cap, next_need)
             if self.estimate < cap:
                 self.estimate = int(min(self.estimate * GROWTH_PER_S**elapsed, cap))
             if self._last_raise > 0 and now - self._last_raise >= FAILED_RAISE_S:

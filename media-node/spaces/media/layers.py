@@ -236,6 +236,36 @@ def request_need(wanted: Sequence[Wanted], key: str, audio_tracks: int = 0) -> i
     return math.ceil(total * UP_HEADROOM) + audio_tracks * AUDIO_BITRATE
 
 
+def next_need(wanted: Sequence[Wanted], audio_tracks: int = 0) -> int | None:
+    """The least budget at which some subscription goes one live layer above what it receives
+    (the others keep what they receive, their lowest live layer at least), with a raise's
+    headroom; None when none can go higher. The estimator may grow to it without padding to
+    probe with: the raise itself is the probe, and congestion after it cuts and backs off."""
+    best: int | None = None
+    for item in wanted:
+        top = _ceiling(item)
+        if item.current < 0:
+            continue
+        nxt = item.current + 1
+        while nxt <= top and not item.layers[nxt].live:
+            nxt += 1
+        if nxt > top:
+            continue
+        total = 0
+        for other in wanted:
+            other_top = _ceiling(other)
+            if other_top < 0:
+                continue
+            if other is item:
+                layer = nxt
+            else:
+                layer = max(min(other.current, other_top), _lowest_live(other.layers, other_top))
+            total += other.layers[layer].bitrate
+        need = math.ceil(total * UP_HEADROOM) + audio_tracks * AUDIO_BITRATE
+        best = need if best is None else min(best, need)
+    return best
+
+
 def _ceiling(item: Wanted) -> int:
     """The highest layer ``item``'s request allows that is being sent (-1: none)."""
     top = max_layer(item.layers, item.request)

@@ -58,7 +58,7 @@ from spaces.media.aiortc_adapter import (
 from spaces.media.bwe import Estimator
 from spaces.media.dynacast import LayerDemand, wanted_top
 from spaces.media.forwarding import DownTrack, SenderState, SimulcastDemux, TrackForwarder
-from spaces.media.layers import Allocator, VideoRequest, Wanted, request_need
+from spaces.media.layers import Allocator, VideoRequest, Wanted, next_need, request_need
 from spaces.media.room import ManualSubscription, PublishedTrack, Room
 from spaces.session import events as ev
 from spaces.store.base import Claim, Store
@@ -939,8 +939,9 @@ class Session:
             if s.track.kind == "video" and not s.track.layers and s.request.quality != "off"
         )
 
-    def _tick_estimate(self, now: float) -> None:
-        """Feed the estimator what was sent since the last tick."""
+    def _tick_estimate(self, now: float, wanted: Sequence[Wanted]) -> None:
+        """Feed the estimator what was sent since the last tick (and what the next layer up
+        of ``wanted`` would need)."""
         packets = octets = 0
         counted: dict[int, tuple[int, int]] = {}
         for sub in self._subs.values():
@@ -956,8 +957,15 @@ class Session:
         if not any(s.track.layers and s.downtrack for s in self._subs.values()):
             self.estimate = None
             return
+        need = next_need(wanted, self._audio_count())
         self.estimate = self._bwe.tick(
-            now, octets, packets, self._floor, self._allocator.audio_only, self._at_floor
+            now,
+            octets,
+            packets,
+            self._floor,
+            self._allocator.audio_only,
+            self._at_floor,
+            None if need is None else need + self._single_layer_need(),
         )
         metrics.ESTIMATED_BANDWIDTH.observe(self.estimate)
 
@@ -967,9 +975,9 @@ class Session:
         if self._closed:
             return
         now = time.monotonic()
-        if tick:
-            self._tick_estimate(now)
         wanted = self._wanted(now)
+        if tick:
+            self._tick_estimate(now, wanted)
         was_audio_only = self._allocator.audio_only
         allocation = self._allocator.allocate(
             wanted,
