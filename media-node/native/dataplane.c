@@ -766,6 +766,7 @@ typedef struct PeerObject {
 } PeerObject;
 
 static PyTypeObject PeerType;
+static int Peer_clear(PeerObject *self);
 
 static int
 peer_set_keys(PeerObject *self, int profile, Py_buffer *rx, Py_buffer *tx)
@@ -1144,6 +1145,7 @@ struct DownObject {
 
 static PyTypeObject SourceType, DownType;
 static void source_take_switching(SourceObject *src);
+static int Source_clear(SourceObject *self);
 
 static inline int
 uint16_gt(uint16_t a, uint16_t b)
@@ -1680,14 +1682,9 @@ Source_close(SourceObject *self, PyObject *unused)
 {
     (void)unused;
     self->closed = 1;
-    source_clear_downs(self);
-    /* The callbacks are bound methods of the Python objects that own this source. These types
-     * are not tracked by the cyclic GC, so a reference kept here would keep the owner, and this
-     * source's 1.5 MB history, alive for good. */
-    Py_XSETREF(self->on_keyframe, Py_NewRef(Py_None));
-    Py_XSETREF(self->on_level, Py_NewRef(Py_None));
-    Py_XSETREF(self->on_nack, Py_NewRef(Py_None));
-    Py_XSETREF(self->on_behind, Py_NewRef(Py_None));
+    /* The callbacks are bound methods of the Python objects that own this source: dropped at
+     * once, not left to the cyclic GC, so that the owner and the history go now. */
+    Source_clear(self);
     Py_RETURN_NONE;
 }
 
@@ -2215,11 +2212,7 @@ static PyObject *
 Peer_close(PeerObject *self, PyObject *unused)
 {
     (void)unused;
-    peer_clear_sources(self);
-    Py_CLEAR(self->sender);
-    /* As in Source.close: drop the handlers, which close a reference cycle through Python. */
-    Py_XSETREF(self->on_rtp, Py_NewRef(Py_None));
-    Py_XSETREF(self->on_rtcp, Py_NewRef(Py_None));
+    Peer_clear(self); /* as in Source.close */
     self->fd = -1;
     Py_RETURN_NONE;
 }
@@ -2241,6 +2234,7 @@ typedef struct {
 } SocketObject;
 
 static PyTypeObject SocketType;
+static int Socket_clear(SocketObject *self);
 
 static int
 Socket_init(SocketObject *self, PyObject *args, PyObject *kwds)
@@ -2451,8 +2445,7 @@ Socket_close(SocketObject *self, PyObject *unused)
 {
     (void)unused;
     self->closed = 1;
-    socket_clear(self);
-    Py_XSETREF(self->fallback, Py_NewRef(Py_None));
+    Socket_clear(self);
     Py_RETURN_NONE;
 }
 

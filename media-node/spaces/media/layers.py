@@ -217,23 +217,13 @@ def request_need(wanted: Sequence[Wanted], key: str, audio_tracks: int = 0) -> i
     """The budget at which subscription ``key`` gets the highest live layer its request
     allows while the others keep what they receive (their lowest live layer at least), with a
     raise's headroom; None when that layer is not above what ``key`` receives."""
-    total = 0
-    lifted = False
     for item in wanted:
-        top = _ceiling(item)
-        if top < 0:
-            continue
         if item.key == key:
-            if top <= item.current:
+            top = _ceiling(item)
+            if top < 0 or top <= item.current:
                 return None
-            lifted = True
-            layer = top
-        else:
-            layer = max(min(item.current, top), _lowest_live(item.layers, top))
-        total += item.layers[layer].bitrate
-    if not lifted:
-        return None
-    return math.ceil(total * UP_HEADROOM) + audio_tracks * AUDIO_BITRATE
+            return _raise_need(wanted, item, top, audio_tracks)
+    return None
 
 
 def next_need(wanted: Sequence[Wanted], audio_tracks: int = 0) -> int | None:
@@ -241,7 +231,7 @@ def next_need(wanted: Sequence[Wanted], audio_tracks: int = 0) -> int | None:
     (the others keep what they receive, their lowest live layer at least), with a raise's
     headroom; None when none can go higher. The estimator may grow to it without padding to
     probe with: the raise itself is the probe, and congestion after it cuts and backs off."""
-    best: int | None = None
+    needs = []
     for item in wanted:
         top = _ceiling(item)
         if item.current < 0:
@@ -249,21 +239,25 @@ def next_need(wanted: Sequence[Wanted], audio_tracks: int = 0) -> int | None:
         nxt = item.current + 1
         while nxt <= top and not item.layers[nxt].live:
             nxt += 1
-        if nxt > top:
+        if nxt <= top:
+            needs.append(_raise_need(wanted, item, nxt, audio_tracks))
+    return min(needs, default=None)
+
+
+def _raise_need(wanted: Sequence[Wanted], raised: Wanted, layer: int, audio_tracks: int) -> int:
+    """The budget for ``raised`` on ``layer`` while the others keep what they receive (their
+    lowest live layer at least), with a raise's headroom and the audio."""
+    total = 0
+    for item in wanted:
+        top = _ceiling(item)
+        if top < 0:
             continue
-        total = 0
-        for other in wanted:
-            other_top = _ceiling(other)
-            if other_top < 0:
-                continue
-            if other is item:
-                layer = nxt
-            else:
-                layer = max(min(other.current, other_top), _lowest_live(other.layers, other_top))
-            total += other.layers[layer].bitrate
-        need = math.ceil(total * UP_HEADROOM) + audio_tracks * AUDIO_BITRATE
-        best = need if best is None else min(best, need)
-    return best
+        if item is raised:
+            index = layer
+        else:
+            index = max(min(item.current, top), _lowest_live(item.layers, top))
+        total += item.layers[index].bitrate
+    return math.ceil(total * UP_HEADROOM) + audio_tracks * AUDIO_BITRATE
 
 
 def _ceiling(item: Wanted) -> int:
