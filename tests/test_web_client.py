@@ -732,6 +732,7 @@ ASK_FOR_DTX = """() => {
   // A microphone that is silent but for a 300 ms tone every 1.5 s (Chromium's fake one is
   // never silent enough for DTX).
   const ctx = new AudioContext();
+  window.dtxAudio = ctx; // its state goes into the assertion messages
   const tone = ctx.createOscillator();
   const gain = ctx.createGain();
   gain.gain.value = 0;
@@ -836,7 +837,8 @@ async def test_a_publisher_asking_for_dtx_sends_it_and_the_subscriber_hears_it_w
     assert after["jitter"] < 0.05, after  # measured: 6 ms
     # Without DTX Chromium sends 50 packets a second (250 here); with it, about 100 (the tones
     # at 50 a second, the silence at a few).
-    assert 0 < sent < 50 * 5 * 0.6, sent
+    audio = await alice.js("() => [dtxAudio.state, dtxAudio.currentTime]")
+    assert 0 < sent < 50 * 5 * 0.6, (sent, before_pub, after_pub, audio)
     assert received >= sent * 0.9, (sent, received)
     assert after["packetsLost"] == 0, after
     assert after["totalAudioEnergy"] > before["totalAudioEnergy"], after  # the beeps
