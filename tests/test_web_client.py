@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from spaces.server import SpacesServer
-from tests.support.browser import Page, chromium
+from tests.support.browser import NotInTestNetwork, Page, chromium
 from tests.support.system import Admin, Tenant, eventually, start_server, web_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -152,6 +152,9 @@ async def test_three_pages_each_decode_the_other_two_with_the_right_colours(worl
             entry = seen[f"{sender}/camera"]
             assert entry["frames"] >= 30
             assert_every_frame_is(entry, expected, f"{viewer} sees {sender}")
+    # ICE gathered loopback only, in every page's publishing and subscribing connections.
+    for page in pages.values():
+        assert await page.local_candidate_addresses() == {"127.0.0.1"}, page.log()
 
 
 async def test_a_browser_and_a_python_sdk_participant_exchange_media(world: World) -> None:
@@ -638,6 +641,25 @@ async def test_the_meeting_page_joins_two_tabs_through_the_dev_token_button(worl
     await third.page.wait_for_selector(".tile.local", timeout=15_000)
     stats = await remote_tile_frames(third, "Ann", 10)
     assert close_to(stats["color"], RED), stats
+
+
+async def test_chromium_refuses_to_start_outside_the_tests_network_namespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ICE gathers 127.0.0.1 only because the browser tests run where loopback is the only
+    interface: the launcher refuses anywhere else (without the variable tests/in-netns sets,
+    or on a network with another interface)."""
+    import socket
+
+    monkeypatch.delenv("SPACES_IN_NETNS", raising=False)
+    with pytest.raises(NotInTestNetwork, match="tests/in-netns"):
+        async with chromium():
+            pass
+    monkeypatch.setenv("SPACES_IN_NETNS", "1")
+    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "eth0")])
+    with pytest.raises(NotInTestNetwork, match="eth0"):
+        async with chromium():
+            pass
 
 
 # --- the files ------------------------------------------------------------------------------
