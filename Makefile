@@ -117,11 +117,12 @@ run: $(STAMP) ## Start everything in one process on the embedded in-memory store
 cluster: $(STAMP) redis ## Start Redis, 2 API processes (one API address for every service) and 2 media nodes
 	$(BIN)/spaces cluster
 
-bench: $(STAMP) redis media-tools web-deps ## Run the full benchmark suite (minutes); writes bench/results/*.json
-	$(BIN)/python -m bench all
+# In the tests' network namespace too: browser-join's Chromium refuses to start anywhere else.
+bench: $(STAMP) redis media-tools web-deps ## Run the full benchmark suite (minutes, in the tests' private network namespace); writes bench/results/*.json
+	$(NETNS) $(BIN)/python -m bench all
 
 bench-quick: $(STAMP) redis media-tools web-deps ## A tiny run of every benchmark (what the tests run)
-	$(BIN)/python -m bench all --quick
+	$(NETNS) $(BIN)/python -m bench all --quick
 
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -110,6 +110,9 @@ async def test_two_unmodified_mux_pages_see_each_others_video(web: tuple, browse
         names = [p["display_name"] for p in joined["participants"]]
         names += [m["participant_connected"]["display_name"] for m in connected]
         assert names == [other]
+    # ICE gathered loopback only, in both pages' connections.
+    for page in (alice, bob):
+        assert await page.local_candidate_addresses() == {"127.0.0.1"}, page.log()
     await alice.close()
     await bob.close()
 

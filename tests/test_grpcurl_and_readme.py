@@ -12,11 +12,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
+import aiohttp
 import pytest
 
 from spaces.server import SpacesServer
-from tests.support.system import ADMIN_KEY, free_port, wait_serving
+from tests.support.system import ADMIN_KEY, eventually, free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
@@ -111,21 +113,37 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+class MakeRun(NamedTuple):
+    address: str
+    """The gRPC address (127.0.0.1:50051, the README's, when it was free)."""
+    work: Path
+    """A fresh working directory, with the repo's .venv linked in."""
+    web_port: int
+    """The signaling service's port (8080, the README's, when it was free)."""
+    log: Path
+    """What `make run` printed (stdout and stderr)."""
+
+
 @pytest.fixture
-def make_run(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def make_run(tmp_path: Path) -> Iterator[MakeRun]:
     """`SPACES_ADMIN_KEY=dev-admin-key make run`, as the README says, in a fresh working dir
-    (with the repo's .venv linked in). On 127.0.0.1:50051 when that port is free, otherwise on
-    another port substituted into the commands."""
+    (with the repo's .venv linked in). On 127.0.0.1:50051 and 127.0.0.1:8080 when those ports
+    are free, otherwise on other ports substituted into the commands."""
     port = 50051 if port_is_free(50051) else free_port()
+    web_port = 8080 if port_is_free(8080) else free_port()
     env = {
         **os.environ,
         "SPACES_ADMIN_KEY": "dev-admin-key",
         "SPACES_GRPC_ADDR": f"127.0.0.1:{port}",
+        "SPACES_SIGNAL_ADDR": f"127.0.0.1:{web_port}",
         "SPACES_METRICS_ADDR": "",
     }
     if port == 50051:
         env.pop("SPACES_GRPC_ADDR")
-    log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115
+    if web_port == 8080:
+        env.pop("SPACES_SIGNAL_ADDR")
+    log_path = tmp_path / "make-run.log"
+    log = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         ["make", "-s", "run"],
         cwd=ROOT,
@@ -139,17 +157,15 @@ def make_run(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     (work / ".venv").symlink_to(ROOT / ".venv")
     try:
         asyncio.run(wait_serving(f"127.0.0.1:{port}", timeout=60))
-        yield f"127.0.0.1:{port}", work
+        yield MakeRun(f"127.0.0.1:{port}", work, web_port, log_path)
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(20)
         log.close()
 
 
-async def test_readme_quickstart_works_verbatim_against_make_run(
-    make_run: tuple[str, Path],
-) -> None:
-    address, work = make_run
+async def test_readme_quickstart_works_verbatim_against_make_run(make_run: MakeRun) -> None:
+    address, work = make_run.address, make_run.work
     script = quickstart_block().replace("127.0.0.1:50051", address)
     code, out, err = await run("bash", "-euo", "pipefail", "-c", script, cwd=work)
     assert code == 0, f"quickstart failed:\n{out}\n{err}"
@@ -162,10 +178,29 @@ async def test_readme_quickstart_works_verbatim_against_make_run(
     assert space["id"] in out
 
 
-async def test_spaces_join_prints_frames_from_a_test_pattern_publisher(
-    make_run: tuple[str, Path],
+async def test_make_run_prints_the_meeting_page_url_and_serves_the_page_there(
+    make_run: MakeRun,
 ) -> None:
-    address, work = make_run
+    url = f"http://127.0.0.1:{make_run.web_port}/"
+
+    def printed() -> bool:
+        return f"meeting page: {url}" in make_run.log.read_text(errors="replace")
+
+    try:
+        await eventually(printed, timeout=30, interval=0.2)
+    except AssertionError:
+        raise AssertionError(make_run.log.read_text(errors="replace")) from None
+    # The README tells a newcomer to open that address.
+    if make_run.web_port == 8080:
+        assert f"open {url} in two browser" in (ROOT / "README.md").read_text()
+    async with aiohttp.ClientSession() as http, http.get(url) as reply:
+        assert reply.status == 200
+        assert reply.content_type == "text/html"
+        assert await reply.read() == (ROOT / "web" / "index.html").read_bytes()
+
+
+async def test_spaces_join_prints_frames_from_a_test_pattern_publisher(make_run: MakeRun) -> None:
+    address, work = make_run.address, make_run.work
     code, out, err = await run(
         "bash",
         "-euo",

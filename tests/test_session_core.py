@@ -4,10 +4,12 @@ standing in for the media node."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -376,3 +378,72 @@ async def test_a_request_does_not_override_the_backoff_after_congestion(
     downtrack = viewer._subs[track.id].downtrack
     assert downtrack is not None and downtrack.target is track.layers[1]
     assert plis == [] and viewer.estimate == 700_000
+
+
+# --- the import circle stays broken ---------------------------------------------------------
+
+SOURCE_ROOTS = [Path(__file__).resolve().parents[1] / d for d in ("services", "media-node")]
+
+
+def _source(module: str) -> Path | None:
+    """The file of project module ``module`` (found on disk, never imported), or None."""
+    rel = Path(*module.split("."))
+    for root in SOURCE_ROOTS:
+        for path in (root / rel.with_suffix(".py"), root / rel / "__init__.py"):
+            if path.is_file():
+                return path
+    return None
+
+
+def _imports(module: str) -> set[str]:
+    """Every module ``module``'s source names in an import, anywhere in the file (functions
+    and ``TYPE_CHECKING`` blocks included): ``from a.b import c`` counts as a.b and a.b.c."""
+    path = _source(module)
+    assert path is not None, module
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _reachable(module: str) -> set[str]:
+    """``module`` and every project module its imports reach, following them on disk."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo.extend(m for m in _imports(current) if m.startswith("spaces") and _source(m))
+    return seen
+
+
+def _is(module: str, target: str) -> bool:
+    return module == target or module.startswith(target + ".")
+
+
+def test_room_and_session_import_neither_the_node_nor_the_generated_protobuf() -> None:
+    """The media node's session core: room.py below session.py below node.py, never back up
+    (not even through another module), and neither of the two speaks the gRPC wire."""
+    for module, above in (
+        ("spaces.media.room", ("spaces.media.session", "spaces.media.node")),
+        ("spaces.media.session", ("spaces.media.node",)),
+    ):
+        direct = _imports(module)
+        assert not [m for m in direct if _is(m, "spaces.v1")], (module, sorted(direct))
+        reached = _reachable(module)
+        for target in above:
+            assert not [m for m in reached if _is(m, target)], (module, target, sorted(reached))
+    # room.py is free of protobuf even through what it imports.
+    reached = _reachable("spaces.media.room")
+    assert not [m for m in reached if _is(m, "spaces.v1")], sorted(reached)

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from spaces.config import IceServerConfig
 from spaces.server import SpacesServer
 from spaces.session.mux_wire import MAX_MESSAGE_BYTES
 from spaces.v1 import presence_pb2, space_pb2
@@ -49,6 +50,49 @@ async def test_a_join_gets_joined_with_everything_the_mux_sdk_requires(web: tupl
     (sfu,) = message["sub_sfus"]
     # An offer with no m-lines must not carry a bare BUNDLE line: Chrome refuses it.
     assert sfu["sdp"].startswith("v=0") and "a=group:BUNDLE \r\n" not in sfu["sdp"]
+    await socket.close()
+
+
+async def test_configured_ice_servers_reach_joined_ice_servers_as_the_mux_sdk_reads_them() -> None:
+    turn = IceServerConfig(
+        urls=("turn:turn.example.com:3478?transport=udp", "turns:turn.example.com:5349"),
+        username="spaces-user",
+        credential="s3cret",
+    )
+    stun = IceServerConfig(urls=("stun:stun.example.com:3478",))
+    server = await start_server(web_config(ice_servers=(turn, stun)))
+    admin = Admin(server.address)
+    try:
+        tenant = Tenant(await admin.create_key())
+        space_id = await admin.create_space()
+        socket = await joined(server, tenant.token(space_id, "alice"))
+        assert socket.received[0]["joined"]["ice_servers"] == [
+            {
+                "urls": [
+                    "turn:turn.example.com:3478?transport=udp",
+                    "turns:turn.example.com:5349",
+                ],
+                "username": "spaces-user",
+                "credential": "s3cret",
+                "credential_type": "password",
+            },
+            {
+                "urls": ["stun:stun.example.com:3478"],
+                "username": "",
+                "credential": "",
+                "credential_type": "password",
+            },
+        ]
+        await socket.close()
+    finally:
+        await admin.close()
+        await server.stop()
+
+
+async def admits_a_good_join(server: SpacesServer, token: str, participant_id: str) -> None:
+    """The server keeps serving: a fresh socket with a good token gets ``joined``."""
+    socket = await joined(server, token)
+    assert socket.received[0]["joined"]["participant_id"] == participant_id
     await socket.close()
 
 
@@ -93,7 +137,7 @@ async def test_a_duplicate_participant_id_gets_error_3_and_the_first_stays(web: 
     server, admin, tenant, space_id = web
     first = await joined(server, tenant.token(space_id, "alice"))
     error, code = await refused(server, token=tenant.token(space_id, "alice"))
-    assert error["type"] == 3 and error["fatal"] is True
+    assert error["type"] == 3 and error["fatal"] is True and error["retry"] is False
     assert code == 4000
     assert [p.participant_id for p in await admin.participants(space_id)] == ["alice"]
     # The first connection is untouched: it still gets events.
@@ -109,9 +153,12 @@ async def test_the_participant_limit_gets_error_7(web: tuple) -> None:
     space_id = await admin.create_space(max_participants=1)
     first = await joined(server, tenant.token(space_id, "a"))
     error, code = await refused(server, token=tenant.token(space_id, "b"))
-    assert error["type"] == 7 and error["fatal"] is True
+    assert error["type"] == 7 and error["fatal"] is True and error["retry"] is False
     assert code == 4000
+    # The refused join left nothing behind: once the first has left, it is admitted.
     await first.close()
+    await eventually(lambda: _participants(admin, space_id, []), timeout=10)
+    await admits_a_good_join(server, tenant.token(space_id, "b"), "b")
 
 
 async def test_bad_query_parameters_are_refused_with_an_error(web: tuple) -> None:
@@ -121,6 +168,10 @@ async def test_bad_query_parameters_are_refused_with_an_error(web: tuple) -> Non
     assert "managed_subscriptions" in error["message"] and code == 4000
     error, code = await refused(server, token=token, display_name="x" * 65)
     assert "display_name" in error["message"] and code == 4000
+    # The same token with good parameters is admitted.
+    socket = await joined(server, token, managed_subscriptions="3", display_name="x" * 64)
+    assert socket.received[0]["joined"]["display_name"] == "x" * 64
+    await socket.close()
 
 
 @pytest.mark.parametrize(
@@ -154,6 +205,8 @@ async def test_a_malformed_message_gets_a_non_fatal_error_and_the_session_contin
     await socket.send({"custom_event": {"id": "e1", "payload": "hi", "scope": 1}, "request_id": 7})
     echo = await socket.until("custom_event")
     assert echo["request_id"] == 7 and echo["custom_event"]["payload"] == "hi"
+    # And a fresh join is admitted beside it.
+    await admits_a_good_join(server, tenant.token(space_id, "bob"), "bob")
     await socket.close()
 
 
@@ -199,16 +252,20 @@ async def test_a_missing_sub_answer_ends_the_session_with_a_retryable_error(web:
     assert await socket.closed() == 4001
     await socket.close()
     await eventually(lambda: _participants(admin, space_id, []), timeout=10)
+    # retry: the client reconnects fully, and the same participant is admitted again.
+    await admits_a_good_join(server, tenant.token(space_id, "silent"), "silent")
 
 
 async def test_a_garbage_sub_answer_ends_the_session_with_a_retryable_error(web: tuple) -> None:
-    server, _, tenant, space_id = web
+    server, admin, tenant, space_id = web
     socket = await joined(server, tenant.token(space_id, "alice"))
     await socket.send({"sub_answer": {"sfu_id": "x", "sdp": "garbage"}})
     error = (await socket.until("error"))["error"]
     assert error["fatal"] is True and error["retry"] is True
     assert await socket.closed() == 4001
     await socket.close()
+    await eventually(lambda: _participants(admin, space_id, []), timeout=10)
+    await admits_a_good_join(server, tenant.token(space_id, "alice"), "alice")
 
 
 async def test_custom_events_are_numbered_and_rate_limited(web: tuple) -> None:

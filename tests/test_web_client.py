@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from spaces.server import SpacesServer
-from tests.support.browser import Page, chromium
+from tests.support.browser import NotInTestNetwork, Page, chromium
 from tests.support.system import Admin, Tenant, eventually, start_server, web_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -152,6 +152,9 @@ async def test_three_pages_each_decode_the_other_two_with_the_right_colours(worl
             entry = seen[f"{sender}/camera"]
             assert entry["frames"] >= 30
             assert_every_frame_is(entry, expected, f"{viewer} sees {sender}")
+    # ICE gathered loopback only, in every page's publishing and subscribing connections.
+    for page in pages.values():
+        assert await page.local_candidate_addresses() == {"127.0.0.1"}, page.log()
 
 
 async def test_a_browser_and_a_python_sdk_participant_exchange_media(world: World) -> None:
@@ -566,10 +569,12 @@ async def meeting_page(world: World, name: str, color: tuple[int, int, int], pat
     return page
 
 
-async def remote_tile_frames(page: Page, name: str, count: int) -> dict[str, Any]:
-    """Watch the video of ``name``'s camera tile (as the page shows it) until it presented
-    ``count`` frames; returns the harness's stats for it."""
-    selector = '.tile[data-kind="camera"]:not(.local) video'
+async def remote_tile_frames(
+    page: Page, name: str, count: int, kind: str = "camera"
+) -> dict[str, Any]:
+    """Watch the video of the remote tile of ``kind`` captioned ``name`` (as the page shows
+    it) until it presented ``count`` frames; returns the harness's stats for it."""
+    selector = f'.tile[data-kind="{kind}"]:not(.local) video'
     await page.page.wait_for_function(
         """([selector, name]) => [...document.querySelectorAll(selector)].some(v =>
             v.closest('.tile').querySelector('.name').textContent === name && v.srcObject)""",
@@ -638,6 +643,46 @@ async def test_the_meeting_page_joins_two_tabs_through_the_dev_token_button(worl
     await third.page.wait_for_selector(".tile.local", timeout=15_000)
     stats = await remote_tile_frames(third, "Ann", 10)
     assert close_to(stats["color"], RED), stats
+    # The camera button mutes Ann's camera: her tile in Ben's tab says so, and unmutes it.
+    ann_state = """want => [...document.querySelectorAll('.tile[data-kind="camera"]')].some(t =>
+        t.querySelector('.name').textContent === 'Ann' &&
+        t.querySelector('.state').textContent.includes('camera off') === want &&
+        t.classList.contains('camera-off') === want)"""
+    await first.page.click("#camera")
+    await second.page.wait_for_function(ann_state, arg=True, timeout=10_000)
+    assert await first.js("() => document.querySelector('#camera').textContent") == "Camera off"
+    await first.page.click("#camera")
+    await second.page.wait_for_function(ann_state, arg=False, timeout=10_000)
+    assert await first.js("() => document.querySelector('#camera').textContent") == "Camera on"
+    # The screen-share button: a second tile of Ann's in Ben's tab, showing Chromium's fake
+    # screen (not her camera's colour); stopping it removes the tile.
+    await first.page.click("#screen")
+    screen = await remote_tile_frames(second, "Ann's screen", 10, kind="screenshare")
+    assert screen["color"] is not None and not close_to(screen["color"], RED), screen
+    assert await first.js("() => document.querySelector('#screen').textContent") == "Stop sharing"
+    await first.page.click("#screen")
+    await second.page.wait_for_function(
+        """() => !document.querySelector('.tile[data-kind="screenshare"]')""", timeout=10_000
+    )
+
+
+async def test_chromium_refuses_to_start_outside_the_tests_network_namespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ICE gathers 127.0.0.1 only because the browser tests run where loopback is the only
+    interface: the launcher refuses anywhere else (without the variable tests/in-netns sets,
+    or on a network with another interface)."""
+    import socket
+
+    monkeypatch.delenv("SPACES_IN_NETNS", raising=False)
+    with pytest.raises(NotInTestNetwork, match="tests/in-netns"):
+        async with chromium():
+            pass
+    monkeypatch.setenv("SPACES_IN_NETNS", "1")
+    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "eth0")])
+    with pytest.raises(NotInTestNetwork, match="eth0"):
+        async with chromium():
+            pass
 
 
 # --- the files ------------------------------------------------------------------------------

@@ -10,12 +10,18 @@ The unmodified ``@mux/spaces-web`` is installed from npm at test time (``make te
 install outside the private network namespace, into ``.cache/``, never committed); its
 self-contained ``dist/mux-spaces.js`` is injected into the page as any of its users would load
 it.
+
+Chromium only ever runs inside the tests' private network namespace (``tests/in-netns``, which
+``make test``, ``make test-bench`` and ``make bench`` use): there loopback is the only
+interface, so ICE can gather nothing but 127.0.0.1, and the browser tests assert exactly that
+(``harness.localCandidateAddresses()``). Anywhere else ``chromium()`` refuses to start.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -73,8 +79,28 @@ def mux_sdk() -> Path:
     return MUX_SDK_JS
 
 
+class NotInTestNetwork(RuntimeError):
+    """Chromium was asked for outside the tests' loopback-only network namespace."""
+
+
+def require_test_network() -> None:
+    """Raise unless this process runs in the namespace ``tests/in-netns`` made: it says so in
+    ``SPACES_IN_NETNS=1`` (unset when it fell back to the host's network, or with
+    ``SPACES_NO_NETNS=1``), and loopback is the only interface (so a stray variable on the
+    host's network is caught too)."""
+    others = sorted(name for _, name in socket.if_nameindex() if name != "lo")
+    if os.environ.get("SPACES_IN_NETNS") != "1" or others:
+        where = f"interfaces besides lo: {', '.join(others)}" if others else "SPACES_IN_NETNS unset"
+        raise NotInTestNetwork(
+            "browser tests run only in the tests' private network namespace, where ICE can "
+            f"gather nothing but 127.0.0.1 ({where}): run them through tests/in-netns, e.g. "
+            "`tests/in-netns .venv/bin/python -m pytest tests/test_web_client.py` or `make test`"
+        )
+
+
 @asynccontextmanager
 async def chromium() -> AsyncIterator[Any]:
+    require_test_network()
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
@@ -122,6 +148,12 @@ class Page:
 
     async def js(self, expression: str, arg: Any = None) -> Any:
         return await self.page.evaluate(expression, arg)
+
+    async def local_candidate_addresses(self) -> set[str]:
+        """The addresses of the local ICE candidates in the getStats() of the page's open peer
+        connections (with a marker for a connection that has none, or for no connection)."""
+        addresses: list[str] = await self.js("() => harness.localCandidateAddresses()")
+        return set(addresses)
 
     async def close(self) -> None:
         await self.context.close()

@@ -11,6 +11,8 @@
 //   made (each outbound entry per simulcast layer, with its rid).
 // - audioStats(): the same for audio, with each stream's codec (mime type, payload type, fmtp).
 // - sendEncodings(): the encodings (getParameters) of every video sender the page made.
+// - localCandidateAddresses(): the sorted distinct addresses of every local ICE candidate in the
+//   getStats() of every peer connection the page made (the tests assert ["127.0.0.1"]).
 "use strict";
 window.harness = (() => {
   const watched = new Map();
@@ -172,6 +174,28 @@ window.harness = (() => {
     return out;
   }
 
+  // Every local candidate each open peer connection gathered, as getStats() reports it; a
+  // connection with none (or with an address-less candidate) is reported too, so that a check
+  // for "127.0.0.1 only" cannot pass on nothing.
+  async function localCandidateAddresses() {
+    const addresses = new Set();
+    let open = 0;
+    for (const pc of peerConnections) {
+      if (pc.connectionState === "closed") continue;
+      open += 1;
+      const report = await pc.getStats();
+      let found = 0;
+      for (const s of report.values()) {
+        if (s.type !== "local-candidate") continue;
+        found += 1;
+        addresses.add(s.address || s.ip || `(no address: ${s.candidateType} ${s.protocol})`);
+      }
+      if (!found) addresses.add("(a peer connection without local candidates)");
+    }
+    if (!open) addresses.add("(no open peer connection)");
+    return [...addresses].sort();
+  }
+
   // The local UDP port of each peer connection that receives video (its nominated pair).
   async function receivingPorts() {
     const ports = [];
@@ -296,5 +320,5 @@ window.harness = (() => {
       .filter((m) => !key || m[key] !== undefined);
   }
 
-  return { setColor, setCamera, rtpStats, audioStats, sendEncodings, receivingPorts, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
+  return { setColor, setCamera, rtpStats, audioStats, sendEncodings, receivingPorts, localCandidateAddresses, watch, unwatch, watchTrack, stats, nthFrameAfter, record, events, watched, wire, messages };
 })();
