@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from spaces import errors
+from spaces.streams import close_stream
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,11 @@ async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
-async def _checked(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-    """A request stream that ends the call with INVALID_ARGUMENT at the first bad message."""
-    async for request in request_iterator:
+async def _checked(context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """The call's request stream, ending the call with INVALID_ARGUMENT at the first bad
+    message. Read with ``context.read()``, never through the request iterator grpc passes in:
+    that one is a generator in a reference cycle with the call (spaces.streams)."""
+    while (request := await context.read()) is not grpc.aio.EOF:
         await _refuse_undecodable(request, context)
         yield request
 
@@ -83,7 +86,7 @@ def _wrap_unary(
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             if client_streaming:
-                request = _checked(request, context)
+                request = _checked(context)
             else:
                 await _refuse_undecodable(request, context)
             return await behavior(request, context)
@@ -91,6 +94,9 @@ def _wrap_unary(
             raise
         except Exception as exc:
             await _abort_for(exc, context, method)
+        finally:
+            if client_streaming:
+                await close_stream(request)  # a handler that stopped reading early
 
     return wrapper
 
@@ -107,7 +113,7 @@ def _wrap_stream(
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             if client_streaming:
-                request = _checked(request, context)
+                request = _checked(context)
             else:
                 await _refuse_undecodable(request, context)
             async for item in behavior(request, context):
@@ -116,6 +122,9 @@ def _wrap_stream(
             raise
         except Exception as exc:
             await _abort_for(exc, context, method)
+        finally:
+            if client_streaming:
+                await close_stream(request)  # a handler that stopped reading early
 
     return wrapper
 

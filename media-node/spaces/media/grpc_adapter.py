@@ -19,6 +19,7 @@ from spaces.media.node import MediaNode
 from spaces.media.session import Session as MediaSession
 from spaces.session import events as ev
 from spaces.session import grpc_wire
+from spaces.streams import close_stream
 from spaces.v1 import media_pb2, media_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -74,5 +75,9 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
             raise
         except Exception as exc:
             logger.debug("session %s: stream read ended: %s", session.connection_id, exc)
+        finally:
+            # Left at a message (the session ended): close the stream, or the finished call
+            # lives on until a full garbage collection (spaces.streams).
+            await close_stream(request_iterator)
         if not session.closed:
             await session.close(ev.CLOSE_LEFT, "session stream ended", "disconnected")
