@@ -33,7 +33,8 @@ MALLOC_TRIMS = Counter(
     "spaces_malloc_trims_total", "Times this media node gave freed heap memory back to the OS"
 )
 MALLOC_TRIM_SECONDS = Counter(
-    "spaces_malloc_trim_seconds_total", "Time spent giving freed heap memory back (malloc_trim)"
+    "spaces_malloc_trim_seconds_total",
+    "Time spent collecting garbage and giving freed heap memory back (gc.collect, malloc_trim)",
 )
 FORWARDED_PACKETS = Counter(
     "spaces_forwarded_packets_total", "RTP packets forwarded to subscribers", ["kind"]
