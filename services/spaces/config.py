@@ -170,8 +170,9 @@ class NodeConfig:
     subscriber_answer_timeout_s: float = 20.0
     """A client that leaves a subscriber offer unanswered this long loses its session."""
     malloc_trim_interval_s: float = 10.0
-    """After sessions end, freed heap memory goes back to the OS (glibc ``malloc_trim``) this
-    often; 0 never (spaces.media.allocator)."""
+    """After sessions end, the closed sessions' garbage is collected and freed heap memory goes
+    back to the OS (``gc.collect``, glibc ``malloc_trim``) this often; 0 never
+    (spaces.media.allocator)."""
     dataplane: str = "native"
     """Per-packet work: "native" (the C extension spaces.media._dataplane) or "python"."""
 
