@@ -958,6 +958,7 @@ class Session:
             self.estimate = None
             return
         need = next_need(wanted, self._audio_count())
+        cuts = self._bwe.cuts
         self.estimate = self._bwe.tick(
             now,
             octets,
@@ -968,6 +969,9 @@ class Session:
             None if need is None else need + self._single_layer_need(),
         )
         metrics.ESTIMATED_BANDWIDTH.observe(self.estimate)
+        if self._bwe.cuts != cuts and self._bwe.history:
+            cut = self._bwe.history[-1]
+            logger.info("%s (%s): estimate %s", self.connection_id, self.participant_id, cut)
 
     def allocate(self, tick: bool = False, requested: Collection[str] = ()) -> None:
         """Give each video subscription its layer (see spaces.media.layers); ``requested``:
@@ -1010,6 +1014,17 @@ class Session:
                 # lower layer's keyframe is not lost in the queue it built.
                 downtrack.follow(None)
             downtrack.follow(layers[index] if index >= 0 else None)
+            if downtrack.target is not before:
+                logger.debug(
+                    "%s (%s): track %s: layer %s -> %s (estimate %s, live %s)",
+                    self.connection_id,
+                    self.participant_id,
+                    key,
+                    "none" if before is None else before.rid,
+                    "none" if downtrack.target is None else downtrack.target.rid,
+                    self.estimate,
+                    "".join("1" if info.live else "0" for info in target.track.layer_info(now)),
+                )
             _count_switch(layers, before, downtrack.target)
         if allocation.audio_only != was_audio_only:
             logger.info(
