@@ -884,8 +884,6 @@ class Session:
         wanted = self._wanted(now)
         wanted.append(Wanted(track.id, track.layer_info(now), sub.request, -1, _priority(track)))
         budget = self._budget()
-        if budget is None:
-            budget = self._bwe.estimate  # the first simulcast subscription: the start value
         target = self._allocator.allocate(wanted, budget, now, self._audio_count()).targets
         index = target.get(track.id, -1)
         return track.layers[index] if index >= 0 else track.layers[0]
@@ -925,11 +923,15 @@ class Session:
             )
         return wanted
 
-    def _budget(self) -> int | None:
-        """The estimate less what the tracks without simulcast are reckoned to take."""
-        if self.estimate is None:
-            return None
-        return max(self.estimate - self._single_layer_need(), 0)
+    def _budget(self) -> int:
+        """The estimate less what the tracks without simulcast are reckoned to take. Before
+        the first tick has estimated anything (the first simulcast subscription), the
+        estimator's start value: a new subscription starts on the layer it carries
+        (``_first_source``), and taking an unknown estimate for no limit would switch it to
+        the top layer until that tick, then back, each switch asking every layer for a
+        keyframe."""
+        estimate = self._bwe.estimate if self.estimate is None else self.estimate
+        return max(estimate - self._single_layer_need(), 0)
 
     def _single_layer_need(self) -> int:
         """What the video tracks without simulcast are reckoned to take."""
