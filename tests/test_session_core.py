@@ -365,6 +365,23 @@ async def test_a_request_for_a_higher_layer_switches_at_once_not_when_the_estima
     assert viewer.estimate >= 1_500_000
 
 
+async def test_before_the_first_estimate_a_new_subscription_keeps_its_start_layer(
+    world: World,
+) -> None:
+    """Until the first tick estimates anything, the allocation uses the estimator's start
+    value, as the first layer was chosen with: an unknown estimate is not "no limit" (that
+    switched every new subscriber to the top layer for one tick and back, asking the
+    publisher for two more keyframes on a link nothing was known of yet)."""
+    pub, _ = await world.enter("pub")
+    viewer, _ = await world.enter("viewer")
+    track, plis = _subscribed(world, viewer, pub, current=0)
+    assert viewer.estimate is None, "no tick yet"
+    viewer.allocate()
+    downtrack = viewer._subs[track.id].downtrack
+    assert downtrack is not None and downtrack.target is track.layers[0]
+    assert plis == []
+
+
 async def test_a_request_does_not_override_the_backoff_after_congestion(
     world: World,
 ) -> None:

@@ -94,6 +94,16 @@ class World:
         assert outcome == {"id": name}, (outcome, page.log())
         return page
 
+    def cut_history(self) -> dict[str, list[str]]:
+        """Each session's bandwidth estimate cuts, and why (spaces.media.bwe.Cut), by
+        participant: for the messages of assertions about the layers subscribers get."""
+        room = self.server.media_node.rooms.get(self.space_id)
+        if room is None:
+            return {}
+        return {
+            s.participant_id: [str(cut) for cut in s._bwe.history] for s in room.sessions.values()
+        }
+
     def room_track(self, participant_id: str, source: str = "camera") -> PublishedTrack | None:
         room = self.server.media_node.rooms.get(self.space_id)
         if room is None:
@@ -123,7 +133,11 @@ async def inbound(page: Page) -> dict[str, Any]:
     return videos[0] if videos else {}
 
 
-async def until_width(page: Page, width: int, timeout: float) -> dict[str, Any]:
+async def until_width(
+    page: Page, width: int, timeout: float, world: World | None = None
+) -> dict[str, Any]:
+    """Until ``page`` decodes ``width`` wide (``world``: its estimate cuts go in the message)."""
+
     async def check() -> dict[str, Any] | None:
         s = await inbound(page)
         return s if s.get("frameWidth") == width else None
@@ -131,7 +145,10 @@ async def until_width(page: Page, width: int, timeout: float) -> dict[str, Any]:
     try:
         result: dict[str, Any] = await eventually(check, timeout=timeout, interval=0.25)
     except AssertionError:
-        raise AssertionError(f"{page.name}: never {width} wide: {await inbound(page)}") from None
+        cuts = "" if world is None else f", estimate cuts {world.cut_history()}"
+        raise AssertionError(
+            f"{page.name}: never {width} wide: {await inbound(page)}{cuts}"
+        ) from None
     return result
 
 
@@ -172,12 +189,20 @@ async def test_three_layers_in_and_each_subscriber_gets_exactly_one(world: World
     assert sorted(s["rid"] for s in sent["outbound"]) == ["f", "h", "q"], sent
     # Each unshaped subscriber settles on the top layer, and is in exactly one fan-out.
     for viewer in viewers:
-        await until_width(viewer, WIDTHS[-1], timeout=25)
-    assert followed(track) == {"viewer0": ["f"], "viewer1": ["f"]}, followed(track)
+        await until_width(viewer, WIDTHS[-1], timeout=25, world=world)
+    assert followed(track) == {"viewer0": ["f"], "viewer1": ["f"]}, (
+        followed(track),
+        world.cut_history(),
+    )
     for viewer in viewers:
         await eventually(lambda v=viewer: _decoded_more(v, 30), timeout=15, interval=0.25)
         stats = await inbound(viewer)
-        assert stats["frameWidth"] == WIDTHS[-1], stats
+        assert stats["frameWidth"] == WIDTHS[-1], (
+            stats,
+            followed(track),
+            (await publisher.js("() => harness.rtpStats()"))["outbound"],
+            world.cut_history(),
+        )
 
 
 async def test_a_requested_low_maximum_gives_that_layer_and_switches_keep_decoding(
@@ -187,27 +212,37 @@ async def test_a_requested_low_maximum_gives_that_layer_and_switches_keep_decodi
     viewer = await world.joined("viewer")
     other = await world.joined("other")
     track = await eventually(lambda: world.room_track("pub"), timeout=10)
-    await until_width(viewer, WIDTHS[-1], timeout=25)
-    await until_width(other, WIDTHS[-1], timeout=25)
+    await until_width(viewer, WIDTHS[-1], timeout=25, world=world)
+    await until_width(other, WIDTHS[-1], timeout=25, world=world)
     before = await inbound(viewer)
     switches = {d: _sample(metrics.LAYER_SWITCHES, direction=d) for d in ("up", "down")}
     keyframes = _sample(metrics.SWITCH_KEYFRAME_REQUESTS)
     estimates = _histogram(metrics.ESTIMATED_BANDWIDTH)
-    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="2") == 2
+    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="2") == 2, world.cut_history()
     # Down to the lowest layer by quality, then to the middle one by rendered size, then back up.
     await set_quality(viewer, "pub", {"quality": "low"})
-    low = await until_width(viewer, WIDTHS[0], timeout=10)
-    assert followed(track)["viewer"] == ["q"]
+    low = await until_width(viewer, WIDTHS[0], timeout=10, world=world)
+    assert followed(track)["viewer"] == ["q"], (followed(track), world.cut_history())
     # The metrics count it: one subscription on each of the lowest and the top layer.
-    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="0") == 1
-    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="2") == 1
-    assert _sample(metrics.AUDIO_ONLY_SUBSCRIBERS) == 0
-    assert followed(track)["other"] == ["f"], "another subscriber keeps its own layer"
+    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="0") == 1, (
+        followed(track),
+        world.cut_history(),
+    )
+    assert _sample(metrics.LAYER_SUBSCRIBERS, layer="2") == 1, (
+        followed(track),
+        world.cut_history(),
+    )
+    assert _sample(metrics.AUDIO_ONLY_SUBSCRIBERS) == 0, world.cut_history()
+    assert followed(track)["other"] == ["f"], (
+        "another subscriber keeps its own layer",
+        followed(track),
+        world.cut_history(),
+    )
     await set_quality(viewer, "pub", {"width": 400, "height": 220})
-    mid = await until_width(viewer, WIDTHS[1], timeout=10)
-    assert followed(track)["viewer"] == ["h"]
+    mid = await until_width(viewer, WIDTHS[1], timeout=10, world=world)
+    assert followed(track)["viewer"] == ["h"], (followed(track), world.cut_history())
     await set_quality(viewer, "pub", {"quality": ""})
-    await until_width(viewer, WIDTHS[-1], timeout=10)
+    await until_width(viewer, WIDTHS[-1], timeout=10, world=world)
     # Frames kept coming through every switch: decoded frames rise, freezes stay rare.
     decoded = (await inbound(viewer))["framesDecoded"]
     await eventually(lambda: _decoded_more(viewer, decoded + 15), timeout=10, interval=0.25)
@@ -402,7 +437,8 @@ async def until_settled(
         await eventually(check, timeout=timeout, interval=0.25)
     except AssertionError:
         raise AssertionError(
-            f"{page.name}: never on {rid} ({width} wide): {followed(track)}, {await inbound(page)}"
+            f"{page.name}: never on {rid} ({width} wide): {followed(track)}, "
+            f"{await inbound(page)}, estimate cuts {world.cut_history()}"
         ) from None
 
 
@@ -451,17 +487,23 @@ async def test_the_unmodified_mux_sdk_publishes_the_joined_layers_and_subscriber
     await until_settled(world, track, viewer, "f", WIDTHS[-1], timeout=25)
     # Ours asks for the lowest layer: it gets q (the Mux page keeps f), then f again.
     await set_quality(viewer, "pub", {"quality": "low"})
-    low = await until_width(viewer, WIDTHS[0], timeout=10)
-    assert followed(track) == {"muxviewer": ["f"], "viewer": ["q"]}, followed(track)
+    low = await until_width(viewer, WIDTHS[0], timeout=10, world=world)
+    assert followed(track) == {"muxviewer": ["f"], "viewer": ["q"]}, (
+        followed(track),
+        world.cut_history(),
+    )
     await set_quality(viewer, "pub", {"quality": ""})
-    high = await until_width(viewer, WIDTHS[-1], timeout=15)
-    assert followed(track) == {"muxviewer": ["f"], "viewer": ["f"]}, followed(track)
+    high = await until_width(viewer, WIDTHS[-1], timeout=15, world=world)
+    assert followed(track) == {"muxviewer": ["f"], "viewer": ["f"]}, (
+        followed(track),
+        world.cut_history(),
+    )
     assert high["framesDecoded"] > low["framesDecoded"]
     await eventually(
         lambda: _decoded_more(viewer, high["framesDecoded"] + 15), timeout=10, interval=0.25
     )
     stats = await inbound(mux_viewer)
-    assert stats["frameWidth"] == WIDTHS[-1], stats
+    assert stats["frameWidth"] == WIDTHS[-1], (stats, world.cut_history())
     # Mux's SDK cannot be told to pause a layer (it was alone at first, wanting none): it is
     # never sent our layers_wanted.
     assert await publisher.js("harness.messages('in', 'layers_wanted')") == []

@@ -21,7 +21,7 @@ from spaces.media.aiortc_adapter import (
     answer_with_simulcast,
     offered_simulcast,
 )
-from spaces.media.bwe import BACKOFF_S, Estimator
+from spaces.media.bwe import BACKOFF_S, CUT_HISTORY, Estimator
 from spaces.media.dynacast import PAUSE_AFTER_S, LayerDemand, wanted_top
 from spaces.media.forwarding import (
     DownTrack,
@@ -491,3 +491,33 @@ def test_the_estimate_grows_to_the_next_layers_need_past_the_cap_unless_backing_
     for tick in range(1, 10):
         probing.tick(20.0 + tick * 0.5, sent, 10, 150_000, False, next_need=need)
     assert probing.estimate < need, "not while backing off after congestion"
+
+
+def test_each_cut_is_recorded_with_its_reason_and_inputs_in_a_bounded_history() -> None:
+    estimator = Estimator(0.0, start_bps=2_000_000)
+    sent = 1_000_000 // 8 // 2  # bytes in a 0.5 s tick: 1 Mbps before overhead
+    estimator.on_remb(900_000)
+    estimator.tick(0.5, sent, 100, 150_000, False)
+    assert not estimator.history, "a REMB below what is sent, but not falling, cuts nothing"
+    grown = estimator.estimate
+    estimator.on_remb(500_000)  # falling by more than REMB_DROP, below REMB_OVERUSE of sent
+    estimator.tick(1.0, sent, 100, 150_000, False)
+    (remb,) = estimator.history
+    assert (remb.reason, remb.remb, remb.previous_remb) == ("remb", 500_000, 900_000)
+    assert (remb.before, remb.after, remb.at) == (grown, 500_000, 1.0)
+    assert remb.sent_bps == estimator.sent_bps and remb.nacks == 0
+    assert str(remb).startswith(f"remb cut {grown} -> 500000 bps at 1.00")
+    # Past the hold, a fifth of the packets NACKed: a NACK-loss cut to what arrived.
+    estimator.estimate = 2_000_000
+    for sequence_number in range(20):
+        estimator.on_nack(sequence_number)
+    estimator.tick(3.0, sent, 100, 150_000, False)
+    nack = estimator.history[-1]
+    assert (nack.reason, nack.nacks, nack.nack_loss, nack.report_loss) == ("nack", 20, 0.2, 0.0)
+    assert nack.after == int(nack.sent_then_bps * 0.8 * 0.9)
+    for tick in range(40):
+        estimator.estimate = 2_000_000
+        estimator.on_report(0.5)
+        estimator.tick(5.0 + 2 * tick, sent, 100, 150_000, False)
+    assert len(estimator.history) == CUT_HISTORY and estimator.cuts == 42
+    assert estimator.history[-1].reason == "loss"

@@ -53,6 +53,9 @@ signal; a falling one is (on overuse the browser cuts it to 0.85 of what it rece
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
+
 START_BPS = 500_000
 """Before any feedback: enough for the lowest and middle layers' total, not the top one."""
 LOSS_HIGH = 0.10
@@ -70,6 +73,39 @@ BACKOFF_S = 12.0
 BACKOFF_MAX_S = 30.0
 PACKET_OVERHEAD_BYTES = 60
 """RTP header and extensions, SRTP tag, UDP and IP headers: counted on top of each payload."""
+CUT_HISTORY = 16
+"""How many of its latest cuts an estimator keeps (``Estimator.history``)."""
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One cut of the estimate and the feedback that made it (``Estimator.history``)."""
+
+    at: float
+    """``time.monotonic()`` of the tick that cut."""
+    reason: str
+    """``loss`` (receiver reports), ``nack`` (NACKed share of packets) or ``remb``."""
+    report_loss: float
+    """The highest fraction lost in the tick's receiver reports."""
+    nack_loss: float
+    """Distinct packets NACKed in the tick over the most packets sent in a tick of the last 2 s."""
+    nacks: int
+    remb: int | None
+    previous_remb: int | None
+    sent_bps: int
+    """What the tick sent."""
+    sent_then_bps: int
+    """The most sent in a tick of the last 2 s (what loss is judged against)."""
+    before: int
+    after: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.reason} cut {self.before} -> {self.after} bps at {self.at:.2f}: "
+            f"report loss {self.report_loss:.2f}, nack loss {self.nack_loss:.2f} "
+            f"({self.nacks} nacks), remb {self.remb} (was {self.previous_remb}), "
+            f"sent {self.sent_bps} bps (then {self.sent_then_bps})"
+        )
 
 
 class Estimator:
@@ -89,6 +125,8 @@ class Estimator:
         self._last_remb: int | None = None
         self._loss = 0.0
         self.cuts = 0
+        self.history: deque[Cut] = deque(maxlen=CUT_HISTORY)
+        """The latest cuts, oldest first: why each was made (for logs and diagnosis)."""
         self._recent_sent: list[int] = []
         self._recent_packets: list[int] = []
 
@@ -133,23 +171,48 @@ class Estimator:
         nacks = len(self._nacked)
         nack_loss = min(nacks / packets_then, 1.0) if packets_then else 0.0
         loss = max(self._loss, nack_loss)
+        report_loss = self._loss
         remb, self._remb, self._loss = self._remb, None, 0.0
         self._nacked.clear()
         cut: int | None = None
+        reason = ""
         if loss > LOSS_HIGH and sent_then and not at_floor:
             delivered = int(sent_then * (1 - loss) * DELIVERED_MARGIN)
             cut = max(delivered, floor_need)
+            reason = "loss" if report_loss >= nack_loss else "nack"
+        previous = self._last_remb
         if remb is not None:
-            previous, self._last_remb = self._last_remb, remb
+            self._last_remb = remb
             falling = previous is not None and remb < previous * (1 - REMB_DROP)
-            if falling and sent_bps and remb < REMB_OVERUSE * sent_bps:
-                cut = remb if cut is None else min(cut, remb)
+            if (
+                falling
+                and sent_bps
+                and remb < REMB_OVERUSE * sent_bps
+                and (cut is None or remb < cut)
+            ):
+                cut, reason = remb, "remb"
         if cut is not None and now - self._last_cut < CUT_HOLD_S:
             pass  # feedback about what was sent before the last cut
         elif cut is not None and video_off:
             pass  # audio only: its own losses change nothing
         elif cut is not None and cut < self.estimate:
+            before = self.estimate
             self._cut(max(cut, MIN_BPS), now)
+            self.history.append(
+                Cut(
+                    now,
+                    reason,
+                    report_loss,
+                    nack_loss,
+                    nacks,
+                    remb,
+                    previous,
+                    sent_bps,
+                    sent_then,
+                    before,
+                    self.estimate,
+                )
+            )
         elif now - self._last_cut >= 1.0:
             cap = max(CAP_FACTOR * sent_bps, 2 * floor_need, MIN_CAP_BPS)
             if next_need is not None and self.may_raise(now):

@@ -884,8 +884,6 @@ class Session:
         wanted = self._wanted(now)
         wanted.append(Wanted(track.id, track.layer_info(now), sub.request, -1, _priority(track)))
         budget = self._budget()
-        if budget is None:
-            budget = self._bwe.estimate  # the first simulcast subscription: the start value
         target = self._allocator.allocate(wanted, budget, now, self._audio_count()).targets
         index = target.get(track.id, -1)
         return track.layers[index] if index >= 0 else track.layers[0]
@@ -925,11 +923,15 @@ class Session:
             )
         return wanted
 
-    def _budget(self) -> int | None:
-        """The estimate less what the tracks without simulcast are reckoned to take."""
-        if self.estimate is None:
-            return None
-        return max(self.estimate - self._single_layer_need(), 0)
+    def _budget(self) -> int:
+        """The estimate less what the tracks without simulcast are reckoned to take. Before
+        the first tick has estimated anything (the first simulcast subscription), the
+        estimator's start value: a new subscription starts on the layer it carries
+        (``_first_source``), and taking an unknown estimate for no limit would switch it to
+        the top layer until that tick, then back, each switch asking every layer for a
+        keyframe."""
+        estimate = self._bwe.estimate if self.estimate is None else self.estimate
+        return max(estimate - self._single_layer_need(), 0)
 
     def _single_layer_need(self) -> int:
         """What the video tracks without simulcast are reckoned to take."""
@@ -958,6 +960,7 @@ class Session:
             self.estimate = None
             return
         need = next_need(wanted, self._audio_count())
+        cuts = self._bwe.cuts
         self.estimate = self._bwe.tick(
             now,
             octets,
@@ -968,6 +971,9 @@ class Session:
             None if need is None else need + self._single_layer_need(),
         )
         metrics.ESTIMATED_BANDWIDTH.observe(self.estimate)
+        if self._bwe.cuts != cuts and self._bwe.history:
+            cut = self._bwe.history[-1]
+            logger.info("%s (%s): estimate %s", self.connection_id, self.participant_id, cut)
 
     def allocate(self, tick: bool = False, requested: Collection[str] = ()) -> None:
         """Give each video subscription its layer (see spaces.media.layers); ``requested``:
@@ -1010,6 +1016,17 @@ class Session:
                 # lower layer's keyframe is not lost in the queue it built.
                 downtrack.follow(None)
             downtrack.follow(layers[index] if index >= 0 else None)
+            if downtrack.target is not before:
+                logger.debug(
+                    "%s (%s): track %s: layer %s -> %s (estimate %s, live %s)",
+                    self.connection_id,
+                    self.participant_id,
+                    key,
+                    "none" if before is None else before.rid,
+                    "none" if downtrack.target is None else downtrack.target.rid,
+                    self.estimate,
+                    "".join("1" if info.live else "0" for info in target.track.layer_info(now)),
+                )
             _count_switch(layers, before, downtrack.target)
         if allocation.audio_only != was_audio_only:
             logger.info(
