@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2  # noqa: F401 - registers ref
 
 from spaces.server import SpacesServer
 from spaces.v1 import (
+    broadcast_pb2,
     media_pb2,
     presence_pb2,
     signing_key_pb2,
@@ -41,7 +42,7 @@ itself rejects it before expecting the server to."""
 def services() -> list[str]:
     names = [
         f.DESCRIPTOR.services_by_name[s].full_name
-        for f in (space_pb2, signing_key_pb2, presence_pb2, media_pb2, webhook_pb2)
+        for f in (space_pb2, broadcast_pb2, signing_key_pb2, presence_pb2, media_pb2, webhook_pb2)
         for s in f.DESCRIPTOR.services_by_name
     ]
     return [*names, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]

@@ -26,8 +26,16 @@ from spaces.sdk import client as sdk
 from spaces.sdk.media import TestPatternTrack, read_pattern, same_color
 from spaces.server import SpacesServer
 from spaces.v1 import presence_pb2
-from tests.support.system import Admin, Tenant, eventually, make_config, start_server
+from tests.support.system import (
+    Admin,
+    Tenant,
+    eventually,
+    make_config,
+    start_server,
+    web_config,
+)
 from tests.support.turn_server import TurnServer
+from tests.support.websocket import joined
 
 COLOR = (30, 160, 220)
 TOKEN_TTL_S = 600
@@ -103,6 +111,43 @@ async def test_join_hands_out_a_turn_credential_for_the_connection(
     assert server.credential == base64.b64encode(digest).decode()
     # And coturn takes it.
     await allocate(coturn, server.username, server.credential)
+
+
+async def test_a_browser_gets_its_own_turn_credential_in_joined_ice_servers(
+    coturn: TurnServer,
+) -> None:
+    """The signaling endpoint hands a browser the credential its Join minted, as the Mux SDK
+    reads it (``joined.ice_servers``), and coturn takes it."""
+    server = await start_server(
+        web_config(turn=TurnConfig(urls=(coturn.url,), secret=coturn.secret))
+    )
+    admin = Admin(server.address)
+    try:
+        tenant = Tenant(await admin.create_key())
+        space_id = await admin.create_space()
+        sockets = []
+        for _ in range(2):
+            socket = await joined(server, tenant.token(space_id, f"p{len(sockets)}"))
+            sockets.append(socket)
+        credentials = []
+        for socket in sockets:
+            [entry] = [s for s in socket.received[0]["joined"]["ice_servers"] if s["username"]]
+            assert entry["urls"] == [coturn.url]
+            assert entry["credential_type"] == "password"
+            expires, _, user = entry["username"].partition(":")
+            assert user and int(expires) > time.time()
+            digest = hmac.new(
+                coturn.secret.encode(), entry["username"].encode(), hashlib.sha1
+            ).digest()
+            assert entry["credential"] == base64.b64encode(digest).decode()
+            await allocate(coturn, entry["username"], entry["credential"])
+            credentials.append(entry["username"])
+        assert len(set(credentials)) == 2  # one of its own for each connection
+        for socket in sockets:
+            await socket.close()
+    finally:
+        await admin.close()
+        await server.stop()
 
 
 def test_a_credential_lasts_until_the_token_expires_when_that_is_later() -> None:
