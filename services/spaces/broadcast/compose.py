@@ -3,9 +3,12 @@
 Both run on the composer's own clock, never on the sources' timestamps: video frame ``n`` is
 the scene at ``t0 + n / fps`` and audio sample ``k`` the mix at ``t0 + k / 48000``, so a
 participant joining, leaving or stalling changes what is drawn but never the output's
-timestamps. Sources are sampled by their arrival time: the mixer holds each track's audio for
-``AUDIO_BUFFER_S`` to absorb jitter, and video is drawn ``VIDEO_DELAY_S`` behind arrival to
-match, which keeps audio and video in sync.
+timestamps. Sources are placed on that clock by when they are due (``SourceClock``): a frame's
+own media timestamp plus the least transit time its track has shown lately, i.e. when it
+would have arrived with no jitter. Audio plays ``AUDIO_DELAY_S`` after it is due and video is
+drawn ``VIDEO_DELAY_S`` after, so both keep a fixed latency behind capture however bursty
+their arrival (a busy event loop, a stalled decoder), which keeps them in sync: what arrives
+later than that is dropped (audio) or shown late (video), and never shifts the other.
 
 Frames are composed in YUV 4:2:0 with numpy, each tile scaled by libswscale (PyAV's
 ``reformat``), so nothing is converted to RGB per frame.
@@ -29,14 +32,33 @@ from spaces.broadcast.layouts import Rect, Subject, Tile
 SAMPLE_RATE = 48_000
 AUDIO_FRAME = 1024
 """Samples per AAC frame."""
-AUDIO_BUFFER_S = 0.06
-"""Jitter buffer of each audio track: playback starts once this much is queued."""
-AUDIO_MAX_S = 0.25
-"""A track queued beyond this (its clock runs fast, or a burst) is trimmed back to the buffer."""
-VIDEO_DELAY_S = 0.12
-"""Video is drawn this far behind its arrival: aiortc's audio jitter buffer (about 80 ms) plus
-the mixer's own buffer, minus the video path's decode latency (measured; see
+AUDIO_DELAY_S = 0.1
+"""Audio plays this long after it is due: its jitter allowance (audio arriving later than
+that is dropped, and the track plays on in step)."""
+AUDIO_SLIP_S = 0.02
+"""A track's audio plays continuously while it is within this of its due time; beyond it, the
+mixer skips (late audio) or waits with silence (early audio) to get back in step."""
+AUDIO_MAX_S = 1.0
+"""At most this much of a track's audio is queued (the compose thread stalled): the oldest goes."""
+AUDIO_PATH_S = 0.08
+"""How much longer audio's least transit time is than video's: aiortc's audio jitter buffer
+holds 4 packets (80 ms) before it decodes, while a video frame is decoded once complete."""
+VIDEO_DELAY_S = AUDIO_DELAY_S + AUDIO_PATH_S
+"""Video is drawn this long after it is due, so that it shows with the audio captured at the
+same instant (measured end to end by
 tests/test_broadcast.py::test_audio_and_video_stay_in_sync)."""
+CLOCK_WINDOW_S = 3.0
+"""A track's transit time is the least seen over this long (it follows a sender whose clock
+drifts, or whose timestamps fell behind in a stall)."""
+CLOCK_RESET_S = 1.0
+"""A frame this much later than its track's least transit time is a new timeline (a new source
+on the receiver, a sender restarted): the track's clock starts again."""
+CLOCK_STEP_S = AUDIO_DELAY_S
+CLOCK_STEP_HOLD_S = 0.3
+"""Every frame for this long at least ``CLOCK_STEP_S`` later than the least transit time: the
+sender's timestamps stepped back (a sender that paces on the wall clock but counts frames loses
+the time it stalled for), so the track's clock starts again rather than treat its audio as too
+late to play until the old least transit time leaves the window."""
 VIDEO_HISTORY = 10
 NAME_TILE_RGB = (0x4A, 0x4A, 0x4A)
 
@@ -57,6 +79,57 @@ def rgb_to_yuv(image: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
     return [p.copy() for p in _planes(frame.reformat(format="yuv420p"))]
 
 
+class SourceClock:
+    """When each frame of one track is due on the monotonic clock: its media timestamp (RTP's,
+    unwrapped) plus the least transit time (arrival minus timestamp) of the track's frames over
+    the last ``CLOCK_WINDOW_S``. Jitter only ever adds to a transit time, so this is when the
+    frame would have arrived on the track's best path: a steady clock however frames bunch up.
+    Frames without a timestamp are due when they arrive."""
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+        self._media = 0.0
+        self._lows: deque[tuple[float, float]] = deque()
+        """(arrival, transit), transits increasing: the front is the window's least."""
+        self._due = -float("inf")
+        self._late_since: float | None = None
+        """Since when every frame came at least ``CLOCK_STEP_S`` late."""
+
+    def due(self, frame: av.AudioFrame | av.VideoFrame, arrival: float) -> float:
+        if frame.pts is None or not frame.time_base:
+            return arrival
+        pts = int(frame.pts)
+        if self._last is None:
+            self._media = 0.0
+        else:
+            step = (pts - self._last) % (1 << 32)  # RTP timestamps are 32 bits and wrap
+            if step >= 1 << 31:
+                step -= 1 << 32  # a little back in time (reordered)
+            self._media += float(step * frame.time_base)
+        self._last = pts
+        transit = arrival - self._media
+        lows = self._lows
+        excess = transit - lows[0][1] if lows else 0.0
+        if excess < CLOCK_STEP_S:
+            self._late_since = None
+        elif self._late_since is None:
+            self._late_since = arrival
+        if excess > CLOCK_RESET_S or (
+            self._late_since is not None and arrival - self._late_since >= CLOCK_STEP_HOLD_S
+        ):
+            lows.clear()
+            self._due = -float("inf")
+            self._late_since = None
+        while lows and lows[-1][1] >= transit:
+            lows.pop()
+        lows.append((arrival, transit))
+        while lows[0][0] < arrival - CLOCK_WINDOW_S:
+            lows.popleft()
+        # Never earlier than the frame before (the least transit time can only drop so far).
+        self._due = max(self._due, self._media + lows[0][1])
+        return self._due
+
+
 @dataclass
 class Scene:
     """What the session sees, written by the event loop and read by the compose thread
@@ -67,19 +140,21 @@ class Scene:
     speaker: str = ""
     video: dict[str, deque[tuple[float, av.VideoFrame]]] = field(default_factory=dict)
 
-    def push_video(self, key: str, arrival: float, frame: av.VideoFrame) -> None:
+    def push_video(self, key: str, due: float, frame: av.VideoFrame) -> None:
+        """A frame of ``key``'s video, due at ``due`` (``SourceClock``)."""
         history = self.video.get(key)
         if history is None:
             history = self.video[key] = deque(maxlen=VIDEO_HISTORY)
-        history.append((arrival, frame))
+        history.append((due, frame))
 
     def frame_at(self, key: str, at: float) -> av.VideoFrame | None:
+        """The newest frame due by ``at`` (the oldest held, if none is)."""
         history = self.video.get(key)
         if not history:
             return None
         chosen = history[0][1]
-        for arrival, frame in list(history):
-            if arrival > at:
+        for due, frame in list(history):
+            if due > at:
                 break
             chosen = frame
         return chosen
@@ -218,45 +293,47 @@ def name_image(name: str, width: int, height: int) -> np.ndarray[Any, Any]:
 
 
 class _TrackAudio:
-    """One track's samples (stereo s16 at 48 kHz), queued by arrival."""
+    """One track's samples (stereo s16 at 48 kHz), queued with when each chunk is due."""
 
     def __init__(self) -> None:
-        self.chunks: deque[np.ndarray[Any, Any]] = deque()
+        self.chunks: deque[tuple[float, np.ndarray[Any, Any]]] = deque()
+        """(when the chunk's first sample is due, its samples)"""
         self.queued = 0
-        self.playing = False
         self.resampler = av.AudioResampler(format="s16", layout="stereo", rate=SAMPLE_RATE)
 
-    def push(self, frame: av.AudioFrame) -> None:
+    def push(self, frame: av.AudioFrame, due: float) -> None:
         for out in self.resampler.resample(frame):
             samples = out.to_ndarray().reshape(-1, 2)  # packed s16: (1, n * 2)
-            self.chunks.append(samples)
+            self.chunks.append((due, samples))
             self.queued += samples.shape[0]
-        if self.queued > AUDIO_MAX_S * SAMPLE_RATE:
-            self._trim(int(AUDIO_BUFFER_S * SAMPLE_RATE))
+            due += samples.shape[0] / SAMPLE_RATE
+        while self.queued > AUDIO_MAX_S * SAMPLE_RATE:
+            self.queued -= self.chunks.popleft()[1].shape[0]
 
-    def _trim(self, keep: int) -> None:
-        while self.queued - self.chunks[0].shape[0] >= keep:
-            self.queued -= self.chunks.popleft().shape[0]
-
-    def pull(self, n: int) -> np.ndarray[Any, Any] | None:
-        if not self.playing:
-            if self.queued < AUDIO_BUFFER_S * SAMPLE_RATE:
-                return None
-            self.playing = True
-        if self.queued < n:
-            self.playing = False  # ran dry: buffer again before playing on
+    def pull(self, n: int, at: float) -> np.ndarray[Any, Any] | None:
+        """``n`` samples, the first of which plays at ``at``: the audio due ``AUDIO_DELAY_S``
+        before, played continuously while it stays within ``AUDIO_SLIP_S`` of that."""
+        if not self.chunks:
+            return None
         out = np.zeros((n, 2), np.int16)
+        start = at - AUDIO_DELAY_S  # the due time out[0] wants
         filled = 0
         while filled < n and self.chunks:
-            chunk = self.chunks[0]
-            take = min(n - filled, chunk.shape[0])
-            out[filled : filled + take] = chunk[:take]
+            due, chunk = self.chunks[0]
+            late = round((start + filled / SAMPLE_RATE - due) * SAMPLE_RATE)
+            if late < -AUDIO_SLIP_S * SAMPLE_RATE:
+                filled += -late  # not due yet: silence until it is
+                continue
+            skip = late if late > AUDIO_SLIP_S * SAMPLE_RATE else 0  # too late: drop
+            take = 0 if skip >= chunk.shape[0] else min(n - filled, chunk.shape[0] - skip)
+            out[filled : filled + take] = chunk[skip : skip + take]
             filled += take
-            if take == chunk.shape[0]:
+            used = skip + take
+            self.queued -= min(used, chunk.shape[0])
+            if used >= chunk.shape[0]:
                 self.chunks.popleft()
             else:
-                self.chunks[0] = chunk[take:]
-        self.queued -= filled
+                self.chunks[0] = (due + used / SAMPLE_RATE, chunk[used:])
         return out
 
 
@@ -268,22 +345,23 @@ class Mixer:
         self._tracks: dict[str, _TrackAudio] = {}
         self._lock = threading.Lock()
 
-    def push(self, key: str, frame: av.AudioFrame) -> None:
+    def push(self, key: str, frame: av.AudioFrame, due: float) -> None:
         with self._lock:
             track = self._tracks.get(key)
             if track is None:
                 track = self._tracks[key] = _TrackAudio()
-            track.push(frame)
+            track.push(frame, due)
 
     def remove(self, key: str) -> None:
         with self._lock:
             self._tracks.pop(key, None)
 
-    def pull(self, n: int = AUDIO_FRAME) -> np.ndarray[Any, Any]:
+    def pull(self, at: float, n: int = AUDIO_FRAME) -> np.ndarray[Any, Any]:
+        """The mix of ``n`` samples, the first of which plays at monotonic time ``at``."""
         total = np.zeros((n, 2), np.int32)
         with self._lock:
             for track in self._tracks.values():
-                samples = track.pull(n)
+                samples = track.pull(n, at)
                 if samples is not None:
                     total += samples
         return np.clip(total, -32768, 32767).astype(np.int16)

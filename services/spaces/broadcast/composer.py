@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from spaces.broadcast.compose import Compositor, Mixer, Scene
+from spaces.broadcast.compose import Compositor, Mixer, Scene, SourceClock
 from spaces.broadcast.layouts import Subject
 from spaces.broadcast.output import OutputSettings, Pipeline
 
@@ -254,11 +254,13 @@ class Composer:
 
     async def _read(self, track: Any, key: str) -> None:
         audio = track.kind == "audio"
+        clock = SourceClock()  # one per subscription: its frames' timestamps are one timeline
         async for frame in track.frames(buffer=50 if audio else 4):
+            due = clock.due(frame, time.monotonic())
             if audio:
-                self.mixer.push(key, frame)
+                self.mixer.push(key, frame, due)
             else:
-                self.scene.push_video(key, time.monotonic(), frame)
+                self.scene.push_video(key, due, frame)
 
     def _rebuild(self) -> None:
         space = self._space

@@ -174,7 +174,11 @@ class Pipeline:
             else:
                 fresh = n
                 try:
-                    last = self.compositor.render(self.scene, now, now - VIDEO_DELAY_S)
+                    # Slot n shows the video due VIDEO_DELAY_S before the slot's own instant
+                    # (not before now, which is later when the tick is late): the frames
+                    # nearest it, so within half a slot.
+                    shown = t0 + (n + 0.5) / FPS - VIDEO_DELAY_S
+                    last = self.compositor.render(self.scene, now, shown)
                     self.stats.frames_composed += 1
                     self._offer(("v", (last, n)))
                 except Exception:
@@ -185,7 +189,8 @@ class Pipeline:
             n += 1
             target = int((now - t0) * SAMPLE_RATE)
             while samples + AUDIO_FRAME <= target + AUDIO_FRAME:
-                self._offer(("a", audio_frame(self.mixer.pull(AUDIO_FRAME), samples)))
+                at = t0 + samples / SAMPLE_RATE  # when the first of these samples plays
+                self._offer(("a", audio_frame(self.mixer.pull(at, AUDIO_FRAME), samples)))
                 samples += AUDIO_FRAME
 
     def _repeat(self, image: np.ndarray[Any, Any], n: int) -> None:
