@@ -53,12 +53,14 @@ async def test_trimmer_trims_twice_after_something_was_freed() -> None:
     trimmer = allocator.Trimmer(0.02, on_trim)
 
     async def settled() -> int:
-        """The trims so far, once none came for ten intervals (each trim includes a full
-        garbage collection of this test process: a few to tens of milliseconds)."""
+        """The trims so far, once none came for a good while: ten intervals, or five times the
+        longest trim (each includes a full garbage collection of this test process, which in
+        a long test run on a busy machine takes a good part of a second)."""
         while True:
             trimmed.clear()
+            quiet = max(10 * trimmer.interval_s, 5 * max(took, default=0.0), 0.5)
             try:
-                await asyncio.wait_for(trimmed.wait(), 0.2)
+                await asyncio.wait_for(trimmed.wait(), quiet)
             except TimeoutError:
                 return trimmer.trims
 
