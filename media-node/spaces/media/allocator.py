@@ -15,7 +15,8 @@ holding tens of thousands of long-lived objects, that can be many minutes after 
 sessions ended. Until then, that memory is neither reusable nor trimmable. The churn soak's
 media node, measured at the same quiet moment, ended from 0% to 19% above its start depending
 only on when the last full collection had run (docs/soak.md). A full collection of such a node
-takes a few milliseconds, and it comes at most once an interval.
+takes about 12 ms (55,000 objects, measured on a busy 2-vCPU machine), and it comes at most once
+an interval.
 
 Elsewhere than on glibc (musl, macOS) there is nothing to call and the trimmer does nothing.
 """
