@@ -131,6 +131,7 @@ def footprint(process: ServiceProcess, redis_port: int) -> dict[str, float]:
     rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
     anon_kb = int(re.search(r"Anonymous:\s+(\d+)", rollup).group(1))  # type: ignore[union-attr]
     pool = redis_connections(pid, redis_port)
+    metrics = scrape(process)
     return {
         "rss_mb": round(rss_kb / 1024, 1),
         # The process's own memory (heap, Python's arenas, stacks), without the pages of the
@@ -138,8 +139,8 @@ def footprint(process: ServiceProcess, redis_port: int) -> dict[str, float]:
         "anon_mb": round(anon_kb / 1024, 1),
         "fds": len(os.listdir(f"/proc/{pid}/fd")) - pool,
         "redis_connections": pool,
-        "tasks": scrape(process)["spaces_asyncio_tasks"],
-        "malloc_trims": scrape(process).get("spaces_malloc_trims_total", 0.0),
+        "tasks": metrics["spaces_asyncio_tasks"],
+        "malloc_trims": metrics.get("spaces_malloc_trims_total", 0.0),
         # Reported, not compared: each thread that allocates may get its own malloc arena.
         "threads": len(os.listdir(f"/proc/{pid}/task")),
     }

@@ -76,8 +76,9 @@ class MediaServicer(media_pb2_grpc.MediaServiceServicer):
         except Exception as exc:
             logger.debug("session %s: stream read ended: %s", session.connection_id, exc)
         finally:
-            # Left at a message (the session ended): close the stream, or the finished call
-            # lives on until a full garbage collection (spaces.streams).
+            # Left at a message (the session ended): close the stream now, not at the event
+            # loop's finalizer (the interceptor's own close skips a stream this task is reading:
+            # spaces.streams).
             await close_stream(request_iterator)
         if not session.closed:
             await session.close(ev.CLOSE_LEFT, "session stream ended", "disconnected")

@@ -1016,7 +1016,7 @@ class Session:
                 # lower layer's keyframe is not lost in the queue it built.
                 downtrack.follow(None)
             downtrack.follow(layers[index] if index >= 0 else None)
-            if downtrack.target is not before:
+            if downtrack.target is not before and logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "%s (%s): track %s: layer %s -> %s (estimate %s, live %s)",
                     self.connection_id,
